@@ -1,0 +1,84 @@
+package auditsink
+
+import (
+	"context"
+	"encoding/json"
+	"time"
+)
+
+// Record is one row of the audit trail (table audit_logs). Ingest (the ALS
+// server, CSP reports, the admin API auditing itself) builds Records; the
+// writer assigns the chain columns and stores them.
+type Record struct {
+	ID         int64     `json:"id"`         // assigned by the store; 0 before
+	CreatedAt  time.Time `json:"created_at"` // event time (entry start time), UTC
+	Action     string    `json:"action"`     // e.g. LOGIN_FAILURE, CREATE, CORS_VIOLATION
+	Severity   string    `json:"severity"`   // LOW | MEDIUM | HIGH | CRITICAL
+	EntityType string    `json:"entity_type,omitempty"`
+	EntityID   string    `json:"entity_id,omitempty"`
+	UserID     string    `json:"user_id,omitempty"`
+	IPAddress  string    `json:"ip_address,omitempty"`
+	UserAgent  string    `json:"user_agent,omitempty"`
+	Method     string    `json:"method,omitempty"`
+	Path       string    `json:"path,omitempty"` // secrets in the query already redacted
+	Status     int       `json:"status,omitempty"`
+	RequestID  string    `json:"request_id,omitempty"`
+	Origin     string    `json:"origin,omitempty"`
+	Tenant     string    `json:"tenant,omitempty"`
+	// Metadata, OldValues and NewValues are JSON objects (jsonb); nil is SQL NULL.
+	Metadata  json.RawMessage `json:"metadata,omitempty"`
+	OldValues json.RawMessage `json:"old_values,omitempty"`
+	NewValues json.RawMessage `json:"new_values,omitempty"`
+
+	// Tamper evidence, set by the single writer of each chain.
+	ChainID  string `json:"chain_id,omitempty"` // which chain the row belongs to
+	Seq      int64  `json:"seq,omitempty"`      // position in its chain, from 1
+	PrevHash []byte `json:"prev_hash,omitempty"`
+	Hash     []byte `json:"hash,omitempty"`
+}
+
+// Severities.
+const (
+	SeverityLow      = "LOW"
+	SeverityMedium   = "MEDIUM"
+	SeverityHigh     = "HIGH"
+	SeverityCritical = "CRITICAL"
+)
+
+// recordSink takes accepted records into the durable ingest path (bounded
+// queue → batched COPY, or the disk spool). Once Enqueue returns nil the
+// records are never lost. It must not block on the database: when the queue
+// is full it spools or applies the configured full-spool policy.
+type recordSink interface {
+	Enqueue(ctx context.Context, recs []Record) error
+}
+
+// Filter selects rows for the admin API and exports. Zero fields match all.
+type Filter struct {
+	From, To   time.Time // CreatedAt in [From, To)
+	Actions    []string
+	Severity   string
+	UserID     string
+	EntityType string
+	EntityID   string
+	Status     int
+	Tenant     string
+}
+
+// Cursor is a keyset pagination position: rows strictly after it in
+// (created_at DESC, id DESC) order. The zero Cursor starts at the newest row.
+type Cursor struct {
+	CreatedAt time.Time
+	ID        int64
+}
+
+// recordReader is what the admin API and exports read through. Both stores
+// (PostgreSQL and the embedded SQLite) implement it.
+type recordReader interface {
+	// List returns up to limit rows matching f after cur, newest first, and
+	// the cursor of the last row returned (zero when there are no more).
+	List(ctx context.Context, f Filter, cur Cursor, limit int) ([]Record, Cursor, error)
+	// Scan calls fn for every row matching f in (created_at, id) ascending
+	// order, streaming: it never holds the whole range in memory.
+	Scan(ctx context.Context, f Filter, fn func(*Record) error) error
+}

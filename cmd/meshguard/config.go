@@ -1,0 +1,248 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/meshguard/meshguard/auditsink"
+	"github.com/meshguard/meshguard/extauthz"
+	"github.com/meshguard/meshguard/internal/pgpool"
+	"github.com/meshguard/meshguard/internal/secret"
+	"github.com/meshguard/meshguard/ratelimitsvc"
+)
+
+// Config is the whole configuration file. Every key is optional; the zero
+// file means DefaultConfig.
+type Config struct {
+	Environment string                   `yaml:"environment"`
+	Listen      ListenConfig             `yaml:"listen"`
+	Log         LogConfig                `yaml:"log"`
+	GRPC        GRPCConfig               `yaml:"grpc"`
+	Shutdown    ShutdownConfig           `yaml:"shutdown"`
+	Redis       ratelimitsvc.RedisConfig `yaml:"redis"`
+	Database    pgpool.Config            `yaml:"database"`
+	Ratelimit   ratelimitsvc.Config      `yaml:"ratelimit"`
+	CORS        extauthz.CORSConfig      `yaml:"cors"`
+	Identity    extauthz.IdentityConfig  `yaml:"identity"`
+	CSP         extauthz.CSPConfig       `yaml:"csp"`
+	Audit       auditsink.Config         `yaml:"audit"`
+}
+
+// ListenConfig holds the two listener addresses.
+type ListenConfig struct {
+	GRPC string `yaml:"grpc"`
+	HTTP string `yaml:"http"`
+}
+
+// LogConfig sets the log level and format.
+type LogConfig struct {
+	// Level is debug, info, warn or error.
+	Level string `yaml:"level"`
+	// Format is json or text; empty means json in production, text in development.
+	Format string `yaml:"format"`
+}
+
+// GRPCConfig bounds what one client can make the gRPC server hold.
+type GRPCConfig struct {
+	MaxRecvMsgSize       int           `yaml:"max_recv_msg_size"`
+	MaxConcurrentStreams uint32        `yaml:"max_concurrent_streams"`
+	KeepaliveMinTime     time.Duration `yaml:"keepalive_min_time"`
+	MaxConnectionIdle    time.Duration `yaml:"max_connection_idle"`
+	ConnectionTimeout    time.Duration `yaml:"connection_timeout"`
+}
+
+// ShutdownConfig bounds how long a SIGTERM waits for in-flight work.
+type ShutdownConfig struct {
+	Timeout time.Duration `yaml:"timeout"`
+}
+
+// DefaultConfig returns the configuration used when a key is absent.
+func DefaultConfig() Config {
+	return Config{
+		Environment: "production",
+		Listen:      ListenConfig{GRPC: "127.0.0.1:8081", HTTP: "127.0.0.1:8080"},
+		Log:         LogConfig{Level: "info"},
+		GRPC: GRPCConfig{
+			MaxRecvMsgSize:       4 << 20,
+			MaxConcurrentStreams: 1024,
+			KeepaliveMinTime:     10 * time.Second,
+			MaxConnectionIdle:    0,
+			ConnectionTimeout:    10 * time.Second,
+		},
+		Shutdown:  ShutdownConfig{Timeout: 8 * time.Second},
+		Redis:     ratelimitsvc.DefaultRedisConfig(),
+		Database:  pgpool.DefaultConfig(),
+		Ratelimit: ratelimitsvc.DefaultConfig(),
+		CORS:      extauthz.DefaultCORSConfig(),
+		Identity:  extauthz.DefaultIdentityConfig(),
+		CSP:       extauthz.DefaultCSPConfig(),
+		Audit:     auditsink.DefaultConfig(),
+	}
+}
+
+// Development reports whether the environment is development.
+func (c Config) Development() bool { return c.Environment == "development" }
+
+// parseConfig decodes a YAML document over the defaults, strictly: an unknown
+// key is an error naming the key and its line. It does no I/O.
+func parseConfig(data []byte) (Config, error) {
+	cfg := DefaultConfig()
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
+		return cfg, fmt.Errorf("decoding config: %w", err)
+	}
+	var extra yaml.Node
+	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
+		return cfg, errors.New("decoding config: a config file holds one YAML document")
+	}
+	return cfg, nil
+}
+
+// loadConfig reads path (empty: defaults only), applies environment
+// overrides and validates the result, returning every error at once.
+func loadConfig(path string, getenv func(string) string) (Config, error) {
+	cfg := DefaultConfig()
+	if path != "" {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return cfg, fmt.Errorf("reading config: %w", err)
+		}
+		if cfg, err = parseConfig(data); err != nil {
+			return cfg, err
+		}
+	}
+	if err := applyEnv(&cfg, getenv); err != nil {
+		return cfg, err
+	}
+	return cfg, cfg.Validate()
+}
+
+// applyEnv overrides file values with the deployment knobs of DESIGN.md.
+func applyEnv(c *Config, getenv func(string) string) error {
+	var errs []error
+	str := func(name string, dst *string) {
+		if v := getenv(name); v != "" {
+			*dst = v
+		}
+	}
+	list := func(v string) []string {
+		var out []string
+		for _, s := range strings.Split(v, ",") {
+			if s = strings.TrimSpace(s); s != "" {
+				out = append(out, s)
+			}
+		}
+		return out
+	}
+	integer := func(name string, dst *int32) {
+		v := getenv(name)
+		if v == "" {
+			return
+		}
+		n, err := strconv.ParseInt(v, 10, 32)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: not an integer: %q", name, v))
+			return
+		}
+		*dst = int32(n)
+	}
+	str("MESHGUARD_ENV", &c.Environment)
+	str("MESHGUARD_GRPC_ADDR", &c.Listen.GRPC)
+	str("MESHGUARD_HTTP_ADDR", &c.Listen.HTTP)
+	str("MESHGUARD_LOG_LEVEL", &c.Log.Level)
+	if v := getenv("REDIS_URL"); v != "" {
+		c.Redis.URL = secret.URL(v)
+	}
+	if v := getenv("REDIS_CLUSTER_ADDRS"); v != "" {
+		c.Redis.Cluster = list(v)
+	}
+	if v := getenv("DATABASE_URL"); v != "" {
+		c.Database.URL = secret.URL(v)
+	}
+	integer("DATABASE_POOL_MIN", &c.Database.Pool.MinConns)
+	integer("DATABASE_POOL_MAX", &c.Database.Pool.MaxConns)
+	str("PUBLIC_URL", &c.CORS.PublicOrigin)
+	if v := getenv("ALLOWED_ORIGINS"); v != "" {
+		c.CORS.AllowedOrigins = list(v)
+	}
+	if v := getenv("MESHGUARD_ADMIN_TOKEN"); v != "" {
+		c.Audit.AdminToken = secret.String(v)
+	}
+	return errors.Join(errs...)
+}
+
+// Validate reports every invalid field at once, each naming its YAML path.
+func (c Config) Validate() error {
+	var errs []error
+	if c.Environment != "production" && c.Environment != "development" {
+		errs = append(errs, fmt.Errorf("environment: must be production or development, got %q", c.Environment))
+	}
+	for name, addr := range map[string]string{"listen.grpc": c.Listen.GRPC, "listen.http": c.Listen.HTTP} {
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			errs = append(errs, fmt.Errorf("%s: not a host:port address: %q", name, addr))
+		}
+	}
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(c.Log.Level)); err != nil {
+		errs = append(errs, fmt.Errorf("log.level: must be debug, info, warn or error, got %q", c.Log.Level))
+	}
+	if f := c.Log.Format; f != "" && f != "json" && f != "text" {
+		errs = append(errs, fmt.Errorf("log.format: must be json or text, got %q", f))
+	}
+	if n := c.GRPC.MaxRecvMsgSize; n < 1<<10 || n > 64<<20 {
+		errs = append(errs, fmt.Errorf("grpc.max_recv_msg_size: must be between 1 KiB and 64 MiB, got %d", n))
+	}
+	if c.GRPC.MaxConcurrentStreams < 1 {
+		errs = append(errs, fmt.Errorf("grpc.max_concurrent_streams: must be at least 1, got %d", c.GRPC.MaxConcurrentStreams))
+	}
+	if c.GRPC.KeepaliveMinTime <= 0 {
+		errs = append(errs, fmt.Errorf("grpc.keepalive_min_time: must be positive, got %s", c.GRPC.KeepaliveMinTime))
+	}
+	if c.GRPC.ConnectionTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("grpc.connection_timeout: must be positive, got %s", c.GRPC.ConnectionTimeout))
+	}
+	if c.Shutdown.Timeout <= 0 {
+		errs = append(errs, fmt.Errorf("shutdown.timeout: must be positive, got %s", c.Shutdown.Timeout))
+	}
+	errs = append(errs,
+		c.Redis.Validate(),
+		c.Database.Validate(),
+		c.Ratelimit.Validate(),
+		c.extauthzConfig().Validate(),
+		c.Audit.Validate(),
+	)
+	return errors.Join(errs...)
+}
+
+func (c Config) extauthzConfig() extauthz.Config {
+	return extauthz.Config{Development: c.Development(), CORS: c.CORS, Identity: c.Identity, CSP: c.CSP}
+}
+
+// newLogger builds the process logger: JSON in production, text in development.
+func newLogger(c LogConfig, development bool, w io.Writer) *slog.Logger {
+	var lvl slog.Level
+	_ = lvl.UnmarshalText([]byte(c.Level)) // validated already
+	opts := &slog.HandlerOptions{Level: lvl}
+	format := c.Format
+	if format == "" {
+		format = "json"
+		if development {
+			format = "text"
+		}
+	}
+	if format == "text" {
+		return slog.New(slog.NewTextHandler(w, opts))
+	}
+	return slog.New(slog.NewJSONHandler(w, opts))
+}
