@@ -1,0 +1,3 @@
+package auditsink
+
+func (c Config) validateAdmin() error { return nil }
