@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -93,18 +94,40 @@ func DefaultConfig() Config {
 // Development reports whether the environment is development.
 func (c Config) Development() bool { return c.Environment == "development" }
 
+// decodeErrors lists configuration errors found while decoding YAML, as opposed
+// to validation.
+type decodeErrors []string
+
+func (d decodeErrors) Error() string { return strings.Join(d, "\n") }
+
+// unknownField matches yaml.v3's message for a key with no struct field.
+var unknownField = regexp.MustCompile(`^line (\d+): field (.+) not found in type \S+$`)
+
 // parseConfig decodes a YAML document over the defaults, strictly: an unknown
-// key is an error naming the key and its line. It does no I/O.
+// key is an error naming the key and its line. Type errors do not stop the
+// decoding, so every one of them is reported, and the returned Config holds
+// everything that did decode. It does no I/O.
 func parseConfig(data []byte) (Config, error) {
 	cfg := DefaultConfig()
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
-		return cfg, fmt.Errorf("decoding config: %w", err)
+		var te *yaml.TypeError
+		if !errors.As(err, &te) {
+			return cfg, fmt.Errorf("config is not valid YAML: %w", err)
+		}
+		var errs decodeErrors
+		for _, e := range te.Errors {
+			if m := unknownField.FindStringSubmatch(e); m != nil {
+				e = fmt.Sprintf("line %s: unknown key %q", m[1], m[2])
+			}
+			errs = append(errs, e)
+		}
+		return cfg, errs
 	}
 	var extra yaml.Node
 	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
-		return cfg, errors.New("decoding config: a config file holds one YAML document")
+		return cfg, errors.New("a config file holds one YAML document; found a second")
 	}
 	return cfg, nil
 }
@@ -118,12 +141,19 @@ func loadConfig(path string, getenv func(string) string) (Config, error) {
 		if err != nil {
 			return cfg, fmt.Errorf("reading config: %w", err)
 		}
-		if cfg, err = parseConfig(data); err != nil {
-			return cfg, err
+		var perr error
+		cfg, perr = parseConfig(data)
+		var derr decodeErrors
+		if perr != nil && !errors.As(perr, &derr) {
+			return cfg, perr
+		}
+		// Keep going after key and type errors, so one run lists them all.
+		if perr != nil {
+			return cfg, errors.Join(perr, applyEnv(&cfg, getenv), cfg.Validate())
 		}
 	}
 	if err := applyEnv(&cfg, getenv); err != nil {
-		return cfg, err
+		return cfg, errors.Join(err, cfg.Validate())
 	}
 	return cfg, cfg.Validate()
 }

@@ -1,0 +1,236 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+)
+
+// logWatcher is an io.Writer for run's logs that lets a test wait for the
+// line announcing the listeners.
+type logWatcher struct {
+	mu    sync.Mutex
+	buf   bytes.Buffer
+	ready chan map[string]any
+	sent  bool
+}
+
+func newLogWatcher() *logWatcher { return &logWatcher{ready: make(chan map[string]any, 1)} }
+
+func (w *logWatcher) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.buf.Write(p)
+	if !w.sent {
+		sc := bufio.NewScanner(bytes.NewReader(w.buf.Bytes()))
+		for sc.Scan() {
+			var m map[string]any
+			if json.Unmarshal(sc.Bytes(), &m) == nil && m["msg"] == "meshguard serving" {
+				w.ready <- m
+				w.sent = true
+				break
+			}
+		}
+	}
+	return len(p), nil
+}
+
+func (w *logWatcher) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.buf.String()
+}
+
+// testConfig writes a config that keeps every file the service makes inside
+// the test's temp dir.
+func testConfig(t *testing.T, extra string) string {
+	t.Helper()
+	dir := t.TempDir()
+	path := filepath.Join(dir, "meshguard.yaml")
+	cfg := fmt.Sprintf(`listen: {grpc: "127.0.0.1:0", http: "127.0.0.1:0"}
+log: {format: json, level: info}
+audit:
+  sqlite_path: %q
+  spool_dir: %q
+%s`, filepath.Join(dir, "audit.db"), filepath.Join(dir, "spool"), extra)
+	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func noEnv(string) string { return "" }
+
+// TestRunServesAndStops drives run() itself: start on 127.0.0.1:0, wait until
+// ready, call health over gRPC and HTTP, cancel, require a nil error.
+func TestRunServesAndStops(t *testing.T) {
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	logs := newLogWatcher()
+	errc := make(chan error, 1)
+	go func() {
+		errc <- run(ctx, []string{"meshguard", "serve", "--config", testConfig(t, "")}, noEnv, io.Discard, logs)
+	}()
+	var line map[string]any
+	select {
+	case line = <-logs.ready:
+	case err := <-errc:
+		t.Fatalf("run returned before serving: %v\nlogs:\n%s", err, logs)
+	case <-time.After(30 * time.Second):
+		t.Fatalf("not serving after 30s; logs:\n%s", logs)
+	}
+	grpcAddr, httpAddr := line["grpc_addr"].(string), line["http_addr"].(string)
+
+	conn, err := grpc.NewClient(grpcAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	hc := healthpb.NewHealthClient(conn)
+	for _, svc := range []string{"", "envoy.service.auth.v3.Authorization",
+		"envoy.service.ratelimit.v3.RateLimitService", "envoy.service.accesslog.v3.AccessLogService"} {
+		resp, err := hc.Check(ctx, &healthpb.HealthCheckRequest{Service: svc})
+		if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+			t.Errorf("gRPC health %q = %v, %v", svc, resp.GetStatus(), err)
+		}
+	}
+
+	get := func(path string) (int, string) {
+		resp, err := http.Get("http://" + httpAddr + path)
+		if err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := get("/healthz"); code != 200 {
+		t.Errorf("/healthz = %d %q", code, body)
+	}
+	code, body := get("/readyz")
+	if code != 200 {
+		t.Errorf("/readyz = %d %s", code, body)
+	}
+	var ready readyDoc
+	if err := json.Unmarshal([]byte(body), &ready); err != nil || ready.Status != "ready" {
+		t.Errorf("/readyz body %q: %v", body, err)
+	}
+	_, metrics := get("/metrics")
+	for _, want := range []string{
+		"go_goroutines", "process_cpu_seconds_total", "meshguard_build_info",
+		`meshguard_grpc_server_handled_total{code="OK",method="/grpc.health.v1.Health/Check"}`,
+	} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
+
+	cancel()
+	select {
+	case err := <-errc:
+		if err != nil {
+			t.Fatalf("run returned %v after cancel; logs:\n%s", err, logs)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatalf("run did not return within 15s of cancel; logs:\n%s", logs)
+	}
+}
+
+func TestRunRejectsUnknownKeyAtStart(t *testing.T) {
+	path := testConfig(t, "bogus_key: 1\n")
+	var stderr bytes.Buffer
+	err := run(t.Context(), []string{"meshguard", "serve", "--config", path}, noEnv, io.Discard, &stderr)
+	if err == nil || !strings.Contains(err.Error(), `line 6: unknown key "bogus_key"`) {
+		t.Fatalf("serve with an unknown key: err = %v", err)
+	}
+}
+
+func TestVersion(t *testing.T) {
+	var out bytes.Buffer
+	if err := run(t.Context(), []string{"meshguard", "version"}, noEnv, &out, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(out.String(), "meshguard dev go1.") {
+		t.Fatalf("version printed %q", out.String())
+	}
+}
+
+func TestUnknownCommand(t *testing.T) {
+	var stderr bytes.Buffer
+	if err := run(t.Context(), []string{"meshguard", "frobnicate"}, noEnv, io.Discard, &stderr); err == nil {
+		t.Fatal("unknown command accepted")
+	}
+	if !strings.Contains(stderr.String(), `unknown command "frobnicate"`) {
+		t.Fatalf("stderr = %q", stderr.String())
+	}
+}
+
+// TestSIGTERMExitsZero builds the real binary, starts it, sends SIGTERM while
+// a gRPC client holds a connection, and requires exit status 0 within 10 s.
+func TestSIGTERMExitsZero(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binary")
+	}
+	bin := filepath.Join(t.TempDir(), "meshguard")
+	build := exec.Command("go", "build", "-o", bin, ".")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	logs := newLogWatcher()
+	cmd := exec.Command(bin, "serve", "--config", testConfig(t, ""))
+	cmd.Stderr = logs
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill() })
+	var line map[string]any
+	select {
+	case line = <-logs.ready:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("not serving after 30s; logs:\n%s", logs)
+	}
+	conn, err := grpc.NewClient(line["grpc_addr"].(string), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := healthpb.NewHealthClient(conn).Check(t.Context(), &healthpb.HealthCheckRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("exit after SIGTERM: %v; logs:\n%s", err, logs)
+		}
+		t.Logf("exited 0 in %s after SIGTERM", time.Since(start).Round(time.Millisecond))
+	case <-time.After(10 * time.Second):
+		t.Fatalf("still running 10s after SIGTERM; logs:\n%s", logs)
+	}
+}
+
+func testContext(t *testing.T) (context.Context, context.CancelFunc) {
+	return context.WithCancel(t.Context())
+}
