@@ -1,31 +1,65 @@
 package extauthz
 
 import (
+	"errors"
 	"fmt"
+	"maps"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
 	"time"
 )
 
-// CORSConfig is the `cors:` section.
+// CORSConfig is the `cors:` section: which origins may call the service
+// cross-origin, and what preflight answers say.
 type CORSConfig struct {
-	Mode             string              `yaml:"mode"`
-	PublicOrigin     string              `yaml:"public_origin"`
-	AllowedOrigins   []string            `yaml:"allowed_origins"`
-	AllowedMethods   []string            `yaml:"allowed_methods"`
-	AllowedHeaders   []string            `yaml:"allowed_headers"`
-	ExposedHeaders   []string            `yaml:"exposed_headers"`
-	AllowCredentials bool                `yaml:"allow_credentials"`
-	MaxAge           time.Duration       `yaml:"max_age"`
-	TenantHeader     string              `yaml:"tenant_header"`
-	Tenants          map[string][]string `yaml:"tenants"`
+	// Mode is enforce (403 for disallowed origins) or report (forward the
+	// request without CORS headers and record the violation).
+	Mode string `yaml:"mode"`
+	// PublicOrigin is the application's own origin (PUBLIC_URL); always allowed.
+	PublicOrigin string `yaml:"public_origin"`
+	// AllowedOrigins are exact origins, "https://*.example.com" subdomain
+	// patterns, "null", or "*" (only without credentials).
+	AllowedOrigins []string `yaml:"allowed_origins"`
+	// AllowedMethods answer Access-Control-Request-Method; GET, HEAD and POST
+	// are always allowed, as browsers never preflight them.
+	AllowedMethods []string `yaml:"allowed_methods"`
+	// AllowedHeaders answer Access-Control-Request-Headers (case-insensitive).
+	AllowedHeaders []string `yaml:"allowed_headers"`
+	// ExposedHeaders go into Access-Control-Expose-Headers; empty: none.
+	ExposedHeaders []string `yaml:"exposed_headers"`
+	// AllowCredentials sends Access-Control-Allow-Credentials: true.
+	AllowCredentials bool `yaml:"allow_credentials"`
+	// MaxAge is Access-Control-Max-Age, whole seconds, at most 24h; 0 leaves
+	// the header out (browsers then cache a preflight for 5s).
+	MaxAge time.Duration `yaml:"max_age"`
+	// TenantHeader names the request header carrying the tenant id; when the
+	// header is absent, the request's host (without port) is the tenant.
+	TenantHeader string `yaml:"tenant_header"`
+	// Tenants maps a tenant id to origins allowed for it, in addition to the
+	// rows of TenantsTable.
+	Tenants map[string][]string `yaml:"tenants"`
+	// TenantsTable is the PostgreSQL table of live tenant origins
+	// ("table" or "schema.table"); used only when a database is configured.
+	TenantsTable string `yaml:"tenants_table"`
+	// TenantsReload is how often the whole table is re-read, on top of the
+	// LISTEN/NOTIFY updates.
+	TenantsReload time.Duration `yaml:"tenants_reload"`
 }
 
-// IdentityConfig is the `identity:` section.
+// IdentityConfig is the `identity:` section: who the caller is.
 type IdentityConfig struct {
-	JWTMetadata       JWTMetadataConfig `yaml:"jwt_metadata"`
-	TrustedUserHeader string            `yaml:"trusted_user_header"`
+	JWTMetadata JWTMetadataConfig `yaml:"jwt_metadata"`
+	// TrustedUserHeader names a request header that carries the user id,
+	// set by a filter the operator controls (never by clients); empty: none.
+	TrustedUserHeader string `yaml:"trusted_user_header"`
+	// TrustedRoleHeader is the same for the role; empty: none.
+	TrustedRoleHeader string `yaml:"trusted_role_header"`
 }
 
-// JWTMetadataConfig says where Envoy's jwt_authn filter leaves the payload.
+// JWTMetadataConfig says where Envoy's jwt_authn filter leaves the payload
+// (its payload_in_metadata). An empty Namespace disables JWT identity.
 type JWTMetadataConfig struct {
 	Namespace string `yaml:"namespace"`
 	Key       string `yaml:"key"`
@@ -35,9 +69,24 @@ type JWTMetadataConfig struct {
 
 // CSPConfig is the `csp:` section.
 type CSPConfig struct {
-	Nonce      bool                `yaml:"nonce"`
+	// Nonce issues a per-request nonce: request header x-csp-nonce and a
+	// Content-Security-Policy response header built from Directives. When
+	// false, extauthz sends no CSP (the Envoy route config carries it).
+	Nonce bool `yaml:"nonce"`
+	// NonceDirectives are the directives that get 'nonce-…'; each must be in
+	// Directives.
+	NonceDirectives []string `yaml:"nonce_directives"`
+	// Directives maps a directive name to its source list.
 	Directives map[string][]string `yaml:"directives"`
-	ReportURI  string              `yaml:"report_uri"`
+	// ReportURI adds report-uri; empty: none.
+	ReportURI string `yaml:"report_uri"`
+	// ReportTo adds report-to <group> and a Reporting-Endpoints header
+	// defining the group as ReportToURL; empty: none.
+	ReportTo string `yaml:"report_to"`
+	// ReportToURL is the group's endpoint; empty means ReportURI.
+	ReportToURL string `yaml:"report_to_url"`
+	// ReportOnly sends Content-Security-Policy-Report-Only instead.
+	ReportOnly bool `yaml:"report_only"`
 }
 
 // Config gathers the sections extauthz serves.
@@ -58,6 +107,8 @@ func DefaultCORSConfig() CORSConfig {
 		AllowCredentials: true,
 		MaxAge:           24 * time.Hour,
 		TenantHeader:     "x-tenant-id",
+		TenantsTable:     "tenant_origins",
+		TenantsReload:    time.Minute,
 	}
 }
 
@@ -71,21 +122,364 @@ func DefaultIdentityConfig() IdentityConfig {
 // DefaultCSPConfig returns the defaults for the csp section.
 func DefaultCSPConfig() CSPConfig {
 	return CSPConfig{
-		Nonce: true,
+		Nonce:           true,
+		NonceDirectives: []string{"script-src"},
 		Directives: map[string][]string{
-			"default-src": {"'self'"},
-			"script-src":  {"'self'", "'strict-dynamic'"},
-			"object-src":  {"'none'"},
-			"base-uri":    {"'self'"},
+			"default-src":     {"'self'"},
+			"script-src":      {"'self'", "'strict-dynamic'"},
+			"object-src":      {"'none'"},
+			"base-uri":        {"'self'"},
+			"frame-ancestors": {"'none'"},
 		},
 		ReportURI: "/v1/csp-reports",
 	}
 }
 
-// Validate reports every invalid field, naming it by its YAML path.
+// developmentOrigins are added to the allowed origins in development.
+var developmentOrigins = []string{
+	"http://localhost:3000", "http://localhost:3001", "http://127.0.0.1:3000", "http://127.0.0.1:3001",
+}
+
+// Headers meshguard itself sets on the upstream request. Client copies are
+// always overwritten or removed.
+const (
+	headerClient = "x-meshguard-client"
+	headerUser   = "x-meshguard-user"
+	headerRole   = "x-meshguard-role"
+	headerNonce  = "x-csp-nonce"
+)
+
+// Bounds on identity values taken from metadata or trusted headers.
+const (
+	maxUserLen   = 256
+	maxRoleLen   = 64
+	maxRoles     = 16
+	maxTenantLen = 253
+)
+
+// Validate reports every invalid field at once, each naming its YAML path.
 func (c Config) Validate() error {
-	if c.CORS.Mode != "enforce" && c.CORS.Mode != "report" {
-		return fmt.Errorf("cors.mode: must be enforce or report, got %q", c.CORS.Mode)
+	_, err := compile(c)
+	return err
+}
+
+var (
+	tokenRE     = regexp.MustCompile("^[!#$%&'*+.^_`|~0-9A-Za-z-]+$") // RFC 9110 token
+	directiveRE = regexp.MustCompile(`^[a-z][a-z0-9-]*$`)
+	identRE     = regexp.MustCompile(`^[a-z_][a-z0-9_]{0,62}$`)
+)
+
+// compiled is the validated, precomputed form of Config that Check uses.
+type compiled struct {
+	report           bool
+	origins          originSet
+	tenants          map[string]*originSet
+	allowCredentials bool
+	methods          []string // as configured, exact match
+	headers          []string // lower-case
+	allowMethods     string   // Access-Control-Allow-Methods value
+	allowHeaders     string
+	exposeHeaders    string
+	maxAge           string // "" when 0
+	tenantHeader     string // lower-case; "" none
+
+	jwtNS, jwtKey, userClaim, roleClaim string
+	userHeader, roleHeader              string
+
+	csp *cspTemplate // nil: no nonce, no CSP from extauthz
+}
+
+// compile validates c and precomputes everything Check needs.
+func compile(c Config) (*compiled, error) {
+	var errs []error
+	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
+	p := &compiled{tenants: make(map[string]*originSet)}
+
+	cors := c.CORS
+	switch cors.Mode {
+	case "enforce":
+	case "report":
+		p.report = true
+	default:
+		bad("cors.mode: must be enforce or report, got %q", cors.Mode)
 	}
-	return nil
+	p.allowCredentials = cors.AllowCredentials
+	allowNull := !cors.AllowCredentials
+	if cors.PublicOrigin != "" {
+		if o, err := parseOrigin(cors.PublicOrigin); err != nil || o.null {
+			if err == nil {
+				err = errors.New("must be the application's own origin, not null")
+			}
+			bad("cors.public_origin: %q %v", cors.PublicOrigin, err)
+		} else {
+			_ = p.origins.add(o.s, false, false)
+		}
+	}
+	for i, e := range cors.AllowedOrigins {
+		if e == "*" && cors.AllowCredentials {
+			bad("cors.allowed_origins[%d]: %q cannot be used while cors.allow_credentials is true (it would hand every site the user's credentials); list the origins", i, e)
+			continue
+		}
+		if err := p.origins.add(e, allowNull, true); err != nil {
+			bad("cors.allowed_origins[%d]: %q %v", i, e, err)
+		}
+	}
+	if c.Development {
+		for _, e := range developmentOrigins {
+			_ = p.origins.add(e, false, false)
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(cors.Tenants)) {
+		if !validTenant(name) {
+			bad("cors.tenants: tenant id %q must be 1-%d visible ASCII characters", name, maxTenantLen)
+			continue
+		}
+		set := &originSet{}
+		for i, e := range cors.Tenants[name] {
+			if err := set.add(e, allowNull, false); err != nil {
+				bad("cors.tenants.%s[%d]: %q %v", name, i, e, err)
+			}
+		}
+		p.tenants[name] = set
+	}
+	for i, m := range cors.AllowedMethods {
+		if m == "*" {
+			bad("cors.allowed_methods[%d]: %q is not supported; list the methods", i, m)
+		} else if !tokenRE.MatchString(m) {
+			bad("cors.allowed_methods[%d]: %q is not an HTTP method token", i, m)
+		} else {
+			p.methods = append(p.methods, normalizeMethod(m))
+		}
+	}
+	for i, h := range cors.AllowedHeaders {
+		if h == "*" {
+			bad("cors.allowed_headers[%d]: %q is not supported; list the header names", i, h)
+		} else if !tokenRE.MatchString(h) {
+			bad("cors.allowed_headers[%d]: %q is not a header name", i, h)
+		} else {
+			p.headers = append(p.headers, strings.ToLower(h))
+		}
+	}
+	for i, h := range cors.ExposedHeaders {
+		if !tokenRE.MatchString(h) {
+			bad("cors.exposed_headers[%d]: %q is not a header name", i, h)
+		}
+	}
+	p.allowMethods = strings.Join(p.methods, ", ")
+	p.allowHeaders = strings.Join(cors.AllowedHeaders, ", ")
+	p.exposeHeaders = strings.Join(cors.ExposedHeaders, ", ")
+	switch {
+	case cors.MaxAge < 0 || cors.MaxAge > 24*time.Hour:
+		bad("cors.max_age: must be between 0 and 24h, got %s", cors.MaxAge)
+	case cors.MaxAge%time.Second != 0:
+		bad("cors.max_age: must be whole seconds, got %s", cors.MaxAge)
+	case cors.MaxAge > 0:
+		p.maxAge = strconv.FormatInt(int64(cors.MaxAge/time.Second), 10)
+	}
+	if h := cors.TenantHeader; h != "" {
+		if !tokenRE.MatchString(h) {
+			bad("cors.tenant_header: %q is not a header name", h)
+		}
+		p.tenantHeader = strings.ToLower(h)
+	}
+	if cors.TenantsTable != "" {
+		if _, err := tableIdent(cors.TenantsTable); err != nil {
+			bad("cors.tenants_table: %q %v", cors.TenantsTable, err)
+		}
+	}
+	if cors.TenantsReload < time.Second {
+		bad("cors.tenants_reload: must be at least 1s, got %s", cors.TenantsReload)
+	}
+
+	id := c.Identity
+	if j := id.JWTMetadata; j.Namespace != "" {
+		if j.Key == "" {
+			bad("identity.jwt_metadata.key: must be set when identity.jwt_metadata.namespace is %q", j.Namespace)
+		}
+		if j.UserClaim == "" {
+			bad("identity.jwt_metadata.user_claim: must be set when identity.jwt_metadata.namespace is %q", j.Namespace)
+		}
+		p.jwtNS, p.jwtKey, p.userClaim, p.roleClaim = j.Namespace, j.Key, j.UserClaim, j.RoleClaim
+	}
+	for _, h := range []struct{ path, v string }{
+		{"identity.trusted_user_header", id.TrustedUserHeader},
+		{"identity.trusted_role_header", id.TrustedRoleHeader},
+	} {
+		if h.v == "" {
+			continue
+		}
+		l := strings.ToLower(h.v)
+		switch {
+		case !tokenRE.MatchString(h.v):
+			bad("%s: %q is not a header name", h.path, h.v)
+		case l == headerClient || l == headerUser || l == headerRole || l == headerNonce:
+			bad("%s: %q is a header meshguard sets itself", h.path, h.v)
+		case l == p.tenantHeader:
+			bad("%s: %q is also cors.tenant_header", h.path, h.v)
+		}
+	}
+	p.userHeader = strings.ToLower(id.TrustedUserHeader)
+	p.roleHeader = strings.ToLower(id.TrustedRoleHeader)
+
+	csp, err := compileCSP(c.CSP)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	p.csp = csp
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// validTenant reports whether t is a usable tenant id: 1-253 visible ASCII
+// bytes.
+func validTenant(t string) bool {
+	if len(t) == 0 || len(t) > maxTenantLen {
+		return false
+	}
+	for i := 0; i < len(t); i++ {
+		if t[i] <= ' ' || t[i] > '~' {
+			return false
+		}
+	}
+	return true
+}
+
+// tableIdent splits "table" or "schema.table" into validated identifiers.
+func tableIdent(s string) ([]string, error) {
+	parts := strings.Split(s, ".")
+	if len(parts) > 2 {
+		return nil, errors.New(`must be "table" or "schema.table"`)
+	}
+	for _, p := range parts {
+		if !identRE.MatchString(p) {
+			return nil, errors.New("must be lower-case SQL identifiers (a-z, 0-9, _), at most 63 bytes each")
+		}
+	}
+	return parts, nil
+}
+
+// normalizeMethod upper-cases the methods Fetch normalises (DELETE, GET,
+// HEAD, OPTIONS, POST, PUT) and leaves others as they are: Fetch compares
+// methods byte for byte, so "patch" and "PATCH" differ.
+func normalizeMethod(m string) string {
+	for _, s := range [...]string{"DELETE", "GET", "HEAD", "OPTIONS", "POST", "PUT"} {
+		if strings.EqualFold(m, s) {
+			return s
+		}
+	}
+	return m
+}
+
+// cspTemplate is a Content-Security-Policy value split around its nonces:
+// value = parts[0] + nonce + parts[1] + … + parts[n].
+type cspTemplate struct {
+	header string // Content-Security-Policy or …-Report-Only
+	parts  []string
+	fixed  int    // total length of parts
+	report string // Reporting-Endpoints value; "" none
+}
+
+func compileCSP(c CSPConfig) (*cspTemplate, error) {
+	var errs []error
+	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
+	names := slices.Sorted(maps.Keys(c.Directives))
+	for _, n := range names {
+		if !directiveRE.MatchString(n) {
+			bad("csp.directives: directive name %q must be lower-case letters, digits and '-'", n)
+		}
+		if n == "report-uri" || n == "report-to" {
+			bad("csp.directives.%s: set csp.report_uri / csp.report_to instead", n)
+		}
+		for i, v := range c.Directives[n] {
+			if v == "" || strings.ContainsAny(v, ";,") || !visibleASCII(v) {
+				bad("csp.directives.%s[%d]: %q must be a non-empty source expression without spaces, ';' or ','", n, i, v)
+			}
+			if strings.HasPrefix(v, "'nonce-") {
+				bad("csp.directives.%s[%d]: %q: nonces are issued per request; list the directive in csp.nonce_directives", n, i, v)
+			}
+		}
+	}
+	nonceIn := map[string]bool{}
+	for i, n := range c.NonceDirectives {
+		if _, ok := c.Directives[n]; !ok {
+			bad("csp.nonce_directives[%d]: directive %q is not in csp.directives", i, n)
+		}
+		nonceIn[n] = true
+	}
+	if c.Nonce && len(c.NonceDirectives) == 0 {
+		bad("csp.nonce_directives: must name at least one directive when csp.nonce is true")
+	}
+	if c.ReportURI != "" && (!visibleASCII(c.ReportURI) || strings.ContainsAny(c.ReportURI, ";,")) {
+		bad("csp.report_uri: %q must be a URL without spaces, ';' or ','", c.ReportURI)
+	}
+	if c.ReportTo != "" && !tokenRE.MatchString(c.ReportTo) {
+		bad("csp.report_to: %q is not a reporting group name (a token)", c.ReportTo)
+	}
+	reportURL := c.ReportToURL
+	if reportURL == "" {
+		reportURL = c.ReportURI
+	}
+	if c.ReportTo != "" && reportURL == "" {
+		bad("csp.report_to_url: must be set (or csp.report_uri) when csp.report_to is %q", c.ReportTo)
+	}
+	if c.ReportToURL != "" && (!visibleASCII(c.ReportToURL) || strings.ContainsAny(c.ReportToURL, "\"\\")) {
+		bad("csp.report_to_url: %q must be a URL without spaces, quotes or backslashes", c.ReportToURL)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	if !c.Nonce {
+		return nil, nil
+	}
+	t := &cspTemplate{header: "Content-Security-Policy"}
+	if c.ReportOnly {
+		t.header = "Content-Security-Policy-Report-Only"
+	}
+	var b strings.Builder
+	sep := func() {
+		if b.Len() > 0 {
+			b.WriteString("; ")
+		}
+	}
+	for _, n := range names {
+		sep()
+		b.WriteString(n)
+		for _, v := range c.Directives[n] {
+			b.WriteByte(' ')
+			b.WriteString(v)
+		}
+		if nonceIn[n] {
+			b.WriteString(" 'nonce-")
+			t.parts = append(t.parts, b.String())
+			b.Reset()
+			b.WriteByte('\'')
+		}
+	}
+	if c.ReportURI != "" {
+		sep()
+		b.WriteString("report-uri ")
+		b.WriteString(c.ReportURI)
+	}
+	if c.ReportTo != "" {
+		sep()
+		b.WriteString("report-to ")
+		b.WriteString(c.ReportTo)
+		t.report = c.ReportTo + `="` + reportURL + `"`
+	}
+	t.parts = append(t.parts, b.String())
+	for _, p := range t.parts {
+		t.fixed += len(p)
+	}
+	return t, nil
+}
+
+func visibleASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] <= ' ' || s[i] > '~' {
+			return false
+		}
+	}
+	return true
 }

@@ -1,34 +1,906 @@
 // Package extauthz serves Envoy's external authorization API
-// (envoy.service.auth.v3.Authorization).
+// (envoy.service.auth.v3.Authorization/Check) for web applications behind
+// Envoy: CORS origin policy (Fetch rules, Vary: Origin, 403 for disallowed
+// origins), preflight answers (never forwarded upstream), a per-request CSP
+// nonce, the caller's identity (x-meshguard-client for per-user quotas), per
+// tenant origin lists kept current from PostgreSQL, and per-route policy
+// from context_extensions. Every answer carries dynamic metadata (decision,
+// reason, origin, tenant, user, role, client) for the access log.
+//
+// Per-route policy keys in context_extensions (unknown keys are ignored, an
+// unknown value is a 500 so a typo never silently weakens a route):
+//
+//	cors:         enforce | report | skip   (default: cors.mode)
+//	csp:          nonce | off               (default: csp.nonce)
+//	require_role: role[,role…]              (any of; 401 without identity, 403 without the role)
+//	tenant:       tenant id                 (overrides the header and host)
+//
+// Metrics:
+//
+//	meshguard_extauthz_decisions_total{decision,reason}
+//	meshguard_extauthz_check_duration_seconds
+//	meshguard_extauthz_csp_nonces_total
+//	meshguard_extauthz_identity_total{source}
+//	meshguard_extauthz_identity_invalid_total
+//	meshguard_extauthz_tenant_reloads_total{result}
+//	meshguard_extauthz_tenant_origins
+//	meshguard_extauthz_tenant_origins_invalid
+//	meshguard_extauthz_tenant_last_reload_timestamp_seconds
 package extauthz
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/base64"
 	"log/slog"
+	"strconv"
+	"strings"
+	"time"
+	"unsafe"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"github.com/prometheus/client_golang/prometheus"
-	"google.golang.org/genproto/googleapis/rpc/status"
+	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/structpb"
+)
+
+// Bounds on what one CheckRequest can make Check do.
+const (
+	maxHeaders      = 512  // Envoy's own default limit is 100
+	maxACRHLen      = 4096 // Access-Control-Request-Headers
+	maxACRHNames    = 64
+	maxRequireRoles = 16
+)
+
+// Denied-response bodies.
+const (
+	bodyOriginNotAllowed  = `{"error":"CORS policy: Origin not allowed"}`
+	bodyMethodNotAllowed  = `{"error":"CORS policy: Method not allowed"}`
+	bodyHeadersNotAllowed = `{"error":"CORS policy: Request header not allowed"}`
+	bodyAuthRequired      = `{"error":"Authentication required"}`
+	bodyRoleRequired      = `{"error":"Forbidden"}`
+	bodyBadRoutePolicy    = `{"error":"Internal server error"}`
+	bodyTooLarge          = `{"error":"Request header fields too large"}`
 )
 
 // Server answers Check. It is safe for concurrent use.
 type Server struct {
 	authv3.UnimplementedAuthorizationServer
-	log *slog.Logger
-	cfg Config
+	log     *slog.Logger
+	m       *metrics
+	p       *compiled
+	tenants *TenantStore // nil: config tenants only
+
+	// Header options that never change, shared by every response (protobuf
+	// marshalling only reads them).
+	hAllowCreds, hExpose, hVary, hACAOStar, hReporting           *corev3.HeaderValueOption
+	hPreflightVary, hAllowMethods, hAllowHeaders, hMaxAge, hJSON *corev3.HeaderValueOption
+	hVaryDenied                                                  *corev3.HeaderValueOption
+	removeFixed                                                  []string
 }
 
-// New returns a Server.
-func New(log *slog.Logger, reg prometheus.Registerer, cfg Config) (*Server, error) {
-	return &Server{log: log, cfg: cfg}, nil
+// New returns a Server for cfg. tenants may be nil (no database): then only
+// the tenants of cfg.CORS.Tenants apply.
+func New(log *slog.Logger, reg prometheus.Registerer, cfg Config, tenants *TenantStore) (*Server, error) {
+	p, err := compile(cfg)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{log: log, m: newMetrics(reg), p: p, tenants: tenants}
+	s.hAllowCreds = overwrite("Access-Control-Allow-Credentials", "true")
+	if p.exposeHeaders != "" {
+		s.hExpose = overwrite("Access-Control-Expose-Headers", p.exposeHeaders)
+	}
+	// Vary is appended, not overwritten: the upstream may vary on other
+	// headers too, and repeated Vary lines combine.
+	s.hVary = headerOption("Vary", "Origin", corev3.HeaderValueOption_APPEND_IF_EXISTS_OR_ADD)
+	s.hVaryDenied = overwrite("Vary", "Origin")
+	s.hACAOStar = overwrite("Access-Control-Allow-Origin", "*")
+	s.hPreflightVary = overwrite("Vary", "Origin, Access-Control-Request-Method, Access-Control-Request-Headers")
+	s.hAllowMethods = overwrite("Access-Control-Allow-Methods", p.allowMethods)
+	s.hAllowHeaders = overwrite("Access-Control-Allow-Headers", p.allowHeaders)
+	if p.maxAge != "" {
+		s.hMaxAge = overwrite("Access-Control-Max-Age", p.maxAge)
+	}
+	s.hJSON = overwrite("Content-Type", "application/json")
+	if p.csp != nil && p.csp.report != "" {
+		s.hReporting = overwrite("Reporting-Endpoints", p.csp.report)
+	}
+	if p.origins.null && p.allowCredentials {
+		log.Warn("cors: null origin allowed together with credentials")
+	}
+	return s, nil
 }
 
 // Register registers the Authorization service on r.
 func (s *Server) Register(r grpc.ServiceRegistrar) { authv3.RegisterAuthorizationServer(r, s) }
 
-// Check allows every request: no policy is configured yet.
+func headerOption(k, v string, a corev3.HeaderValueOption_HeaderAppendAction) *corev3.HeaderValueOption {
+	return &corev3.HeaderValueOption{Header: &corev3.HeaderValue{Key: k, Value: v}, AppendAction: a}
+}
+
+func overwrite(k, v string) *corev3.HeaderValueOption {
+	return headerOption(k, v, corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD)
+}
+
+// Shared statuses; read-only.
+var (
+	statusOK     = &rpcstatus.Status{Code: int32(codes.OK)}
+	statusDenied = &rpcstatus.Status{Code: int32(codes.PermissionDenied)}
+	statusUnauth = &rpcstatus.Status{Code: int32(codes.Unauthenticated)}
+	statusBad    = &rpcstatus.Status{Code: int32(codes.InvalidArgument)}
+	statusPolicy = &rpcstatus.Status{Code: int32(codes.FailedPrecondition)}
+	// A preflight answer is a denied response with a 2xx status: Envoy then
+	// sends it as a local reply and never forwards the OPTIONS upstream.
+	statusPreflight = &rpcstatus.Status{Code: int32(codes.PermissionDenied), Message: "CORS preflight answered by meshguard"}
+
+	http204 = &typev3.HttpStatus{Code: typev3.StatusCode_NoContent}
+	http400 = &typev3.HttpStatus{Code: typev3.StatusCode_BadRequest}
+	http401 = &typev3.HttpStatus{Code: typev3.StatusCode_Unauthorized}
+	http403 = &typev3.HttpStatus{Code: typev3.StatusCode_Forbidden}
+	http431 = &typev3.HttpStatus{Code: typev3.StatusCode_RequestHeaderFieldsTooLarge}
+	http500 = &typev3.HttpStatus{Code: typev3.StatusCode_InternalServerError}
+)
+
+// request holds what Check reads from one CheckRequest. Strings alias the
+// request's memory where they can.
+type request struct {
+	method, scheme, host string
+	origin               string
+	nOrigin              int
+	acrm                 string
+	nACRM                int
+	acrh                 [4]string // Access-Control-Request-Headers lines
+	nACRH                int
+	tenantHdr            string
+	nTenant              int
+	userHdr, roleHdr     string
+	nUser, nRole         int
+	tooMany              bool
+}
+
+// read fills r from h, handling both forms Envoy sends: the headers map
+// (duplicates joined with ",") and header_map (encode_raw_headers: one
+// entry per line, raw bytes).
+func (s *Server) read(h *authv3.AttributeContext_HttpRequest, r *request) {
+	r.method, r.scheme, r.host = h.GetMethod(), h.GetScheme(), h.GetHost()
+	if hm := h.GetHeaderMap(); hm != nil && len(hm.GetHeaders()) > 0 {
+		hs := hm.GetHeaders()
+		if len(hs) > maxHeaders {
+			r.tooMany = true
+			return
+		}
+		for _, hv := range hs {
+			k := hv.GetKey()
+			switch {
+			case len(k) == 0:
+			case eqFold(k, "origin"):
+				r.origin = headerValue(hv)
+				r.nOrigin++
+			case eqFold(k, "access-control-request-method"):
+				r.acrm = headerValue(hv)
+				r.nACRM++
+			case eqFold(k, "access-control-request-headers"):
+				if r.nACRH < len(r.acrh) {
+					r.acrh[r.nACRH] = headerValue(hv)
+				}
+				r.nACRH++
+			case s.p.tenantHeader != "" && eqFold(k, s.p.tenantHeader):
+				r.tenantHdr = headerValue(hv)
+				r.nTenant++
+			case s.p.userHeader != "" && eqFold(k, s.p.userHeader):
+				r.userHdr = headerValue(hv)
+				r.nUser++
+			case s.p.roleHeader != "" && eqFold(k, s.p.roleHeader):
+				r.roleHdr = headerValue(hv)
+				r.nRole++
+			}
+		}
+		if r.method == "" {
+			r.method = findHeader(hs, ":method")
+		}
+		return
+	}
+	m := h.GetHeaders()
+	if len(m) > maxHeaders {
+		r.tooMany = true
+		return
+	}
+	one := func(k string, dst *string, n *int) {
+		if v, ok := m[k]; ok {
+			*dst, *n = v, 1
+		}
+	}
+	one("origin", &r.origin, &r.nOrigin)
+	one("access-control-request-method", &r.acrm, &r.nACRM)
+	one("access-control-request-headers", &r.acrh[0], &r.nACRH)
+	if s.p.tenantHeader != "" {
+		one(s.p.tenantHeader, &r.tenantHdr, &r.nTenant)
+	}
+	if s.p.userHeader != "" {
+		one(s.p.userHeader, &r.userHdr, &r.nUser)
+	}
+	if s.p.roleHeader != "" {
+		one(s.p.roleHeader, &r.roleHdr, &r.nRole)
+	}
+	if r.method == "" {
+		r.method = m[":method"]
+	}
+	if r.scheme == "" {
+		r.scheme = m[":scheme"]
+	}
+	if r.host == "" {
+		r.host = m[":authority"]
+	}
+}
+
+func eqFold(a, b string) bool { return len(a) == len(b) && (a == b || strings.EqualFold(a, b)) }
+
+func headerValue(hv *corev3.HeaderValue) string {
+	if len(hv.GetRawValue()) > 0 {
+		return string(hv.GetRawValue())
+	}
+	return hv.GetValue()
+}
+
+func findHeader(hs []*corev3.HeaderValue, k string) string {
+	for _, hv := range hs {
+		if hv.GetKey() == k {
+			return headerValue(hv)
+		}
+	}
+	return ""
+}
+
+// route is the per-route policy from context_extensions.
+type route struct {
+	corsSkip    bool
+	report      bool
+	nonce       bool
+	requireRole string
+	tenant      string
+	bad         string // the offending key when a value is unknown
+}
+
+func (s *Server) route(ext map[string]string) route {
+	rt := route{report: s.p.report, nonce: s.p.csp != nil}
+	if len(ext) == 0 {
+		return rt
+	}
+	switch v := ext["cors"]; v {
+	case "":
+	case "enforce":
+		rt.report = false
+	case "report":
+		rt.report = true
+	case "skip":
+		rt.corsSkip = true
+	default:
+		rt.bad = "cors"
+	}
+	switch v := ext["csp"]; v {
+	case "":
+	case "off":
+		rt.nonce = false
+	case "nonce":
+		if s.p.csp == nil {
+			rt.bad = "csp" // no template to put a nonce in
+		}
+	default:
+		rt.bad = "csp"
+	}
+	rt.requireRole = ext["require_role"]
+	if t, ok := ext["tenant"]; ok {
+		if !validTenant(t) {
+			rt.bad = "tenant"
+		}
+		rt.tenant = t
+	}
+	return rt
+}
+
+// eval is one decision in the making.
+type eval struct {
+	decision decision
+	reason   reason
+	status   *typev3.HttpStatus
+	body     string
+	grpc     *rpcstatus.Status
+
+	origin      origin
+	originRaw   string // for metadata when the origin did not parse
+	cors        bool   // add ACAO (and friends) for origin
+	anyOrigin   bool   // ACAO: *
+	vary        bool   // add Vary: Origin
+	preflight   bool
+	tenant      string
+	user        string
+	role        string
+	client      string
+	nonce       bool
+	idSource    int
+	setIdentity bool
+}
+
+// Check decides one request. A deny is an answer; the error is non-nil only
+// for a CheckRequest that is not an HTTP request at all.
 func (s *Server) Check(ctx context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, error) {
-	return &authv3.CheckResponse{Status: &status.Status{Code: int32(codes.OK)}}, nil
+	start := time.Now()
+	attrs := req.GetAttributes()
+	h := attrs.GetRequest().GetHttp()
+	if h == nil {
+		return nil, status.Error(codes.InvalidArgument, "check request: attributes.request.http is missing (extauthz serves the HTTP filter only)")
+	}
+	var e eval
+	s.evaluate(attrs, h, &e)
+	resp := s.respond(&e)
+	s.m.decisions[e.decision][e.reason].Inc()
+	s.m.identity[e.idSource].Inc()
+	s.m.duration.Observe(time.Since(start).Seconds())
+	return resp, nil
+}
+
+func (s *Server) deny(e *eval, r reason, st *typev3.HttpStatus, body string, g *rpcstatus.Status) {
+	e.decision, e.reason, e.status, e.body, e.grpc = decisionDeny, r, st, body, g
+}
+
+func (s *Server) evaluate(attrs *authv3.AttributeContext, h *authv3.AttributeContext_HttpRequest, e *eval) {
+	var r request
+	s.read(h, &r)
+	s.identify(attrs, &r, e)
+	if r.tooMany {
+		s.deny(e, reasonRequestTooLarge, http431, bodyTooLarge, statusBad)
+		return
+	}
+	rt := s.route(attrs.GetContextExtensions())
+	if rt.bad != "" {
+		s.log.Warn("unknown per-route policy value in context_extensions; answering 500", "key", rt.bad)
+		s.deny(e, reasonBadRoutePolicy, http500, bodyBadRoutePolicy, statusPolicy)
+		return
+	}
+	e.nonce = rt.nonce
+	s.tenant(&r, &rt, e)
+
+	// CORS (Fetch): a request with an Origin that is not its own origin.
+	e.decision, e.reason = decisionAllow, reasonNotCORS
+	switch {
+	case rt.corsSkip:
+		e.reason = reasonCORSSkipped
+	case r.nOrigin == 0:
+		e.vary = !s.p.origins.any
+	default:
+		if !s.cors(&r, &rt, e) {
+			return
+		}
+	}
+
+	if rt.requireRole != "" {
+		switch {
+		case e.user == "":
+			s.deny(e, reasonAuthRequired, http401, bodyAuthRequired, statusUnauth)
+			return
+		case !hasRole(rt.requireRole, e.role):
+			s.deny(e, reasonRoleRequired, http403, bodyRoleRequired, statusDenied)
+			return
+		}
+	}
+}
+
+// cors evaluates a request that carries Origin. It reports false when the
+// decision is final (denied or preflight answered).
+func (s *Server) cors(r *request, rt *route, e *eval) bool {
+	e.vary = true
+	preflight := r.method == "OPTIONS" && r.nACRM > 0 && r.acrm != ""
+	o, err := parseOrigin(r.origin)
+	if err != nil || r.nOrigin > 1 {
+		e.originRaw = r.origin
+		if preflight || !rt.report {
+			e.preflight = preflight
+			s.deny(e, reasonOriginInvalid, http403, bodyOriginNotAllowed, statusDenied)
+			return false
+		}
+		e.reason = reasonOriginInvalid
+		return true
+	}
+	e.origin = o
+	if sameOrigin(o, r.scheme, r.host) {
+		e.reason = reasonSameOrigin
+		return true
+	}
+	allowed := s.allowed(o, e.tenant)
+	if preflight {
+		e.preflight = true
+		switch {
+		case !allowed:
+			s.deny(e, reasonOriginNotAllowed, http403, bodyOriginNotAllowed, statusDenied)
+		case r.nACRM > 1 || !s.methodAllowed(r.acrm):
+			s.deny(e, reasonMethodNotAllowed, http403, bodyMethodNotAllowed, statusDenied)
+		case !s.headersAllowed(r):
+			s.deny(e, reasonHeadersNotAllowed, http403, bodyHeadersNotAllowed, statusDenied)
+		default:
+			e.decision, e.reason, e.status, e.grpc = decisionPreflight, reasonPreflightOK, http204, statusPreflight
+			e.cors = true
+			e.anyOrigin = s.p.origins.any && !s.p.allowCredentials
+		}
+		return false
+	}
+	if !allowed {
+		if !rt.report {
+			s.deny(e, reasonOriginNotAllowed, http403, bodyOriginNotAllowed, statusDenied)
+			return false
+		}
+		e.reason = reasonOriginNotAllowed // report mode: forwarded, no ACAO
+		return true
+	}
+	e.reason = reasonOriginAllowed
+	e.cors = true
+	e.anyOrigin = s.p.origins.any && !s.p.allowCredentials
+	e.vary = !e.anyOrigin
+	return true
+}
+
+// allowed reports whether o may call: the global list, then the tenant's
+// list from config, then the tenant's rows from the database.
+func (s *Server) allowed(o origin, tenant string) bool {
+	if s.p.origins.allows(o) {
+		return true
+	}
+	if tenant == "" {
+		return false
+	}
+	if set := s.p.tenants[tenant]; set != nil && set.allows(o) {
+		return true
+	}
+	return s.tenants != nil && s.tenants.lookup(tenant).allows(o)
+}
+
+// tenant picks the tenant: the route's, else the tenant header, else the
+// host without its port. A host counts only when some list knows it.
+func (s *Server) tenant(r *request, rt *route, e *eval) {
+	switch {
+	case rt.tenant != "":
+		e.tenant = rt.tenant
+	case r.nTenant == 1 && validTenant(r.tenantHdr):
+		e.tenant = r.tenantHdr
+	case r.nTenant == 0 && r.host != "":
+		host := r.host
+		if i := strings.LastIndexByte(host, ':'); i >= 0 && !strings.HasSuffix(host, "]") {
+			host = host[:i]
+		}
+		if !validTenant(host) {
+			return
+		}
+		if _, ok := s.p.tenants[host]; ok || (s.tenants != nil && s.tenants.lookup(host) != nil) {
+			e.tenant = host
+		}
+	}
+}
+
+func (s *Server) methodAllowed(m string) bool {
+	if !tokenish(m) {
+		return false
+	}
+	m = normalizeMethod(m)
+	switch m {
+	case "GET", "HEAD", "POST": // CORS-safelisted: browsers never preflight for them
+		return true
+	}
+	for _, a := range s.p.methods {
+		if a == m {
+			return true
+		}
+	}
+	return false
+}
+
+func (s *Server) headersAllowed(r *request) bool {
+	if r.nACRH > len(r.acrh) {
+		return false
+	}
+	names := 0
+	for _, line := range r.acrh[:r.nACRH] {
+		if len(line) > maxACRHLen {
+			return false
+		}
+		for line != "" {
+			var name string
+			if i := strings.IndexByte(line, ','); i >= 0 {
+				name, line = line[:i], line[i+1:]
+			} else {
+				name, line = line, ""
+			}
+			name = strings.Trim(name, " \t")
+			if name == "" {
+				continue
+			}
+			if names++; names > maxACRHNames {
+				return false
+			}
+			ok := false
+			for _, a := range s.p.headers {
+				if eqFold(name, a) {
+					ok = true
+					break
+				}
+			}
+			if !ok {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+func tokenish(s string) bool {
+	if s == "" || len(s) > 32 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c <= ' ' || c > '~' || strings.IndexByte(`"(),/:;<=>?@[\]{}`, c) >= 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// identify sets user, role and the client key: from jwt_authn metadata,
+// else from the operator's trusted headers; the client key falls back to the
+// downstream address Envoy saw, never to a client-supplied header.
+func (s *Server) identify(attrs *authv3.AttributeContext, r *request, e *eval) {
+	e.idSource = identityNone
+	if s.p.jwtNS != "" {
+		if payload := attrs.GetMetadataContext().GetFilterMetadata()[s.p.jwtNS].GetFields()[s.p.jwtKey].GetStructValue(); payload != nil {
+			fields := payload.GetFields()
+			user := claimString(fields[s.p.userClaim])
+			if user != "" {
+				if validIdentity(user, maxUserLen) {
+					e.user, e.idSource = user, identityJWT
+				} else {
+					s.m.invalidID.Inc()
+				}
+			}
+			if e.user != "" && s.p.roleClaim != "" {
+				s.roleFromClaim(fields[s.p.roleClaim], e)
+			}
+		}
+	}
+	if e.user == "" && r.nUser == 1 && r.userHdr != "" {
+		if validIdentity(r.userHdr, maxUserLen) {
+			e.user, e.idSource = r.userHdr, identityHeader
+			if r.nRole == 1 && r.roleHdr != "" {
+				if validIdentity(r.roleHdr, maxRoleLen*maxRoles) {
+					e.role = r.roleHdr
+				} else {
+					s.m.invalidID.Inc()
+				}
+			}
+		} else {
+			s.m.invalidID.Inc()
+		}
+	}
+	if e.user != "" {
+		e.client = "user:" + e.user
+		return
+	}
+	addr := attrs.GetSource().GetAddress().GetSocketAddress().GetAddress()
+	if addr == "" || len(addr) > 64 {
+		e.client = "ip:unknown"
+		return
+	}
+	e.client = "ip:" + addr
+}
+
+// roleFromClaim takes a string role or a list of string roles.
+func (s *Server) roleFromClaim(v *structpb.Value, e *eval) {
+	switch k := v.GetKind().(type) {
+	case *structpb.Value_StringValue:
+		if validIdentity(k.StringValue, maxRoleLen) && strings.IndexByte(k.StringValue, ',') < 0 {
+			e.role = k.StringValue
+		} else {
+			s.m.invalidID.Inc()
+		}
+	case *structpb.Value_ListValue:
+		vals := k.ListValue.GetValues()
+		if len(vals) > maxRoles {
+			vals = vals[:maxRoles]
+			s.m.invalidID.Inc()
+		}
+		var b strings.Builder
+		n := 0
+		for _, rv := range vals {
+			str := rv.GetStringValue()
+			if !validIdentity(str, maxRoleLen) || strings.IndexByte(str, ',') >= 0 {
+				s.m.invalidID.Inc()
+				continue
+			}
+			if n == 0 {
+				e.role = str
+			} else {
+				if n == 1 {
+					b.WriteString(e.role)
+				}
+				b.WriteByte(',')
+				b.WriteString(str)
+			}
+			n++
+		}
+		if n > 1 {
+			e.role = b.String()
+		}
+	}
+}
+
+// claimString reads a string claim, or an integral number claim.
+func claimString(v *structpb.Value) string {
+	switch k := v.GetKind().(type) {
+	case *structpb.Value_StringValue:
+		return k.StringValue
+	case *structpb.Value_NumberValue:
+		if f := k.NumberValue; f == float64(int64(f)) && f >= 0 {
+			return strconv.FormatInt(int64(f), 10)
+		}
+	}
+	return ""
+}
+
+// validIdentity accepts 1..max visible ASCII bytes: the value goes into a
+// header, a rate limit descriptor and the audit trail.
+func validIdentity(s string, max int) bool {
+	return len(s) > 0 && len(s) <= max && visibleASCII(s)
+}
+
+// hasRole reports whether the caller's roles (comma-separated in role)
+// include any of the comma-separated required roles.
+func hasRole(required, role string) bool {
+	n := 0
+	for required != "" && n < maxRequireRoles {
+		var want string
+		if i := strings.IndexByte(required, ','); i >= 0 {
+			want, required = required[:i], required[i+1:]
+		} else {
+			want, required = required, ""
+		}
+		want = strings.TrimSpace(want)
+		if want == "" {
+			continue
+		}
+		n++
+		for rs := role; rs != ""; {
+			var got string
+			if i := strings.IndexByte(rs, ','); i >= 0 {
+				got, rs = rs[:i], rs[i+1:]
+			} else {
+				got, rs = rs, ""
+			}
+			if got == want {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// okArena holds one allowed answer in a single allocation.
+type okArena struct {
+	resp   authv3.CheckResponse
+	oneof  authv3.CheckResponse_OkResponse
+	ok     authv3.OkHttpResponse
+	reqPtr [4]*corev3.HeaderValueOption
+	reqOpt [4]corev3.HeaderValueOption
+	reqVal [4]corev3.HeaderValue
+	rspPtr [7]*corev3.HeaderValueOption
+	rspOpt [2]corev3.HeaderValueOption
+	rspVal [2]corev3.HeaderValue
+	remove [4]string
+	md     mdArena
+}
+
+// deniedArena holds one denied answer (including preflight answers).
+type deniedArena struct {
+	resp   authv3.CheckResponse
+	oneof  authv3.CheckResponse_DeniedResponse
+	denied authv3.DeniedHttpResponse
+	ptr    [8]*corev3.HeaderValueOption
+	opt    [1]corev3.HeaderValueOption
+	val    [1]corev3.HeaderValue
+	md     mdArena
+}
+
+const mdFields = 8
+
+type mdArena struct {
+	st   structpb.Struct
+	vals [mdFields]structpb.Value
+	strs [mdFields]structpb.Value_StringValue
+	b    structpb.Value_BoolValue
+	n    int
+}
+
+func (a *mdArena) str(k, v string) {
+	if v == "" || a.n >= mdFields {
+		return
+	}
+	a.strs[a.n].StringValue = v
+	a.vals[a.n].Kind = &a.strs[a.n]
+	a.st.Fields[k] = &a.vals[a.n]
+	a.n++
+}
+
+func (s *Server) metadata(a *mdArena, e *eval) *structpb.Struct {
+	a.st.Fields = make(map[string]*structpb.Value, mdFields)
+	a.str("decision", decisionNames[e.decision])
+	a.str("reason", reasonNames[e.reason])
+	if e.origin.s != "" {
+		a.str("origin", e.origin.s)
+	} else if e.originRaw != "" {
+		raw := e.originRaw
+		if len(raw) > 256 {
+			raw = raw[:256]
+		}
+		a.str("origin", strings.ToValidUTF8(raw, "\uFFFD"))
+	}
+	a.str("tenant", e.tenant)
+	a.str("user", e.user)
+	a.str("role", e.role)
+	a.str("client", e.client)
+	if e.preflight {
+		a.b.BoolValue = true
+		a.vals[a.n].Kind = &a.b
+		a.st.Fields["preflight"] = &a.vals[a.n]
+		a.n++
+	}
+	return &a.st
+}
+
+// respond turns the decision into Envoy's CheckResponse.
+func (s *Server) respond(e *eval) *authv3.CheckResponse {
+	if e.decision != decisionAllow {
+		return s.respondDenied(e)
+	}
+	a := &okArena{}
+	a.resp.Status = statusOK
+	a.resp.HttpResponse = &a.oneof
+	a.oneof.OkResponse = &a.ok
+	a.resp.DynamicMetadata = s.metadata(&a.md, e)
+
+	// Upstream request headers: meshguard's own, always overwritten; any
+	// client copy of one meshguard does not set is removed.
+	req := a.reqPtr[:0]
+	remove := a.remove[:0]
+	n := 0
+	set := func(k, v string) {
+		a.reqVal[n] = corev3.HeaderValue{Key: k, Value: v}
+		a.reqOpt[n].Header = &a.reqVal[n]
+		a.reqOpt[n].AppendAction = corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD
+		req = append(req, &a.reqOpt[n])
+		n++
+	}
+	set(headerClient, e.client)
+	if e.user != "" {
+		set(headerUser, e.user)
+	} else {
+		remove = append(remove, headerUser)
+	}
+	if e.role != "" {
+		set(headerRole, e.role)
+	} else {
+		remove = append(remove, headerRole)
+	}
+
+	rsp := a.rspPtr[:0]
+	if e.cors {
+		if e.anyOrigin {
+			rsp = append(rsp, s.hACAOStar)
+		} else {
+			a.rspVal[0] = corev3.HeaderValue{Key: "Access-Control-Allow-Origin", Value: e.origin.s}
+			a.rspOpt[0].Header = &a.rspVal[0]
+			a.rspOpt[0].AppendAction = corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD
+			rsp = append(rsp, &a.rspOpt[0])
+			if s.p.allowCredentials {
+				rsp = append(rsp, s.hAllowCreds)
+			}
+		}
+		if s.hExpose != nil {
+			rsp = append(rsp, s.hExpose)
+		}
+	}
+	if e.vary {
+		rsp = append(rsp, s.hVary)
+	}
+	if e.nonce {
+		value, nonce := s.p.csp.build()
+		s.m.nonces.Inc()
+		set(headerNonce, nonce)
+		a.rspVal[1] = corev3.HeaderValue{Key: s.p.csp.header, Value: value}
+		a.rspOpt[1].Header = &a.rspVal[1]
+		a.rspOpt[1].AppendAction = corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD
+		rsp = append(rsp, &a.rspOpt[1])
+		if s.hReporting != nil {
+			rsp = append(rsp, s.hReporting)
+		}
+	} else {
+		remove = append(remove, headerNonce)
+	}
+	a.ok.Headers = req
+	a.ok.HeadersToRemove = remove
+	if len(rsp) > 0 {
+		a.ok.ResponseHeadersToAdd = rsp
+	}
+	return &a.resp
+}
+
+func (s *Server) respondDenied(e *eval) *authv3.CheckResponse {
+	a := &deniedArena{}
+	a.resp.Status = e.grpc
+	a.resp.HttpResponse = &a.oneof
+	a.oneof.DeniedResponse = &a.denied
+	a.resp.DynamicMetadata = s.metadata(&a.md, e)
+	a.denied.Status = e.status
+	a.denied.Body = e.body
+	h := a.ptr[:0]
+	if e.cors {
+		// Preflight answer, or an allowed origin denied for another reason
+		// (a role): the browser may read the answer.
+		if e.anyOrigin {
+			h = append(h, s.hACAOStar)
+		} else {
+			a.val[0] = corev3.HeaderValue{Key: "Access-Control-Allow-Origin", Value: e.origin.s}
+			a.opt[0].Header = &a.val[0]
+			a.opt[0].AppendAction = corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD
+			h = append(h, &a.opt[0])
+			if s.p.allowCredentials {
+				h = append(h, s.hAllowCreds)
+			}
+		}
+	}
+	switch {
+	case e.decision == decisionPreflight:
+		h = append(h, s.hAllowMethods, s.hAllowHeaders)
+		if s.hMaxAge != nil {
+			h = append(h, s.hMaxAge)
+		}
+		h = append(h, s.hPreflightVary)
+	case e.preflight:
+		h = append(h, s.hPreflightVary)
+	case e.cors && s.hExpose != nil:
+		h = append(h, s.hExpose, s.hVaryDenied)
+	case e.vary:
+		h = append(h, s.hVaryDenied)
+	}
+	if e.body != "" {
+		h = append(h, s.hJSON)
+	}
+	a.denied.Headers = h
+	return &a.resp
+}
+
+// build returns a fresh policy value and the nonce inside it (a substring,
+// so both share one allocation). The nonce is 128 bits from crypto/rand,
+// standard base64.
+func (t *cspTemplate) build() (value, nonce string) {
+	const rawLen, encLen = 16, 24
+	n := len(t.parts) - 1
+	total := t.fixed + n*encLen
+	buf := make([]byte, total+rawLen)
+	raw := buf[total:]
+	rand.Read(raw) // never fails (Go 1.24+); crashes the process on a broken kernel RNG
+	off := copy(buf, t.parts[0])
+	nonceAt := off
+	base64.StdEncoding.Encode(buf[off:off+encLen], raw)
+	enc := buf[off : off+encLen]
+	off += encLen
+	for i := 1; i <= n; i++ {
+		off += copy(buf[off:], t.parts[i])
+		if i < n {
+			off += copy(buf[off:], enc)
+		}
+	}
+	value = unsafe.String(&buf[0], total)
+	return value, value[nonceAt : nonceAt+encLen]
 }

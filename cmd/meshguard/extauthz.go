@@ -2,15 +2,54 @@ package main
 
 import (
 	"context"
+	"log/slog"
+	"time"
 
 	"github.com/meshguard/meshguard/extauthz"
 )
 
-// setupExtauthz builds the Authorization service.
+// setupExtauthz builds the Authorization service and, when a database is
+// configured, the tenant origin watcher that keeps per-tenant origins current.
 func setupExtauthz(ctx context.Context, a *app) (*component, error) {
-	srv, err := extauthz.New(a.log.With("component", "extauthz"), a.reg, a.cfg.extauthzConfig())
+	log := a.log.With("component", "extauthz")
+	cfg := a.cfg.extauthzConfig()
+	c := &component{name: "extauthz"}
+	var tenants *extauthz.TenantStore
+	// TODO(lead): wire once cmd's database exposes the pgpool contract
+	// (a.db.pool.Pool() *pgxpool.Pool, a.db.pool.ConnectDirect):
+	//
+	//	if a.db != nil {
+	//		ts, err := extauthz.NewTenantStore(log, a.reg, cfg.CORS, a.db.pool.Pool(), a.db.pool.ConnectDirect)
+	//		if err != nil {
+	//			return nil, err
+	//		}
+	//		tenants = ts
+	//		startTenants(ctx, log, ts, c)
+	//	}
+	srv, err := extauthz.New(log, a.reg, cfg, tenants)
 	if err != nil {
 		return nil, err
 	}
-	return &component{name: "extauthz", grpc: srv.Register}, nil
+	c.grpc = srv.Register
+	return c, nil
+}
+
+// startTenants makes a first attempt to create and load the tenant origin
+// table, so the first requests already see the database's tenants, then hands
+// the watcher to serve's background work. A database that is down at start
+// is not fatal: config tenants apply and the watcher keeps retrying.
+func startTenants(ctx context.Context, log *slog.Logger, ts *extauthz.TenantStore, c *component) {
+	ictx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := ts.EnsureSchema(ictx); err != nil {
+		log.Warn("tenant origin table not ready at start; retrying in the background", "err", err)
+	} else if err := ts.Load(ictx); err != nil {
+		log.Warn("tenant origins not loaded at start; retrying in the background", "err", err)
+	}
+	c.run = ts.Run
+	c.checks = append(c.checks, readinessCheck{name: "tenant_origins", required: false,
+		check: func(context.Context) dependencyStatus {
+			ok, st := ts.Status()
+			return dependencyStatus{Healthy: ok, Error: st.LastError, Details: st}
+		}})
 }
