@@ -61,7 +61,7 @@ type tenantSnapshot struct {
 
 // NewTenantStore returns a store for cfg.TenantsTable. pool runs queries;
 // connect opens the dedicated LISTEN connection (it must bypass PgBouncer
-// transaction pooling). Nothing touches the database until Load or Run.
+// transaction pooling); nil means no listener, only periodic reloads. Nothing touches the database until Load or Run.
 func NewTenantStore(log *slog.Logger, reg prometheus.Registerer, cfg CORSConfig, pool *pgxpool.Pool, connect func(context.Context) (*pgx.Conn, error)) (*TenantStore, error) {
 	parts, err := tableIdent(cfg.TenantsTable)
 	if err != nil {
@@ -236,6 +236,9 @@ func (t *TenantStore) load(ctx context.Context) error {
 // and reconnects with backoff after any failure. It returns nil when ctx is
 // done.
 func (t *TenantStore) Run(ctx context.Context) error {
+	if t.connect == nil {
+		return t.poll(ctx)
+	}
 	backoff := t.minBackoff
 	for ctx.Err() == nil {
 		err := t.listen(ctx, func() { backoff = t.minBackoff })
@@ -256,15 +259,45 @@ func (t *TenantStore) Run(ctx context.Context) error {
 	return nil
 }
 
+// poll is Run without a listener: a reload every TenantsReload, sooner
+// after a failure.
+func (t *TenantStore) poll(ctx context.Context) error {
+	backoff := t.minBackoff
+	for ctx.Err() == nil {
+		wait := t.reload
+		err := t.ensureSchemaOnce(ctx)
+		if err == nil {
+			err = t.Load(ctx)
+		}
+		if err != nil && ctx.Err() == nil {
+			t.log.Warn("tenant origin reload failed; serving the last good copy", "err", err, "retry_in", backoff)
+			wait = backoff
+			backoff = min(2*backoff, t.maxBackoff, max(t.reload, t.minBackoff))
+		} else {
+			backoff = t.minBackoff
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(wait):
+		}
+	}
+	return nil
+}
+
+func (t *TenantStore) ensureSchemaOnce(ctx context.Context) error {
+	t.mu.Lock()
+	ok := t.schemaOK
+	t.mu.Unlock()
+	if ok {
+		return nil
+	}
+	return t.EnsureSchema(ctx)
+}
+
 // listen runs one LISTEN session; connected is called once it is live.
 func (t *TenantStore) listen(ctx context.Context, connected func()) error {
-	t.mu.Lock()
-	schemaOK := t.schemaOK
-	t.mu.Unlock()
-	if !schemaOK {
-		if err := t.EnsureSchema(ctx); err != nil {
-			return err
-		}
+	if err := t.ensureSchemaOnce(ctx); err != nil {
+		return err
 	}
 	conn, err := t.connect(ctx)
 	if err != nil {

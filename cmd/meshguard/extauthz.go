@@ -15,17 +15,21 @@ func setupExtauthz(ctx context.Context, a *app) (*component, error) {
 	cfg := a.cfg.extauthzConfig()
 	c := &component{name: "extauthz"}
 	var tenants *extauthz.TenantStore
-	// TODO(lead): wire once cmd's database exposes the pgpool contract
-	// (a.db.pool.Pool() *pgxpool.Pool, a.db.pool.ConnectDirect):
-	//
-	//	if a.db != nil {
-	//		ts, err := extauthz.NewTenantStore(log, a.reg, cfg.CORS, a.db.pool.Pool(), a.db.pool.ConnectDirect)
-	//		if err != nil {
-	//			return nil, err
-	//		}
-	//		tenants = ts
-	//		startTenants(ctx, log, ts, c)
-	//	}
+	if a.db != nil {
+		connect := a.db.pool.ConnectDirect
+		if a.cfg.Database.PgBouncer && !a.cfg.Database.DirectURL.IsSet() {
+			// LISTEN through PgBouncer's transaction mode hears nothing.
+			log.Warn("database.direct_url is not set in PgBouncer mode: tenant origins are reloaded every cors.tenants_reload, without LISTEN/NOTIFY",
+				"tenants_reload", cfg.CORS.TenantsReload)
+			connect = nil
+		}
+		ts, err := extauthz.NewTenantStore(log, a.reg, cfg.CORS, a.db.pool.Pool(), connect)
+		if err != nil {
+			return nil, err
+		}
+		tenants = ts
+		startTenants(ctx, log, ts, c)
+	}
 	srv, err := extauthz.New(log, a.reg, cfg, tenants)
 	if err != nil {
 		return nil, err
