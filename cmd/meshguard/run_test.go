@@ -18,8 +18,10 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
 )
 
 // logWatcher is an io.Writer for run's logs that lets a test wait for the
@@ -109,6 +111,12 @@ func TestRunServesAndStops(t *testing.T) {
 		if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
 			t.Errorf("gRPC health %q = %v, %v", svc, resp.GetStatus(), err)
 		}
+	}
+
+	// A message over grpc.max_recv_msg_size is refused, not buffered.
+	_, err = hc.Check(ctx, &healthpb.HealthCheckRequest{Service: strings.Repeat("x", 5<<20)})
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Errorf("5 MiB message: got %v, want ResourceExhausted", err)
 	}
 
 	get := func(path string) (int, string) {
