@@ -1,0 +1,204 @@
+package auditsink
+
+import (
+	"context"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// The two stores (PGStore for PostgreSQL, SQLiteStore for the embedded
+// default) keep the same trail: same columns, same chain, same queries. This
+// file holds what they share: the interfaces the writer and the verifier
+// consume and the SQL for the admin filters.
+
+// batchStore is what the Writer writes through. writeBatch stores recs
+// atomically (all or none). A batch whose (chain_id, seq) rows are already
+// stored — a spool replay after a commit whose acknowledgement was lost —
+// is not stored again: writeBatch then returns duplicate = true and no error.
+type batchStore interface {
+	writeBatch(ctx context.Context, recs []Record) (duplicate bool, err error)
+}
+
+// chainReader is what Verify reads through.
+type chainReader interface {
+	// scanChains calls fn for every row with created_at in [from, to) (zero:
+	// unbounded) in (chain_id, seq) order, streaming.
+	scanChains(ctx context.Context, from, to time.Time, fn func(*Record) error) error
+	// checkpoints returns the chain runs recorded before partitions were dropped.
+	checkpoints(ctx context.Context) ([]Checkpoint, error)
+}
+
+// Checkpoint is one run of consecutive rows of a chain (first..last seq)
+// that retention dropped, recorded just before the drop.
+type Checkpoint struct {
+	ChainID       string
+	FirstSeq      int64
+	LastSeq       int64
+	FirstPrevHash []byte
+	LastHash      []byte
+	Rows          int64
+	Partition     string
+}
+
+// scanPageSize is how many rows one keyset page of Scan and scanChains reads.
+const scanPageSize = 1000
+
+// recordColumns is the column list every query reads and writes, in the
+// order scanRecord expects (id first on reads).
+var recordColumns = []string{
+	"created_at", "action", "severity", "entity_type", "entity_id", "user_id", "ip_address", "user_agent",
+	"method", "path", "status", "request_id", "origin", "tenant", "metadata", "old_values", "new_values",
+	"chain_id", "seq", "prev_hash", "hash",
+}
+
+var selectColumns = "id, " + strings.Join(recordColumns, ", ")
+
+// dialect is the little that differs between the two SQL dialects here.
+type dialect struct {
+	placeholder func(n int) string // n from 1
+	timeArg     func(time.Time) any
+}
+
+var (
+	pgDialect     = dialect{placeholder: func(n int) string { return "$" + strconv.Itoa(n) }, timeArg: func(t time.Time) any { return t.UTC() }}
+	sqliteDialect = dialect{placeholder: func(int) string { return "?" }, timeArg: func(t time.Time) any { return t.UTC().UnixMicro() }}
+)
+
+// query accumulates a WHERE clause and its arguments.
+type query struct {
+	d     dialect
+	conds []string
+	args  []any
+}
+
+func (q *query) arg(v any) string {
+	q.args = append(q.args, v)
+	return q.d.placeholder(len(q.args))
+}
+
+func (q *query) where() string {
+	if len(q.conds) == 0 {
+		return ""
+	}
+	return " WHERE " + strings.Join(q.conds, " AND ")
+}
+
+// filter adds the conditions of f.
+func (q *query) filter(f Filter) {
+	if !f.From.IsZero() {
+		q.conds = append(q.conds, "created_at >= "+q.arg(q.d.timeArg(f.From)))
+	}
+	if !f.To.IsZero() {
+		q.conds = append(q.conds, "created_at < "+q.arg(q.d.timeArg(f.To)))
+	}
+	if len(f.Actions) > 0 {
+		ph := make([]string, len(f.Actions))
+		for i, a := range f.Actions {
+			ph[i] = q.arg(a)
+		}
+		q.conds = append(q.conds, "action IN ("+strings.Join(ph, ", ")+")")
+	}
+	eq := func(col, v string) {
+		if v != "" {
+			q.conds = append(q.conds, col+" = "+q.arg(v))
+		}
+	}
+	eq("severity", f.Severity)
+	eq("user_id", f.UserID)
+	eq("entity_type", f.EntityType)
+	eq("entity_id", f.EntityID)
+	eq("tenant", f.Tenant)
+	if f.Status != 0 {
+		q.conds = append(q.conds, "status = "+q.arg(f.Status))
+	}
+}
+
+// listSQL is the keyset page newest first: rows strictly before cur.
+func listSQL(d dialect, f Filter, cur Cursor, limit int) (string, []any) {
+	q := &query{d: d}
+	q.filter(f)
+	if !cur.CreatedAt.IsZero() || cur.ID != 0 {
+		q.conds = append(q.conds, "(created_at, id) < ("+q.arg(d.timeArg(cur.CreatedAt))+", "+q.arg(cur.ID)+")")
+	}
+	return "SELECT " + selectColumns + " FROM audit_logs" + q.where() +
+		" ORDER BY created_at DESC, id DESC LIMIT " + strconv.Itoa(limit+1), q.args
+}
+
+// scanSQL is one ascending keyset page after cur (zero cur: from the start).
+func scanSQL(d dialect, f Filter, cur Cursor, started bool) (string, []any) {
+	q := &query{d: d}
+	q.filter(f)
+	if started {
+		q.conds = append(q.conds, "(created_at, id) > ("+q.arg(d.timeArg(cur.CreatedAt))+", "+q.arg(cur.ID)+")")
+	}
+	return "SELECT " + selectColumns + " FROM audit_logs" + q.where() +
+		" ORDER BY created_at, id LIMIT " + strconv.Itoa(scanPageSize), q.args
+}
+
+// chainSQL is one (chain_id, seq) page after (chain, seq).
+func chainSQL(d dialect, from, to time.Time, chain string, seq int64, started bool) (string, []any) {
+	q := &query{d: d}
+	q.filter(Filter{From: from, To: to})
+	if started {
+		q.conds = append(q.conds, "(chain_id, seq) > ("+q.arg(chain)+", "+q.arg(seq)+")")
+	}
+	return "SELECT " + selectColumns + " FROM audit_logs" + q.where() +
+		" ORDER BY chain_id, seq LIMIT " + strconv.Itoa(scanPageSize), q.args
+}
+
+// clampLimit keeps a page size sane.
+func clampLimit(limit int) int {
+	switch {
+	case limit <= 0:
+		return 100
+	case limit > 10000:
+		return 10000
+	}
+	return limit
+}
+
+// pageResult trims the look-ahead row of a list page and returns the cursor.
+func pageResult(recs []Record, limit int) ([]Record, Cursor) {
+	if len(recs) <= limit {
+		return recs, Cursor{}
+	}
+	recs = recs[:limit]
+	last := recs[len(recs)-1]
+	return recs, Cursor{CreatedAt: last.CreatedAt, ID: last.ID}
+}
+
+// nullString maps "" to SQL NULL.
+func nullString(s string) any {
+	if s == "" {
+		return nil
+	}
+	return s
+}
+
+// monthStart is the first instant of t's month, UTC.
+func monthStart(t time.Time) time.Time {
+	t = t.UTC()
+	return time.Date(t.Year(), t.Month(), 1, 0, 0, 0, 0, time.UTC)
+}
+
+// partitionName is the monthly partition holding t: audit_logs_pYYYYMM.
+func partitionName(t time.Time) string {
+	return "audit_logs_p" + monthStart(t).Format("200601")
+}
+
+// partitionMonth parses a partition name back to its month.
+func partitionMonth(name string) (time.Time, bool) {
+	s, ok := strings.CutPrefix(name, "audit_logs_p")
+	if !ok || len(s) != 6 {
+		return time.Time{}, false
+	}
+	t, err := time.Parse("200601", s)
+	return t, err == nil
+}
+
+// pruneCutoff is the start of the oldest month that is kept: every month
+// that ends at or before now-retention is dropped whole.
+func pruneCutoff(now time.Time, retention time.Duration) time.Time {
+	return monthStart(now.Add(-retention))
+}
