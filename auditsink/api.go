@@ -1,3 +1,617 @@
 package auditsink
 
-func (c Config) validateAdmin() error { return nil }
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// The admin API: GET /v1/audit/... queries and exports the audit trail.
+//
+// Who may call it (see authorize in api_auth.go):
+//
+//   - a bearer token equal to MESHGUARD_ADMIN_TOKEN (Config.AdminToken) or to
+//     the content of audit.admin_token_file (re-read when it changes), compared
+//     in constant time;
+//   - when audit.admin_role is set (opt-in), a request whose
+//     x-meshguard-role header lists that role. Trust assumption: meshguard's
+//     ext_authz overwrites x-meshguard-role (and x-meshguard-user) on every
+//     request Envoy forwards, with the role it verified from the JWT, so a
+//     client cannot forge it through Envoy. It CAN forge it by reaching
+//     meshguard's HTTP listener directly, so enable the role only when that
+//     listener is reachable solely through an Envoy that runs meshguard's
+//     ext_authz on the /v1/audit routes (loopback listener, or a
+//     NetworkPolicy that admits only the Envoy pods).
+//
+// With neither a token nor a role configured the API is disabled and answers
+// 503; it is never open. Every read and export is itself recorded through
+// the sink (READ / EXPORT, entity_type "audit_log", by the admin); when that
+// record cannot be accepted the request fails with 503 rather than go
+// unrecorded.
+
+// Bounds on what an admin request may ask for.
+const (
+	apiDefaultLimit = 100
+	apiMaxLimit     = 1000
+	apiMaxActions   = 32
+	apiMaxUserLen   = 256
+	apiMaxTenantLen = 253
+	apiMaxEntityLen = maxEntityLen
+	apiMaxActionLen = maxActionLen
+	apiMaxRawQuery  = 8 << 10
+)
+
+// Header names the trusted-role path reads. meshguard's ext_authz sets both,
+// overwriting whatever the client sent.
+const (
+	apiRoleHeader = "x-meshguard-role"
+	apiUserHeader = "x-meshguard-user"
+)
+
+// Audit actions and severities of the API's own records.
+const (
+	apiActionRead        = "READ"
+	apiActionExport      = "EXPORT"
+	apiEntityType        = "audit_log"
+	apiReadSeverity      = SeverityLow
+	apiExportSeverity    = SeverityMedium
+	apiEnqueueTimeout    = 5 * time.Second
+	apiExportWriteWindow = time.Minute
+)
+
+// securityActions are what GET /v1/audit/security-events returns.
+var securityActions = []string{
+	"LOGIN_FAILURE", "PERMISSION_DENIED", "RATE_LIMIT_EXCEEDED",
+	"CORS_VIOLATION", "CSP_VIOLATION", "SUSPICIOUS_ACTIVITY",
+}
+
+// API serves the admin HTTP API over a recordReader and records every access
+// through a recordSink. It is safe for concurrent use.
+type API struct {
+	log    *slog.Logger
+	reader recordReader
+	sink   recordSink
+	auth   *authorizer
+	m      *apiMetrics
+	now    func() time.Time
+}
+
+// NewAPI returns the admin API. It reads audit.admin_token_file once now
+// (an unreadable file is an error) and again whenever it changes.
+func NewAPI(log *slog.Logger, reg prometheus.Registerer, cfg Config, reader recordReader, sink recordSink) (*API, error) {
+	if reader == nil || sink == nil {
+		return nil, errors.New("audit API: reader and sink are required")
+	}
+	if err := cfg.validateAdmin(); err != nil {
+		return nil, err
+	}
+	m, err := newAPIMetrics(reg)
+	if err != nil {
+		return nil, fmt.Errorf("audit API: registering metrics: %w", err)
+	}
+	a := &API{log: log, reader: reader, sink: sink, m: m, now: time.Now}
+	a.auth, err = newAuthorizer(log, cfg, func() time.Time { return a.now() })
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case !a.auth.enabled():
+		log.Warn("audit admin API disabled: set MESHGUARD_ADMIN_TOKEN, audit.admin_token_file or audit.admin_role")
+	case cfg.AdminRole != "":
+		log.Info("audit admin API admits the trusted role from ext_authz; the HTTP listener must be reachable only through Envoy",
+			"role", cfg.AdminRole, "header", apiRoleHeader)
+	}
+	if t := cfg.AdminToken.Reveal(); t != "" && len(t) < 16 {
+		log.Warn("MESHGUARD_ADMIN_TOKEN is shorter than 16 characters; use a long random token")
+	}
+	return a, nil
+}
+
+// Register adds the API's routes to mux.
+func (a *API) Register(mux *http.ServeMux) {
+	mux.Handle("GET /v1/audit/logs", a.handle("logs", a.serveLogs))
+	mux.Handle("GET /v1/audit/entities/{type}/{id}", a.handle("entity", a.serveEntity))
+	mux.Handle("GET /v1/audit/users/{id}/activity", a.handle("user_activity", a.serveUserActivity))
+	mux.Handle("GET /v1/audit/security-events", a.handle("security_events", a.serveSecurityEvents))
+	mux.Handle("GET /v1/audit/export", a.handle("export", a.serveExport))
+}
+
+// principal is who an authorized request comes from.
+type principal struct {
+	user string // recorded as the audit row's user_id
+	via  string // "token" or "role"
+}
+
+// apiError is a client error: the status, a message and the parameter at
+// fault (empty when none).
+type apiError struct {
+	status int
+	param  string
+	msg    string
+}
+
+func (e *apiError) Error() string {
+	if e.param != "" {
+		return e.param + ": " + e.msg
+	}
+	return e.msg
+}
+
+func badParam(param, format string, args ...any) *apiError {
+	return &apiError{status: http.StatusBadRequest, param: param, msg: fmt.Sprintf(format, args...)}
+}
+
+// handle wraps an endpoint with authorization, the common headers and the
+// request metric. fn returns the status it answered, or an error that has
+// not been answered yet.
+func (a *API) handle(endpoint string, fn func(w http.ResponseWriter, r *http.Request, p principal) (int, error)) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h := w.Header()
+		h.Set("Cache-Control", "no-store")
+		h.Set("X-Content-Type-Options", "nosniff")
+		p, denied := a.auth.authorize(r)
+		if denied != nil {
+			a.m.authFailures.WithLabelValues(denied.reason).Inc()
+			if denied.challenge != "" {
+				h.Set("WWW-Authenticate", denied.challenge)
+			}
+			writeJSONError(w, &apiError{status: denied.status, msg: denied.msg})
+			a.m.requests.WithLabelValues(endpoint, strconv.Itoa(denied.status)).Inc()
+			return
+		}
+		code, err := fn(w, r, p)
+		if err != nil {
+			var ae *apiError
+			if !errors.As(err, &ae) {
+				a.log.Error("audit API request failed", "endpoint", endpoint, "err", err)
+				ae = &apiError{status: http.StatusServiceUnavailable, msg: "audit store unavailable"}
+				if errors.Is(err, errNotRecorded) {
+					ae.msg = "the access could not be recorded in the audit trail; try again"
+				}
+			}
+			writeJSONError(w, ae)
+			code = ae.status
+		}
+		a.m.requests.WithLabelValues(endpoint, strconv.Itoa(code)).Inc()
+	})
+}
+
+func writeJSONError(w http.ResponseWriter, e *apiError) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(e.status)
+	body := struct {
+		Error     string `json:"error"`
+		Parameter string `json:"parameter,omitempty"`
+	}{e.Error(), e.param}
+	json.NewEncoder(w).Encode(body)
+}
+
+// listResponse is the body of the list endpoints.
+type listResponse struct {
+	Items      []Record `json:"items"`
+	NextCursor string   `json:"next_cursor,omitempty"`
+}
+
+func (a *API) serveLogs(w http.ResponseWriter, r *http.Request, p principal) (int, error) {
+	q, err := parseQuery(r, listParams...)
+	if err != nil {
+		return 0, err
+	}
+	return a.list(w, r, p, "logs", q)
+}
+
+func (a *API) serveEntity(w http.ResponseWriter, r *http.Request, p principal) (int, error) {
+	q, err := parseQuery(r, "from", "to", "action", "severity", "user_id", "status", "tenant", "limit", "cursor")
+	if err != nil {
+		return 0, err
+	}
+	typ, id := r.PathValue("type"), r.PathValue("id")
+	if err := checkText("type", typ, apiMaxEntityLen); err != nil {
+		return 0, err
+	}
+	if err := checkText("id", id, apiMaxEntityLen); err != nil {
+		return 0, err
+	}
+	q.filter.EntityType, q.filter.EntityID = typ, id
+	return a.list(w, r, p, "entity", q)
+}
+
+func (a *API) serveUserActivity(w http.ResponseWriter, r *http.Request, p principal) (int, error) {
+	q, err := parseQuery(r, "from", "to", "action", "severity", "entity_type", "entity_id", "status", "tenant", "limit", "cursor")
+	if err != nil {
+		return 0, err
+	}
+	id := r.PathValue("id")
+	if err := checkText("id", id, apiMaxUserLen); err != nil {
+		return 0, err
+	}
+	q.filter.UserID = id
+	return a.list(w, r, p, "user_activity", q)
+}
+
+func (a *API) serveSecurityEvents(w http.ResponseWriter, r *http.Request, p principal) (int, error) {
+	q, err := parseQuery(r, listParams...)
+	if err != nil {
+		return 0, err
+	}
+	if len(q.filter.Actions) == 0 {
+		q.filter.Actions = slices.Clone(securityActions)
+	}
+	for _, act := range q.filter.Actions {
+		if !slices.Contains(securityActions, act) {
+			return 0, badParam("action", "must be a security event (%s), got %q", strings.Join(securityActions, ", "), act)
+		}
+	}
+	return a.list(w, r, p, "security_events", q)
+}
+
+// list reads one page, records the read, then answers. The record goes in
+// before any row leaves, so an unrecorded read is never served.
+func (a *API) list(w http.ResponseWriter, r *http.Request, p principal, endpoint string, q apiQuery) (int, error) {
+	recs, next, err := a.reader.List(r.Context(), q.filter, q.cursor, q.limit)
+	if err != nil {
+		return 0, fmt.Errorf("listing audit rows: %w", err)
+	}
+	if recs == nil {
+		recs = []Record{}
+	}
+	meta := accessMeta{Endpoint: endpoint, Auth: p.via, Filter: filterDoc(q.filter), Limit: q.limit, Returned: len(recs), Paged: q.cursor != (Cursor{})}
+	if err := a.record(r, p, apiActionRead, apiReadSeverity, meta); err != nil {
+		return 0, err
+	}
+	resp := listResponse{Items: recs}
+	if next != (Cursor{}) {
+		resp.NextCursor = encodeCursor(next)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusOK)
+	if err := json.NewEncoder(w).Encode(resp); err != nil {
+		a.log.Debug("audit API response not delivered", "endpoint", endpoint, "err", err)
+	}
+	return http.StatusOK, nil
+}
+
+// errNotRecorded means the sink refused the record of an access.
+var errNotRecorded = errors.New("recording the access failed")
+
+// accessMeta is the metadata of the API's own audit rows.
+type accessMeta struct {
+	Endpoint string         `json:"endpoint"`
+	Auth     string         `json:"auth"`
+	Filter   map[string]any `json:"filter,omitempty"`
+	Limit    int            `json:"limit,omitempty"`
+	Returned int            `json:"returned"`
+	Paged    bool           `json:"paged,omitempty"`
+	Format   string         `json:"format,omitempty"`
+}
+
+// record enqueues the audit row of one access by the admin.
+func (a *API) record(r *http.Request, p principal, action, severity string, meta accessMeta) error {
+	md, err := json.Marshal(meta)
+	if err != nil {
+		return fmt.Errorf("encoding access metadata: %w", err)
+	}
+	ip := r.RemoteAddr
+	if host, _, err := net.SplitHostPort(ip); err == nil {
+		ip = host
+	}
+	rec := Record{
+		CreatedAt:  a.now().UTC(),
+		Action:     action,
+		Severity:   severity,
+		EntityType: apiEntityType,
+		UserID:     p.user,
+		IPAddress:  ip,
+		UserAgent:  apiTruncate(r.UserAgent(), 512),
+		Method:     r.Method,
+		Path:       apiTruncate(r.URL.Path, 2048),
+		Status:     http.StatusOK,
+		RequestID:  apiTruncate(r.Header.Get("X-Request-Id"), 128),
+		Metadata:   md,
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), apiEnqueueTimeout)
+	defer cancel()
+	if err := a.sink.Enqueue(ctx, []Record{rec}); err != nil {
+		a.m.unrecorded.Inc()
+		return fmt.Errorf("%w: %w", errNotRecorded, err)
+	}
+	return nil
+}
+
+// apiQuery is a parsed, validated admin request.
+type apiQuery struct {
+	filter Filter
+	limit  int
+	cursor Cursor
+	format string
+}
+
+var listParams = []string{"from", "to", "action", "severity", "user_id", "entity_type", "entity_id", "status", "tenant", "limit", "cursor"}
+
+// parseQuery validates r's query string: only the allowed parameters, each
+// at most once (action may repeat), each well-formed.
+func parseQuery(r *http.Request, allowed ...string) (apiQuery, error) {
+	q := apiQuery{limit: apiDefaultLimit}
+	if len(r.URL.RawQuery) > apiMaxRawQuery {
+		return q, &apiError{status: http.StatusRequestURITooLong, msg: fmt.Sprintf("query string longer than %d bytes", apiMaxRawQuery)}
+	}
+	vals, err := url.ParseQuery(r.URL.RawQuery)
+	if err != nil {
+		return q, badParam("", "malformed query string: %v", err)
+	}
+	keys := make([]string, 0, len(vals))
+	for k := range vals {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		vs := vals[k]
+		if !slices.Contains(allowed, k) {
+			return q, badParam(k, "unknown parameter; allowed: %s", strings.Join(allowed, ", "))
+		}
+		if k != "action" && len(vs) > 1 {
+			return q, badParam(k, "given %d times; give it once", len(vs))
+		}
+		v := vs[0]
+		f := &q.filter
+		switch k {
+		case "from", "to":
+			t, err := time.Parse(time.RFC3339Nano, v)
+			if err != nil {
+				return q, badParam(k, "must be an RFC 3339 time like 2026-01-02T15:04:05Z, got %q", clip(v))
+			}
+			if k == "from" {
+				f.From = t.UTC()
+			} else {
+				f.To = t.UTC()
+			}
+		case "action":
+			if len(vs) > apiMaxActions {
+				return q, badParam(k, "at most %d values, got %d", apiMaxActions, len(vs))
+			}
+			for _, act := range vs {
+				for _, one := range strings.Split(act, ",") {
+					if len(one) > apiMaxActionLen || !isIdent(one, true) {
+						return q, badParam(k, "must be an action of A-Z 0-9 _ (at most %d characters), got %q", apiMaxActionLen, clip(one))
+					}
+					if !slices.Contains(f.Actions, one) {
+						f.Actions = append(f.Actions, one)
+					}
+				}
+			}
+			if len(f.Actions) > apiMaxActions {
+				return q, badParam(k, "at most %d values, got %d", apiMaxActions, len(f.Actions))
+			}
+		case "severity":
+			switch v {
+			case SeverityLow, SeverityMedium, SeverityHigh, SeverityCritical:
+				f.Severity = v
+			default:
+				return q, badParam(k, "must be LOW, MEDIUM, HIGH or CRITICAL, got %q", clip(v))
+			}
+		case "user_id":
+			if err := checkText(k, v, apiMaxUserLen); err != nil {
+				return q, err
+			}
+			f.UserID = v
+		case "entity_type", "entity_id":
+			if err := checkText(k, v, apiMaxEntityLen); err != nil {
+				return q, err
+			}
+			if k == "entity_type" {
+				f.EntityType = v
+			} else {
+				f.EntityID = v
+			}
+		case "tenant":
+			if err := checkText(k, v, apiMaxTenantLen); err != nil {
+				return q, err
+			}
+			f.Tenant = v
+		case "status":
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 100 || n > 599 {
+				return q, badParam(k, "must be an HTTP status code 100-599, got %q", clip(v))
+			}
+			f.Status = n
+		case "limit":
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 || n > apiMaxLimit {
+				return q, badParam(k, "must be an integer from 1 to %d, got %q", apiMaxLimit, clip(v))
+			}
+			q.limit = n
+		case "cursor":
+			c, err := decodeCursor(v)
+			if err != nil {
+				return q, badParam(k, "not a cursor this API returned (%v)", err)
+			}
+			q.cursor = c
+		case "format":
+			if v != "csv" && v != "jsonl" {
+				return q, badParam(k, "must be csv or jsonl, got %q", clip(v))
+			}
+			q.format = v
+		}
+	}
+	if !q.filter.From.IsZero() && !q.filter.To.IsZero() && !q.filter.From.Before(q.filter.To) {
+		return q, badParam("to", "must be after from (%s), got %s", q.filter.From.Format(time.RFC3339Nano), q.filter.To.Format(time.RFC3339Nano))
+	}
+	return q, nil
+}
+
+// checkText bounds a free-text filter value.
+func checkText(param, v string, max int) error {
+	switch {
+	case v == "":
+		return badParam(param, "must not be empty")
+	case len(v) > max:
+		return badParam(param, "longer than %d bytes", max)
+	case strings.ContainsFunc(v, func(r rune) bool { return r < 0x20 || r == 0x7f || r == 0xfffd }):
+		return badParam(param, "must be valid UTF-8 text without control characters, got %q", clip(v))
+	}
+	return nil
+}
+
+// clip bounds a client value quoted back in an error message.
+func clip(s string) string { return apiTruncate(s, 64) }
+
+// filterDoc is f as recorded in the metadata of the access row.
+func filterDoc(f Filter) map[string]any {
+	m := map[string]any{}
+	if !f.From.IsZero() {
+		m["from"] = f.From.Format(time.RFC3339Nano)
+	}
+	if !f.To.IsZero() {
+		m["to"] = f.To.Format(time.RFC3339Nano)
+	}
+	if len(f.Actions) > 0 {
+		m["action"] = f.Actions
+	}
+	for k, v := range map[string]string{"severity": f.Severity, "user_id": f.UserID, "entity_type": f.EntityType,
+		"entity_id": f.EntityID, "tenant": f.Tenant} {
+		if v != "" {
+			m[k] = v
+		}
+	}
+	if f.Status != 0 {
+		m["status"] = f.Status
+	}
+	return m
+}
+
+// Cursors are opaque to clients: "v1.<unix nanoseconds>.<id>", base64url.
+const cursorPrefix = "v1."
+
+func encodeCursor(c Cursor) string {
+	raw := cursorPrefix + strconv.FormatInt(c.CreatedAt.UnixNano(), 10) + "." + strconv.FormatInt(c.ID, 10)
+	return base64.RawURLEncoding.EncodeToString([]byte(raw))
+}
+
+func decodeCursor(s string) (Cursor, error) {
+	if len(s) > 128 {
+		return Cursor{}, errors.New("too long")
+	}
+	raw, err := base64.RawURLEncoding.DecodeString(s)
+	if err != nil {
+		return Cursor{}, errors.New("bad encoding")
+	}
+	rest, ok := strings.CutPrefix(string(raw), cursorPrefix)
+	if !ok {
+		return Cursor{}, errors.New("unknown version")
+	}
+	ts, id, ok := strings.Cut(rest, ".")
+	if !ok {
+		return Cursor{}, errors.New("malformed")
+	}
+	ns, err1 := strconv.ParseInt(ts, 10, 64)
+	n, err2 := strconv.ParseInt(id, 10, 64)
+	if err1 != nil || err2 != nil || n < 0 {
+		return Cursor{}, errors.New("malformed")
+	}
+	return Cursor{CreatedAt: time.Unix(0, ns).UTC(), ID: n}, nil
+}
+
+// validateAdmin checks the admin API fields. The token itself is never
+// quoted in a message.
+func (c Config) validateAdmin() error {
+	var errs []error
+	if r := c.AdminRole; r != "" && !validRole(r) {
+		errs = append(errs, fmt.Errorf("audit.admin_role: must be 1-64 characters of A-Z a-z 0-9 _ . : -, got %q", r))
+	}
+	if strings.ContainsAny(c.AdminTokenFile, "\x00\n") {
+		errs = append(errs, fmt.Errorf("audit.admin_token_file: not a file path, got %q", c.AdminTokenFile))
+	}
+	if t := c.AdminToken.Reveal(); t != "" {
+		if err := checkToken(t); err != nil {
+			errs = append(errs, fmt.Errorf("MESHGUARD_ADMIN_TOKEN: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func validRole(r string) bool {
+	if len(r) > 64 {
+		return false
+	}
+	for i := 0; i < len(r); i++ {
+		c := r[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.IndexByte("_.:-", c) >= 0) {
+			return false
+		}
+	}
+	return r != ""
+}
+
+// checkToken accepts what can travel in a bearer Authorization header.
+func checkToken(t string) error {
+	if len(t) > maxTokenLen {
+		return fmt.Errorf("longer than %d bytes", maxTokenLen)
+	}
+	for i := 0; i < len(t); i++ {
+		if t[i] <= ' ' || t[i] >= 0x7f {
+			return errors.New("must be visible ASCII without spaces")
+		}
+	}
+	return nil
+}
+
+const maxTokenLen = 4096
+
+// apiMetrics are the admin API's metrics.
+type apiMetrics struct {
+	requests     *prometheus.CounterVec
+	authFailures *prometheus.CounterVec
+	exportRows   *prometheus.CounterVec
+	unrecorded   prometheus.Counter
+}
+
+func newAPIMetrics(reg prometheus.Registerer) (*apiMetrics, error) {
+	m := &apiMetrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshguard_auditsink_api_requests_total",
+			Help: "Admin audit API requests by endpoint and HTTP status code.",
+		}, []string{"endpoint", "code"}),
+		authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshguard_auditsink_api_auth_failures_total",
+			Help: "Admin audit API requests refused, by reason (disabled, missing, invalid_token, forbidden_role).",
+		}, []string{"reason"}),
+		exportRows: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshguard_auditsink_export_rows_total",
+			Help: "Audit rows written by exports, by format.",
+		}, []string{"format"}),
+		unrecorded: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "meshguard_auditsink_api_unrecorded_total",
+			Help: "Admin API reads and exports refused because their own audit record could not be enqueued.",
+		}),
+	}
+	for _, c := range []prometheus.Collector{m.requests, m.authFailures, m.exportRows, m.unrecorded} {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
+}
+
+// apiTruncate cuts s to at most max bytes without splitting a UTF-8 sequence.
+func apiTruncate(s string, max int) string {
+	if len(s) <= max {
+		return s
+	}
+	i := max
+	for i > 0 && i < len(s) && s[i]&0xC0 == 0x80 {
+		i--
+	}
+	return s[:i]
+}

@@ -1,0 +1,210 @@
+package auditsink
+
+import (
+	"crypto/sha256"
+	"crypto/subtle"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+	"time"
+)
+
+// tokenFileCheckInterval is how often, at most, the token file is stat'ed
+// for a change. A rotated token takes effect within it.
+const tokenFileCheckInterval = time.Second
+
+const bearerChallenge = `Bearer realm="meshguard-audit"`
+
+// authorizer decides who may call the admin API. It is safe for concurrent
+// use.
+type authorizer struct {
+	log       *slog.Logger
+	role      string
+	envToken  *[sha256.Size]byte // nil: MESHGUARD_ADMIN_TOKEN unset
+	tokenFile string
+	now       func() time.Time
+
+	mu        sync.Mutex
+	checked   time.Time // last stat of tokenFile
+	fileStamp fileStamp
+	fileToken *[sha256.Size]byte // nil: no usable token in the file
+}
+
+type fileStamp struct {
+	mod  time.Time
+	size int64
+	ok   bool
+}
+
+// denial is a refused request: the status, the challenge to send, the
+// message and the metric reason.
+type denial struct {
+	status    int
+	challenge string
+	msg       string
+	reason    string
+}
+
+func newAuthorizer(log *slog.Logger, cfg Config, now func() time.Time) (*authorizer, error) {
+	z := &authorizer{log: log, role: cfg.AdminRole, tokenFile: cfg.AdminTokenFile, now: now}
+	if t := cfg.AdminToken.Reveal(); t != "" {
+		h := sha256.Sum256([]byte(t))
+		z.envToken = &h
+	}
+	if z.tokenFile != "" {
+		st, tok, err := readTokenFile(z.tokenFile)
+		if err != nil {
+			return nil, fmt.Errorf("audit.admin_token_file: %w", err)
+		}
+		z.fileStamp, z.fileToken, z.checked = st, tok, now()
+	}
+	return z, nil
+}
+
+// enabled reports whether any credential could be accepted. A configured
+// token file counts even while it is empty, since it may be filled later.
+func (z *authorizer) enabled() bool {
+	return z.envToken != nil || z.tokenFile != "" || z.role != ""
+}
+
+// authorize returns the caller, or why it is refused. A bearer token, when
+// sent, decides alone; the role header is consulted only without one.
+func (z *authorizer) authorize(r *http.Request) (principal, *denial) {
+	if !z.enabled() {
+		return principal{}, &denial{status: http.StatusServiceUnavailable, reason: "disabled",
+			msg: "audit admin API disabled: configure MESHGUARD_ADMIN_TOKEN, audit.admin_token_file or audit.admin_role"}
+	}
+	if authz := r.Header.Get("Authorization"); authz != "" {
+		scheme, tok, _ := strings.Cut(authz, " ")
+		tok = strings.TrimSpace(tok)
+		if !strings.EqualFold(scheme, "Bearer") || tok == "" {
+			return principal{}, &denial{status: http.StatusUnauthorized, reason: "invalid_token",
+				challenge: bearerChallenge + `, error="invalid_request"`, msg: "Authorization must be a Bearer token"}
+		}
+		if z.tokenMatches(tok) {
+			return principal{user: "admin-token", via: "token"}, nil
+		}
+		return principal{}, &denial{status: http.StatusUnauthorized, reason: "invalid_token",
+			challenge: bearerChallenge + `, error="invalid_token"`, msg: "invalid bearer token"}
+	}
+	if z.role != "" {
+		if roles := r.Header.Values(apiRoleHeader); len(roles) > 0 {
+			if !hasRole(roles, z.role) {
+				return principal{}, &denial{status: http.StatusForbidden, reason: "forbidden_role",
+					msg: "the caller's role may not use the audit admin API"}
+			}
+			user := r.Header.Get(apiUserHeader)
+			if user == "" || len(user) > apiMaxUserLen {
+				user = "role:" + z.role
+			}
+			return principal{user: user, via: "role"}, nil
+		}
+	}
+	return principal{}, &denial{status: http.StatusUnauthorized, reason: "missing", challenge: bearerChallenge,
+		msg: "authentication required: send Authorization: Bearer <admin token>"}
+}
+
+// hasRole reports whether any of the header values, each a comma-separated
+// list, is exactly want.
+func hasRole(values []string, want string) bool {
+	for _, v := range values {
+		if len(v) > 1024 {
+			continue
+		}
+		for r := range strings.SplitSeq(v, ",") {
+			if strings.TrimSpace(r) == want {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// tokenMatches compares SHA-256 hashes of the presented and configured
+// tokens in constant time, so neither content nor length leaks through
+// timing. Every configured token is compared, match or not.
+func (z *authorizer) tokenMatches(tok string) bool {
+	if len(tok) > maxTokenLen {
+		return false
+	}
+	got := sha256.Sum256([]byte(tok))
+	ok := 0
+	if z.envToken != nil {
+		ok |= subtle.ConstantTimeCompare(got[:], z.envToken[:])
+	}
+	if ft := z.currentFileToken(); ft != nil {
+		ok |= subtle.ConstantTimeCompare(got[:], ft[:])
+	}
+	return ok == 1
+}
+
+// currentFileToken returns the token file's hash, re-reading the file when
+// its modification time or size changed. A file that becomes unreadable or
+// empty admits nobody (fail closed) until it is fixed.
+func (z *authorizer) currentFileToken() *[sha256.Size]byte {
+	if z.tokenFile == "" {
+		return nil
+	}
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	now := z.now()
+	if now.Sub(z.checked) < tokenFileCheckInterval && !z.checked.IsZero() {
+		return z.fileToken
+	}
+	z.checked = now
+	fi, err := os.Stat(z.tokenFile)
+	if err != nil {
+		if z.fileStamp.ok || z.fileToken != nil {
+			z.log.Warn("audit admin token file unreadable; file token disabled", "path", z.tokenFile, "err", err)
+		}
+		z.fileStamp, z.fileToken = fileStamp{}, nil
+		return nil
+	}
+	if st := (fileStamp{mod: fi.ModTime(), size: fi.Size(), ok: true}); st == z.fileStamp {
+		return z.fileToken
+	}
+	st, tok, err := readTokenFile(z.tokenFile)
+	if err != nil {
+		z.log.Warn("audit admin token file unreadable; file token disabled", "path", z.tokenFile, "err", err)
+		z.fileStamp, z.fileToken = fileStamp{}, nil
+		return nil
+	}
+	z.log.Info("audit admin token file reloaded", "path", z.tokenFile, "has_token", tok != nil)
+	z.fileStamp, z.fileToken = st, tok
+	return tok
+}
+
+// readTokenFile reads a token file: the token on its own, surrounding
+// whitespace ignored. An empty file holds no token.
+func readTokenFile(path string) (fileStamp, *[sha256.Size]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return fileStamp{}, nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return fileStamp{}, nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		return fileStamp{}, nil, fmt.Errorf("%s is not a regular file", path)
+	}
+	data, err := io.ReadAll(io.LimitReader(f, maxTokenLen+2))
+	if err != nil {
+		return fileStamp{}, nil, err
+	}
+	st := fileStamp{mod: fi.ModTime(), size: fi.Size(), ok: true}
+	tok := strings.TrimSpace(string(data))
+	if tok == "" {
+		return st, nil, nil
+	}
+	if err := checkToken(tok); err != nil {
+		return fileStamp{}, nil, fmt.Errorf("token in %s: %w", path, err)
+	}
+	h := sha256.Sum256([]byte(tok))
+	return st, &h, nil
+}

@@ -1,0 +1,234 @@
+package auditsink
+
+import (
+	"bufio"
+	"context"
+	"encoding/csv"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"time"
+)
+
+// Export formats.
+const (
+	FormatCSV   = "csv"
+	FormatJSONL = "jsonl"
+)
+
+// ExportColumns are the CSV header, in column order.
+var ExportColumns = []string{
+	"id", "created_at", "action", "severity", "entity_type", "entity_id", "user_id", "ip_address",
+	"user_agent", "method", "path", "status", "request_id", "origin", "tenant", "metadata",
+	"old_values", "new_values", "chain_id", "seq", "prev_hash", "hash",
+}
+
+const exportBufSize = 64 << 10
+
+// WriteExport streams every row of reader matching f to w, oldest first, as
+// CSV or JSON Lines, and returns how many rows it wrote. It reads through
+// Scan, so memory stays bounded whatever the range.
+//
+// JSON Lines is the lossless format: one Record per line (hashes in base64),
+// from which the chain can be recomputed. CSV is for people and
+// spreadsheets: RFC 4180 (CRLF line ends, quoted fields with "" doubled, a
+// header row), times in RFC 3339 UTC, hashes in hex, and every cell that
+// starts with = + - @ TAB CR LF NUL or ' gets a leading ' so a spreadsheet
+// shows it as text instead of evaluating it (strip one leading ' to get the
+// value back). Because RFC 4180 line ends are CRLF, a CR inside a value
+// does not survive CSV; use JSON Lines where that matters.
+func WriteExport(ctx context.Context, w io.Writer, reader recordReader, f Filter, format string) (int64, error) {
+	bw := bufio.NewWriterSize(w, exportBufSize)
+	var (
+		rows   int64
+		write  func(*Record) error
+		finish = func() error { return nil }
+	)
+	switch format {
+	case FormatCSV:
+		cw := csv.NewWriter(bw)
+		cw.UseCRLF = true
+		if err := cw.Write(ExportColumns); err != nil {
+			return 0, err
+		}
+		cells := make([]string, len(ExportColumns))
+		write = func(r *Record) error {
+			csvCells(cells, r)
+			if err := cw.Write(cells); err != nil {
+				return err
+			}
+			if rows%256 == 0 { // surface write errors (client gone) promptly
+				cw.Flush()
+				return cw.Error()
+			}
+			return nil
+		}
+		finish = func() error {
+			cw.Flush()
+			return cw.Error()
+		}
+	case FormatJSONL:
+		enc := json.NewEncoder(bw)
+		enc.SetEscapeHTML(false)
+		write = func(r *Record) error { return enc.Encode(r) }
+	default:
+		return 0, fmt.Errorf("export format must be csv or jsonl, got %q", format)
+	}
+	err := reader.Scan(ctx, f, func(r *Record) error {
+		if err := write(r); err != nil {
+			return fmt.Errorf("writing export: %w", err)
+		}
+		rows++
+		return nil
+	})
+	if err != nil {
+		return rows, err
+	}
+	if err := finish(); err != nil {
+		return rows, fmt.Errorf("writing export: %w", err)
+	}
+	if err := bw.Flush(); err != nil {
+		return rows, fmt.Errorf("writing export: %w", err)
+	}
+	return rows, nil
+}
+
+// csvCells fills cells (len(ExportColumns)) from r.
+func csvCells(cells []string, r *Record) {
+	cells[0] = strconv.FormatInt(r.ID, 10)
+	cells[1] = r.CreatedAt.UTC().Format(time.RFC3339Nano)
+	cells[2] = csvSafe(r.Action)
+	cells[3] = csvSafe(r.Severity)
+	cells[4] = csvSafe(r.EntityType)
+	cells[5] = csvSafe(r.EntityID)
+	cells[6] = csvSafe(r.UserID)
+	cells[7] = csvSafe(r.IPAddress)
+	cells[8] = csvSafe(r.UserAgent)
+	cells[9] = csvSafe(r.Method)
+	cells[10] = csvSafe(r.Path)
+	cells[11] = ""
+	if r.Status != 0 {
+		cells[11] = strconv.Itoa(r.Status)
+	}
+	cells[12] = csvSafe(r.RequestID)
+	cells[13] = csvSafe(r.Origin)
+	cells[14] = csvSafe(r.Tenant)
+	cells[15] = csvSafe(string(r.Metadata))
+	cells[16] = csvSafe(string(r.OldValues))
+	cells[17] = csvSafe(string(r.NewValues))
+	cells[18] = csvSafe(r.ChainID)
+	cells[19] = ""
+	if r.Seq != 0 {
+		cells[19] = strconv.FormatInt(r.Seq, 10)
+	}
+	cells[20] = hex.EncodeToString(r.PrevHash)
+	cells[21] = hex.EncodeToString(r.Hash)
+}
+
+// csvSafe neutralises a cell a spreadsheet would read as a formula (OWASP
+// CSV injection; ASVS 5.0 V1.2.10): a leading = + - @ TAB CR LF or NUL gets
+// a ' in front. A leading ' is doubled the same way, so stripping exactly one
+// leading ' always gives the value back.
+func csvSafe(s string) string {
+	if s == "" {
+		return s
+	}
+	switch s[0] {
+	case '=', '+', '-', '@', '\t', '\r', '\n', 0, '\'':
+		return "'" + s
+	}
+	return s
+}
+
+// serveExport answers GET /v1/audit/export?format=csv|jsonl&from=&to= (and
+// the list filters), streamed. The EXPORT record is enqueued before the
+// first row is read.
+func (a *API) serveExport(w http.ResponseWriter, r *http.Request, p principal) (int, error) {
+	q, err := parseQuery(r, "format", "from", "to", "action", "severity", "user_id", "entity_type", "entity_id", "status", "tenant")
+	if err != nil {
+		return 0, err
+	}
+	switch {
+	case q.format == "":
+		return 0, badParam("format", "required: csv or jsonl")
+	case q.filter.From.IsZero():
+		return 0, badParam("from", "required: the start of the range, RFC 3339")
+	case q.filter.To.IsZero():
+		return 0, badParam("to", "required: the end of the range (exclusive), RFC 3339")
+	}
+	meta := accessMeta{Endpoint: "export", Auth: p.via, Filter: filterDoc(q.filter), Format: q.format}
+	if err := a.record(r, p, apiActionExport, apiExportSeverity, meta); err != nil {
+		return 0, err
+	}
+	lw := &lazyResponse{w: w, rc: http.NewResponseController(w), header: func(h http.Header) {
+		h.Set("Content-Type", exportContentType(q.format))
+		h.Set("Content-Disposition", fmt.Sprintf(`attachment; filename="%s"`, ExportFilename(q.filter, q.format)))
+	}}
+	rows, err := WriteExport(r.Context(), lw, a.reader, q.filter, q.format)
+	a.m.exportRows.WithLabelValues(q.format).Add(float64(rows))
+	if err != nil {
+		if !lw.started {
+			return 0, fmt.Errorf("exporting: %w", err)
+		}
+		// The status line is gone; cut the stream so the client sees a
+		// truncated transfer, not a complete-looking file.
+		if !errors.Is(err, context.Canceled) {
+			a.log.Error("audit export aborted", "format", q.format, "rows", rows, "err", err)
+		}
+		a.m.requests.WithLabelValues("export", "aborted").Inc()
+		panic(http.ErrAbortHandler)
+	}
+	if !lw.started { // cannot happen: a CSV header or nothing for JSONL
+		lw.start()
+	}
+	return http.StatusOK, nil
+}
+
+func exportContentType(format string) string {
+	if format == FormatCSV {
+		return "text/csv; charset=utf-8; header=present"
+	}
+	return "application/jsonl; charset=utf-8"
+}
+
+// ExportFilename names an export of f: audit-<from>-<to>.<format>, times in
+// UTC basic format; an open end is "start" or "now".
+func ExportFilename(f Filter, format string) string {
+	from, to := "start", "now"
+	if !f.From.IsZero() {
+		from = f.From.UTC().Format("20060102T150405Z")
+	}
+	if !f.To.IsZero() {
+		to = f.To.UTC().Format("20060102T150405Z")
+	}
+	return "audit-" + from + "-" + to + "." + format
+}
+
+// lazyResponse sends the export headers and status with the first bytes,
+// so a failure before any row can still be answered with an error status,
+// and keeps extending the write deadline while rows flow.
+type lazyResponse struct {
+	w       http.ResponseWriter
+	rc      *http.ResponseController
+	header  func(http.Header)
+	started bool
+}
+
+func (l *lazyResponse) start() {
+	l.started = true
+	l.header(l.w.Header())
+	l.w.WriteHeader(http.StatusOK)
+}
+
+func (l *lazyResponse) Write(p []byte) (int, error) {
+	if !l.started {
+		l.start()
+	}
+	// Best effort: not every ResponseWriter supports deadlines.
+	_ = l.rc.SetWriteDeadline(time.Now().Add(apiExportWriteWindow))
+	return l.w.Write(p)
+}
