@@ -180,7 +180,12 @@ func (s *Server) read(h *authv3.AttributeContext_HttpRequest, r *request) {
 			switch {
 			case len(k) == 0:
 			case eqFold(k, "origin"):
-				r.origin = headerValue(hv)
+				if r.nOrigin == 0 {
+					r.origin = headerValue(hv)
+				} else if r.nOrigin < 4 {
+					// Join as the headers form does; it never parses.
+					r.origin += "," + headerValue(hv)
+				}
 				r.nOrigin++
 			case eqFold(k, "access-control-request-method"):
 				r.acrm = headerValue(hv)
