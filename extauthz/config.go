@@ -76,7 +76,8 @@ type CSPConfig struct {
 	// NonceDirectives are the directives that get 'nonce-…'; each must be in
 	// Directives.
 	NonceDirectives []string `yaml:"nonce_directives"`
-	// Directives maps a directive name to its source list.
+	// Directives maps a directive name to its source list. Empty means
+	// DefaultDirectives; a configured map replaces the defaults whole.
 	Directives map[string][]string `yaml:"directives"`
 	// ReportURI adds report-uri; empty: none.
 	ReportURI string `yaml:"report_uri"`
@@ -124,14 +125,20 @@ func DefaultCSPConfig() CSPConfig {
 	return CSPConfig{
 		Nonce:           true,
 		NonceDirectives: []string{"script-src"},
-		Directives: map[string][]string{
-			"default-src":     {"'self'"},
-			"script-src":      {"'self'", "'strict-dynamic'"},
-			"object-src":      {"'none'"},
-			"base-uri":        {"'self'"},
-			"frame-ancestors": {"'none'"},
-		},
-		ReportURI: "/v1/csp-reports",
+		ReportURI:       "/v1/csp-reports",
+	}
+}
+
+// DefaultDirectives is the policy used when csp.directives is empty: a
+// strict nonce-based CSP (script-src with 'strict-dynamic', no plugins, no
+// <base> hijack, no framing). A configured map replaces it whole.
+func DefaultDirectives() map[string][]string {
+	return map[string][]string{
+		"default-src":     {"'self'"},
+		"script-src":      {"'self'", "'strict-dynamic'"},
+		"object-src":      {"'none'"},
+		"base-uri":        {"'self'"},
+		"frame-ancestors": {"'none'"},
 	}
 }
 
@@ -382,6 +389,9 @@ type cspTemplate struct {
 }
 
 func compileCSP(c CSPConfig) (*cspTemplate, error) {
+	if len(c.Directives) == 0 {
+		c.Directives = DefaultDirectives()
+	}
 	var errs []error
 	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
 	names := slices.Sorted(maps.Keys(c.Directives))

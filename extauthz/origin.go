@@ -336,13 +336,13 @@ func (p *originSet) add(entry string, allowNull, allowAny bool) error {
 	switch entry {
 	case "*":
 		if !allowAny {
-			return errors.New(`"*" is not allowed here`)
+			return errors.New("is only allowed in cors.allowed_origins, without credentials")
 		}
 		p.any = true
 		return nil
 	case "null":
 		if !allowNull {
-			return errors.New(`"null" cannot be allowed while cors.allow_credentials is true (every sandboxed document sends Origin: null)`)
+			return errors.New("cannot be allowed while cors.allow_credentials is true (every sandboxed document sends Origin: null)")
 		}
 		p.null = true
 		return nil
