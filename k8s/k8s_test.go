@@ -1,0 +1,914 @@
+// Package k8s holds meshguard's Kubernetes manifests (a kustomize base, two
+// overlays and a Grafana dashboard); see README.md. Its tests build every
+// kustomization with kustomize's own library, under the same root-only load
+// restriction as `kubectl apply -k`, decode every object strictly against the
+// Kubernetes API types (an unknown or misspelled field fails), and check the
+// wiring between the objects, the meshguard config and the Envoy bootstrap.
+package k8s
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+	appsv1 "k8s.io/api/apps/v1"
+	autoscalingv2 "k8s.io/api/autoscaling/v2"
+	batchv1 "k8s.io/api/batch/v1"
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	policyv1 "k8s.io/api/policy/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/serializer"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"sigs.k8s.io/kustomize/api/krusty"
+	"sigs.k8s.io/kustomize/api/types"
+	"sigs.k8s.io/kustomize/kyaml/filesys"
+
+	"github.com/meshguard/meshguard/envoy"
+)
+
+// kustomizations are the directories a user applies with kubectl apply -k.
+var kustomizations = []string{"base", "grafana", "overlays/production", "overlays/development"}
+
+// objects is one built kustomization, decoded.
+type objects struct {
+	all             []runtime.Object
+	deployments     map[string]*appsv1.Deployment
+	services        map[string]*corev1.Service
+	configMaps      map[string]*corev1.ConfigMap // by name as generated (with hash suffix)
+	secrets         map[string]*corev1.Secret
+	jobs            map[string]*batchv1.Job
+	hpas            map[string]*autoscalingv2.HorizontalPodAutoscaler
+	pdbs            map[string]*policyv1.PodDisruptionBudget
+	netpols         map[string]*networkingv1.NetworkPolicy
+	serviceMonitors map[string]*unstructured.Unstructured
+	namespaces      map[string]*corev1.Namespace
+	serviceAccounts map[string]*corev1.ServiceAccount
+}
+
+var scheme = func() *runtime.Scheme {
+	s := runtime.NewScheme()
+	for _, add := range []func(*runtime.Scheme) error{
+		corev1.AddToScheme, appsv1.AddToScheme, batchv1.AddToScheme, autoscalingv2.AddToScheme,
+		policyv1.AddToScheme, networkingv1.AddToScheme,
+	} {
+		if err := add(s); err != nil {
+			panic(err)
+		}
+	}
+	return s
+}()
+
+// strict rejects unknown and duplicate fields.
+var strict = serializer.NewCodecFactory(scheme, serializer.EnableStrict).UniversalDeserializer()
+
+func build(t *testing.T, dir string) *objects {
+	t.Helper()
+	opts := krusty.MakeDefaultOptions()
+	opts.LoadRestrictions = types.LoadRestrictionsRootOnly
+	rm, err := krusty.MakeKustomizer(opts).Run(filesys.MakeFsOnDisk(), dir)
+	if err != nil {
+		t.Fatalf("kustomize build %s: %v", dir, err)
+	}
+	o := &objects{
+		deployments: map[string]*appsv1.Deployment{}, services: map[string]*corev1.Service{},
+		configMaps: map[string]*corev1.ConfigMap{}, secrets: map[string]*corev1.Secret{},
+		jobs: map[string]*batchv1.Job{}, hpas: map[string]*autoscalingv2.HorizontalPodAutoscaler{},
+		pdbs: map[string]*policyv1.PodDisruptionBudget{}, netpols: map[string]*networkingv1.NetworkPolicy{},
+		serviceMonitors: map[string]*unstructured.Unstructured{}, namespaces: map[string]*corev1.Namespace{},
+		serviceAccounts: map[string]*corev1.ServiceAccount{},
+	}
+	for _, r := range rm.Resources() {
+		data, err := r.AsYAML()
+		if err != nil {
+			t.Fatal(err)
+		}
+		id := fmt.Sprintf("%s %s/%s", r.GetKind(), r.GetNamespace(), r.GetName())
+		if r.GetApiVersion() == "monitoring.coreos.com/v1" {
+			u, err := decodeServiceMonitor(data)
+			if err != nil {
+				t.Errorf("%s: %s: %v", dir, id, err)
+				continue
+			}
+			o.serviceMonitors[u.GetName()] = u
+			o.all = append(o.all, u)
+			continue
+		}
+		obj, _, err := strict.Decode(data, nil, nil)
+		if err != nil {
+			t.Errorf("%s: %s: %v", dir, id, err)
+			continue
+		}
+		o.all = append(o.all, obj)
+		switch v := obj.(type) {
+		case *appsv1.Deployment:
+			o.deployments[v.Name] = v
+		case *corev1.Service:
+			o.services[v.Name] = v
+		case *corev1.ConfigMap:
+			o.configMaps[v.Name] = v
+		case *corev1.Secret:
+			o.secrets[v.Name] = v
+		case *batchv1.Job:
+			o.jobs[v.Name] = v
+		case *autoscalingv2.HorizontalPodAutoscaler:
+			o.hpas[v.Name] = v
+		case *policyv1.PodDisruptionBudget:
+			o.pdbs[v.Name] = v
+		case *networkingv1.NetworkPolicy:
+			o.netpols[v.Name] = v
+		case *corev1.Namespace:
+			o.namespaces[v.Name] = v
+		case *corev1.ServiceAccount:
+			o.serviceAccounts[v.Name] = v
+		default:
+			t.Errorf("%s: %s: kind %T has no checks here; add them", dir, id, obj)
+		}
+	}
+	if t.Failed() {
+		t.FailNow()
+	}
+	return o
+}
+
+// decodeServiceMonitor checks a monitoring.coreos.com/v1 ServiceMonitor
+// against the part of its schema the manifests use. Its Go types live in the
+// Prometheus operator, not in k8s.io/api, so unknown fields are caught here
+// by listing the known ones.
+func decodeServiceMonitor(data []byte) (*unstructured.Unstructured, error) {
+	var m map[string]any
+	if err := yaml.Unmarshal(data, &m); err != nil {
+		return nil, err
+	}
+	js, err := json.Marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	u := &unstructured.Unstructured{}
+	if err := u.UnmarshalJSON(js); err != nil {
+		return nil, err
+	}
+	if u.GetKind() != "ServiceMonitor" {
+		return nil, fmt.Errorf("unexpected monitoring.coreos.com/v1 kind %q", u.GetKind())
+	}
+	if err := onlyKeys(u.Object, "", "apiVersion", "kind", "metadata", "spec"); err != nil {
+		return nil, err
+	}
+	spec, _, _ := unstructured.NestedMap(u.Object, "spec")
+	if err := onlyKeys(spec, "spec", "selector", "endpoints", "namespaceSelector", "jobLabel", "targetLabels", "podTargetLabels", "sampleLimit"); err != nil {
+		return nil, err
+	}
+	sel, ok, _ := unstructured.NestedStringMap(u.Object, "spec", "selector", "matchLabels")
+	if !ok || len(sel) == 0 {
+		return nil, fmt.Errorf("spec.selector.matchLabels: required")
+	}
+	eps, ok, _ := unstructured.NestedSlice(u.Object, "spec", "endpoints")
+	if !ok || len(eps) == 0 {
+		return nil, fmt.Errorf("spec.endpoints: required")
+	}
+	for i, e := range eps {
+		em, ok := e.(map[string]any)
+		if !ok {
+			return nil, fmt.Errorf("spec.endpoints[%d]: not an object", i)
+		}
+		if err := onlyKeys(em, fmt.Sprintf("spec.endpoints[%d]", i), "port", "path", "scheme", "interval", "scrapeTimeout", "honorLabels", "relabelings", "metricRelabelings"); err != nil {
+			return nil, err
+		}
+		if p, _ := em["port"].(string); p == "" {
+			return nil, fmt.Errorf("spec.endpoints[%d].port: a Service port name is required", i)
+		}
+		for _, k := range []string{"interval", "scrapeTimeout"} {
+			if v, ok := em[k]; ok {
+				s, _ := v.(string)
+				if _, err := time.ParseDuration(s); err != nil {
+					return nil, fmt.Errorf("spec.endpoints[%d].%s: %v", i, k, err)
+				}
+			}
+		}
+	}
+	return u, nil
+}
+
+func onlyKeys(m map[string]any, at string, known ...string) error {
+	for k := range m {
+		if !slices.Contains(known, k) {
+			return fmt.Errorf("%s: unknown field %q", strings.TrimPrefix(at+"."+k, "."), k)
+		}
+	}
+	return nil
+}
+
+// TestKustomizationsBuild builds each kustomization and decodes every object
+// strictly; build fails the test on the first problem.
+func TestKustomizationsBuild(t *testing.T) {
+	for _, dir := range kustomizations {
+		t.Run(dir, func(t *testing.T) {
+			o := build(t, dir)
+			if len(o.all) == 0 {
+				t.Fatal("no objects")
+			}
+		})
+	}
+}
+
+// TestStrictDecodeRejects shows the decoders fail on the mistakes they are
+// there for.
+func TestStrictDecodeRejects(t *testing.T) {
+	tests := []struct {
+		name, doc, wantErr string
+	}{
+		{"misspelled field", "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {selectr: {a: b}}\n", `unknown field "spec.selectr"`},
+		{"duplicate field", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: {a: b}\ndata: {c: d}\n", "already set"},
+		{"wrong type", "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\nspec: {replicas: two}\n", "replicas"},
+		{"unknown kind", "apiVersion: v1\nkind: Servise\nmetadata: {name: x}\n", "no kind"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, _, err := strict.Decode([]byte(tc.doc), nil, nil)
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Fatalf("Decode error = %v, want one containing %q", err, tc.wantErr)
+			}
+		})
+	}
+	sm := []struct{ name, doc, wantErr string }{
+		{"unknown endpoint field", "apiVersion: monitoring.coreos.com/v1\nkind: ServiceMonitor\nmetadata: {name: x}\nspec:\n  selector: {matchLabels: {a: b}}\n  endpoints: [{port: http, intervall: 15s}]\n", `unknown field "intervall"`},
+		{"bad interval", "apiVersion: monitoring.coreos.com/v1\nkind: ServiceMonitor\nmetadata: {name: x}\nspec:\n  selector: {matchLabels: {a: b}}\n  endpoints: [{port: http, interval: 15}]\n", "interval"},
+		{"no selector", "apiVersion: monitoring.coreos.com/v1\nkind: ServiceMonitor\nmetadata: {name: x}\nspec:\n  endpoints: [{port: http}]\n", "matchLabels"},
+	}
+	for _, tc := range sm {
+		t.Run("ServiceMonitor "+tc.name, func(t *testing.T) {
+			_, err := decodeServiceMonitor([]byte(tc.doc))
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Fatalf("decodeServiceMonitor error = %v, want one containing %q", err, tc.wantErr)
+			}
+		})
+	}
+}
+
+func TestBaseHasEveryPart(t *testing.T) {
+	o := build(t, "base")
+	for _, d := range []string{"meshguard", "envoy"} {
+		if o.deployments[d] == nil || o.services[d] == nil || o.hpas[d] == nil || o.pdbs[d] == nil || o.netpols[d] == nil || o.serviceMonitors[d] == nil {
+			t.Errorf("%s: want Deployment, Service, HPA, PDB, NetworkPolicy and ServiceMonitor", d)
+		}
+	}
+	if o.jobs["meshguard-migrate"] == nil {
+		t.Error("no migration Job")
+	}
+	for _, prefix := range []string{"meshguard-config-", "envoy-config-"} {
+		if cm := configMapByPrefix(o, prefix); cm == nil {
+			t.Errorf("no generated ConfigMap %s<hash>", prefix)
+		}
+	}
+	if o.configMaps["meshguard-ratelimit"] == nil {
+		t.Error("no meshguard-ratelimit ConfigMap (without hash suffix, so edits hot-reload)")
+	}
+}
+
+func configMapByPrefix(o *objects, prefix string) *corev1.ConfigMap {
+	for name, cm := range o.configMaps {
+		if strings.HasPrefix(name, prefix) {
+			return cm
+		}
+	}
+	return nil
+}
+
+// TestWorkloadsHardened: every container of every workload, in every
+// kustomization, runs as non-root with a read-only root, no privilege
+// escalation, no capabilities, the runtime's seccomp profile and set
+// resources; service account tokens are not mounted.
+func TestWorkloadsHardened(t *testing.T) {
+	for _, dir := range kustomizations {
+		o := build(t, dir)
+		pods := map[string]*corev1.PodSpec{}
+		for n, d := range o.deployments {
+			pods["Deployment "+n] = &d.Spec.Template.Spec
+		}
+		for n, j := range o.jobs {
+			pods["Job "+n] = &j.Spec.Template.Spec
+		}
+		for name, ps := range pods {
+			t.Run(dir+"/"+name, func(t *testing.T) {
+				if ps.AutomountServiceAccountToken == nil || *ps.AutomountServiceAccountToken {
+					t.Error("automountServiceAccountToken must be false")
+				}
+				psc := ps.SecurityContext
+				if psc == nil || psc.RunAsNonRoot == nil || !*psc.RunAsNonRoot || psc.RunAsUser == nil || *psc.RunAsUser == 0 {
+					t.Error("pod must run as a non-root numeric user")
+				}
+				if psc == nil || psc.SeccompProfile == nil || psc.SeccompProfile.Type != corev1.SeccompProfileTypeRuntimeDefault {
+					t.Error("pod seccompProfile must be RuntimeDefault")
+				}
+				if len(ps.InitContainers) > 0 {
+					t.Error("init containers are not checked; add them here")
+				}
+				for _, c := range ps.Containers {
+					sc := c.SecurityContext
+					switch {
+					case sc == nil:
+						t.Errorf("container %s: no securityContext", c.Name)
+						continue
+					case sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation:
+						t.Errorf("container %s: allowPrivilegeEscalation must be false", c.Name)
+					case sc.ReadOnlyRootFilesystem == nil || !*sc.ReadOnlyRootFilesystem:
+						t.Errorf("container %s: readOnlyRootFilesystem must be true", c.Name)
+					case sc.Privileged != nil && *sc.Privileged:
+						t.Errorf("container %s: privileged", c.Name)
+					case sc.Capabilities == nil || !slices.Equal(sc.Capabilities.Drop, []corev1.Capability{"ALL"}) || len(sc.Capabilities.Add) > 0:
+						t.Errorf("container %s: capabilities must drop ALL and add none", c.Name)
+					}
+					for _, r := range []corev1.ResourceName{corev1.ResourceCPU, corev1.ResourceMemory} {
+						if c.Resources.Requests.Name(r, "").IsZero() {
+							t.Errorf("container %s: no %s request", c.Name, r)
+						}
+					}
+					if c.Resources.Limits.Memory().IsZero() {
+						t.Errorf("container %s: no memory limit", c.Name)
+					}
+					if strings.HasSuffix(c.Image, ":latest") && strings.Contains(dir, "production") {
+						t.Errorf("container %s: production runs image %s", c.Name, c.Image)
+					}
+				}
+			})
+		}
+	}
+}
+
+// meshguardConfig is the part of the meshguard config file the manifests
+// depend on; the full file is parsed by cmd/meshguard's own parser (see
+// README.md).
+type meshguardConfig struct {
+	Listen   struct{ GRPC, HTTP string }
+	Shutdown struct{ Timeout string }
+	Ratelimit struct {
+		ConfigDir string `yaml:"config_dir"`
+		Response  bool   `yaml:"response_headers"`
+	}
+	Audit struct {
+		SpoolDir   string `yaml:"spool_dir"`
+		SQLitePath string `yaml:"sqlite_path"`
+	}
+	CSP struct {
+		ReportURI string `yaml:"report_uri"`
+	} `yaml:"csp"`
+}
+
+func TestMeshguardDeployment(t *testing.T) {
+	for _, dir := range []string{"base", "overlays/production", "overlays/development"} {
+		t.Run(dir, func(t *testing.T) {
+			o := build(t, dir)
+			d := o.deployments["meshguard"]
+			ps := &d.Spec.Template.Spec
+			c := container(t, ps, "meshguard")
+
+			// Ports and probes.
+			wantPorts := map[string]int32{"grpc": 8081, "http": 8080}
+			for name, port := range wantPorts {
+				if p := containerPort(c, name); p == nil || p.ContainerPort != port {
+					t.Errorf("port %s: want containerPort %d", name, port)
+				}
+			}
+			checkProbe(t, "readinessProbe", c.ReadinessProbe, "/readyz", "http")
+			checkProbe(t, "livenessProbe", c.LivenessProbe, "/healthz", "http")
+			if c.StartupProbe != nil {
+				checkProbe(t, "startupProbe", c.StartupProbe, "/healthz", "http")
+			}
+
+			// The config file: the --config argument names a mounted key.
+			cfgPath := argAfter(c.Args, "--config")
+			cm, key := mountedConfigMap(t, o, ps, c, cfgPath)
+			if cm == nil {
+				t.Fatalf("--config %s is not a key of a mounted ConfigMap", cfgPath)
+			}
+			var cfg meshguardConfig
+			if err := yaml.Unmarshal([]byte(cm.Data[key]), &cfg); err != nil {
+				t.Fatalf("meshguard config: %v", err)
+			}
+			for name, addr := range map[string]string{"grpc": cfg.Listen.GRPC, "http": cfg.Listen.HTTP} {
+				if want := fmt.Sprintf("0.0.0.0:%d", wantPorts[name]); addr != want && envValue(c, "MESHGUARD_"+strings.ToUpper(name)+"_ADDR") != want {
+					t.Errorf("listen.%s = %q, want %s (the container port, on every interface)", name, addr, want)
+				}
+			}
+
+			// Shutdown fits in the grace period, after the preStop sleep.
+			shutdown, err := time.ParseDuration(cfg.Shutdown.Timeout)
+			if err != nil {
+				t.Fatalf("shutdown.timeout: %v", err)
+			}
+			var preStop time.Duration
+			if c.Lifecycle != nil && c.Lifecycle.PreStop != nil && c.Lifecycle.PreStop.Sleep != nil {
+				preStop = time.Duration(c.Lifecycle.PreStop.Sleep.Seconds) * time.Second
+			}
+			grace := 30 * time.Second
+			if ps.TerminationGracePeriodSeconds != nil {
+				grace = time.Duration(*ps.TerminationGracePeriodSeconds) * time.Second
+			}
+			if grace <= preStop+shutdown {
+				t.Errorf("terminationGracePeriodSeconds %s <= preStop %s + shutdown.timeout %s: SIGKILL would cut the audit drain", grace, preStop, shutdown)
+			}
+
+			// The spool and the SQLite file are on a writable volume.
+			for what, p := range map[string]string{"audit.spool_dir": cfg.Audit.SpoolDir, "audit.sqlite_path": filepath.Dir(cfg.Audit.SQLitePath)} {
+				m, v := mountFor(ps, c, p)
+				if m == nil || m.ReadOnly || v.EmptyDir == nil && v.PersistentVolumeClaim == nil && v.Ephemeral == nil {
+					t.Errorf("%s %q is not on a writable emptyDir or volume claim (the root filesystem is read-only)", what, p)
+				}
+			}
+
+			// Rate limit domains: the config_dir is a whole ConfigMap mount (a
+			// subPath mount never sees updates, so hot reload would not work).
+			if cfg.Ratelimit.ConfigDir != "" {
+				m, v := mountFor(ps, c, cfg.Ratelimit.ConfigDir)
+				if m == nil || m.MountPath != cfg.Ratelimit.ConfigDir || m.SubPath != "" || v.ConfigMap == nil {
+					t.Errorf("ratelimit.config_dir %q is not a ConfigMap mounted there without subPath", cfg.Ratelimit.ConfigDir)
+				} else if rl := o.configMaps[v.ConfigMap.Name]; rl == nil || len(rl.Data) == 0 {
+					t.Errorf("ConfigMap %s for ratelimit.config_dir is missing or empty", v.ConfigMap.Name)
+				}
+			}
+			if cfg.Ratelimit.Response {
+				t.Error("ratelimit.response_headers duplicates the X-RateLimit-* headers Envoy's enable_x_ratelimit_headers adds")
+			}
+
+			// Secrets come from a Secret, never from the ConfigMap.
+			if !slices.ContainsFunc(c.EnvFrom, func(e corev1.EnvFromSource) bool {
+				return e.SecretRef != nil && strings.HasPrefix(e.SecretRef.Name, "meshguard-secrets")
+			}) {
+				t.Error("no envFrom secretRef meshguard-secrets")
+			}
+			if regexp.MustCompile(`(?i)postgres(ql)?://[^@\s]*:[^@\s]*@|admin_token:`).MatchString(cm.Data[key]) {
+				t.Error("the config ConfigMap holds a credential")
+			}
+			if dir == "overlays/development" && secretByPrefix(o, "meshguard-secrets") == nil {
+				t.Error("development overlay should generate meshguard-secrets")
+			}
+
+			// Service: headless, selects the pods, names existing ports.
+			s := o.services["meshguard"]
+			if s.Spec.ClusterIP != corev1.ClusterIPNone {
+				t.Error("the meshguard Service must be headless so Envoy's STRICT_DNS cluster sees every pod")
+			}
+			checkServiceTargets(t, s, d)
+
+			// Migration Job runs `meshguard migrate` with the same config.
+			j := o.jobs["meshguard-migrate"]
+			jc := container(t, &j.Spec.Template.Spec, "migrate")
+			if len(jc.Args) == 0 || jc.Args[0] != "migrate" || jc.Image != c.Image {
+				t.Errorf("migration Job runs %s %v, want the meshguard image with `migrate`", jc.Image, jc.Args)
+			}
+			if jcm, _ := mountedConfigMap(t, o, &j.Spec.Template.Spec, jc, argAfter(jc.Args, "--config")); jcm != cm {
+				t.Error("migration Job does not read the same config as the Deployment")
+			}
+			if j.Spec.Template.Spec.RestartPolicy != corev1.RestartPolicyNever && j.Spec.Template.Spec.RestartPolicy != corev1.RestartPolicyOnFailure {
+				t.Errorf("Job restartPolicy %q", j.Spec.Template.Spec.RestartPolicy)
+			}
+			if j.Spec.BackoffLimit == nil || j.Spec.ActiveDeadlineSeconds == nil {
+				t.Error("migration Job needs backoffLimit and activeDeadlineSeconds")
+			}
+			if l := j.Spec.Template.Labels["app.kubernetes.io/name"]; l == "meshguard" {
+				t.Error("migration pods must not carry the meshguard pod label (the Service and PDB would select them)")
+			}
+		})
+	}
+}
+
+// TestSelectorsAndTargets: HPAs, PDBs, NetworkPolicies and ServiceMonitors
+// point at objects that exist, with ports that exist.
+func TestSelectorsAndTargets(t *testing.T) {
+	for _, dir := range []string{"base", "overlays/production", "overlays/development"} {
+		t.Run(dir, func(t *testing.T) {
+			o := build(t, dir)
+			for name, h := range o.hpas {
+				d := o.deployments[h.Spec.ScaleTargetRef.Name]
+				if h.Spec.ScaleTargetRef.Kind != "Deployment" || d == nil {
+					t.Errorf("HPA %s targets a missing %s %s", name, h.Spec.ScaleTargetRef.Kind, h.Spec.ScaleTargetRef.Name)
+					continue
+				}
+				if h.Spec.MinReplicas == nil || *h.Spec.MinReplicas > h.Spec.MaxReplicas {
+					t.Errorf("HPA %s: minReplicas %v > maxReplicas %d", name, h.Spec.MinReplicas, h.Spec.MaxReplicas)
+				}
+				for _, c := range d.Spec.Template.Spec.Containers {
+					if c.Resources.Requests.Cpu().IsZero() {
+						t.Errorf("HPA %s scales on CPU but container %s has no CPU request", name, c.Name)
+					}
+				}
+			}
+			for name, p := range o.pdbs {
+				if !selectsSome(t, p.Spec.Selector.MatchLabels, o) {
+					t.Errorf("PDB %s selects no Deployment's pods", name)
+				}
+				if p.Spec.MaxUnavailable == nil && p.Spec.MinAvailable == nil {
+					t.Errorf("PDB %s sets neither maxUnavailable nor minAvailable", name)
+				}
+			}
+			for name, np := range o.netpols {
+				d := deploymentSelectedBy(o, np.Spec.PodSelector.MatchLabels)
+				if d == nil {
+					t.Errorf("NetworkPolicy %s selects no Deployment's pods", name)
+					continue
+				}
+				for _, rule := range np.Spec.Ingress {
+					for _, p := range rule.Ports {
+						if p.Port != nil && p.Port.Type == intstr.String && !hasNamedPort(d, p.Port.StrVal) {
+							t.Errorf("NetworkPolicy %s: ingress port %q is not a port of %s", name, p.Port.StrVal, d.Name)
+						}
+					}
+				}
+			}
+			// Envoy may reach meshguard on the ports the Service exposes.
+			if np := o.netpols["meshguard"]; np != nil {
+				if !ingressAllowsFrom(np, o.deployments["envoy"].Spec.Template.Labels, "grpc") {
+					t.Error("meshguard NetworkPolicy does not admit Envoy on the grpc port")
+				}
+			}
+			for name, sm := range o.serviceMonitors {
+				sel, _, _ := unstructured.NestedStringMap(sm.Object, "spec", "selector", "matchLabels")
+				var svc *corev1.Service
+				for _, s := range o.services {
+					if labels.SelectorFromSet(sel).Matches(labels.Set(s.Labels)) {
+						svc = s
+					}
+				}
+				if svc == nil {
+					t.Errorf("ServiceMonitor %s selects no Service", name)
+					continue
+				}
+				eps, _, _ := unstructured.NestedSlice(sm.Object, "spec", "endpoints")
+				for _, e := range eps {
+					port := e.(map[string]any)["port"].(string)
+					if !slices.ContainsFunc(svc.Spec.Ports, func(p corev1.ServicePort) bool { return p.Name == port }) {
+						t.Errorf("ServiceMonitor %s: Service %s has no port %q", name, svc.Name, port)
+					}
+				}
+			}
+			for _, d := range o.deployments {
+				if sa := d.Spec.Template.Spec.ServiceAccountName; sa != "" && o.serviceAccounts[sa] == nil {
+					t.Errorf("Deployment %s uses missing ServiceAccount %s", d.Name, sa)
+				}
+				for _, v := range d.Spec.Template.Spec.Volumes {
+					if v.ConfigMap != nil && o.configMaps[v.ConfigMap.Name] == nil {
+						t.Errorf("Deployment %s mounts missing ConfigMap %s", d.Name, v.ConfigMap.Name)
+					}
+				}
+			}
+		})
+	}
+}
+
+// TestEnvoyDeployment: the Envoy ConfigMap carries envoy/envoy.yaml unchanged
+// (so the tests of package envoy cover what Kubernetes runs), and the pod,
+// Service and probes match the bootstrap's listeners and clusters.
+func TestEnvoyDeployment(t *testing.T) {
+	raw, err := os.ReadFile("base/envoy.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(raw, envoy.FrontProxy) {
+		t.Fatal("k8s/base/envoy.yaml differs from envoy/envoy.yaml: copy it (cp envoy/envoy.yaml k8s/base/envoy.yaml)")
+	}
+	o := build(t, "overlays/production")
+	d := o.deployments["envoy"]
+	ps := &d.Spec.Template.Spec
+	c := container(t, ps, "envoy")
+	cm, key := mountedConfigMap(t, o, ps, c, argAfter(c.Args, "--config-path"))
+	if cm == nil {
+		t.Fatalf("--config-path %q is not a key of a mounted ConfigMap", argAfter(c.Args, "--config-path"))
+	}
+	if cm.Data[key] != string(envoy.FrontProxy) {
+		t.Error("the Envoy ConfigMap is not envoy/envoy.yaml")
+	}
+	b, err := envoy.ParseBootstrap([]byte(cm.Data[key]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	listeners := map[string]uint32{}
+	for _, l := range b.GetStaticResources().GetListeners() {
+		listeners[l.GetName()] = l.GetAddress().GetSocketAddress().GetPortValue()
+	}
+	for port, listener := range map[string]string{"http": "ingress_http", "admin": "envoy_admin"} {
+		if p := containerPort(c, port); p == nil || uint32(p.ContainerPort) != listeners[listener] {
+			t.Errorf("container port %s does not match listener %s (:%d)", port, listener, listeners[listener])
+		}
+	}
+	checkProbe(t, "readinessProbe", c.ReadinessProbe, "/ready", "admin")
+	if !slices.Contains(c.Args, "--disable-hot-restart") {
+		t.Error("hot restart needs shared memory that a read-only, non-root container does not give")
+	}
+	checkServiceTargets(t, o.services["envoy"], d)
+
+	// The bootstrap's meshguard clusters resolve the meshguard Service's DNS
+	// name (same namespace) on its ports.
+	mg := o.services["meshguard"]
+	for _, cl := range b.GetStaticResources().GetClusters() {
+		if !strings.HasPrefix(cl.GetName(), "meshguard") {
+			continue
+		}
+		sa := cl.GetLoadAssignment().GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress()
+		if sa.GetAddress() != mg.Name {
+			t.Errorf("cluster %s resolves %q, want the Service name %q", cl.GetName(), sa.GetAddress(), mg.Name)
+		}
+		if !slices.ContainsFunc(mg.Spec.Ports, func(p corev1.ServicePort) bool { return uint32(p.Port) == sa.GetPortValue() }) {
+			t.Errorf("cluster %s uses port %d, not a port of Service %s", cl.GetName(), sa.GetPortValue(), mg.Name)
+		}
+	}
+}
+
+// dashboard is the part of a Grafana dashboard the test reads.
+type dashboard struct {
+	Title  string  `json:"title"`
+	UID    string  `json:"uid"`
+	Panels []panel `json:"panels"`
+}
+
+type panel struct {
+	ID      int    `json:"id"`
+	Type    string `json:"type"`
+	Title   string `json:"title"`
+	Targets []struct {
+		Expr string `json:"expr"`
+	} `json:"targets"`
+	Panels []panel `json:"panels"`
+}
+
+var metricRE = regexp.MustCompile(`\bmeshguard_[a-z0-9_]+`)
+
+// checkDashboard returns the meshguard metric names the dashboard queries
+// (histogram suffixes stripped) and every problem it found.
+func checkDashboard(raw []byte) (map[string]bool, []error) {
+	var errs []error
+	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
+	var d dashboard
+	if err := json.Unmarshal(raw, &d); err != nil {
+		return nil, []error{fmt.Errorf("dashboard JSON: %w", err)}
+	}
+	if d.Title == "" || d.UID == "" {
+		bad("dashboard needs a title and a uid")
+	}
+	metrics := map[string]bool{}
+	ids := map[int]bool{}
+	var walk func([]panel)
+	walk = func(ps []panel) {
+		for _, p := range ps {
+			if ids[p.ID] {
+				bad("panel id %d used twice", p.ID)
+			}
+			ids[p.ID] = true
+			if p.Type == "row" {
+				walk(p.Panels)
+				continue
+			}
+			if len(p.Targets) == 0 {
+				bad("panel %q has no query", p.Title)
+			}
+			for _, tg := range p.Targets {
+				names := metricRE.FindAllString(tg.Expr, -1)
+				if len(names) == 0 {
+					bad("panel %q: expr %q names no meshguard_ metric", p.Title, tg.Expr)
+				}
+				if strings.Count(tg.Expr, "(") != strings.Count(tg.Expr, ")") || strings.Count(tg.Expr, "{") != strings.Count(tg.Expr, "}") {
+					bad("panel %q: unbalanced expr %q", p.Title, tg.Expr)
+				}
+				for _, n := range names {
+					for _, suffix := range []string{"_bucket", "_sum", "_count"} {
+						n = strings.TrimSuffix(n, suffix)
+					}
+					metrics[n] = true
+				}
+			}
+		}
+	}
+	walk(d.Panels)
+	if len(metrics) == 0 {
+		bad("dashboard queries no meshguard metric")
+	}
+	return metrics, errs
+}
+
+func TestDashboard(t *testing.T) {
+	raw, err := os.ReadFile("grafana/meshguard-dashboard.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics, errs := checkDashboard(raw)
+	for _, err := range errs {
+		t.Error(err)
+	}
+	for _, group := range []string{"meshguard_grpc_server_", "meshguard_extauthz_", "meshguard_ratelimit_", "meshguard_auditsink_", "meshguard_db_pool_"} {
+		if !slices.ContainsFunc(keys(metrics), func(m string) bool { return strings.HasPrefix(m, group) }) {
+			t.Errorf("no panel shows %s* metrics", group)
+		}
+	}
+	// Shipped as a ConfigMap for Grafana's dashboard sidecar.
+	o := build(t, "grafana")
+	cm := o.configMaps["meshguard-dashboard"]
+	if cm == nil || cm.Labels["grafana_dashboard"] != "1" || cm.Data["meshguard-dashboard.json"] != string(raw) {
+		t.Error("the dashboard ConfigMap does not carry the dashboard with label grafana_dashboard=1")
+	}
+}
+
+func TestCheckDashboardRejects(t *testing.T) {
+	tests := []struct{ name, doc, wantErr string }{
+		{"not JSON", `{"title":`, "dashboard JSON"},
+		{"foreign metric", `{"title":"x","uid":"x","panels":[{"id":1,"type":"timeseries","title":"p","targets":[{"expr":"rate(up[5m])"}]}]}`, "names no meshguard_ metric"},
+		{"no query", `{"title":"x","uid":"x","panels":[{"id":1,"type":"timeseries","title":"p","targets":[]}]}`, "has no query"},
+		{"unbalanced", `{"title":"x","uid":"x","panels":[{"id":1,"type":"timeseries","title":"p","targets":[{"expr":"rate(meshguard_x_total[5m]"}]}]}`, "unbalanced"},
+		{"duplicate id in a row", `{"title":"x","uid":"x","panels":[{"id":1,"type":"row","title":"r","panels":[{"id":1,"type":"stat","title":"p","targets":[{"expr":"meshguard_x"}]}]}]}`, "used twice"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, errs := checkDashboard([]byte(tc.doc))
+			if !slices.ContainsFunc(errs, func(err error) bool { return strings.Contains(err.Error(), tc.wantErr) }) {
+				t.Fatalf("errors %v, want one containing %q", errs, tc.wantErr)
+			}
+		})
+	}
+}
+
+func keys(m map[string]bool) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}
+
+func container(t *testing.T, ps *corev1.PodSpec, name string) *corev1.Container {
+	t.Helper()
+	for i := range ps.Containers {
+		if ps.Containers[i].Name == name {
+			return &ps.Containers[i]
+		}
+	}
+	t.Fatalf("no container %q", name)
+	return nil
+}
+
+func containerPort(c *corev1.Container, name string) *corev1.ContainerPort {
+	for i := range c.Ports {
+		if c.Ports[i].Name == name {
+			return &c.Ports[i]
+		}
+	}
+	return nil
+}
+
+func hasNamedPort(d *appsv1.Deployment, name string) bool {
+	for _, c := range d.Spec.Template.Spec.Containers {
+		if containerPort(&c, name) != nil {
+			return true
+		}
+	}
+	return false
+}
+
+func checkProbe(t *testing.T, what string, p *corev1.Probe, path, port string) {
+	t.Helper()
+	if p == nil || p.HTTPGet == nil {
+		t.Errorf("%s: want an httpGet probe on %s", what, path)
+		return
+	}
+	if p.HTTPGet.Path != path || p.HTTPGet.Port != intstr.FromString(port) {
+		t.Errorf("%s: probes %s on %s, want %s on %s", what, p.HTTPGet.Path, p.HTTPGet.Port.String(), path, port)
+	}
+}
+
+func argAfter(args []string, flag string) string {
+	for i, a := range args {
+		if a == flag && i+1 < len(args) {
+			return args[i+1]
+		}
+		if v, ok := strings.CutPrefix(a, flag+"="); ok {
+			return v
+		}
+	}
+	return ""
+}
+
+func envValue(c *corev1.Container, name string) string {
+	for _, e := range c.Env {
+		if e.Name == name {
+			return e.Value
+		}
+	}
+	return ""
+}
+
+// mountFor returns the deepest volume mount of c that contains path, and its
+// volume.
+func mountFor(ps *corev1.PodSpec, c *corev1.Container, path string) (*corev1.VolumeMount, *corev1.Volume) {
+	var best *corev1.VolumeMount
+	for i, m := range c.VolumeMounts {
+		if path == m.MountPath || strings.HasPrefix(path, strings.TrimSuffix(m.MountPath, "/")+"/") {
+			if best == nil || len(m.MountPath) > len(best.MountPath) {
+				best = &c.VolumeMounts[i]
+			}
+		}
+	}
+	if best == nil {
+		return nil, nil
+	}
+	for i := range ps.Volumes {
+		if ps.Volumes[i].Name == best.Name {
+			return best, &ps.Volumes[i]
+		}
+	}
+	return nil, nil
+}
+
+// mountedConfigMap resolves a file path inside the container to the
+// ConfigMap and key that provide it.
+func mountedConfigMap(t *testing.T, o *objects, ps *corev1.PodSpec, c *corev1.Container, path string) (*corev1.ConfigMap, string) {
+	t.Helper()
+	m, v := mountFor(ps, c, path)
+	if m == nil || v.ConfigMap == nil {
+		return nil, ""
+	}
+	cm := o.configMaps[v.ConfigMap.Name]
+	if cm == nil {
+		return nil, ""
+	}
+	key := strings.TrimPrefix(strings.TrimPrefix(path, m.MountPath), "/")
+	if m.SubPath != "" {
+		key = m.SubPath
+	}
+	if _, ok := cm.Data[key]; !ok {
+		return nil, ""
+	}
+	return cm, key
+}
+
+func checkServiceTargets(t *testing.T, s *corev1.Service, d *appsv1.Deployment) {
+	t.Helper()
+	if s == nil || d == nil {
+		t.Fatal("missing Service or Deployment")
+	}
+	if !labels.SelectorFromSet(s.Spec.Selector).Matches(labels.Set(d.Spec.Template.Labels)) {
+		t.Errorf("Service %s does not select Deployment %s's pods", s.Name, d.Name)
+	}
+	for _, p := range s.Spec.Ports {
+		if p.TargetPort.Type == intstr.String && !hasNamedPort(d, p.TargetPort.StrVal) {
+			t.Errorf("Service %s: targetPort %q is not a container port of %s", s.Name, p.TargetPort.StrVal, d.Name)
+		}
+	}
+}
+
+func selectsSome(t *testing.T, sel map[string]string, o *objects) bool {
+	t.Helper()
+	return deploymentSelectedBy(o, sel) != nil
+}
+
+func deploymentSelectedBy(o *objects, sel map[string]string) *appsv1.Deployment {
+	if len(sel) == 0 {
+		return nil
+	}
+	for _, d := range o.deployments {
+		if labels.SelectorFromSet(sel).Matches(labels.Set(d.Spec.Template.Labels)) {
+			return d
+		}
+	}
+	return nil
+}
+
+func ingressAllowsFrom(np *networkingv1.NetworkPolicy, podLabels map[string]string, port string) bool {
+	for _, rule := range np.Spec.Ingress {
+		from := len(rule.From) == 0
+		for _, peer := range rule.From {
+			if peer.PodSelector != nil && peer.NamespaceSelector == nil &&
+				labels.SelectorFromSet(peer.PodSelector.MatchLabels).Matches(labels.Set(podLabels)) {
+				from = true
+			}
+		}
+		if !from {
+			continue
+		}
+		if len(rule.Ports) == 0 {
+			return true
+		}
+		for _, p := range rule.Ports {
+			if p.Port != nil && p.Port.String() == port {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func secretByPrefix(o *objects, prefix string) *corev1.Secret {
+	for name, s := range o.secrets {
+		if strings.HasPrefix(name, prefix) {
+			return s
+		}
+	}
+	return nil
+}
