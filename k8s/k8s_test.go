@@ -349,8 +349,8 @@ func TestWorkloadsHardened(t *testing.T) {
 // depend on; the full file is parsed by cmd/meshguard's own parser (see
 // README.md).
 type meshguardConfig struct {
-	Listen   struct{ GRPC, HTTP string }
-	Shutdown struct{ Timeout string }
+	Listen    struct{ GRPC, HTTP string }
+	Shutdown  struct{ Timeout string }
 	Ratelimit struct {
 		ConfigDir string `yaml:"config_dir"`
 		Response  bool   `yaml:"response_headers"`
