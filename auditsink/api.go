@@ -267,7 +267,8 @@ func (a *API) list(w http.ResponseWriter, r *http.Request, p principal, endpoint
 	if recs == nil {
 		recs = []Record{}
 	}
-	meta := accessMeta{Endpoint: endpoint, Auth: p.via, Filter: filterDoc(q.filter), Limit: q.limit, Returned: len(recs), Paged: q.cursor != (Cursor{})}
+	n := len(recs)
+	meta := accessMeta{Endpoint: endpoint, Auth: p.via, Filter: filterDoc(q.filter), Limit: q.limit, Returned: &n, Paged: q.cursor != (Cursor{})}
 	if err := a.record(r, p, apiActionRead, apiReadSeverity, meta); err != nil {
 		return 0, err
 	}
@@ -292,7 +293,7 @@ type accessMeta struct {
 	Auth     string         `json:"auth"`
 	Filter   map[string]any `json:"filter,omitempty"`
 	Limit    int            `json:"limit,omitempty"`
-	Returned int            `json:"returned"`
+	Returned *int           `json:"returned,omitempty"` // rows answered (reads only)
 	Paged    bool           `json:"paged,omitempty"`
 	Format   string         `json:"format,omitempty"`
 }

@@ -152,7 +152,7 @@ func (z *authorizer) currentFileToken() *[sha256.Size]byte {
 	z.mu.Lock()
 	defer z.mu.Unlock()
 	now := z.now()
-	if now.Sub(z.checked) < tokenFileCheckInterval && !z.checked.IsZero() {
+	if d := now.Sub(z.checked); d >= 0 && d < tokenFileCheckInterval { // a clock step back re-checks
 		return z.fileToken
 	}
 	z.checked = now
