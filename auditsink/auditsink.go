@@ -1,40 +1,220 @@
 // Package auditsink serves Envoy's access-log service
-// (envoy.service.accesslog.v3.AccessLogService) and keeps the audit trail.
+// (envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs), turns the
+// access-log entries that its classification rules keep into rows of a
+// tamper-evident audit trail, accepts browsers' CSP violation reports on
+// POST /v1/csp-reports, and serves the audit trail's admin API.
+//
+// Ingest: each stream's identifier (node, log_name) arrives in its first
+// message only and is kept per stream; every later message is a batch of
+// HTTP (or TCP) entries. Only end-of-request entries are kept (start and
+// periodic entries of newer Envoys are dropped and counted). Each entry is
+// mapped to a Record (path secrets redacted, every field bounded, identity
+// from ext_authz dynamic metadata, never from client headers) and
+// classified by ordered rules (see RuleConfig and DefaultRules). The
+// records of one message go to the writer in one Enqueue call, which never
+// waits on the database, so the receive loop keeps draining Envoy.
+//
+// Ingest metrics:
+//
+//	meshguard_auditsink_entries_received_total{type}      http | tcp
+//	meshguard_auditsink_entries_kept_total{action}        configured action
+//	meshguard_auditsink_entries_dropped_total{reason}     rule | unmatched | intermediate
+//	meshguard_auditsink_rule_matches_total{rule}          rule name
+//	meshguard_auditsink_streams_open
+//	meshguard_auditsink_malformed_messages_total{reason}  no_identifier | empty_batch
+//	meshguard_auditsink_enqueue_errors_total
+//	meshguard_auditsink_enqueue_failed_records_total
+//	meshguard_auditsink_csp_reports_total{outcome}        stored | too_large | malformed | unsupported_media_type | rate_limited | sink_error | ignored
 package auditsink
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
+	"strings"
+	"sync/atomic"
+	"time"
 
 	alsv3 "github.com/envoyproxy/go-control-plane/envoy/service/accesslog/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 )
 
-// Server receives access-log streams. It is safe for concurrent use.
+// Server receives access-log streams and CSP reports and hands the
+// resulting Records to its sink. It is safe for concurrent use; every
+// stream has its own state.
 type Server struct {
 	alsv3.UnimplementedAccessLogServiceServer
-	log *slog.Logger
-	cfg Config
+	log  *slog.Logger
+	cfg  Config
+	sink recordSink
+	m    *ingestMetrics
+	map_ mapper
+	csp  *cspLimiter
+	now  func() time.Time
+
+	// lastSinkLog throttles the enqueue-error log line (unix nanos).
+	lastSinkLog atomic.Int64
 }
 
-// New returns a Server.
-func New(log *slog.Logger, reg prometheus.Registerer, cfg Config) (*Server, error) {
-	return &Server{log: log, cfg: cfg}, nil
+// New returns a Server that classifies with cfg.Rules (DefaultRules when
+// empty) and enqueues what it keeps into sink. It registers the ingest
+// metrics on reg and fails on an invalid rule or header list.
+func New(log *slog.Logger, reg prometheus.Registerer, cfg Config, sink recordSink) (*Server, error) {
+	if sink == nil {
+		return nil, errors.New("auditsink: nil record sink")
+	}
+	rules, err := compileRules(cfg.Rules)
+	if err != nil {
+		return nil, fmt.Errorf("compiling audit rules: %w", err)
+	}
+	if err := errors.Join(validateHeaderNames("audit.request_headers", cfg.RequestHeaders),
+		validateHeaderNames("audit.response_headers", cfg.ResponseHeaders)); err != nil {
+		return nil, err
+	}
+	m, err := newIngestMetrics(reg)
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range rules.rules {
+		r.matches = m.ruleMatches.WithLabelValues(r.name)
+		if !r.drop {
+			r.kept = m.kept.WithLabelValues(r.actionLabel)
+		}
+	}
+	s := &Server{log: log, cfg: cfg, sink: sink, m: m, now: time.Now}
+	s.map_ = mapper{rules: rules, reqHeaders: lower(cfg.RequestHeaders), respHeaders: lower(cfg.ResponseHeaders), now: s.clock}
+	s.csp = newCSPLimiter(cspRate, cspBurst)
+	return s, nil
+}
+
+func (s *Server) clock() time.Time { return s.now() }
+
+func lower(ss []string) []string {
+	out := make([]string, len(ss))
+	for i, v := range ss {
+		out[i] = strings.ToLower(v)
+	}
+	return out
 }
 
 // Register registers the AccessLogService on r.
 func (s *Server) Register(r grpc.ServiceRegistrar) { alsv3.RegisterAccessLogServiceServer(r, s) }
 
-// StreamAccessLogs reads a stream until the client closes it.
+// StreamAccessLogs reads one Envoy worker's stream until it ends. It never
+// answers while the stream is open (the protocol has no acknowledgement)
+// and never waits on the database: each message's kept records are handed
+// to the sink at once. A first message without an identifier and empty
+// batches are counted and tolerated, so nothing Envoy sent is refused. The
+// stream ends with OK when Envoy closes it.
 func (s *Server) StreamAccessLogs(stream alsv3.AccessLogService_StreamAccessLogsServer) error {
-	for {
-		if _, err := stream.Recv(); err != nil {
+	s.m.streamsOpen.Inc()
+	defer s.m.streamsOpen.Dec()
+	// Records already received are enqueued even if Envoy goes away.
+	ctx := context.WithoutCancel(stream.Context())
+	var id streamIdentity
+	for first := true; ; first = false {
+		msg, err := stream.Recv()
+		if err != nil {
 			if errors.Is(err, io.EOF) {
 				return stream.SendAndClose(&alsv3.StreamAccessLogsResponse{})
 			}
-			return err
+			return err // the client went away; its status is the answer
+		}
+		if ident := msg.GetIdentifier(); ident != nil {
+			id = newStreamIdentity(ident)
+		} else if first {
+			s.m.malformed.WithLabelValues("no_identifier").Inc()
+			s.log.Warn("access-log stream without identifier in its first message; entries kept without node", "reason", "no_identifier")
+		}
+		recs := s.convert(&id, msg)
+		if len(recs) == 0 {
+			continue
+		}
+		if err := s.sink.Enqueue(ctx, recs); err != nil {
+			s.sinkFailed(len(recs), err)
 		}
 	}
+}
+
+// convert maps and classifies one message's entries. The returned slice is
+// owned by the caller (the sink keeps it).
+func (s *Server) convert(id *streamIdentity, msg *alsv3.StreamAccessLogsMessage) []Record {
+	switch le := msg.GetLogEntries().(type) {
+	case *alsv3.StreamAccessLogsMessage_HttpLogs:
+		entries := le.HttpLogs.GetLogEntry()
+		if len(entries) == 0 {
+			s.m.malformed.WithLabelValues("empty_batch").Inc()
+			return nil
+		}
+		s.m.receivedHTTP.Add(float64(len(entries)))
+		var recs []Record
+		for _, e := range entries {
+			var rec Record
+			r, out := s.map_.mapHTTP(id, e, &rec)
+			if s.count(r, out) {
+				if recs == nil {
+					recs = make([]Record, 0, len(entries))
+				}
+				recs = append(recs, rec)
+			}
+		}
+		return recs
+	case *alsv3.StreamAccessLogsMessage_TcpLogs:
+		entries := le.TcpLogs.GetLogEntry()
+		if len(entries) == 0 {
+			s.m.malformed.WithLabelValues("empty_batch").Inc()
+			return nil
+		}
+		s.m.receivedTCP.Add(float64(len(entries)))
+		var recs []Record
+		for _, e := range entries {
+			var rec Record
+			r, out := s.map_.mapTCP(id, e, &rec)
+			if s.count(r, out) {
+				recs = append(recs, rec)
+			}
+		}
+		return recs
+	default:
+		if msg.GetIdentifier() == nil {
+			s.m.malformed.WithLabelValues("empty_batch").Inc()
+		}
+		return nil
+	}
+}
+
+// count records an entry's outcome and reports whether it is kept.
+func (s *Server) count(r *rule, out outcome) bool {
+	if r != nil && r.matches != nil {
+		r.matches.Inc()
+	}
+	switch out {
+	case outKept:
+		if r.kept != nil {
+			r.kept.Inc()
+		}
+		return true
+	case outDropRule:
+		s.m.droppedRule.Inc()
+	case outUnmatched:
+		s.m.droppedUnmatched.Inc()
+	case outIntermediate:
+		s.m.droppedIntermediate.Inc()
+	}
+	return false
+}
+
+// sinkFailed counts a refused batch and logs at most once every 10 s.
+func (s *Server) sinkFailed(n int, err error) {
+	s.m.enqueueErrors.Inc()
+	s.m.enqueueLost.Add(float64(n))
+	now := s.now().UnixNano()
+	last := s.lastSinkLog.Load()
+	if now-last < int64(10*time.Second) || !s.lastSinkLog.CompareAndSwap(last, now) {
+		return
+	}
+	s.log.Error("audit writer refused records", "records", n, "err", err)
 }
