@@ -66,7 +66,7 @@ func TestParseBootstrapRejects(t *testing.T) {
 		{"unknown extension type", "v3.HttpGrpcAccessLogConfig", "v3.HttpGrpcAccessLogConfigX", "unable to resolve"},
 		{"rule inside an Any", "log_name: meshguard_audit", `log_name: ""`, "CommonGrpcAccessLogConfig.LogName"},
 		{"rule two Anys deep", "stage: 0", "stage: 11", "RateLimit.Stage"},
-		{"rule in a typed_per_filter_config map", "\n                    check_settings:\n                      context_extensions: {route: app}", "", "ExtAuthzPerRoute.Override"},
+		{"rule in a typed_per_filter_config map", "\n                    check_settings:\n                      context_extensions: {csp: \"off\"}", "", "ExtAuthzPerRoute.Override"},
 		{"rule outside any Any", "port_value: 8081", "port_value: 80810", "SocketAddress.PortValue"},
 		{"header value with a newline", "value: nosniff}", `value: "no\nsniff"}`, "HeaderValue.Value"},
 		{"bad enum name", "append_action: OVERWRITE_IF_EXISTS_OR_ADD", "append_action: OVERWRITE", "invalid value for enum"},
@@ -369,6 +369,7 @@ func TestRoutesAndPresets(t *testing.T) {
 		{"/api/uploads/avatar", "app", "upload"},
 		{"/api/ai/chat", "app", "ai"},
 		{"/api/users/42", "app", "standard"},
+		{"/api/admin/users", "app", "standard"},
 		{"/", "app", "relaxed"},
 		{"/assets/app.js", "app", "relaxed"},
 		{extauthz.DefaultCSPConfig().ReportURI, "meshguard_http", "relaxed"},
@@ -469,6 +470,47 @@ func TestSecurityHeaders(t *testing.T) {
 		if csp := headerValue(r.GetResponseHeadersToAdd(), "content-security-policy"); !strings.HasPrefix(csp, "default-src 'none'") {
 			t.Errorf("route %s CSP = %q, want default-src 'none'", r.GetName(), csp)
 		}
+	}
+}
+
+// TestRoutePolicy: context_extensions use only the keys and values extauthz
+// understands (an unknown value is a 500 there, an unknown key is ignored,
+// so a misspelled key would silently do nothing), API routes turn the nonce
+// off, and the admin API requires the admin role.
+func TestRoutePolicy(t *testing.T) {
+	fp := loadFrontProxy(t)
+	values := map[string][]string{"cors": {"enforce", "report", "skip"}, "csp": {"nonce", "off"}}
+	policy := map[string]map[string]string{}
+	for _, r := range fp.vhost.GetRoutes() {
+		a := r.GetTypedPerFilterConfig()["envoy.filters.http.ext_authz"]
+		if a == nil {
+			continue
+		}
+		pr := unpack[*extauthzv3.ExtAuthzPerRoute](t, a)
+		if pr.GetDisabled() {
+			t.Errorf("route %s disables ext_authz: its requests would skip CORS and keep a client-chosen x-meshguard-client", r.GetName())
+		}
+		ext := pr.GetCheckSettings().GetContextExtensions()
+		for k, v := range ext {
+			switch allowed, known := values[k]; {
+			case known && !slices.Contains(allowed, v):
+				t.Errorf("route %s: context_extensions %s=%q, extauthz accepts %v", r.GetName(), k, v, allowed)
+			case !known && k != "require_role" && k != "tenant":
+				t.Errorf("route %s: context_extensions key %q is not one extauthz reads", r.GetName(), k)
+			}
+		}
+		policy[r.GetName()] = ext
+	}
+	for _, p := range []string{"/api/users", "/api/auth/login", "/api/ai/chat", "/api/upload", "/api/admin/x", "/v1/csp-reports"} {
+		if r := route(t, fp.vhost, p); policy[r.GetName()]["csp"] != "off" {
+			t.Errorf("route %s (%s) does not turn the CSP nonce off", r.GetName(), p)
+		}
+	}
+	if r := route(t, fp.vhost, "/index.html"); policy[r.GetName()]["csp"] == "off" {
+		t.Errorf("route %s serves pages but turns the nonce off", r.GetName())
+	}
+	if r := route(t, fp.vhost, "/api/admin/users"); policy[r.GetName()]["require_role"] != "admin" {
+		t.Errorf("route %s does not require the admin role", r.GetName())
 	}
 }
 
