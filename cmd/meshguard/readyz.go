@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"net/http"
+	"regexp"
 	"sync"
 	"time"
 )
@@ -50,6 +51,7 @@ func newReadyHandler(checks []readinessCheck) http.Handler {
 					st.LatencyMS = float64(time.Since(start).Microseconds()) / 1000
 				}
 				st.Required = c.required
+				st.Error = redactError(st.Error)
 				mu.Lock()
 				doc.Dependencies[c.name] = st
 				if c.required && !st.Healthy {
@@ -66,4 +68,28 @@ func newReadyHandler(checks []readinessCheck) http.Handler {
 		}
 		json.NewEncoder(w).Encode(doc)
 	})
+}
+
+var (
+	urlPassword = regexp.MustCompile(`([a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]*@`)
+	kvPassword  = regexp.MustCompile(`(?i)(password\s*=\s*)('[^']*'|[^\s&]*)`)
+)
+
+// maxErrorLen bounds a dependency's error text in /readyz.
+const maxErrorLen = 512
+
+// redactError is the last guard before an error reaches /readyz: checks
+// already redact their own errors, but a driver message that quotes a
+// connection URL or a password=... setting loses the password here, and the
+// text is bounded.
+func redactError(s string) string {
+	if s == "" {
+		return s
+	}
+	s = urlPassword.ReplaceAllString(s, "${1}[REDACTED]@")
+	s = kvPassword.ReplaceAllString(s, "${1}[REDACTED]")
+	if len(s) > maxErrorLen {
+		s = s[:maxErrorLen] + "..."
+	}
+	return s
 }
