@@ -306,7 +306,7 @@ func (p *originSet) empty() bool {
 
 // allows reports whether the normalised origin o is in the set.
 func (p *originSet) allows(o origin) bool {
-	if p == nil {
+	if p == nil || o.s == "" {
 		return false
 	}
 	if o.null {
