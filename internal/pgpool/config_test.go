@@ -67,7 +67,9 @@ func TestValidate(t *testing.T) {
 			[]string{`database.application_name: must be printable ASCII, got "mesh\nguard"`}},
 		{"application name length", func(c *Config) { c.ApplicationName = strings.Repeat("m", 64) },
 			[]string{"database.application_name: must be at most 63 bytes"}},
-		{"startup", func(c *Config) { c.Startup = StartupConfig{Attempts: -1, Backoff: time.Second, MaxBackoff: time.Millisecond} },
+		{"startup", func(c *Config) {
+			c.Startup = StartupConfig{Attempts: -1, Backoff: time.Second, MaxBackoff: time.Millisecond}
+		},
 			[]string{"database.startup.attempts: must be >= 0, got -1",
 				`database.startup.max_backoff: must be at least startup.backoff "1s", got "1ms"`}},
 	}
