@@ -48,6 +48,12 @@ import (
 //go:embed envoy.yaml
 var FrontProxy []byte
 
+// Sidecar is sidecar.yaml: the same policy with Envoy, meshguard and the app
+// in one pod, every peer on loopback.
+//
+//go:embed sidecar.yaml
+var Sidecar []byte
+
 // ParseBootstrap decodes a YAML (or JSON) Envoy bootstrap strictly and
 // validates every message in it. It does no I/O and is safe for concurrent use.
 func ParseBootstrap(data []byte) (*bootstrapv3.Bootstrap, error) {

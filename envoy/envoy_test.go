@@ -10,6 +10,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/testing/protocmp"
 	"google.golang.org/protobuf/types/known/anypb"
 
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
@@ -100,9 +101,27 @@ type frontProxy struct {
 	clusters map[string]*clusterv3.Cluster
 }
 
+// bootstraps are the configurations every wiring test runs on.
+var bootstraps = []struct {
+	name string
+	data []byte
+}{{"envoy.yaml", FrontProxy}, {"sidecar.yaml", Sidecar}}
+
+// forEach runs f on each bootstrap in bootstraps as a subtest.
+func forEach(t *testing.T, f func(t *testing.T, fp *frontProxy)) {
+	for _, b := range bootstraps {
+		t.Run(b.name, func(t *testing.T) { f(t, load(t, b.data)) })
+	}
+}
+
 func loadFrontProxy(t *testing.T) *frontProxy {
 	t.Helper()
-	b, err := ParseBootstrap(FrontProxy)
+	return load(t, FrontProxy)
+}
+
+func load(t *testing.T, data []byte) *frontProxy {
+	t.Helper()
+	b, err := ParseBootstrap(data)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -166,119 +185,123 @@ func unpack[M proto.Message](t *testing.T, a *anypb.Any) M {
 }
 
 func TestConnectionManager(t *testing.T) {
-	fp := loadFrontProxy(t)
-	h := fp.hcm
-	if !h.GetUseRemoteAddress().GetValue() {
-		t.Error("use_remote_address must be true: the client address comes from the connection, not from client headers")
-	}
-	if got := h.GetXffNumTrustedHops(); got != 1 {
-		t.Errorf("xff_num_trusted_hops = %d, want 1 (one TLS-terminating load balancer)", got)
-	}
-	if !h.GetNormalizePath().GetValue() || !h.GetMergeSlashes() {
-		t.Error("normalize_path and merge_slashes must be on so route presets cannot be dodged")
-	}
-	if got := h.GetPathWithEscapedSlashesAction(); got != hcmv3.HttpConnectionManager_UNESCAPE_AND_REDIRECT {
-		t.Errorf("path_with_escaped_slashes_action = %v", got)
-	}
-	if got := h.GetCommonHttpProtocolOptions().GetHeadersWithUnderscoresAction(); got != corev3.HttpProtocolOptions_REJECT_REQUEST {
-		t.Errorf("headers_with_underscores_action = %v, want REJECT_REQUEST", got)
-	}
-	if h.GetRequestHeadersTimeout().AsDuration() <= 0 || h.GetStreamIdleTimeout().AsDuration() <= 0 {
-		t.Error("request_headers_timeout and stream_idle_timeout must be set")
-	}
-	if kb := h.GetMaxRequestHeadersKb().GetValue(); kb == 0 || kb > 96 {
-		t.Errorf("max_request_headers_kb = %d, want 1..96", kb)
-	}
-	if h.GetPreserveExternalRequestId() {
-		t.Error("preserve_external_request_id lets clients choose the audit request id")
-	}
-	want := []string{
-		"envoy.filters.http.header_mutation",
-		"envoy.filters.http.jwt_authn",
-		"envoy.filters.http.ext_authz",
-		"envoy.filters.http.ratelimit",
-		"envoy.filters.http.router",
-	}
-	if diff := cmp.Diff(want, fp.filters); diff != "" {
-		t.Errorf("HTTP filter order (-want +got):\n%s", diff)
-	}
+	forEach(t, func(t *testing.T, fp *frontProxy) {
+		h := fp.hcm
+		if !h.GetUseRemoteAddress().GetValue() {
+			t.Error("use_remote_address must be true: the client address comes from the connection, not from client headers")
+		}
+		if got := h.GetXffNumTrustedHops(); got != 1 {
+			t.Errorf("xff_num_trusted_hops = %d, want 1 (one TLS-terminating load balancer)", got)
+		}
+		if !h.GetNormalizePath().GetValue() || !h.GetMergeSlashes() {
+			t.Error("normalize_path and merge_slashes must be on so route presets cannot be dodged")
+		}
+		if got := h.GetPathWithEscapedSlashesAction(); got != hcmv3.HttpConnectionManager_UNESCAPE_AND_REDIRECT {
+			t.Errorf("path_with_escaped_slashes_action = %v", got)
+		}
+		if got := h.GetCommonHttpProtocolOptions().GetHeadersWithUnderscoresAction(); got != corev3.HttpProtocolOptions_REJECT_REQUEST {
+			t.Errorf("headers_with_underscores_action = %v, want REJECT_REQUEST", got)
+		}
+		if h.GetRequestHeadersTimeout().AsDuration() <= 0 || h.GetStreamIdleTimeout().AsDuration() <= 0 {
+			t.Error("request_headers_timeout and stream_idle_timeout must be set")
+		}
+		if kb := h.GetMaxRequestHeadersKb().GetValue(); kb == 0 || kb > 96 {
+			t.Errorf("max_request_headers_kb = %d, want 1..96", kb)
+		}
+		if h.GetPreserveExternalRequestId() {
+			t.Error("preserve_external_request_id lets clients choose the audit request id")
+		}
+		want := []string{
+			"envoy.filters.http.header_mutation",
+			"envoy.filters.http.jwt_authn",
+			"envoy.filters.http.ext_authz",
+			"envoy.filters.http.ratelimit",
+			"envoy.filters.http.router",
+		}
+		if diff := cmp.Diff(want, fp.filters); diff != "" {
+			t.Errorf("HTTP filter order (-want +got):\n%s", diff)
+		}
+	})
 }
 
 // TestSpoofableHeadersStripped: the headers meshguard sets for the upstream
 // and for the rate limit descriptor are removed before any filter reads them.
 func TestSpoofableHeadersStripped(t *testing.T) {
-	fp := loadFrontProxy(t)
-	var removed []string
-	for _, m := range fp.mutation.GetMutations().GetRequestMutations() {
-		if r := m.GetRemove(); r != "" {
-			removed = append(removed, r)
+	forEach(t, func(t *testing.T, fp *frontProxy) {
+		var removed []string
+		for _, m := range fp.mutation.GetMutations().GetRequestMutations() {
+			if r := m.GetRemove(); r != "" {
+				removed = append(removed, r)
+			}
 		}
-	}
-	for _, h := range []string{"x-meshguard-client", "x-meshguard-user", "x-meshguard-role", "x-csp-nonce"} {
-		if !slices.Contains(removed, h) {
-			t.Errorf("header_mutation does not remove %s", h)
+		for _, h := range []string{"x-meshguard-client", "x-meshguard-user", "x-meshguard-role", "x-csp-nonce"} {
+			if !slices.Contains(removed, h) {
+				t.Errorf("header_mutation does not remove %s", h)
+			}
 		}
-	}
+	})
 }
 
 func TestJWTMetadataMatchesExtauthz(t *testing.T) {
-	fp := loadFrontProxy(t)
-	id := extauthz.DefaultIdentityConfig().JWTMetadata
-	if id.Namespace != "envoy.filters.http.jwt_authn" {
-		t.Fatalf("extauthz reads JWT metadata from %q", id.Namespace)
-	}
-	if len(fp.jwt.GetProviders()) == 0 {
-		t.Fatal("jwt_authn has no provider")
-	}
-	for name, p := range fp.jwt.GetProviders() {
-		if p.GetPayloadInMetadata() != id.Key {
-			t.Errorf("provider %s: payload_in_metadata = %q, extauthz reads key %q", name, p.GetPayloadInMetadata(), id.Key)
+	forEach(t, func(t *testing.T, fp *frontProxy) {
+		id := extauthz.DefaultIdentityConfig().JWTMetadata
+		if id.Namespace != "envoy.filters.http.jwt_authn" {
+			t.Fatalf("extauthz reads JWT metadata from %q", id.Namespace)
 		}
-		if c := p.GetRemoteJwks().GetHttpUri().GetCluster(); c != "" && fp.clusters[c] == nil {
-			t.Errorf("provider %s: JWKS cluster %q does not exist", name, c)
+		if len(fp.jwt.GetProviders()) == 0 {
+			t.Fatal("jwt_authn has no provider")
 		}
-	}
-	if !slices.Contains(fp.authz.GetMetadataContextNamespaces(), id.Namespace) {
-		t.Errorf("ext_authz metadata_context_namespaces = %v, missing %s", fp.authz.GetMetadataContextNamespaces(), id.Namespace)
-	}
+		for name, p := range fp.jwt.GetProviders() {
+			if p.GetPayloadInMetadata() != id.Key {
+				t.Errorf("provider %s: payload_in_metadata = %q, extauthz reads key %q", name, p.GetPayloadInMetadata(), id.Key)
+			}
+			if c := p.GetRemoteJwks().GetHttpUri().GetCluster(); c != "" && fp.clusters[c] == nil {
+				t.Errorf("provider %s: JWKS cluster %q does not exist", name, c)
+			}
+		}
+		if !slices.Contains(fp.authz.GetMetadataContextNamespaces(), id.Namespace) {
+			t.Errorf("ext_authz metadata_context_namespaces = %v, missing %s", fp.authz.GetMetadataContextNamespaces(), id.Namespace)
+		}
+	})
 }
 
 func TestExtAuthz(t *testing.T) {
-	fp := loadFrontProxy(t)
-	a := fp.authz
-	if got := a.GetGrpcService().GetEnvoyGrpc().GetClusterName(); got != "meshguard" {
-		t.Errorf("ext_authz cluster = %q, want meshguard", got)
-	}
-	if d := a.GetGrpcService().GetTimeout().AsDuration(); d <= 0 || d > 1e9 {
-		t.Errorf("ext_authz timeout = %v, want (0, 1s]", d)
-	}
-	if a.GetFailureModeAllow() {
-		t.Error("failure_mode_allow must be false: CORS and CSP fail closed")
-	}
-	if a.GetIncludePeerCertificate() {
-		t.Error("include_peer_certificate sends every client certificate to meshguard for nothing")
-	}
-	if a.GetTransportApiVersion() != corev3.ApiVersion_V3 {
-		t.Errorf("transport_api_version = %v", a.GetTransportApiVersion())
-	}
-	if !a.GetValidateMutations() {
-		t.Error("validate_mutations should be on")
-	}
-	allowed := a.GetAllowedHeaders().GetPatterns()
-	for _, h := range []string{"origin", "access-control-request-method", "access-control-request-headers", "x-tenant-id", "sec-fetch-site"} {
-		if !anyMatch(allowed, h) {
-			t.Errorf("ext_authz allowed_headers does not send %s", h)
+	forEach(t, func(t *testing.T, fp *frontProxy) {
+		a := fp.authz
+		if got := a.GetGrpcService().GetEnvoyGrpc().GetClusterName(); got != "meshguard" {
+			t.Errorf("ext_authz cluster = %q, want meshguard", got)
 		}
-	}
-	for _, h := range []string{"authorization", "cookie", "proxy-authorization", "x-meshguard-client"} {
-		if anyMatch(allowed, h) {
-			t.Errorf("ext_authz allowed_headers sends %s to meshguard", h)
+		if d := a.GetGrpcService().GetTimeout().AsDuration(); d <= 0 || d > 1e9 {
+			t.Errorf("ext_authz timeout = %v, want (0, 1s]", d)
 		}
-	}
-	tenant := extauthz.DefaultCORSConfig().TenantHeader
-	if tenant != "" && !anyMatch(allowed, strings.ToLower(tenant)) {
-		t.Errorf("extauthz's tenant header %q is not sent", tenant)
-	}
+		if a.GetFailureModeAllow() {
+			t.Error("failure_mode_allow must be false: CORS and CSP fail closed")
+		}
+		if a.GetIncludePeerCertificate() {
+			t.Error("include_peer_certificate sends every client certificate to meshguard for nothing")
+		}
+		if a.GetTransportApiVersion() != corev3.ApiVersion_V3 {
+			t.Errorf("transport_api_version = %v", a.GetTransportApiVersion())
+		}
+		if !a.GetValidateMutations() {
+			t.Error("validate_mutations should be on")
+		}
+		allowed := a.GetAllowedHeaders().GetPatterns()
+		for _, h := range []string{"origin", "access-control-request-method", "access-control-request-headers", "x-tenant-id", "sec-fetch-site"} {
+			if !anyMatch(allowed, h) {
+				t.Errorf("ext_authz allowed_headers does not send %s", h)
+			}
+		}
+		for _, h := range []string{"authorization", "cookie", "proxy-authorization", "x-meshguard-client"} {
+			if anyMatch(allowed, h) {
+				t.Errorf("ext_authz allowed_headers sends %s to meshguard", h)
+			}
+		}
+		tenant := extauthz.DefaultCORSConfig().TenantHeader
+		if tenant != "" && !anyMatch(allowed, strings.ToLower(tenant)) {
+			t.Errorf("extauthz's tenant header %q is not sent", tenant)
+		}
+	})
 }
 
 // anyMatch evaluates the exact/prefix string matchers the config uses.
@@ -294,29 +317,30 @@ func anyMatch(ms []*matcherv3.StringMatcher, s string) bool {
 }
 
 func TestRateLimitFilter(t *testing.T) {
-	fp := loadFrontProxy(t)
-	r := fp.rl
-	if r.GetDomain() != "api" {
-		t.Errorf("domain = %q, want api (the domain of meshguard's presets)", r.GetDomain())
-	}
-	if got := r.GetRateLimitService().GetGrpcService().GetEnvoyGrpc().GetClusterName(); got != "meshguard" {
-		t.Errorf("rate limit service cluster = %q", got)
-	}
-	if r.GetRateLimitService().GetTransportApiVersion() != corev3.ApiVersion_V3 {
-		t.Error("rate limit service must use the v3 API")
-	}
-	if r.GetFailureModeDeny() {
-		t.Error("failure_mode_deny must be false: meshguard follows ratelimit.failure_mode itself")
-	}
-	if r.GetEnableXRatelimitHeaders() != ratelimitv3.RateLimit_DRAFT_VERSION_03 {
-		t.Errorf("enable_x_ratelimit_headers = %v", r.GetEnableXRatelimitHeaders())
-	}
-	if !r.GetRateLimitedAsResourceExhausted() {
-		t.Error("rate_limited_as_resource_exhausted should be on so gRPC clients see RESOURCE_EXHAUSTED")
-	}
-	if d := r.GetTimeout().AsDuration(); d <= 0 || d > 5e8 {
-		t.Errorf("timeout = %v, want (0, 500ms]", d)
-	}
+	forEach(t, func(t *testing.T, fp *frontProxy) {
+		r := fp.rl
+		if r.GetDomain() != "api" {
+			t.Errorf("domain = %q, want api (the domain of meshguard's presets)", r.GetDomain())
+		}
+		if got := r.GetRateLimitService().GetGrpcService().GetEnvoyGrpc().GetClusterName(); got != "meshguard" {
+			t.Errorf("rate limit service cluster = %q", got)
+		}
+		if r.GetRateLimitService().GetTransportApiVersion() != corev3.ApiVersion_V3 {
+			t.Error("rate limit service must use the v3 API")
+		}
+		if r.GetFailureModeDeny() {
+			t.Error("failure_mode_deny must be false: meshguard follows ratelimit.failure_mode itself")
+		}
+		if r.GetEnableXRatelimitHeaders() != ratelimitv3.RateLimit_DRAFT_VERSION_03 {
+			t.Errorf("enable_x_ratelimit_headers = %v", r.GetEnableXRatelimitHeaders())
+		}
+		if !r.GetRateLimitedAsResourceExhausted() {
+			t.Error("rate_limited_as_resource_exhausted should be on so gRPC clients see RESOURCE_EXHAUSTED")
+		}
+		if d := r.GetTimeout().AsDuration(); d <= 0 || d > 5e8 {
+			t.Errorf("timeout = %v, want (0, 500ms]", d)
+		}
+	})
 }
 
 // route finds the route Envoy would pick for method and path: the first whose
@@ -359,118 +383,120 @@ func descriptor(rl *routev3.RateLimit) (preset, clientHeader string, ok bool) {
 }
 
 func TestRoutesAndPresets(t *testing.T) {
-	fp := loadFrontProxy(t)
-	tests := []struct {
-		path, cluster, preset string
-	}{
-		{"/api/auth/login", "app", "auth"},
-		{"/api/auth/register", "app", "auth"},
-		{"/api/upload", "app", "upload"},
-		{"/api/uploads/avatar", "app", "upload"},
-		{"/api/ai/chat", "app", "ai"},
-		{"/api/users/42", "app", "standard"},
-		{"/api/admin/users", "app", "standard"},
-		{"/", "app", "relaxed"},
-		{"/assets/app.js", "app", "relaxed"},
-		{extauthz.DefaultCSPConfig().ReportURI, "meshguard_http", "relaxed"},
-		{"/v1/audit/logs", "", ""}, // never exposed at the edge
-	}
-	for _, tc := range tests {
-		t.Run(tc.path, func(t *testing.T) {
-			r := route(t, fp.vhost, tc.path)
-			if r == nil {
-				t.Fatal("no route")
-			}
-			if tc.cluster == "" {
-				if r.GetDirectResponse().GetStatus() != 404 {
-					t.Errorf("route %s forwards %s", r.GetName(), tc.path)
+	forEach(t, func(t *testing.T, fp *frontProxy) {
+		tests := []struct {
+			path, cluster, preset string
+		}{
+			{"/api/auth/login", "app", "auth"},
+			{"/api/auth/register", "app", "auth"},
+			{"/api/upload", "app", "upload"},
+			{"/api/uploads/avatar", "app", "upload"},
+			{"/api/ai/chat", "app", "ai"},
+			{"/api/users/42", "app", "standard"},
+			{"/api/admin/users", "app", "standard"},
+			{"/", "app", "relaxed"},
+			{"/assets/app.js", "app", "relaxed"},
+			{extauthz.DefaultCSPConfig().ReportURI, "meshguard_http", "relaxed"},
+			{"/v1/audit/logs", "", ""}, // never exposed at the edge
+		}
+		for _, tc := range tests {
+			t.Run(tc.path, func(t *testing.T) {
+				r := route(t, fp.vhost, tc.path)
+				if r == nil {
+					t.Fatal("no route")
 				}
-				return
-			}
-			if got := r.GetRoute().GetCluster(); got != tc.cluster {
-				t.Errorf("route %s goes to %q, want %q", r.GetName(), got, tc.cluster)
-			}
-			rls := r.GetRoute().GetRateLimits()
-			if len(rls) != 1 {
-				t.Fatalf("route %s has %d rate_limits, want 1", r.GetName(), len(rls))
-			}
-			preset, hdr, ok := descriptor(rls[0])
-			if !ok {
-				t.Fatalf("route %s: rate limit actions are not [generic_key preset, request_headers client]: %v", r.GetName(), rls[0])
-			}
-			if preset != tc.preset || hdr != "x-meshguard-client" {
-				t.Errorf("route %s: descriptor (preset=%s, client from %s), want (preset=%s, client from x-meshguard-client)", r.GetName(), preset, hdr, tc.preset)
-			}
-		})
-	}
-	// Every route that forwards carries a known preset and the client key.
-	for _, r := range fp.vhost.GetRoutes() {
-		if r.GetRoute() == nil {
-			continue
+				if tc.cluster == "" {
+					if r.GetDirectResponse().GetStatus() != 404 {
+						t.Errorf("route %s forwards %s", r.GetName(), tc.path)
+					}
+					return
+				}
+				if got := r.GetRoute().GetCluster(); got != tc.cluster {
+					t.Errorf("route %s goes to %q, want %q", r.GetName(), got, tc.cluster)
+				}
+				rls := r.GetRoute().GetRateLimits()
+				if len(rls) != 1 {
+					t.Fatalf("route %s has %d rate_limits, want 1", r.GetName(), len(rls))
+				}
+				preset, hdr, ok := descriptor(rls[0])
+				if !ok {
+					t.Fatalf("route %s: rate limit actions are not [generic_key preset, request_headers client]: %v", r.GetName(), rls[0])
+				}
+				if preset != tc.preset || hdr != "x-meshguard-client" {
+					t.Errorf("route %s: descriptor (preset=%s, client from %s), want (preset=%s, client from x-meshguard-client)", r.GetName(), preset, hdr, tc.preset)
+				}
+			})
 		}
-		for _, rl := range r.GetRoute().GetRateLimits() {
-			preset, hdr, ok := descriptor(rl)
-			if !ok || !slices.Contains(presets, preset) || hdr != "x-meshguard-client" {
-				t.Errorf("route %s: rate limit %v is not a known preset keyed by x-meshguard-client", r.GetName(), rl)
+		// Every route that forwards carries a known preset and the client key.
+		for _, r := range fp.vhost.GetRoutes() {
+			if r.GetRoute() == nil {
+				continue
+			}
+			for _, rl := range r.GetRoute().GetRateLimits() {
+				preset, hdr, ok := descriptor(rl)
+				if !ok || !slices.Contains(presets, preset) || hdr != "x-meshguard-client" {
+					t.Errorf("route %s: rate limit %v is not a known preset keyed by x-meshguard-client", r.GetName(), rl)
+				}
+			}
+			if len(r.GetRoute().GetRateLimits()) == 0 {
+				t.Errorf("route %s forwards without a rate limit", r.GetName())
 			}
 		}
-		if len(r.GetRoute().GetRateLimits()) == 0 {
-			t.Errorf("route %s forwards without a rate limit", r.GetName())
-		}
-	}
+	})
 }
 
 // TestSecurityHeaders: every response gets the OWASP set, each overwriting an
 // upstream copy, and exactly the routes that serve no HTML get a stricter CSP.
 func TestSecurityHeaders(t *testing.T) {
-	fp := loadFrontProxy(t)
-	rc := fp.hcm.GetRouteConfig()
-	if !rc.GetMostSpecificHeaderMutationsWins() {
-		t.Error("most_specific_header_mutations_wins must be true so a route's CSP replaces the virtual host's")
-	}
-	for _, h := range []string{"server", "x-powered-by"} {
-		if !slices.Contains(rc.GetResponseHeadersToRemove(), h) {
-			t.Errorf("response header %s is not removed", h)
+	forEach(t, func(t *testing.T, fp *frontProxy) {
+		rc := fp.hcm.GetRouteConfig()
+		if !rc.GetMostSpecificHeaderMutationsWins() {
+			t.Error("most_specific_header_mutations_wins must be true so a route's CSP replaces the virtual host's")
 		}
-	}
-	got := map[string]string{}
-	for _, o := range fp.vhost.GetResponseHeadersToAdd() {
-		if o.GetAppendAction() != corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD || o.GetAppend() != nil {
-			t.Errorf("%s: append_action = %v, want OVERWRITE_IF_EXISTS_OR_ADD (the default appends next to an upstream copy)", o.GetHeader().GetKey(), o.GetAppendAction())
-		}
-		got[strings.ToLower(o.GetHeader().GetKey())] = o.GetHeader().GetValue()
-	}
-	want := map[string]func(string) bool{
-		"strict-transport-security":  func(v string) bool { return strings.Contains(v, "max-age=63072000") },
-		"x-content-type-options":     func(v string) bool { return v == "nosniff" },
-		"referrer-policy":            func(v string) bool { return v != "" && v != "unsafe-url" },
-		"permissions-policy":         func(v string) bool { return strings.Contains(v, "camera=()") },
-		"x-frame-options":            func(v string) bool { return v == "DENY" },
-		"cross-origin-opener-policy": func(v string) bool { return v == "same-origin" },
-		"content-security-policy": func(v string) bool {
-			return strings.Contains(v, "frame-ancestors 'none'") && strings.Contains(v, "object-src 'none'") &&
-				strings.Contains(v, "report-uri "+extauthz.DefaultCSPConfig().ReportURI) && !strings.Contains(v, "unsafe-")
-		},
-	}
-	for name, ok := range want {
-		if v, present := got[name]; !present || !ok(v) {
-			t.Errorf("virtual host %s = %q", name, v)
-		}
-	}
-	for _, r := range fp.vhost.GetRoutes() {
-		for _, o := range r.GetResponseHeadersToAdd() {
-			if o.GetAppendAction() != corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD {
-				t.Errorf("route %s %s: append_action = %v", r.GetName(), o.GetHeader().GetKey(), o.GetAppendAction())
+		for _, h := range []string{"server", "x-powered-by"} {
+			if !slices.Contains(rc.GetResponseHeadersToRemove(), h) {
+				t.Errorf("response header %s is not removed", h)
 			}
 		}
-	}
-	// API routes answer JSON: a CSP that allows nothing.
-	for _, p := range []string{"/api/users", "/api/auth/login", "/api/ai/chat", "/api/upload"} {
-		r := route(t, fp.vhost, p)
-		if csp := headerValue(r.GetResponseHeadersToAdd(), "content-security-policy"); !strings.HasPrefix(csp, "default-src 'none'") {
-			t.Errorf("route %s CSP = %q, want default-src 'none'", r.GetName(), csp)
+		got := map[string]string{}
+		for _, o := range fp.vhost.GetResponseHeadersToAdd() {
+			if o.GetAppendAction() != corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD || o.GetAppend() != nil {
+				t.Errorf("%s: append_action = %v, want OVERWRITE_IF_EXISTS_OR_ADD (the default appends next to an upstream copy)", o.GetHeader().GetKey(), o.GetAppendAction())
+			}
+			got[strings.ToLower(o.GetHeader().GetKey())] = o.GetHeader().GetValue()
 		}
-	}
+		want := map[string]func(string) bool{
+			"strict-transport-security":  func(v string) bool { return strings.Contains(v, "max-age=63072000") },
+			"x-content-type-options":     func(v string) bool { return v == "nosniff" },
+			"referrer-policy":            func(v string) bool { return v != "" && v != "unsafe-url" },
+			"permissions-policy":         func(v string) bool { return strings.Contains(v, "camera=()") },
+			"x-frame-options":            func(v string) bool { return v == "DENY" },
+			"cross-origin-opener-policy": func(v string) bool { return v == "same-origin" },
+			"content-security-policy": func(v string) bool {
+				return strings.Contains(v, "frame-ancestors 'none'") && strings.Contains(v, "object-src 'none'") &&
+					strings.Contains(v, "report-uri "+extauthz.DefaultCSPConfig().ReportURI) && !strings.Contains(v, "unsafe-")
+			},
+		}
+		for name, ok := range want {
+			if v, present := got[name]; !present || !ok(v) {
+				t.Errorf("virtual host %s = %q", name, v)
+			}
+		}
+		for _, r := range fp.vhost.GetRoutes() {
+			for _, o := range r.GetResponseHeadersToAdd() {
+				if o.GetAppendAction() != corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD {
+					t.Errorf("route %s %s: append_action = %v", r.GetName(), o.GetHeader().GetKey(), o.GetAppendAction())
+				}
+			}
+		}
+		// API routes answer JSON: a CSP that allows nothing.
+		for _, p := range []string{"/api/users", "/api/auth/login", "/api/ai/chat", "/api/upload"} {
+			r := route(t, fp.vhost, p)
+			if csp := headerValue(r.GetResponseHeadersToAdd(), "content-security-policy"); !strings.HasPrefix(csp, "default-src 'none'") {
+				t.Errorf("route %s CSP = %q, want default-src 'none'", r.GetName(), csp)
+			}
+		}
+	})
 }
 
 // TestRoutePolicy: context_extensions use only the keys and values extauthz
@@ -478,40 +504,41 @@ func TestSecurityHeaders(t *testing.T) {
 // so a misspelled key would silently do nothing), API routes turn the nonce
 // off, and the admin API requires the admin role.
 func TestRoutePolicy(t *testing.T) {
-	fp := loadFrontProxy(t)
-	values := map[string][]string{"cors": {"enforce", "report", "skip"}, "csp": {"nonce", "off"}}
-	policy := map[string]map[string]string{}
-	for _, r := range fp.vhost.GetRoutes() {
-		a := r.GetTypedPerFilterConfig()["envoy.filters.http.ext_authz"]
-		if a == nil {
-			continue
+	forEach(t, func(t *testing.T, fp *frontProxy) {
+		values := map[string][]string{"cors": {"enforce", "report", "skip"}, "csp": {"nonce", "off"}}
+		policy := map[string]map[string]string{}
+		for _, r := range fp.vhost.GetRoutes() {
+			a := r.GetTypedPerFilterConfig()["envoy.filters.http.ext_authz"]
+			if a == nil {
+				continue
+			}
+			pr := unpack[*extauthzv3.ExtAuthzPerRoute](t, a)
+			if pr.GetDisabled() {
+				t.Errorf("route %s disables ext_authz: its requests would skip CORS and keep a client-chosen x-meshguard-client", r.GetName())
+			}
+			ext := pr.GetCheckSettings().GetContextExtensions()
+			for k, v := range ext {
+				switch allowed, known := values[k]; {
+				case known && !slices.Contains(allowed, v):
+					t.Errorf("route %s: context_extensions %s=%q, extauthz accepts %v", r.GetName(), k, v, allowed)
+				case !known && k != "require_role" && k != "tenant":
+					t.Errorf("route %s: context_extensions key %q is not one extauthz reads", r.GetName(), k)
+				}
+			}
+			policy[r.GetName()] = ext
 		}
-		pr := unpack[*extauthzv3.ExtAuthzPerRoute](t, a)
-		if pr.GetDisabled() {
-			t.Errorf("route %s disables ext_authz: its requests would skip CORS and keep a client-chosen x-meshguard-client", r.GetName())
-		}
-		ext := pr.GetCheckSettings().GetContextExtensions()
-		for k, v := range ext {
-			switch allowed, known := values[k]; {
-			case known && !slices.Contains(allowed, v):
-				t.Errorf("route %s: context_extensions %s=%q, extauthz accepts %v", r.GetName(), k, v, allowed)
-			case !known && k != "require_role" && k != "tenant":
-				t.Errorf("route %s: context_extensions key %q is not one extauthz reads", r.GetName(), k)
+		for _, p := range []string{"/api/users", "/api/auth/login", "/api/ai/chat", "/api/upload", "/api/admin/x", "/v1/csp-reports"} {
+			if r := route(t, fp.vhost, p); policy[r.GetName()]["csp"] != "off" {
+				t.Errorf("route %s (%s) does not turn the CSP nonce off", r.GetName(), p)
 			}
 		}
-		policy[r.GetName()] = ext
-	}
-	for _, p := range []string{"/api/users", "/api/auth/login", "/api/ai/chat", "/api/upload", "/api/admin/x", "/v1/csp-reports"} {
-		if r := route(t, fp.vhost, p); policy[r.GetName()]["csp"] != "off" {
-			t.Errorf("route %s (%s) does not turn the CSP nonce off", r.GetName(), p)
+		if r := route(t, fp.vhost, "/index.html"); policy[r.GetName()]["csp"] == "off" {
+			t.Errorf("route %s serves pages but turns the nonce off", r.GetName())
 		}
-	}
-	if r := route(t, fp.vhost, "/index.html"); policy[r.GetName()]["csp"] == "off" {
-		t.Errorf("route %s serves pages but turns the nonce off", r.GetName())
-	}
-	if r := route(t, fp.vhost, "/api/admin/users"); policy[r.GetName()]["require_role"] != "admin" {
-		t.Errorf("route %s does not require the admin role", r.GetName())
-	}
+		if r := route(t, fp.vhost, "/api/admin/users"); policy[r.GetName()]["require_role"] != "admin" {
+			t.Errorf("route %s does not require the admin role", r.GetName())
+		}
+	})
 }
 
 func headerValue(opts []*corev3.HeaderValueOption, name string) string {
@@ -524,83 +551,137 @@ func headerValue(opts []*corev3.HeaderValueOption, name string) string {
 }
 
 func TestAccessLog(t *testing.T) {
-	fp := loadFrontProxy(t)
-	if fp.als == nil {
-		t.Fatal("no envoy.access_loggers.http_grpc access log")
-	}
-	c := fp.als.GetCommonConfig()
-	if c.GetLogName() != "meshguard_audit" {
-		t.Errorf("log_name = %q, want meshguard_audit", c.GetLogName())
-	}
-	if got := c.GetGrpcService().GetEnvoyGrpc().GetClusterName(); got != "meshguard" {
-		t.Errorf("access log cluster = %q", got)
-	}
-	if c.GetTransportApiVersion() != corev3.ApiVersion_V3 {
-		t.Error("access log must use the v3 API")
-	}
-	if n := c.GetBufferSizeBytes().GetValue(); n < 16384 {
-		t.Errorf("buffer_size_bytes = %d: below Envoy's default, entries drop sooner during a meshguard restart", n)
-	}
-	if c.GetGrpcStreamRetryPolicy().GetNumRetries().GetValue() == 0 {
-		t.Error("grpc_stream_retry_policy should retry stream setup")
-	}
-	for _, h := range []string{"origin", "user-agent", "x-request-id", "x-tenant-id"} {
-		if !slices.Contains(fp.als.GetAdditionalRequestHeadersToLog(), h) {
-			t.Errorf("additional_request_headers_to_log misses %s", h)
+	forEach(t, func(t *testing.T, fp *frontProxy) {
+		if fp.als == nil {
+			t.Fatal("no envoy.access_loggers.http_grpc access log")
 		}
-	}
+		c := fp.als.GetCommonConfig()
+		if c.GetLogName() != "meshguard_audit" {
+			t.Errorf("log_name = %q, want meshguard_audit", c.GetLogName())
+		}
+		if got := c.GetGrpcService().GetEnvoyGrpc().GetClusterName(); got != "meshguard" {
+			t.Errorf("access log cluster = %q", got)
+		}
+		if c.GetTransportApiVersion() != corev3.ApiVersion_V3 {
+			t.Error("access log must use the v3 API")
+		}
+		if n := c.GetBufferSizeBytes().GetValue(); n < 16384 {
+			t.Errorf("buffer_size_bytes = %d: below Envoy's default, entries drop sooner during a meshguard restart", n)
+		}
+		if c.GetGrpcStreamRetryPolicy().GetNumRetries().GetValue() == 0 {
+			t.Error("grpc_stream_retry_policy should retry stream setup")
+		}
+		for _, h := range []string{"origin", "user-agent", "x-request-id", "x-tenant-id"} {
+			if !slices.Contains(fp.als.GetAdditionalRequestHeadersToLog(), h) {
+				t.Errorf("additional_request_headers_to_log misses %s", h)
+			}
+		}
+	})
 }
 
 func TestClusters(t *testing.T) {
-	fp := loadFrontProxy(t)
-	mg := fp.clusters["meshguard"]
-	if mg == nil {
-		t.Fatal("no meshguard cluster")
-	}
-	if !explicitHTTP2(t, mg) {
-		t.Error("meshguard cluster must speak HTTP/2 (gRPC)")
-	}
-	if port := mg.GetLoadAssignment().GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress().GetPortValue(); port != 8081 {
-		t.Errorf("meshguard gRPC port = %d, want 8081", port)
-	}
-	if len(mg.GetHealthChecks()) == 0 || mg.GetHealthChecks()[0].GetGrpcHealthCheck() == nil {
-		t.Error("meshguard cluster needs a gRPC health check (grpc.health.v1)")
-	}
-	if len(mg.GetCircuitBreakers().GetThresholds()) == 0 || mg.GetOutlierDetection() == nil {
-		t.Error("meshguard cluster needs circuit breakers and outlier detection")
-	}
-	if mg.GetType() != clusterv3.Cluster_STRICT_DNS {
-		t.Errorf("meshguard cluster type = %v, want STRICT_DNS (one host per pod behind a headless Service)", mg.GetType())
-	}
-	h := fp.clusters["meshguard_http"]
-	if h == nil || h.GetLoadAssignment().GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress().GetPortValue() != 8080 {
-		t.Error("meshguard_http must reach meshguard's HTTP listener on 8080")
-	}
-	if h != nil && (len(h.GetHealthChecks()) == 0 || h.GetHealthChecks()[0].GetHttpHealthCheck().GetPath() != "/readyz") {
-		t.Error("meshguard_http should be health checked on /readyz")
-	}
+	forEach(t, func(t *testing.T, fp *frontProxy) {
+		mg := fp.clusters["meshguard"]
+		if mg == nil {
+			t.Fatal("no meshguard cluster")
+		}
+		if !explicitHTTP2(t, mg) {
+			t.Error("meshguard cluster must speak HTTP/2 (gRPC)")
+		}
+		if port := mg.GetLoadAssignment().GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress().GetPortValue(); port != 8081 {
+			t.Errorf("meshguard gRPC port = %d, want 8081", port)
+		}
+		if len(mg.GetHealthChecks()) == 0 || mg.GetHealthChecks()[0].GetGrpcHealthCheck() == nil {
+			t.Error("meshguard cluster needs a gRPC health check (grpc.health.v1)")
+		}
+		if len(mg.GetCircuitBreakers().GetThresholds()) == 0 || mg.GetOutlierDetection() == nil {
+			t.Error("meshguard cluster needs circuit breakers and outlier detection")
+		}
+		switch addr := mg.GetLoadAssignment().GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress().GetAddress(); {
+		case addr == "127.0.0.1":
+			if mg.GetType() != clusterv3.Cluster_STATIC {
+				t.Errorf("meshguard on loopback: cluster type = %v, want STATIC", mg.GetType())
+			}
+		case mg.GetType() != clusterv3.Cluster_STRICT_DNS:
+			t.Errorf("meshguard cluster type = %v, want STRICT_DNS (one host per pod behind a headless Service)", mg.GetType())
+		}
+		h := fp.clusters["meshguard_http"]
+		if h == nil || h.GetLoadAssignment().GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress().GetPortValue() != 8080 {
+			t.Error("meshguard_http must reach meshguard's HTTP listener on 8080")
+		}
+		if h != nil && (len(h.GetHealthChecks()) == 0 || h.GetHealthChecks()[0].GetHttpHealthCheck().GetPath() != "/readyz") {
+			t.Error("meshguard_http should be health checked on /readyz")
+		}
 
-	// Every cluster a route, a gRPC service or the JWKS fetch names exists.
-	var refs []string
-	for _, l := range fp.b.GetStaticResources().GetListeners() {
-		hcm := unpack[*hcmv3.HttpConnectionManager](t, l.GetFilterChains()[0].GetFilters()[0].GetTypedConfig())
-		for _, vh := range hcm.GetRouteConfig().GetVirtualHosts() {
-			for _, r := range vh.GetRoutes() {
-				if c := r.GetRoute().GetCluster(); c != "" {
-					refs = append(refs, c)
+		// Every cluster a route, a gRPC service or the JWKS fetch names exists.
+		var refs []string
+		for _, l := range fp.b.GetStaticResources().GetListeners() {
+			hcm := unpack[*hcmv3.HttpConnectionManager](t, l.GetFilterChains()[0].GetFilters()[0].GetTypedConfig())
+			for _, vh := range hcm.GetRouteConfig().GetVirtualHosts() {
+				for _, r := range vh.GetRoutes() {
+					if c := r.GetRoute().GetCluster(); c != "" {
+						refs = append(refs, c)
+					}
 				}
 			}
 		}
-	}
-	refs = append(refs,
-		fp.authz.GetGrpcService().GetEnvoyGrpc().GetClusterName(),
-		fp.rl.GetRateLimitService().GetGrpcService().GetEnvoyGrpc().GetClusterName(),
-		fp.als.GetCommonConfig().GetGrpcService().GetEnvoyGrpc().GetClusterName(),
-	)
-	for _, r := range refs {
-		if fp.clusters[r] == nil {
-			t.Errorf("cluster %q is referenced but not defined", r)
+		refs = append(refs,
+			fp.authz.GetGrpcService().GetEnvoyGrpc().GetClusterName(),
+			fp.rl.GetRateLimitService().GetGrpcService().GetEnvoyGrpc().GetClusterName(),
+			fp.als.GetCommonConfig().GetGrpcService().GetEnvoyGrpc().GetClusterName(),
+		)
+		for _, r := range refs {
+			if fp.clusters[r] == nil {
+				t.Errorf("cluster %q is referenced but not defined", r)
+			}
 		}
+	})
+}
+
+// TestSidecarMatchesFrontProxy: sidecar.yaml is envoy.yaml with only the
+// topology changed (node name, listener port, loopback STATIC clusters), so
+// a policy change made in one file and not the other fails here.
+func TestSidecarMatchesFrontProxy(t *testing.T) {
+	front, side := load(t, FrontProxy).b, load(t, Sidecar).b
+	side.Node = proto.Clone(front.GetNode()).(*corev3.Node)
+	for _, l := range side.GetStaticResources().GetListeners() {
+		if l.GetName() == "ingress_http" {
+			if got := l.GetAddress().GetSocketAddress().GetPortValue(); got != 8000 {
+				t.Errorf("sidecar listens on %d, want 8000", got)
+			}
+			l.GetAddress().GetSocketAddress().PortSpecifier = &corev3.SocketAddress_PortValue{PortValue: 10000}
+		}
+	}
+	frontClusters := map[string]*clusterv3.Cluster{}
+	for _, c := range front.GetStaticResources().GetClusters() {
+		frontClusters[c.GetName()] = c
+	}
+	for i, c := range side.GetStaticResources().GetClusters() {
+		switch c.GetName() {
+		case "meshguard", "meshguard_http", "app":
+		default:
+			continue
+		}
+		sa := c.GetLoadAssignment().GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress()
+		if c.GetType() != clusterv3.Cluster_STATIC || sa.GetAddress() != "127.0.0.1" {
+			t.Errorf("sidecar cluster %s: %v %s, want STATIC on 127.0.0.1", c.GetName(), c.GetType(), sa.GetAddress())
+		}
+		f := frontClusters[c.GetName()]
+		fa := f.GetLoadAssignment().GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress()
+		if sa.GetPortValue() != fa.GetPortValue() {
+			t.Errorf("sidecar cluster %s port %d, front proxy %d", c.GetName(), sa.GetPortValue(), fa.GetPortValue())
+		}
+		// Take the front proxy's DNS settings; everything else must already match.
+		n := proto.Clone(c).(*clusterv3.Cluster)
+		n.ClusterDiscoveryType = f.GetClusterDiscoveryType()
+		n.DnsLookupFamily = f.GetDnsLookupFamily()
+		n.DnsRefreshRate = f.GetDnsRefreshRate()
+		n.RespectDnsTtl = f.GetRespectDnsTtl()
+		n.GetLoadAssignment().GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress().Address = fa.GetAddress()
+		side.GetStaticResources().GetClusters()[i] = n
+	}
+	if diff := cmp.Diff(front, side, protocmp.Transform()); diff != "" {
+		t.Errorf("sidecar.yaml differs from envoy.yaml beyond topology (-front +sidecar):\n%s", diff)
 	}
 }
 
@@ -617,18 +698,19 @@ func explicitHTTP2(t *testing.T, c *clusterv3.Cluster) bool {
 // TestAdminNotExposed: Envoy's admin API (which can stop Envoy) listens on
 // loopback; only /ready and /stats/prometheus are proxied to the pod address.
 func TestAdminNotExposed(t *testing.T) {
-	fp := loadFrontProxy(t)
-	if a := fp.b.GetAdmin().GetAddress().GetSocketAddress().GetAddress(); a != "127.0.0.1" {
-		t.Errorf("admin listens on %q", a)
-	}
-	hcm := unpack[*hcmv3.HttpConnectionManager](t, listener(t, fp.b, "envoy_admin").GetFilterChains()[0].GetFilters()[0].GetTypedConfig())
-	vh := hcm.GetRouteConfig().GetVirtualHosts()[0]
-	for path, wantForward := range map[string]bool{"/ready": true, "/stats/prometheus": true, "/quitquitquit": false, "/config_dump": false, "/": false} {
-		r := route(t, vh, path)
-		if forwards := r != nil && r.GetRoute() != nil; forwards != wantForward {
-			t.Errorf("%s forwarded to admin = %v, want %v", path, forwards, wantForward)
+	forEach(t, func(t *testing.T, fp *frontProxy) {
+		if a := fp.b.GetAdmin().GetAddress().GetSocketAddress().GetAddress(); a != "127.0.0.1" {
+			t.Errorf("admin listens on %q", a)
 		}
-	}
+		hcm := unpack[*hcmv3.HttpConnectionManager](t, listener(t, fp.b, "envoy_admin").GetFilterChains()[0].GetFilters()[0].GetTypedConfig())
+		vh := hcm.GetRouteConfig().GetVirtualHosts()[0]
+		for path, wantForward := range map[string]bool{"/ready": true, "/stats/prometheus": true, "/quitquitquit": false, "/config_dump": false, "/": false} {
+			r := route(t, vh, path)
+			if forwards := r != nil && r.GetRoute() != nil; forwards != wantForward {
+				t.Errorf("%s forwarded to admin = %v, want %v", path, forwards, wantForward)
+			}
+		}
+	})
 }
 
 func mustRead(t *testing.T, name string) []byte {
