@@ -35,6 +35,7 @@ import (
 	"log/slog"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -81,7 +82,18 @@ type Server struct {
 	hAllowCreds, hExpose, hVary, hACAOStar, hReporting           *corev3.HeaderValueOption
 	hPreflightVary, hAllowMethods, hAllowHeaders, hMaxAge, hJSON *corev3.HeaderValueOption
 	hVaryDenied                                                  *corev3.HeaderValueOption
-	removeFixed                                                  []string
+
+	lastWarn atomic.Int64 // unix nanos of the last sampled warning
+}
+
+// warnSampled logs at most one warning a minute from the request path, so
+// a misconfigured route cannot flood the log.
+func (s *Server) warnSampled(msg string, args ...any) {
+	now, last := time.Now().UnixNano(), s.lastWarn.Load()
+	if now-last < int64(time.Minute) || !s.lastWarn.CompareAndSwap(last, now) {
+		return
+	}
+	s.log.Warn(msg, args...)
 }
 
 // New returns a Server for cfg. tenants may be nil (no database): then only
@@ -364,7 +376,8 @@ func (s *Server) evaluate(attrs *authv3.AttributeContext, h *authv3.AttributeCon
 	}
 	rt := s.route(attrs.GetContextExtensions())
 	if rt.bad != "" {
-		s.log.Warn("unknown per-route policy value in context_extensions; answering 500", "key", rt.bad)
+		s.warnSampled("unknown per-route policy value in context_extensions; answering 500 (logged at most once a minute)",
+			"key", rt.bad, "value", attrs.GetContextExtensions()[rt.bad])
 		s.deny(e, reasonBadRoutePolicy, http500, bodyBadRoutePolicy, statusPolicy)
 		return
 	}

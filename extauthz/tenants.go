@@ -265,10 +265,10 @@ func (t *TenantStore) poll(ctx context.Context) error {
 	backoff := t.minBackoff
 	for ctx.Err() == nil {
 		wait := t.reload
-		err := t.ensureSchemaOnce(ctx)
-		if err == nil {
-			err = t.Load(ctx)
+		if err := t.ensureSchemaOnce(ctx); err != nil {
+			t.log.Warn("could not create the tenant origin table; trying to use it as it is", "err", err)
 		}
+		err := t.Load(ctx)
 		if err != nil && ctx.Err() == nil {
 			t.log.Warn("tenant origin reload failed; serving the last good copy", "err", err, "retry_in", backoff)
 			wait = backoff
@@ -297,7 +297,9 @@ func (t *TenantStore) ensureSchemaOnce(ctx context.Context) error {
 // listen runs one LISTEN session; connected is called once it is live.
 func (t *TenantStore) listen(ctx context.Context, connected func()) error {
 	if err := t.ensureSchemaOnce(ctx); err != nil {
-		return err
+		// Perhaps the role may not create tables and a migration made it:
+		// go on, Load tells whether the table is there.
+		t.log.Warn("could not create the tenant origin table; trying to use it as it is", "err", err)
 	}
 	conn, err := t.connect(ctx)
 	if err != nil {
