@@ -70,7 +70,7 @@ func testConfig(url string) Config {
 	cfg := DefaultConfig()
 	cfg.URL = secret.URL(url)
 	cfg.ApplicationName = uniqueName("mgtest_")
-	cfg.ConnectTimeout = 2 * time.Second
+	cfg.ConnectTimeout = 10 * time.Second // generous: the test machine is shared
 	cfg.Startup = StartupConfig{Attempts: 3, Backoff: 20 * time.Millisecond, MaxBackoff: 50 * time.Millisecond}
 	cfg.Pool.MinConns = 0
 	return cfg
@@ -265,7 +265,6 @@ func TestHealthSaturated(t *testing.T) {
 	needPG(t)
 	cfg := testConfig(pg.URL())
 	cfg.Pool.MaxConns = 1
-	cfg.ConnectTimeout = 200 * time.Millisecond
 	p, _ := open(t, cfg, nil)
 	<-p.done
 	if _, err := p.Pool().Exec(t.Context(), "SELECT 1"); err != nil {
@@ -276,11 +275,16 @@ func TestHealthSaturated(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer held.Release()
-	if h := p.Health(t.Context()); h.Err != nil || !h.Saturated {
+	health := func() Health {
+		ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
+		defer cancel()
+		return p.Health(ctx)
+	}
+	if h := health(); h.Err != nil || !h.Saturated {
 		t.Errorf("busy pool after a recent success: %+v", h)
 	}
 	p.tracer.lastOK.Store(time.Now().Add(-time.Minute).UnixNano())
-	h := p.Health(t.Context())
+	h := health()
 	if h.Err == nil || !strings.Contains(h.Err.Error(), "all 1 connections in use") {
 		t.Errorf("busy pool with no recent success: %+v", h)
 	}
@@ -434,9 +438,6 @@ func TestSlowQueryLog(t *testing.T) {
 	p, reg := open(t, cfg, &logs)
 	const arg = "argument-value-7f3a"
 	if _, err := p.Pool().Exec(t.Context(), "SELECT pg_sleep(0.05), $1::text", arg); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := p.Pool().Exec(t.Context(), "SELECT 1"); err != nil {
 		t.Fatal(err)
 	}
 	// The server's message quotes the value: "invalid input syntax for type integer: ...".

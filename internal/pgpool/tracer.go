@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -32,11 +33,31 @@ type tracer struct {
 	acquireTimeout time.Duration
 	now            func() time.Time
 	lastOK         atomic.Int64 // Unix nanoseconds of the last successful statement
+	labels         labelCache
 }
 
-type queryTrace struct {
-	start time.Time
-	label string
+// maxCachedLabels bounds the SQL texts whose label is remembered; beyond it
+// labels are derived per statement.
+const maxCachedLabels = 1024
+
+// labelCache remembers statementLabel per SQL text, so a fixed set of
+// statements costs one map lookup and no allocation.
+type labelCache struct {
+	m sync.Map // SQL -> label
+	n atomic.Int32
+}
+
+func (c *labelCache) label(sql string) string {
+	if l, ok := c.m.Load(sql); ok {
+		return l.(string)
+	}
+	l := statementLabel(sql)
+	if c.n.Load() < maxCachedLabels {
+		if _, loaded := c.m.LoadOrStore(sql, l); !loaded {
+			c.n.Add(1)
+		}
+	}
+	return l
 }
 
 type traceKey struct{}
@@ -54,11 +75,11 @@ func (t *tracer) start(ctx context.Context, label string) context.Context {
 	if l, ok := ctx.Value(labelKey{}).(string); ok && l != "" {
 		label = sanitizeLabel(l)
 	}
-	return context.WithValue(ctx, traceKey{}, &queryTrace{start: t.now(), label: label})
+	return &traceCtx{Context: ctx, start: t.now(), label: label}
 }
 
 func (t *tracer) end(ctx context.Context, err error) {
-	qt, ok := ctx.Value(traceKey{}).(*queryTrace)
+	qt, ok := ctx.Value(traceKey{}).(*traceCtx)
 	if !ok {
 		return
 	}
@@ -82,9 +103,24 @@ func (t *tracer) end(ctx context.Context, err error) {
 	}
 }
 
+// traceCtx carries one statement's start and label: a context and its
+// trace in one allocation.
+type traceCtx struct {
+	context.Context
+	start time.Time
+	label string
+}
+
+func (c *traceCtx) Value(key any) any {
+	if key == (traceKey{}) {
+		return c
+	}
+	return c.Context.Value(key)
+}
+
 // TraceQueryStart implements pgx.QueryTracer.
 func (t *tracer) TraceQueryStart(ctx context.Context, _ *pgx.Conn, data pgx.TraceQueryStartData) context.Context {
-	return t.start(ctx, statementLabel(data.SQL))
+	return t.start(ctx, t.labels.label(data.SQL))
 }
 
 // TraceQueryEnd implements pgx.QueryTracer.
