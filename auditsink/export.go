@@ -58,14 +58,10 @@ func WriteExport(ctx context.Context, w io.Writer, reader recordReader, f Filter
 		cells := make([]string, len(ExportColumns))
 		write = func(r *Record) error {
 			csvCells(cells, r)
-			if err := cw.Write(cells); err != nil {
-				return err
-			}
-			if rows%256 == 0 { // surface write errors (client gone) promptly
-				cw.Flush()
-				return cw.Error()
-			}
-			return nil
+			// cw writes straight into bw (bufio.NewWriter reuses a big
+			// enough *bufio.Writer), so Write reports a gone client as soon
+			// as bw fails to flush.
+			return cw.Write(cells)
 		}
 		finish = func() error {
 			cw.Flush()
