@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -670,4 +671,27 @@ func labelsMatch[L interface {
 		}
 	}
 	return true
+}
+
+// TestCloseLeavesNoGoroutines: Close stops the start-up loop (even one still
+// retrying an absent server) and pgxpool's background work.
+func TestCloseLeavesNoGoroutines(t *testing.T) {
+	needPG(t)
+	before := runtime.NumGoroutine()
+	for _, url := range []string{pg.URL(), "postgres://postgres@127.0.0.1:1/none?sslmode=disable"} {
+		cfg := testConfig(url)
+		cfg.Pool.MinConns = 2
+		cfg.Startup = StartupConfig{Attempts: 1000, Backoff: time.Hour, MaxBackoff: time.Hour}
+		p, err := Open(t.Context(), slog.New(slog.DiscardHandler), prometheus.NewRegistry(), cfg, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.Pool().Exec(t.Context(), "SELECT 1")
+		start := time.Now()
+		p.Close()
+		if d := time.Since(start); d > 5*time.Second {
+			t.Errorf("Close took %v", d)
+		}
+	}
+	waitFor(t, func() bool { return runtime.NumGoroutine() <= before })
 }
