@@ -1,0 +1,513 @@
+package ratelimitsvc
+
+import (
+	"context"
+	"crypto/sha1"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
+)
+
+// evaluateScript runs one request's counters that live in one slot. KEYS are
+// pairs (current bucket, previous bucket); ARGV[1] is "1" when quota
+// counters may refuse here (every counter of the request is in this call),
+// then five values per counter: limit, hits, weight of the previous bucket in
+// parts per million (-1: fixed window), TTL in ms, flags (1 shadow, 2 quota).
+// It returns the counts seen before the hits, pairwise, then 1 when the
+// hits were added (admitted) or 0. The admission rule mirrors admit().
+const evaluateScript = `
+local n = #KEYS / 2
+local out = {}
+local over = false
+local quotas, quotasOver = 0, 0
+for i = 1, n do
+  local a = 2 + (i - 1) * 5
+  local limit = tonumber(ARGV[a])
+  local hits = tonumber(ARGV[a + 1])
+  local w = tonumber(ARGV[a + 2])
+  local flags = tonumber(ARGV[a + 4])
+  local cur = tonumber(redis.call('GET', KEYS[2 * i - 1]) or '0')
+  local prev = 0
+  if w >= 0 then prev = tonumber(redis.call('GET', KEYS[2 * i]) or '0') end
+  out[2 * i - 1] = cur
+  out[2 * i] = prev
+  if hits >= 0 and flags % 2 == 0 then
+    local need = hits
+    if need == 0 then need = 1 end
+    local est = cur
+    if w >= 0 then est = prev * w / 1000000 + cur end
+    local o = est + need > limit
+    if flags >= 2 then
+      quotas = quotas + 1
+      if o then quotasOver = quotasOver + 1 end
+    elseif o then
+      over = true
+    end
+  end
+end
+if ARGV[1] == '1' and quotas > 0 and quotasOver == quotas then over = true end
+if over then
+  out[2 * n + 1] = 0
+  return out
+end
+for i = 1, n do
+  local a = 2 + (i - 1) * 5
+  local hits = tonumber(ARGV[a + 1])
+  if hits ~= 0 then
+    local v = redis.call('INCRBY', KEYS[2 * i - 1], hits)
+    if v < 0 then redis.call('SET', KEYS[2 * i - 1], 0) end
+    redis.call('PEXPIRE', KEYS[2 * i - 1], ARGV[a + 3])
+  end
+end
+out[2 * n + 1] = 1
+return out
+`
+
+var evaluateSHA = func() string {
+	sum := sha1.Sum([]byte(evaluateScript))
+	return hex.EncodeToString(sum[:])
+}()
+
+// redisClient is what RedisStore needs of go-redis: *redis.Client (standalone
+// or Sentinel) and *redis.ClusterClient both provide it.
+type redisClient interface {
+	redis.Scripter
+	Pipeline() redis.Pipeliner
+	Ping(ctx context.Context) *redis.StatusCmd
+	PoolStats() *redis.PoolStats
+	Close() error
+}
+
+// RedisStore keeps counters in Redis (standalone, Sentinel or Cluster), so
+// every replica shares them. One script call per request evaluates and
+// updates all of its counters in one round trip; in Cluster mode the
+// counters are grouped by slot and the groups pipelined. It is safe for
+// concurrent use.
+type RedisStore struct {
+	log     *slog.Logger
+	client  redisClient
+	cluster *redis.ClusterClient // nil unless Cluster mode
+	mode    string
+	addrs   []string
+	timeout time.Duration
+	prefix  string
+}
+
+// NewRedisStore connects lazily to the configured Redis and registers the
+// pool metrics on reg. cfg must be valid and Enabled.
+func NewRedisStore(log *slog.Logger, reg prometheus.Registerer, cfg RedisConfig) (*RedisStore, error) {
+	s := &RedisStore{log: log, timeout: cfg.Timeout, prefix: cfg.KeyPrefix}
+	pool := cfg.PoolSize
+	if pool == 0 {
+		pool = 10 * runtime.GOMAXPROCS(0)
+	}
+	var tlsCfg *tls.Config
+	if cfg.TLS {
+		tlsCfg = &tls.Config{MinVersion: tls.VersionTLS12}
+	}
+	switch {
+	case cfg.URL.IsSet():
+		opt, err := redis.ParseURL(cfg.URL.Reveal())
+		if err != nil {
+			return nil, fmt.Errorf("parsing redis.url %s: %w", cfg.URL, err)
+		}
+		applyTimeouts(opt, cfg.Timeout, pool, cfg.MinIdleConns)
+		s.client, s.mode, s.addrs = redis.NewClient(opt), "standalone", []string{opt.Addr}
+	case len(cfg.Cluster) > 0:
+		opt := &redis.ClusterOptions{
+			Addrs: cfg.Cluster, Username: cfg.Username, Password: cfg.Password.Reveal(), TLSConfig: tlsCfg,
+			DialTimeout: cfg.Timeout, ReadTimeout: cfg.Timeout, WriteTimeout: cfg.Timeout, PoolTimeout: cfg.Timeout,
+			ContextTimeoutEnabled: true, MaxRetries: -1, MaxRedirects: 2, DialerRetries: 1,
+			PoolSize: pool, MinIdleConns: cfg.MinIdleConns, DisableIdentity: true,
+		}
+		c := redis.NewClusterClient(opt)
+		s.client, s.cluster, s.mode, s.addrs = c, c, "cluster", cfg.Cluster
+	default:
+		opt := &redis.FailoverOptions{
+			MasterName: cfg.Sentinel.Master, SentinelAddrs: cfg.Sentinel.Addrs,
+			SentinelPassword: cfg.Sentinel.Password.Reveal(),
+			Username:         cfg.Username, Password: cfg.Password.Reveal(), TLSConfig: tlsCfg,
+			DialTimeout: cfg.Timeout, ReadTimeout: cfg.Timeout, WriteTimeout: cfg.Timeout, PoolTimeout: cfg.Timeout,
+			ContextTimeoutEnabled: true, MaxRetries: -1, DialerRetries: 1,
+			PoolSize: pool, MinIdleConns: cfg.MinIdleConns, DisableIdentity: true,
+		}
+		s.client, s.mode, s.addrs = redis.NewFailoverClient(opt), "sentinel", cfg.Sentinel.Addrs
+	}
+	if reg != nil {
+		if err := reg.Register(newPoolCollector(s.client.PoolStats)); err != nil {
+			s.client.Close()
+			return nil, fmt.Errorf("registering redis pool metrics: %w", err)
+		}
+	}
+	return s, nil
+}
+
+func applyTimeouts(opt *redis.Options, timeout time.Duration, pool, minIdle int) {
+	opt.DialTimeout, opt.ReadTimeout, opt.WriteTimeout, opt.PoolTimeout = timeout, timeout, timeout, timeout
+	opt.ContextTimeoutEnabled = true
+	opt.MaxRetries = -1 // one attempt: the deadline is the caller's, retries would overrun it
+	opt.DialerRetries = 1
+	opt.PoolSize = pool
+	opt.MinIdleConns = minIdle
+	opt.DisableIdentity = true
+}
+
+// Close closes every connection.
+func (s *RedisStore) Close() error { return s.client.Close() }
+
+// Mode is standalone, sentinel or cluster.
+func (s *RedisStore) Mode() string { return s.mode }
+
+// PoolStats returns the connection pool statistics.
+func (s *RedisStore) PoolStats() *redis.PoolStats { return s.client.PoolStats() }
+
+// Ping checks that Redis answers within the store timeout: in Cluster mode,
+// every master.
+func (s *RedisStore) Ping(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, max(s.timeout, time.Second))
+	defer cancel()
+	if s.cluster != nil {
+		return s.cluster.ForEachMaster(ctx, func(ctx context.Context, c *redis.Client) error {
+			return c.Ping(ctx).Err()
+		})
+	}
+	return s.client.Ping(ctx).Err()
+}
+
+// Status describes the store for /readyz: mode, seed addresses (no
+// credentials) and pool statistics.
+func (s *RedisStore) Status() map[string]any {
+	st := s.client.PoolStats()
+	return map[string]any{
+		"mode":  s.mode,
+		"addrs": s.addrs,
+		"pool": map[string]any{
+			"hits": st.Hits, "misses": st.Misses, "timeouts": st.Timeouts,
+			"total_conns": st.TotalConns, "idle_conns": st.IdleConns, "stale_conns": st.StaleConns,
+			"wait_count": st.WaitCount, "wait_duration_ms": float64(st.WaitDurationNs) / 1e6,
+			"pending_requests": st.PendingRequests,
+		},
+	}
+}
+
+// keys appends the current and previous bucket keys of r:
+// <prefix>{<hash>}<id>:<bucket>. The hash tag keeps both in one Cluster slot.
+func (s *RedisStore) appendKeys(keys []string, buf []byte, r *counterReq, bucket int64) ([]string, []byte) {
+	start := len(buf)
+	buf = append(buf, s.prefix...)
+	buf = append(buf, '{')
+	buf = appendHex16(buf, r.hash)
+	buf = append(buf, '}')
+	buf = append(buf, r.id...)
+	buf = append(buf, ':')
+	base := len(buf)
+	buf = strconv.AppendInt(buf, bucket, 10)
+	cur := string(buf[start:])
+	buf = strconv.AppendInt(buf[:base], bucket-1, 10)
+	prev := string(buf[start:])
+	return append(keys, cur, prev), buf[:start]
+}
+
+func appendHex16(b []byte, h uint64) []byte {
+	const digits = "0123456789abcdef"
+	for i := 60; i >= 0; i -= 4 {
+		b = append(b, digits[(h>>uint(i))&0xf])
+	}
+	return b
+}
+
+// group is the counters of one request that share a Cluster slot.
+type group struct {
+	idx  []int // indexes into the request's counters
+	keys []string
+	args []any
+	cmd  *redis.Cmd
+}
+
+func (s *RedisStore) buildGroup(g *group, reqs []counterReq, nowMs int64, quotaLocal bool, buf []byte) []byte {
+	g.keys = g.keys[:0]
+	g.args = g.args[:0]
+	if quotaLocal {
+		g.args = append(g.args, "1")
+	} else {
+		g.args = append(g.args, "0")
+	}
+	for _, i := range g.idx {
+		r := &reqs[i]
+		bucket, w := bucketOf(r, nowMs)
+		g.keys, buf = s.appendKeys(g.keys, buf, r, bucket)
+		ttl := (bucket+2)*r.window - nowMs + 1000
+		if r.fixed {
+			ttl = (bucket+1)*r.window - nowMs + 1000
+		}
+		flags := 0
+		if r.shadow {
+			flags |= 1
+		}
+		if r.quota {
+			flags |= 2
+		}
+		g.args = append(g.args, r.limit, r.hits, w, ttl, flags)
+	}
+	return buf
+}
+
+// parse copies a script reply into res and reports whether hits were added.
+func parseReply(cmd *redis.Cmd, idx []int, res []counterRes) (bool, error) {
+	v, err := cmd.Slice()
+	if err != nil {
+		return false, err
+	}
+	if len(v) != 2*len(idx)+1 {
+		return false, fmt.Errorf("script returned %d values for %d counters", len(v), len(idx))
+	}
+	for j, i := range idx {
+		cur, ok1 := v[2*j].(int64)
+		prev, ok2 := v[2*j+1].(int64)
+		if !ok1 || !ok2 {
+			return false, fmt.Errorf("script returned %T, %T", v[2*j], v[2*j+1])
+		}
+		res[i] = counterRes{cur: cur, prev: prev}
+	}
+	flag, _ := v[len(v)-1].(int64)
+	return flag == 1, nil
+}
+
+func isNoScript(err error) bool { return err != nil && strings.HasPrefix(err.Error(), "NOSCRIPT") }
+
+func (s *RedisStore) evaluate(ctx context.Context, nowMs int64, reqs []counterReq, res []counterRes) (bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	sc := scratchPool.Get()
+	defer scratchPool.Put(sc)
+	if s.cluster == nil || len(reqs) == 1 {
+		g := &sc.groups[0]
+		g.idx = g.idx[:0]
+		for i := range reqs {
+			g.idx = append(g.idx, i)
+		}
+		sc.buf = s.buildGroup(g, reqs, nowMs, true, sc.buf)
+		cmd := s.client.EvalSha(ctx, evaluateSHA, g.keys, g.args...)
+		if isNoScript(cmd.Err()) {
+			cmd = s.client.Eval(ctx, evaluateScript, g.keys, g.args...)
+		}
+		return parseReply(cmd, g.idx, res)
+	}
+	return s.evaluateCluster(ctx, sc, nowMs, reqs, res)
+}
+
+// evaluateCluster runs one script per slot, pipelined (go-redis sends each
+// node's share concurrently). Each group refuses on its own normal counters;
+// the request's verdict is then computed over all counters, and groups that
+// added hits to a refused request give them back.
+func (s *RedisStore) evaluateCluster(ctx context.Context, sc *redisScratch, nowMs int64, reqs []counterReq, res []counterRes) (bool, error) {
+	ng := 0
+	slots := sc.slots[:0]
+	for i := range reqs {
+		slot := keySlot(reqs[i].hash)
+		gi := -1
+		for j, sl := range slots {
+			if sl == slot {
+				gi = j
+				break
+			}
+		}
+		if gi < 0 {
+			gi = ng
+			ng++
+			slots = append(slots, slot)
+			if len(sc.groups) < ng {
+				sc.groups = append(sc.groups, group{})
+			}
+			sc.groups[gi].idx = sc.groups[gi].idx[:0]
+		}
+		sc.groups[gi].idx = append(sc.groups[gi].idx, i)
+	}
+	sc.slots = slots
+	groups := sc.groups[:ng]
+	for gi := range groups {
+		sc.buf = s.buildGroup(&groups[gi], reqs, nowMs, ng == 1, sc.buf)
+	}
+	run := func(only func(*group) bool, sha bool) error {
+		pipe := s.client.Pipeline()
+		for gi := range groups {
+			g := &groups[gi]
+			if !only(g) {
+				continue
+			}
+			if sha {
+				g.cmd = pipe.EvalSha(ctx, evaluateSHA, g.keys, g.args...)
+			} else {
+				g.cmd = pipe.Eval(ctx, evaluateScript, g.keys, g.args...)
+			}
+		}
+		_, err := pipe.Exec(ctx)
+		return err
+	}
+	err := run(func(*group) bool { return true }, true)
+	if err != nil {
+		missing := false
+		for gi := range groups {
+			if isNoScript(groups[gi].cmd.Err()) {
+				missing = true
+			}
+		}
+		if missing {
+			err = run(func(g *group) bool { return isNoScript(g.cmd.Err()) }, false)
+		}
+	}
+	if err != nil {
+		return false, err
+	}
+	committed := sc.committed[:0]
+	for gi := range groups {
+		ok, err := parseReply(groups[gi].cmd, groups[gi].idx, res)
+		if err != nil {
+			return false, err
+		}
+		committed = append(committed, ok)
+	}
+	sc.committed = committed
+	if admit(reqs, res, nowMs) {
+		allCommitted := true
+		for _, c := range committed {
+			allCommitted = allCommitted && c
+		}
+		if allCommitted {
+			return true, nil
+		}
+		// A group refused on its own although the request as a whole is
+		// admitted (cannot happen with the same rule; kept as a guard).
+		return false, nil
+	}
+	// Refused: take back what other groups added.
+	pipe := s.client.Pipeline()
+	refunds := 0
+	for gi := range groups {
+		if !committed[gi] {
+			continue
+		}
+		g := &groups[gi]
+		for j, i := range g.idx {
+			if h := reqs[i].hits; h > 0 {
+				pipe.DecrBy(ctx, g.keys[2*j], h)
+				refunds++
+			}
+		}
+	}
+	if refunds > 0 {
+		if _, err := pipe.Exec(ctx); err != nil {
+			s.log.Warn("giving back hits of a refused request failed", "err", err)
+		}
+	}
+	return false, nil
+}
+
+type redisScratch struct {
+	groups    []group
+	slots     []uint16
+	committed []bool
+	buf       []byte
+}
+
+var scratchPool = syncPool(func() *redisScratch {
+	return &redisScratch{groups: make([]group, 1), buf: make([]byte, 0, 512)}
+})
+
+// keySlot is the Redis Cluster slot of a key whose hash tag is the 16 hex
+// digits of h: CRC16/XMODEM of the tag, mod 16384.
+func keySlot(h uint64) uint16 {
+	var tag [16]byte
+	appendHex16(tag[:0], h)
+	var crc uint16
+	for _, b := range tag {
+		crc ^= uint16(b) << 8
+		for range 8 {
+			if crc&0x8000 != 0 {
+				crc = crc<<1 ^ 0x1021
+			} else {
+				crc <<= 1
+			}
+		}
+	}
+	return crc % 16384
+}
+
+// classifyStoreError names a store error for the errors metric.
+func classifyStoreError(err error) string {
+	switch {
+	case errors.Is(err, context.DeadlineExceeded), isTimeout(err):
+		return "timeout"
+	case errors.Is(err, context.Canceled):
+		return "canceled"
+	case errors.Is(err, redis.ErrPoolTimeout):
+		return "pool_timeout"
+	}
+	return "error"
+}
+
+func isTimeout(err error) bool {
+	var te interface{ Timeout() bool }
+	return errors.As(err, &te) && te.Timeout()
+}
+
+// poolCollector exports go-redis pool statistics at scrape time.
+type poolCollector struct {
+	stats                                     func() *redis.PoolStats
+	hits, misses, timeouts, waits, waitSecs   *prometheus.Desc
+	conns, idle, stale, pending, unusableDesc *prometheus.Desc
+}
+
+func newPoolCollector(stats func() *redis.PoolStats) *poolCollector {
+	d := func(name, help string) *prometheus.Desc {
+		return prometheus.NewDesc("meshguard_ratelimitsvc_redis_pool_"+name, help, nil, nil)
+	}
+	return &poolCollector{
+		stats:        stats,
+		hits:         d("hits_total", "Times a free connection was found in the pool."),
+		misses:       d("misses_total", "Times no free connection was in the pool."),
+		timeouts:     d("timeouts_total", "Times waiting for a connection timed out."),
+		waits:        d("waits_total", "Times a caller waited for a connection."),
+		waitSecs:     d("wait_seconds_total", "Total time callers waited for a connection."),
+		conns:        d("connections", "Open connections."),
+		idle:         d("idle_connections", "Idle connections."),
+		stale:        d("stale_connections_total", "Stale connections removed from the pool."),
+		pending:      d("pending_requests", "Callers waiting for a connection now."),
+		unusableDesc: d("unusable_connections_total", "Connections found unusable."),
+	}
+}
+
+func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.hits, c.misses, c.timeouts, c.waits, c.waitSecs, c.conns, c.idle, c.stale, c.pending, c.unusableDesc} {
+		ch <- d
+	}
+}
+
+func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
+	st := c.stats()
+	counter := func(d *prometheus.Desc, v float64) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v)
+	}
+	gauge := func(d *prometheus.Desc, v float64) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v)
+	}
+	counter(c.hits, float64(st.Hits))
+	counter(c.misses, float64(st.Misses))
+	counter(c.timeouts, float64(st.Timeouts))
+	counter(c.waits, float64(st.WaitCount))
+	counter(c.waitSecs, float64(st.WaitDurationNs)/1e9)
+	gauge(c.conns, float64(st.TotalConns))
+	gauge(c.idle, float64(st.IdleConns))
+	counter(c.stale, float64(st.StaleConns))
+	gauge(c.pending, float64(st.PendingRequests))
+	counter(c.unusableDesc, float64(st.Unusable))
+}
