@@ -20,13 +20,22 @@ type batchStore interface {
 	writeBatch(ctx context.Context, recs []Record) (duplicate bool, err error)
 }
 
-// chainReader is what Verify reads through.
+// chainReader is what Verify reads through; both stores implement it.
 type chainReader interface {
-	// scanChains calls fn for every row with created_at in [from, to) (zero:
-	// unbounded) in (chain_id, seq) order, streaming.
-	scanChains(ctx context.Context, from, to time.Time, fn func(*Record) error) error
+	// chainRanges returns, per chain, the lowest and highest seq of the rows
+	// with created_at in [from, to) (zero: unbounded), ordered by chain id.
+	chainRanges(ctx context.Context, from, to time.Time) ([]chainRange, error)
+	// scanChain calls fn for the rows of chain with seq in (after, last], in
+	// seq order, streaming (keyset pages).
+	scanChain(ctx context.Context, chain string, after, last int64, fn func(*Record) error) error
 	// checkpoints returns the chain runs recorded before partitions were dropped.
 	checkpoints(ctx context.Context) ([]Checkpoint, error)
+}
+
+// chainRange is the span of one chain inside a time window.
+type chainRange struct {
+	ChainID           string
+	FirstSeq, LastSeq int64
 }
 
 // Checkpoint is one run of consecutive rows of a chain (first..last seq)
@@ -136,15 +145,18 @@ func scanSQL(d dialect, f Filter, cur Cursor, started bool) (string, []any) {
 		" ORDER BY created_at, id LIMIT " + strconv.Itoa(scanPageSize), q.args
 }
 
-// chainSQL is one (chain_id, seq) page after (chain, seq).
-func chainSQL(d dialect, from, to time.Time, chain string, seq int64, started bool) (string, []any) {
+// chainRangesSQL is the per-chain seq span of a time window.
+func chainRangesSQL(d dialect, from, to time.Time) (string, []any) {
 	q := &query{d: d}
 	q.filter(Filter{From: from, To: to})
-	if started {
-		q.conds = append(q.conds, "(chain_id, seq) > ("+q.arg(chain)+", "+q.arg(seq)+")")
-	}
-	return "SELECT " + selectColumns + " FROM audit_logs" + q.where() +
-		" ORDER BY chain_id, seq LIMIT " + strconv.Itoa(scanPageSize), q.args
+	return "SELECT chain_id, min(seq), max(seq) FROM audit_logs" + q.where() + " GROUP BY chain_id ORDER BY chain_id", q.args
+}
+
+// chainPageSQL is one seq-ordered page of a chain after seq after.
+func chainPageSQL(d dialect, chain string, after, last int64) (string, []any) {
+	q := &query{d: d}
+	q.conds = append(q.conds, "chain_id = "+q.arg(chain), "seq > "+q.arg(after), "seq <= "+q.arg(last))
+	return "SELECT " + selectColumns + " FROM audit_logs" + q.where() + " ORDER BY seq LIMIT " + strconv.Itoa(scanPageSize), q.args
 }
 
 // clampLimit keeps a page size sane.

@@ -124,6 +124,9 @@ func (s *PGStore) ensureMonths(ctx context.Context, months []time.Time) error {
 		if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1)", int64(pgLockKey)); err != nil {
 			return err
 		}
+		if _, err := tx.Exec(ctx, "SET LOCAL synchronous_commit TO on"); err != nil {
+			return err
+		}
 		for _, m := range missing {
 			name := partitionName(m)
 			sql := fmt.Sprintf("CREATE TABLE IF NOT EXISTS %s PARTITION OF audit_logs FOR VALUES FROM ('%s') TO ('%s')",
@@ -145,7 +148,9 @@ func (s *PGStore) ensureMonths(ctx context.Context, months []time.Time) error {
 	return nil
 }
 
-// writeBatch COPYs recs into audit_logs in one statement (atomic). A unique
+// writeBatch COPYs recs into audit_logs in one transaction with
+// synchronous_commit on (so an acknowledged batch survives a server crash
+// even where the server default is off). A unique
 // violation on (chain_id, seq, created_at) means this batch was committed
 // before (batches are written whole and replayed whole), so it is reported
 // as a duplicate, not an error.
@@ -163,11 +168,38 @@ func (s *PGStore) writeBatch(ctx context.Context, recs []Record) (bool, error) {
 	if err := s.ensureMonths(ctx, months); err != nil {
 		return false, err
 	}
+	dup, err := s.copyBatch(ctx, recs)
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "23514" {
+		// No partition for a row: one the cache believed in is gone (a
+		// crash lost its creation, an operator dropped it, a failover).
+		// Forget what we knew and create them again.
+		s.mu.Lock()
+		clear(s.months)
+		s.mu.Unlock()
+		if err := s.ensureMonths(ctx, months); err != nil {
+			return false, err
+		}
+		dup, err = s.copyBatch(ctx, recs)
+	}
+	return dup, err
+}
+
+// copyBatch is one attempt of writeBatch.
+func (s *PGStore) copyBatch(ctx context.Context, recs []Record) (bool, error) {
 	row := make([]any, len(recordColumns))
-	_, err := s.pool.CopyFrom(ctx, pgx.Identifier{"audit_logs"}, recordColumns, pgx.CopyFromSlice(len(recs), func(i int) ([]any, error) {
-		pgRow(row, &recs[i])
-		return row, nil
-	}))
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		// An audit batch is acknowledged (and its spool segment deleted)
+		// only once it is on disk, whatever the server's default.
+		if _, err := tx.Exec(ctx, "SET LOCAL synchronous_commit TO on"); err != nil {
+			return err
+		}
+		_, err := tx.CopyFrom(ctx, pgx.Identifier{"audit_logs"}, recordColumns, pgx.CopyFromSlice(len(recs), func(i int) ([]any, error) {
+			pgRow(row, &recs[i])
+			return row, nil
+		}))
+		return err
+	})
 	if err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) && pgErr.Code == "23505" {
@@ -250,27 +282,42 @@ func (s *PGStore) Scan(ctx context.Context, f Filter, fn func(*Record) error) er
 	}
 }
 
-// scanChains implements chainReader.
-func (s *PGStore) scanChains(ctx context.Context, from, to time.Time, fn func(*Record) error) error {
-	var chain string
-	var seq int64
-	started := false
-	for {
-		sql, args := chainSQL(pgDialect, from, to, chain, seq, started)
+// chainRanges implements chainReader.
+func (s *PGStore) chainRanges(ctx context.Context, from, to time.Time) ([]chainRange, error) {
+	q, args := chainRangesSQL(pgDialect, from, to)
+	rows, err := s.pool.Query(ctx, q, args...)
+	if err != nil {
+		return nil, fmt.Errorf("reading audit chains: %w", err)
+	}
+	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (chainRange, error) {
+		var c chainRange
+		err := row.Scan(&c.ChainID, &c.FirstSeq, &c.LastSeq)
+		return c, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("reading audit chains: %w", err)
+	}
+	return out, nil
+}
+
+// scanChain implements chainReader.
+func (s *PGStore) scanChain(ctx context.Context, chain string, after, last int64, fn func(*Record) error) error {
+	for after < last {
+		q, args := chainPageSQL(pgDialect, chain, after, last)
 		n := 0
-		_, err := s.query(ctx, sql, args, func(r *Record) error {
+		_, err := s.query(ctx, q, args, func(r *Record) error {
 			n++
-			chain, seq = r.ChainID, r.Seq
+			after = r.Seq
 			return fn(r)
 		})
 		if err != nil {
-			return fmt.Errorf("reading the audit chain: %w", err)
+			return fmt.Errorf("reading audit chain %q: %w", chain, err)
 		}
 		if n < scanPageSize {
 			return nil
 		}
-		started = true
 	}
+	return nil
 }
 
 // checkpoints implements chainReader.

@@ -179,27 +179,43 @@ func (s *SQLiteStore) Scan(ctx context.Context, f Filter, fn func(*Record) error
 	}
 }
 
-// scanChains implements chainReader.
-func (s *SQLiteStore) scanChains(ctx context.Context, from, to time.Time, fn func(*Record) error) error {
-	var chain string
-	var seq int64
-	started := false
-	for {
-		q, args := chainSQL(sqliteDialect, from, to, chain, seq, started)
+// chainRanges implements chainReader.
+func (s *SQLiteStore) chainRanges(ctx context.Context, from, to time.Time) ([]chainRange, error) {
+	q, args := chainRangesSQL(sqliteDialect, from, to)
+	rows, err := s.db.QueryContext(ctx, q, args...)
+	if err != nil {
+		return nil, fmt.Errorf("reading audit chains: %w", err)
+	}
+	defer rows.Close()
+	var out []chainRange
+	for rows.Next() {
+		var c chainRange
+		if err := rows.Scan(&c.ChainID, &c.FirstSeq, &c.LastSeq); err != nil {
+			return nil, fmt.Errorf("reading audit chains: %w", err)
+		}
+		out = append(out, c)
+	}
+	return out, rows.Err()
+}
+
+// scanChain implements chainReader.
+func (s *SQLiteStore) scanChain(ctx context.Context, chain string, after, last int64, fn func(*Record) error) error {
+	for after < last {
+		q, args := chainPageSQL(sqliteDialect, chain, after, last)
 		n := 0
 		_, err := s.query(ctx, q, args, func(r *Record) error {
 			n++
-			chain, seq = r.ChainID, r.Seq
+			after = r.Seq
 			return fn(r)
 		})
 		if err != nil {
-			return fmt.Errorf("reading the audit chain: %w", err)
+			return fmt.Errorf("reading audit chain %q: %w", chain, err)
 		}
 		if n < scanPageSize {
 			return nil
 		}
-		started = true
 	}
+	return nil
 }
 
 // checkpoints implements chainReader.

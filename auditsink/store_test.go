@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -16,7 +17,12 @@ import (
 	"github.com/meshguard/meshguard/internal/pgtest"
 )
 
-var discardLog = slog.New(slog.NewTextHandler(io.Discard, nil))
+var discardLog = func() *slog.Logger {
+	if os.Getenv("AUDIT_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
+}()
 
 // testStore is a store under test with the handles tests need.
 type testStore interface {
