@@ -28,10 +28,29 @@ import (
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 
 	"github.com/meshguard/meshguard/extauthz"
+	"github.com/meshguard/meshguard/ratelimitsvc"
 )
 
-// presets are ratelimitsvc's built-in presets (DESIGN.md "Rate limiting").
-var presets = []string{"strict", "standard", "relaxed", "auth", "upload", "ai"}
+// presetRules returns the preset values that have a rule in ratelimitsvc's
+// default "api" domain: (preset=<name>, client) limited by that preset.
+func presetRules(t *testing.T) []string {
+	t.Helper()
+	var out []string
+	for _, d := range ratelimitsvc.DefaultConfig().Domains {
+		if d.Domain != "api" {
+			continue
+		}
+		for _, p := range d.Descriptors {
+			if p.Key == "preset" && len(p.Descriptors) == 1 && p.Descriptors[0].Key == "client" && p.Descriptors[0].RateLimit != nil {
+				out = append(out, p.Value)
+			}
+		}
+	}
+	if len(out) == 0 {
+		t.Fatal(`ratelimitsvc's default config has no "api" domain with preset rules`)
+	}
+	return out
+}
 
 // TestBootstrapsParse decodes every YAML bootstrap in this directory strictly,
 // resolves every typed extension and validates every message.
@@ -427,7 +446,9 @@ func TestRoutesAndPresets(t *testing.T) {
 				}
 			})
 		}
-		// Every route that forwards carries a known preset and the client key.
+		// Every route that forwards carries a preset that meshguard's "api"
+		// domain has a rule for, and the client key.
+		presets := presetRules(t)
 		for _, r := range fp.vhost.GetRoutes() {
 			if r.GetRoute() == nil {
 				continue

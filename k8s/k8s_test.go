@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
 	"go.yaml.in/yaml/v3"
 	appsv1 "k8s.io/api/apps/v1"
 	autoscalingv2 "k8s.io/api/autoscaling/v2"
@@ -35,6 +37,7 @@ import (
 	"sigs.k8s.io/kustomize/kyaml/filesys"
 
 	"github.com/meshguard/meshguard/envoy"
+	"github.com/meshguard/meshguard/ratelimitsvc"
 )
 
 // kustomizations are the directories a user applies with kubectl apply -k.
@@ -620,6 +623,39 @@ func TestEnvoyDeployment(t *testing.T) {
 		if !slices.ContainsFunc(mg.Spec.Ports, func(p corev1.ServicePort) bool { return uint32(p.Port) == sa.GetPortValue() }) {
 			t.Errorf("cluster %s uses port %d, not a port of Service %s", cl.GetName(), sa.GetPortValue(), mg.Name)
 		}
+	}
+}
+
+// TestRatelimitDomainFile: the domain file shipped for ratelimit.config_dir
+// parses and validates with meshguard's own code, and is the "api" domain
+// envoy.yaml's routes send descriptors for (the same rules as meshguard's
+// built-in default, kept as a file so operators can edit it live).
+func TestRatelimitDomainFile(t *testing.T) {
+	data, err := os.ReadFile("base/ratelimit/api.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := ratelimitsvc.ParseDomain(data)
+	if err != nil {
+		t.Fatalf("ParseDomain: %v", err)
+	}
+	cfg := ratelimitsvc.DefaultConfig()
+	cfg.Domains = []ratelimitsvc.DomainConfig{d}
+	if err := cfg.Validate(); err != nil {
+		t.Fatalf("Validate: %v", err)
+	}
+	var def *ratelimitsvc.DomainConfig
+	for i, dd := range ratelimitsvc.DefaultConfig().Domains {
+		if dd.Domain == d.Domain {
+			def = &ratelimitsvc.DefaultConfig().Domains[i]
+		}
+	}
+	if def == nil {
+		t.Fatalf("domain %q is not meshguard's default domain", d.Domain)
+	}
+	byValue := cmpopts.SortSlices(func(a, b ratelimitsvc.DescriptorConfig) bool { return a.Value < b.Value })
+	if diff := cmp.Diff(*def, d, byValue); diff != "" {
+		t.Errorf("base/ratelimit/api.yaml differs from the default %q domain (-default +file):\n%s", d.Domain, diff)
 	}
 }
 
