@@ -78,7 +78,7 @@ func newTestServer(t testing.TB, cfg Config, sink recordSink) (*Server, *prometh
 
 // startALS serves s on 127.0.0.1:0 and returns a client, as Envoy would
 // connect.
-func startALS(t *testing.T, s *Server, opts ...grpc.ServerOption) alsv3.AccessLogServiceClient {
+func startALS(t testing.TB, s *Server, opts ...grpc.ServerOption) alsv3.AccessLogServiceClient {
 	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -44,6 +44,7 @@ type entryView struct {
 	tcp    bool
 	method corev3.RequestMethod
 	path   string // without the query
+	segs   splitPath
 	status uint32 // 0: no response
 	flags  uint64
 	authz  map[string]*structpb.Value

@@ -231,7 +231,29 @@ type metaCond struct {
 
 // ruleSet is the ordered, compiled rule list. It is immutable and safe for
 // concurrent use.
-type ruleSet struct{ rules []*rule }
+type ruleSet struct {
+	rules []*rule
+	// byMethod[m] lists, in order, the HTTP rules that can match method m
+	// (a corev3.RequestMethod), so a GET never looks at POST-only rules.
+	byMethod [numMethods][]*rule
+	tcp      []*rule
+}
+
+const numMethods = 10 // corev3.RequestMethod values, METHOD_UNSPECIFIED..PATCH
+
+func (rs *ruleSet) index() {
+	for _, r := range rs.rules {
+		if r.tcp {
+			rs.tcp = append(rs.tcp, r)
+			continue
+		}
+		for m := range numMethods {
+			if r.methods == 0 || r.methods&(1<<uint(m)) != 0 {
+				rs.byMethod[m] = append(rs.byMethod[m], r)
+			}
+		}
+	}
+}
 
 // compileRules compiles cfg (DefaultRules when empty), returning every
 // problem found, each naming audit.rules[i].<field>.
@@ -257,6 +279,7 @@ func compileRules(cfg []RuleConfig) (*ruleSet, error) {
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
+	rs.index()
 	return rs, nil
 }
 
@@ -503,7 +526,16 @@ func (t *template) expand(caps *[maxCaptures]string, max int) string {
 
 // classify returns the first rule matching v and fills caps, or nil.
 func (rs *ruleSet) classify(v *entryView, caps *[maxCaptures]string) *rule {
-	for _, r := range rs.rules {
+	v.segs.split(v.path)
+	list := rs.tcp
+	if !v.tcp {
+		m := int(v.method)
+		if m < 0 || m >= numMethods {
+			m = 0 // unknown enum value: only method-less rules apply
+		}
+		list = rs.byMethod[m]
+	}
+	for _, r := range list {
 		if r.match(v, caps) {
 			return r
 		}
@@ -511,13 +543,9 @@ func (rs *ruleSet) classify(v *entryView, caps *[maxCaptures]string) *rule {
 	return nil
 }
 
+// match tests the cheap conditions first. Method and kind are already
+// settled by the index.
 func (r *rule) match(v *entryView, caps *[maxCaptures]string) bool {
-	if r.tcp != v.tcp {
-		return false
-	}
-	if r.methods != 0 && r.methods&(1<<uint(v.method)) == 0 {
-		return false
-	}
 	if r.flags != 0 && r.flags&v.flags == 0 {
 		return false
 	}
@@ -533,6 +561,9 @@ func (r *rule) match(v *entryView, caps *[maxCaptures]string) bool {
 			return false
 		}
 	}
+	if r.path != nil && !r.path.matchSplit(&v.segs, caps) {
+		return false
+	}
 	for _, mc := range r.meta {
 		got, ok := metaString(v.authz, mc.key)
 		if !ok || got == "" {
@@ -541,9 +572,6 @@ func (r *rule) match(v *entryView, caps *[maxCaptures]string) bool {
 		if mc.values != nil && !slices.Contains(mc.values, got) {
 			return false
 		}
-	}
-	if r.path != nil && !r.path.match(v.path, caps) {
-		return false
 	}
 	return true
 }

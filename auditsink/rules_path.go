@@ -94,6 +94,98 @@ func isCaptureName(s string) bool {
 	return true
 }
 
+// maxSplitSegs is how many path segments splitPath keeps; longer paths
+// are matched on the string itself.
+const maxSplitSegs = 16
+
+// splitPath is a request path cut into its non-empty segments once, so
+// each rule's template compares segments instead of rescanning the path.
+type splitPath struct {
+	path     string
+	n        int
+	overflow bool
+	seg      [maxSplitSegs]string
+	start    [maxSplitSegs]int
+}
+
+func (sp *splitPath) split(path string) {
+	sp.path, sp.n, sp.overflow = path, 0, false
+	for i := 0; i < len(path); {
+		if path[i] == '/' {
+			i++
+			continue
+		}
+		end := strings.IndexByte(path[i:], '/')
+		if end < 0 {
+			end = len(path)
+		} else {
+			end += i
+		}
+		if sp.n == maxSplitSegs {
+			sp.overflow = true
+			return
+		}
+		sp.seg[sp.n], sp.start[sp.n] = path[i:end], i
+		sp.n++
+		i = end
+	}
+}
+
+// matchSplit is match over a split path. It does not allocate.
+func (t *pathTemplate) matchSplit(sp *splitPath, caps *[maxCaptures]string) bool {
+	if sp.overflow {
+		return t.match(sp.path, caps)
+	}
+	for i := range t.segs {
+		s := &t.segs[i]
+		if s.kind == segRest {
+			if i < sp.n {
+				caps[s.capture] = strings.TrimRight(sp.path[sp.start[i]:], "/")
+			} else {
+				caps[s.capture] = ""
+			}
+			return true
+		}
+		if i >= sp.n {
+			return false
+		}
+		switch s.kind {
+		case segLit:
+			if !equalFoldASCII(sp.seg[i], s.lit) {
+				return false
+			}
+		case segCapture:
+			caps[s.capture] = sp.seg[i]
+		}
+	}
+	return len(t.segs) == sp.n
+}
+
+// equalFoldASCII compares case-insensitively in ASCII only, as routers do;
+// Unicode folding (K for k) would let a path a router treats as distinct
+// match an audit rule.
+func equalFoldASCII(a, b string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := 0; i < len(a); i++ {
+		x, y := a[i], b[i]
+		if x == y {
+			continue
+		}
+		if 'A' <= x && x <= 'Z' {
+			x += 'a' - 'A'
+		}
+		if 'A' <= y && y <= 'Z' {
+			y += 'a' - 'A'
+		}
+		if x != y {
+			return false
+		}
+	}
+	return true
+}
+
 // match reports whether path (without its query) matches t, filling caps
 // with substrings of path. It does not allocate.
 func (t *pathTemplate) match(path string, caps *[maxCaptures]string) bool {
@@ -121,7 +213,7 @@ func (t *pathTemplate) match(path string, caps *[maxCaptures]string) bool {
 		seg := p[:end]
 		switch s.kind {
 		case segLit:
-			if !strings.EqualFold(seg, s.lit) {
+			if !equalFoldASCII(seg, s.lit) {
 				return false
 			}
 		case segCapture:

@@ -306,6 +306,16 @@ func TestTemplateExpand(t *testing.T) {
 	}
 }
 
+func asciiLower(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if c >= 'A' && c <= 'Z' {
+			b[i] = c + 'a' - 'A'
+		}
+	}
+	return string(b)
+}
+
 // refMatch is a straightforward reference for pathTemplate.match.
 func refMatch(tmpl, path string) (bool, map[string]string) {
 	split := func(s string) []string {
@@ -340,7 +350,7 @@ func refMatch(tmpl, path string) (bool, map[string]string) {
 		case t == "*":
 		case strings.HasPrefix(t, "{"):
 			caps[t[1:len(t)-1]] = ps[i]
-		case !strings.EqualFold(t, ps[i]):
+		case asciiLower(t) != asciiLower(ps[i]):
 			return false, nil
 		}
 	}
@@ -351,14 +361,20 @@ func TestPathTemplateMatch(t *testing.T) {
 	for _, tc := range []struct{ tmpl, path string }{
 		{"/", "/"}, {"/", ""}, {"/", "/a"}, {"/a", "/a/"}, {"/a", "/A"}, {"/a/{x}", "/a"},
 		{"/a/{x}", "/a/1"}, {"/a/{x}", "/a/1/2"}, {"/a/*/b", "/a/zz/b"}, {"/a/{r...}", "/a//b//c/"},
-		{"/a/{r...}", "/a"}, {"/a/{r...}", "/b"}, {"/{a}/{b}", "//x//y"},
+		{"/a/{r...}", "/a"}, {"/a/{r...}", "/b"}, {"/{a}/{b}", "//x//y"}, {"/kelvin", "/\u212aelvin"},
+		{"/a/{r...}", "/a" + strings.Repeat("/s", 40)}, {"/a/*", "/a" + strings.Repeat("/s", 40)},
 	} {
 		pt, err := parsePathTemplate(tc.tmpl)
 		if err != nil {
 			t.Fatal(err)
 		}
-		var caps [maxCaptures]string
+		var caps, caps2 [maxCaptures]string
 		got := pt.match(tc.path, &caps)
+		var sp splitPath
+		sp.split(tc.path)
+		if got2 := pt.matchSplit(&sp, &caps2); got2 != got || caps2 != caps {
+			t.Errorf("%s on %q: split match %v %q, string match %v %q", tc.tmpl, tc.path, got2, caps2, got, caps)
+		}
 		want, wantCaps := refMatch(tc.tmpl, tc.path)
 		if got != want {
 			t.Errorf("%s on %q: match %v, want %v", tc.tmpl, tc.path, got, want)
@@ -389,8 +405,13 @@ func FuzzPathTemplate(f *testing.F) {
 		if err != nil {
 			return
 		}
-		var caps [maxCaptures]string
+		var caps, caps2 [maxCaptures]string
 		got := pt.match(path, &caps)
+		var sp splitPath
+		sp.split(path)
+		if got2 := pt.matchSplit(&sp, &caps2); got2 != got || caps2 != caps {
+			t.Fatalf("%q on %q: split match %v %q, string match %v %q", tmpl, path, got2, caps2, got, caps)
+		}
 		want, wantCaps := refMatch(tmpl, path)
 		if got != want {
 			t.Fatalf("%q on %q: match %v, reference %v", tmpl, path, got, want)
