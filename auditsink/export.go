@@ -228,3 +228,26 @@ func (l *lazyResponse) Write(p []byte) (int, error) {
 	_ = l.rc.SetWriteDeadline(time.Now().Add(apiExportWriteWindow))
 	return l.w.Write(p)
 }
+
+// CLIExportRecord is the audit row that records an export made from the
+// command line (`meshguard audit export`) by user (the OS user): action
+// EXPORT, the filter and format in its metadata. The CLI enqueues it before
+// it reads the first row, as the API does.
+func CLIExportRecord(now time.Time, user string, f Filter, format, out string) Record {
+	meta, _ := json.Marshal(struct {
+		Endpoint string         `json:"endpoint"`
+		Auth     string         `json:"auth"`
+		Filter   map[string]any `json:"filter,omitempty"`
+		Format   string         `json:"format"`
+		Out      string         `json:"out,omitempty"`
+	}{"cli_export", "local", filterDoc(f), format, out})
+	return Record{
+		CreatedAt:  now.UTC(),
+		Action:     apiActionExport,
+		Severity:   apiExportSeverity,
+		EntityType: apiEntityType,
+		UserID:     apiTruncate("cli:"+user, apiMaxUserLen),
+		Path:       "meshguard audit export",
+		Metadata:   meta,
+	}
+}

@@ -9,6 +9,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/meshguard/meshguard/auditsink"
 )
 
@@ -24,8 +26,8 @@ type auditStore interface {
 }
 
 // openAuditStore opens the PostgreSQL store on the shared pool when a
-// database is configured, else the SQLite file at audit.sqlite_path. It
-// does not migrate.
+// database is configured, else the SQLite file at audit.sqlite_path, and
+// says which ("postgres" or "sqlite"). It does not migrate.
 func openAuditStore(ctx context.Context, log *slog.Logger, cfg auditsink.Config, db *database) (auditStore, string, error) {
 	if db != nil {
 		s, err := auditsink.OpenPostgres(ctx, log, db.pool.Pool(), cfg)
@@ -39,6 +41,18 @@ func openAuditStore(ctx context.Context, log *slog.Logger, cfg auditsink.Config,
 		return nil, "", fmt.Errorf("opening the SQLite audit store: %w", err)
 	}
 	return s, "sqlite", nil
+}
+
+// newAuditWriter builds the batch writer over store, which must be one of
+// the two stores (the writer needs their unexported batch method).
+func newAuditWriter(log *slog.Logger, reg prometheus.Registerer, cfg auditsink.Config, store auditStore) (*auditsink.Writer, error) {
+	switch s := store.(type) {
+	case *auditsink.PGStore:
+		return auditsink.NewWriter(log, reg, cfg, s)
+	case *auditsink.SQLiteStore:
+		return auditsink.NewWriter(log, reg, cfg, s)
+	}
+	return nil, fmt.Errorf("audit store %T has no writer", store)
 }
 
 // migrateAtStartTimeout bounds the schema migration during start-up. When
@@ -70,22 +84,23 @@ func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 		migrated.set()
 	}
 
-	sink, err := newAuditWriter(log, a, cfg, store)
+	writer, err := newAuditWriter(log, a.reg, cfg, store)
 	if err != nil {
+		store.Close()
+		return nil, fmt.Errorf("starting the audit writer: %w", err)
+	}
+	fail := func(err error) (*component, error) {
+		writer.Close(ctx)
 		store.Close()
 		return nil, err
 	}
-	srv, err := auditsink.New(log, a.reg, cfg, sink)
+	srv, err := auditsink.New(log, a.reg, cfg, writer)
 	if err != nil {
-		sink.close(ctx)
-		store.Close()
-		return nil, err
+		return fail(err)
 	}
-	api, err := auditsink.NewAPI(log.With("api", "admin"), a.reg, cfg, store, sink)
+	api, err := auditsink.NewAPI(log.With("api", "admin"), a.reg, cfg, store, writer)
 	if err != nil {
-		sink.close(ctx)
-		store.Close()
-		return nil, err
+		return fail(err)
 	}
 	csp := srv.CSPReportHandler()
 	return &component{
@@ -95,17 +110,29 @@ func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 			mux.Handle("POST /v1/csp-reports", csp)
 			api.Register(mux)
 		},
-		checks: []readinessCheck{{name: "audit", required: false, check: func(ctx context.Context) dependencyStatus {
-			st := sink.status(ctx)
-			if !migrated.done() {
-				st.Healthy = false
-				st.Error = "audit schema not migrated yet"
-			}
-			return st
-		}}},
+		checks: []readinessCheck{
+			// Reported, never takes the replica out: a database outage is
+			// ridden out in the spool.
+			{name: "audit", required: false, check: func(context.Context) dependencyStatus {
+				st := writer.Status()
+				ds := dependencyStatus{Healthy: st.LastError == "", Error: st.LastError, Details: auditDetails{Store: kind, WriterStatus: st}}
+				if !migrated.done() {
+					ds.Healthy, ds.Error = false, "audit schema not migrated yet"
+				}
+				return ds
+			}},
+			// Required: a full spool blocks or drops records, so the replica
+			// must leave the rotation until it drains.
+			{name: "audit_spool", required: true, check: func(context.Context) dependencyStatus {
+				if err := writer.Ready(); err != nil {
+					return dependencyStatus{Healthy: false, Error: err.Error()}
+				}
+				return dependencyStatus{Healthy: true}
+			}},
+		},
 		run: func(ctx context.Context) error {
 			var wg sync.WaitGroup
-			errc := make(chan error, 2)
+			var retErr error
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
@@ -114,20 +141,25 @@ func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 				}
 				migrated.set()
 				if err := store.RunRetention(ctx); err != nil && ctx.Err() == nil {
-					errc <- fmt.Errorf("audit retention: %w", err)
+					retErr = fmt.Errorf("audit retention: %w", err)
 				}
 			}()
-			err := sink.run(ctx)
+			err := writer.Run(ctx)
 			wg.Wait()
-			close(errc)
-			return errors.Join(err, <-errc)
+			return errors.Join(err, retErr)
 		},
 		shutdown: func(ctx context.Context) error {
-			err := sink.close(ctx)
+			err := writer.Close(ctx)
 			store.Close()
 			return err
 		},
 	}, nil
+}
+
+// auditDetails is the audit entry's details in /readyz.
+type auditDetails struct {
+	Store string `json:"store"`
+	auditsink.WriterStatus
 }
 
 // migrationState records whether the schema is in place.
@@ -162,38 +194,4 @@ func retryMigrate(ctx context.Context, log *slog.Logger, store auditStore) bool 
 		log.Error("audit schema migration failed; retrying", "err", err, "retry_in", delay)
 		delay = min(2*delay, time.Minute)
 	}
-}
-
-// auditWriter is the record sink serve runs: Enqueue for the ALS server,
-// CSP reports and the admin API; run until ctx is done; close to drain.
-type auditWriter struct {
-	enqueue func(ctx context.Context, recs []auditsink.Record) error
-	run     func(ctx context.Context) error
-	close   func(ctx context.Context) error
-	status  func(ctx context.Context) dependencyStatus
-}
-
-// Enqueue implements the auditsink record sink.
-func (w *auditWriter) Enqueue(ctx context.Context, recs []auditsink.Record) error {
-	return w.enqueue(ctx, recs)
-}
-
-// errWriterMissing is returned while auditsink has no batch writer.
-var errWriterMissing = errors.New("audit writer not available in this build")
-
-// newAuditWriter builds the batch writer over store.
-//
-// TODO(wiring): auditsink.NewWriter(log, reg, cfg, store) is not in the tree
-// yet; until it is, records are refused with errWriterMissing (the ALS
-// server counts them, the CSP endpoint and the admin API answer 503), and
-// /readyz reports the audit dependency unhealthy.
-func newAuditWriter(_ *slog.Logger, _ *app, _ auditsink.Config, _ auditStore) (*auditWriter, error) {
-	return &auditWriter{
-		enqueue: func(context.Context, []auditsink.Record) error { return errWriterMissing },
-		run:     func(ctx context.Context) error { <-ctx.Done(); return nil },
-		close:   func(context.Context) error { return nil },
-		status: func(context.Context) dependencyStatus {
-			return dependencyStatus{Healthy: false, Error: errWriterMissing.Error()}
-		},
-	}, nil
 }
