@@ -36,9 +36,12 @@ type tracer struct {
 	labels         labelCache
 }
 
-// maxCachedLabels bounds the SQL texts whose label is remembered; beyond it
-// labels are derived per statement.
-const maxCachedLabels = 1024
+// maxCachedLabels and maxCachedSQL bound the SQL texts whose label is
+// remembered (at most 4 MiB of keys); others are labelled per statement.
+const (
+	maxCachedLabels = 1024
+	maxCachedSQL    = 4096
+)
 
 // labelCache remembers statementLabel per SQL text, so a fixed set of
 // statements costs one map lookup and no allocation.
@@ -52,7 +55,7 @@ func (c *labelCache) label(sql string) string {
 		return l.(string)
 	}
 	l := statementLabel(sql)
-	if c.n.Load() < maxCachedLabels {
+	if len(sql) <= maxCachedSQL && c.n.Load() < maxCachedLabels {
 		if _, loaded := c.m.LoadOrStore(sql, l); !loaded {
 			c.n.Add(1)
 		}
