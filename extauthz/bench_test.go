@@ -3,16 +3,25 @@
 package extauthz
 
 import (
+	"bufio"
 	"context"
+	"fmt"
+	"io"
+	"log/slog"
 	"math/bits"
 	"net"
+	"os"
+	"os/exec"
+	rtmetrics "runtime/metrics"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 )
@@ -29,29 +38,105 @@ func (noopServer) Check(context.Context, *authv3.CheckRequest) (*authv3.CheckRes
 	return noopOK, nil
 }
 
-// benchTarget is one server under test behind its own listener and client
-// connection, both built with the options cmd/meshguard uses.
+// benchTarget is one server under test, in a child process of its own so
+// that its CPU time and allocations can be told apart from the client's.
 type benchTarget struct {
 	name   string
 	client authv3.AuthorizationClient
+	stdin  io.WriteCloser
+	stdout *bufio.Reader
 }
 
-func startBenchTarget(b *testing.B, name string, srv authv3.AuthorizationServer) benchTarget {
+// benchServerEnv makes the test binary serve instead of testing (TestMain).
+const benchServerEnv = "MESHGUARD_EXTAUTHZ_BENCH_SERVER"
+
+func startBenchTarget(b *testing.B, name string) *benchTarget {
 	b.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), benchServerEnv+"="+name)
+	cmd.Stderr = os.Stderr
+	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		b.Fatal(err)
 	}
-	gs := grpc.NewServer(grpc.MaxConcurrentStreams(1024), grpc.MaxRecvMsgSize(4<<20))
-	authv3.RegisterAuthorizationServer(gs, srv)
-	go gs.Serve(lis)
-	b.Cleanup(gs.Stop)
-	cc, err := grpc.NewClient("passthrough:///"+lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		stdin.Close()
+		cmd.Wait()
+	})
+	t := &benchTarget{name: name, stdin: stdin, stdout: bufio.NewReader(out)}
+	line, err := t.stdout.ReadString('\n')
+	addr, ok := strings.CutPrefix(strings.TrimSpace(line), "addr ")
+	if err != nil || !ok {
+		b.Fatalf("bench server %s: %q, %v", name, line, err)
+	}
+	cc, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { cc.Close() })
-	return benchTarget{name: name, client: authv3.NewAuthorizationClient(cc)}
+	t.client = authv3.NewAuthorizationClient(cc)
+	return t
+}
+
+// stats asks the child for its CPU time and heap allocation count so far.
+func (t *benchTarget) stats(b *testing.B) (cpu time.Duration, allocs uint64) {
+	if _, err := io.WriteString(t.stdin, "stats\n"); err != nil {
+		b.Fatal(err)
+	}
+	line, err := t.stdout.ReadString('\n')
+	var ns int64
+	if _, err2 := fmt.Sscanf(line, "stats %d %d", &ns, &allocs); err != nil || err2 != nil {
+		b.Fatalf("bench server %s stats: %q, %v, %v", t.name, line, err, err2)
+	}
+	return time.Duration(ns), allocs
+}
+
+// serveBench is the child's side: serve kind on 127.0.0.1:0 with the gRPC
+// options cmd/meshguard uses, print the address, answer "stats" lines, exit
+// when stdin closes.
+func serveBench(kind string) error {
+	var srv authv3.AuthorizationServer = noopServer{}
+	if kind == "meshguard" {
+		s, err := New(slog.New(slog.NewTextHandler(io.Discard, nil)), prometheus.NewRegistry(), testConfig(), nil)
+		if err != nil {
+			return err
+		}
+		srv = s
+	}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	gs := grpc.NewServer(grpc.MaxConcurrentStreams(1024), grpc.MaxRecvMsgSize(4<<20))
+	authv3.RegisterAuthorizationServer(gs, srv)
+	go gs.Serve(lis)
+	defer gs.Stop()
+	fmt.Printf("addr %s\n", lis.Addr())
+	sample := []rtmetrics.Sample{{Name: "/gc/heap/allocs:objects"}}
+	in := bufio.NewScanner(os.Stdin)
+	for in.Scan() {
+		rtmetrics.Read(sample)
+		fmt.Printf("stats %d %d\n", cpuTime().Nanoseconds(), sample[0].Value.Uint64())
+	}
+	return nil
+}
+
+func TestMain(m *testing.M) {
+	if kind := os.Getenv(benchServerEnv); kind != "" {
+		if err := serveBench(kind); err != nil {
+			fmt.Fprintln(os.Stderr, "bench server:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
 }
 
 // latencyHist is a log-linear histogram (16 sub-buckets per power of two,
@@ -113,14 +198,14 @@ func benchRequest(b *testing.B) *authv3.CheckRequest {
 }
 
 // runParallelChecks drives b.N Checks at target from GOMAXPROCS×4
-// goroutines and reports throughput, latency quantiles and process CPU per
-// op (client and server: both are in this process, so compare with noop).
-func runParallelChecks(b *testing.B, t benchTarget, req *authv3.CheckRequest, verify func(*authv3.CheckResponse) bool) float64 {
+// goroutines and reports throughput, client-side latency quantiles, and the
+// server process's CPU time and allocations per op.
+func runParallelChecks(b *testing.B, t *benchTarget, req *authv3.CheckRequest, verify func(*authv3.CheckResponse) bool) float64 {
 	var mu sync.Mutex
 	var all latencyHist
 	b.ReportAllocs()
 	b.SetParallelism(4)
-	cpu0 := cpuTime()
+	cpu0, allocs0 := t.stats(b)
 	start := time.Now()
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
@@ -143,26 +228,25 @@ func runParallelChecks(b *testing.B, t benchTarget, req *authv3.CheckRequest, ve
 	})
 	b.StopTimer()
 	elapsed := time.Since(start)
-	cpu := cpuTime() - cpu0
+	cpu1, allocs1 := t.stats(b)
 	opsPerSec := float64(b.N) / elapsed.Seconds()
 	b.ReportMetric(opsPerSec, "ops/s")
 	b.ReportMetric(float64(all.quantile(0.50).Nanoseconds())/1e3, "p50-µs")
 	b.ReportMetric(float64(all.quantile(0.99).Nanoseconds())/1e3, "p99-µs")
-	b.ReportMetric(float64(cpu.Nanoseconds())/1e3/float64(b.N), "cpu-µs/op")
+	b.ReportMetric(float64((cpu1-cpu0).Nanoseconds())/1e3/float64(b.N), "server-cpu-µs/op")
+	b.ReportMetric(float64(allocs1-allocs0)/float64(b.N), "server-allocs/op")
 	return opsPerSec
 }
 
 // BenchmarkCheck compares meshguard's Check for an allowed cross-origin
 // request with a CSP nonce against a no-op Authorization server on the same
 // gRPC stack, interleaved (noop, meshguard, noop, meshguard) so that machine
-// noise hits both alike. The log line gives meshguard's throughput as a
+// noise hits both alike. Each server runs in a child process; the client in
+// this one stands in for Envoy, so allocs/op and B/op are the client's and
+// server-cpu-µs/op and server-allocs/op the server's. The log line gives meshguard's throughput as a
 // share of the no-op server's (target: at least 80%).
 func BenchmarkCheck(b *testing.B) {
-	srv, _ := newTestServer(b, testConfig(), nil)
-	targets := []benchTarget{
-		startBenchTarget(b, "noop", noopServer{}),
-		startBenchTarget(b, "meshguard", srv),
-	}
+	targets := []*benchTarget{startBenchTarget(b, "noop"), startBenchTarget(b, "meshguard")}
 	req := benchRequest(b)
 	verifyMeshguard := func(r *authv3.CheckResponse) bool {
 		ok := r.GetOkResponse()
