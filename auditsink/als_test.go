@@ -564,3 +564,35 @@ func seriesCount(t *testing.T, reg *prometheus.Registry, name string) int {
 	}
 	return 0
 }
+
+// TestStreamAccessLogsLargeMessage: an Envoy with a large
+// buffer_size_bytes sends thousands of entries at once; they reach the
+// sink in bounded pieces, all of them, in order.
+func TestStreamAccessLogsLargeMessage(t *testing.T) {
+	sink := &collectSink{}
+	s, _ := newTestServer(t, DefaultConfig(), sink)
+	stream, err := startALS(t, s).StreamAccessLogs(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 2*maxEnqueue + 7
+	var es []*accesslogv3.HTTPAccessLogEntry
+	for i := range n {
+		es = append(es, entry(entryOpts{method: corev3.RequestMethod_POST, path: "/api/items", status: 201, reqID: fmt.Sprint(i)}))
+	}
+	if err := stream.Send(httpBatch(identifier("envoy-0", "als"), es...)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := stream.CloseAndRecv(); err != nil {
+		t.Fatal(err)
+	}
+	recs := sink.records()
+	if len(recs) != n || sink.calls != 3 {
+		t.Fatalf("%d records in %d calls, want %d in 3", len(recs), sink.calls, n)
+	}
+	for i, r := range recs {
+		if r.RequestID != fmt.Sprint(i) {
+			t.Fatalf("record %d is %s: order lost", i, r.RequestID)
+		}
+	}
+}

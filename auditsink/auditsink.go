@@ -55,8 +55,9 @@ type Server struct {
 	csp  *cspLimiter
 	now  func() time.Time
 
-	// lastSinkLog throttles the enqueue-error log line (unix nanos).
-	lastSinkLog atomic.Int64
+	// lastSinkLog and lastProtoLog throttle the enqueue-error and
+	// protocol-error log lines (unix nanos of the last line).
+	lastSinkLog, lastProtoLog atomic.Int64
 }
 
 // New returns a Server that classifies with cfg.Rules (DefaultRules when
@@ -127,15 +128,26 @@ func (s *Server) StreamAccessLogs(stream alsv3.AccessLogService_StreamAccessLogs
 			id = newStreamIdentity(ident)
 		} else if first {
 			s.m.malformed.WithLabelValues("no_identifier").Inc()
-			s.log.Warn("access-log stream without identifier in its first message; entries kept without node", "reason", "no_identifier")
+			if s.throttle(&s.lastProtoLog) {
+				s.log.Warn("access-log stream without identifier in its first message; entries kept without node", "reason", "no_identifier")
+			}
 		}
-		recs := s.convert(&id, msg)
-		if len(recs) == 0 {
-			continue
+		s.enqueue(ctx, s.convert(&id, msg))
+	}
+}
+
+// maxEnqueue is the most records handed to the sink in one call, so a
+// message from an Envoy with a large buffer_size_bytes never exceeds the
+// writer's queue in one piece.
+const maxEnqueue = 512
+
+func (s *Server) enqueue(ctx context.Context, recs []Record) {
+	for len(recs) > 0 {
+		n := min(len(recs), maxEnqueue)
+		if err := s.sink.Enqueue(ctx, recs[:n:n]); err != nil {
+			s.sinkFailed(n, err)
 		}
-		if err := s.sink.Enqueue(ctx, recs); err != nil {
-			s.sinkFailed(len(recs), err)
-		}
+		recs = recs[n:]
 	}
 }
 
@@ -211,10 +223,15 @@ func (s *Server) count(r *rule, out outcome) bool {
 func (s *Server) sinkFailed(n int, err error) {
 	s.m.enqueueErrors.Inc()
 	s.m.enqueueLost.Add(float64(n))
-	now := s.now().UnixNano()
-	last := s.lastSinkLog.Load()
-	if now-last < int64(10*time.Second) || !s.lastSinkLog.CompareAndSwap(last, now) {
-		return
+	if s.throttle(&s.lastSinkLog) {
+		s.log.Error("audit writer refused records; see meshguard_auditsink_enqueue_failed_records_total", "records", n, "err", err)
 	}
-	s.log.Error("audit writer refused records", "records", n, "err", err)
+}
+
+// throttle reports whether a log line may be written now: at most one per
+// 10 s for each last.
+func (s *Server) throttle(last *atomic.Int64) bool {
+	now := s.now().UnixNano()
+	prev := last.Load()
+	return now-prev >= int64(10*time.Second) && last.CompareAndSwap(prev, now)
 }
