@@ -35,6 +35,7 @@ func checkpointSQL(src, nameArg, now string) string {
 	FROM (SELECT chain_id, min(seq) AS first_seq, max(seq) AS last_seq, count(*) AS n
 		FROM (SELECT chain_id, seq, seq - row_number() OVER (PARTITION BY chain_id ORDER BY seq) AS grp FROM ` + src + `) t
 		GROUP BY chain_id, grp) r
+	WHERE true -- SQLite needs a WHERE before ON CONFLICT in INSERT … SELECT
 	ON CONFLICT (chain_id, first_seq) DO NOTHING`
 }
 
