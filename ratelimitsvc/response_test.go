@@ -1,0 +1,155 @@
+package ratelimitsvc
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	rlv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/common/ratelimit/v3"
+	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
+	"github.com/google/go-cmp/cmp"
+	"google.golang.org/grpc/codes"
+	grpcstatus "google.golang.org/grpc/status"
+	"google.golang.org/protobuf/testing/protocmp"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+)
+
+// TestOverLimitResponse checks a whole OVER_LIMIT answer: status with the
+// preset's limit as unit and multiplier, time until one request fits again,
+// the JSON body and the headers, with and without response_headers.
+func TestOverLimitResponse(t *testing.T) {
+	authLimit := &rlsv3.RateLimitResponse_RateLimit{Name: "auth", RequestsPerUnit: 5,
+		Unit: rlsv3.RateLimitResponse_RateLimit_MINUTE, UnitMultiplier: wrapperspb.UInt32(15)}
+	// 5 hits at 10s into a 15-minute bucket: one fits again when the
+	// estimate falls to 4, i.e. 890s to the bucket end plus 900s*(1-4/5).
+	const retry = 890 + 180
+	body := `{"error":"Too many requests","message":"You have exceeded the rate limit. Please try again later.","retryAfter":1070}`
+	for _, headers := range []bool{true, false} {
+		t.Run(map[bool]string{true: "headers", false: "no headers"}[headers], func(t *testing.T) {
+			cfg := DefaultConfig()
+			cfg.ResponseHeaders = headers
+			h := startServer(t, cfg, NewMemoryStore(), newFakeClock())
+			req := request("api", kv("preset", "auth", "client", "ip:192.0.2.1"))
+			for range 5 {
+				if _, err := h.client.ShouldRateLimit(t.Context(), req); err != nil {
+					t.Fatal(err)
+				}
+			}
+			got, err := h.client.ShouldRateLimit(t.Context(), req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := &rlsv3.RateLimitResponse{
+				OverallCode: rlsv3.RateLimitResponse_OVER_LIMIT,
+				Statuses: []*rlsv3.RateLimitResponse_DescriptorStatus{{
+					Code: rlsv3.RateLimitResponse_OVER_LIMIT, CurrentLimit: authLimit,
+					DurationUntilReset: durationpb.New(retry * time.Second),
+				}},
+				RawBody:              []byte(body),
+				ResponseHeadersToAdd: []*corev3.HeaderValue{{Key: "content-type", Value: "application/json"}},
+			}
+			if headers {
+				want.ResponseHeadersToAdd = append(want.ResponseHeadersToAdd,
+					&corev3.HeaderValue{Key: "retry-after", Value: "1070"},
+					&corev3.HeaderValue{Key: "x-ratelimit-limit", Value: "5"},
+					&corev3.HeaderValue{Key: "x-ratelimit-remaining", Value: "0"},
+					&corev3.HeaderValue{Key: "x-ratelimit-reset", Value: "1070"},
+				)
+			}
+			if diff := cmp.Diff(want, got, protocmp.Transform()); diff != "" {
+				t.Errorf("over-limit response (-want +got):\n%s", diff)
+			}
+			// The same answer again comes from the over-limit cache.
+			again, err := h.client.ShouldRateLimit(t.Context(), req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(want, again, protocmp.Transform()); diff != "" {
+				t.Errorf("cached over-limit response (-want +got):\n%s", diff)
+			}
+			if n := metricValue(t, h.reg, "meshguard_ratelimitsvc_local_cache_over_limit_total", "domain", "api"); n != 1 {
+				t.Errorf("local cache answers = %v, want 1", n)
+			}
+			if n := metricValue(t, h.reg, "meshguard_ratelimitsvc_decisions_total", "domain", "api", "code", "over_limit"); n != 2 {
+				t.Errorf("over_limit decisions = %v, want 2", n)
+			}
+		})
+	}
+}
+
+// TestOverLimitCacheExpires: once the cached time passes, the store is asked
+// again and the request fits.
+func TestOverLimitCacheExpires(t *testing.T) {
+	h := startServer(t, testConfig(), NewMemoryStore(), newFakeClock())
+	req := request("basic", kv("fixed", "x"))
+	for range 2 {
+		h.client.ShouldRateLimit(t.Context(), req)
+	}
+	for i := range 3 {
+		resp, _ := h.client.ShouldRateLimit(t.Context(), req)
+		if resp.OverallCode != rlsv3.RateLimitResponse_OVER_LIMIT {
+			t.Fatalf("request %d: %v, want OVER_LIMIT", i, resp.OverallCode)
+		}
+	}
+	if n := metricValue(t, h.reg, "meshguard_ratelimitsvc_local_cache_over_limit_total"); n != 2 {
+		t.Errorf("local cache answers = %v, want 2", n)
+	}
+	h.clock.Advance(50 * time.Second) // next fixed minute
+	resp, _ := h.client.ShouldRateLimit(t.Context(), req)
+	if resp.OverallCode != rlsv3.RateLimitResponse_OK {
+		t.Fatalf("after reset: %v, want OK", resp.OverallCode)
+	}
+}
+
+// TestInvalidRequests: malformed or oversized requests get InvalidArgument
+// naming the field; nothing panics.
+func TestInvalidRequests(t *testing.T) {
+	h := startServer(t, testConfig(), NewMemoryStore(), newFakeClock())
+	big := strings.Repeat("x", maxValueBytes+1)
+	many := func(n int) *rlsv3.RateLimitRequest {
+		req := &rlsv3.RateLimitRequest{Domain: "basic"}
+		for range n {
+			req.Descriptors = append(req.Descriptors, &rlv3.RateLimitDescriptor{Entries: []*rlv3.RateLimitDescriptor_Entry{{Key: "k", Value: "v"}}})
+		}
+		return req
+	}
+	deep := &rlsv3.RateLimitRequest{Domain: "basic", Descriptors: []*rlv3.RateLimitDescriptor{{}}}
+	for range maxEntries + 1 {
+		deep.Descriptors[0].Entries = append(deep.Descriptors[0].Entries, &rlv3.RateLimitDescriptor_Entry{Key: "k"})
+	}
+	badUnit := request("basic", kv("k", "v"))
+	badUnit.Descriptors[0].Limit = &rlv3.RateLimitDescriptor_RateLimitOverride{RequestsPerUnit: 1}
+	hugeHits := request("basic", kv("k", "v"))
+	hugeHits.Descriptors[0].HitsAddend = wrapperspb.UInt64(1 << 40)
+	cases := []struct {
+		name string
+		req  *rlsv3.RateLimitRequest
+		want string
+	}{
+		{"empty domain", request("", kv("k", "v")), "domain: must not be empty"},
+		{"long domain", request(strings.Repeat("d", 256), kv("k", "v")), "domain: 256 bytes, limit 255"},
+		{"no descriptors", &rlsv3.RateLimitRequest{Domain: "basic"}, "descriptors: at least one is required"},
+		{"too many descriptors", many(maxDescriptors + 1), "descriptors: 33, limit 32"},
+		{"descriptor without entries", &rlsv3.RateLimitRequest{Domain: "basic", Descriptors: []*rlv3.RateLimitDescriptor{{}}}, "descriptors[0].entries: at least one is required"},
+		{"too many entries", deep, "descriptors[0].entries: 17, limit 16"},
+		{"empty key", request("basic", kv("remote_address", "a"), kv("", "v")), "descriptors[1].entries[0].key: must not be empty"},
+		{"long key", request("basic", kv(strings.Repeat("k", 257), "v")), "descriptors[0].entries[0].key: 257 bytes, limit 256"},
+		{"long value", request("basic", kv("k", big)), "descriptors[0].entries[0].value: 1025 bytes, limit 1024"},
+		{"override without unit", badUnit, "descriptors[0].limit.unit: must be SECOND to YEAR, got UNKNOWN"},
+		{"absurd hits", hugeHits, "descriptors[0].hits_addend: 1099511627776, limit 4294967295"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := h.client.ShouldRateLimit(t.Context(), tc.req)
+			st, _ := grpcstatus.FromError(err)
+			if st.Code() != codes.InvalidArgument || st.Message() != tc.want {
+				t.Errorf("got %v %q, want InvalidArgument %q", st.Code(), st.Message(), tc.want)
+			}
+		})
+	}
+	if n := metricValue(t, h.reg, "meshguard_ratelimitsvc_invalid_requests_total"); n != float64(len(cases)) {
+		t.Errorf("invalid requests metric = %v, want %d", n, len(cases))
+	}
+}
