@@ -493,6 +493,9 @@ func (s *Server) tenant(r *request, rt *route, e *eval) {
 		if !validTenant(host) {
 			return
 		}
+		if hasUpper(host) {
+			host = strings.ToLower(host) // host names are case-insensitive
+		}
 		if _, ok := s.p.tenants[host]; ok || (s.tenants != nil && s.tenants.lookup(host) != nil) {
 			e.tenant = host
 		}
@@ -552,6 +555,15 @@ func (s *Server) headersAllowed(r *request) bool {
 		}
 	}
 	return true
+}
+
+func hasUpper(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] >= 'A' && s[i] <= 'Z' {
+			return true
+		}
+	}
+	return false
 }
 
 func tokenish(s string) bool {

@@ -1,8 +1,11 @@
 package extauthz
 
 import (
+	"bytes"
 	"encoding/base64"
 	"fmt"
+	"log/slog"
+	"net"
 	"strings"
 	"testing"
 
@@ -13,7 +16,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/testing/protocmp"
 	"google.golang.org/protobuf/types/known/structpb"
@@ -313,7 +318,7 @@ func TestCheckConformance(t *testing.T) {
 			c := testConfig()
 			c.CORS.Tenants = map[string][]string{"shop.example.net": {"https://partner.example.org"}}
 			return c
-		}(), req: envoyReq{host: "shop.example.net:8443", headers: hdr("origin", "https://partner.example.org")},
+		}(), req: envoyReq{host: "Shop.Example.net:8443", headers: hdr("origin", "https://partner.example.org")},
 			want: allowCORS("https://partner.example.org", meta("decision", "allow", "reason", "origin_allowed", "origin", "https://partner.example.org", "tenant", "shop.example.net"))},
 
 		// Identity.
@@ -602,5 +607,42 @@ func TestConcurrentChecks(t *testing.T) {
 		if err := <-errc; err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// TestBadRoutePolicyLogSampled: a misconfigured route answers 500 on every
+// request but logs once, naming the key and value, through Register's
+// service registration.
+func TestBadRoutePolicyLogSampled(t *testing.T) {
+	var buf bytes.Buffer
+	srv, err := New(slog.New(slog.NewTextHandler(&buf, nil)), prometheus.NewRegistry(), testConfig(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := grpc.NewServer()
+	srv.Register(gs)
+	go gs.Serve(lis)
+	t.Cleanup(gs.Stop)
+	cc, err := grpc.NewClient("passthrough:///"+lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	client := authv3.NewAuthorizationClient(cc)
+	for range 3 {
+		resp, err := client.Check(t.Context(), envoyReq{host: "api.example.net", ext: map[string]string{"require_role": "admin", "csp": "maybe"}}.build(t, formHeaders))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := resp.GetDeniedResponse().GetStatus().GetCode(); got != 500 {
+			t.Fatalf("status %d, want 500", got)
+		}
+	}
+	if n := strings.Count(buf.String(), "unknown per-route policy value"); n != 1 || !strings.Contains(buf.String(), "key=csp value=maybe") {
+		t.Errorf("log has %d warnings, want 1 naming key=csp value=maybe:\n%s", n, buf.String())
 	}
 }
