@@ -18,7 +18,8 @@
 //
 // The statement label is the statement's leading keyword and target table
 // ("insert audit_logs", "select", "copy audit_logs") or a name set with
-// WithStatementLabel; never its parameters. At most 64 distinct labels exist.
+// WithStatementLabel; never its parameters. After 64 distinct labels, further
+// statements count as "other".
 //
 // PgBouncer (Config.PgBouncer): in transaction mode each transaction may run
 // on a different server connection, so the pool uses unnamed statements
