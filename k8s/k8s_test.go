@@ -10,10 +10,15 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"go/ast"
+	"go/parser"
+	"go/token"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -739,9 +744,17 @@ func TestDashboard(t *testing.T) {
 	for _, err := range errs {
 		t.Error(err)
 	}
-	for _, group := range []string{"meshguard_grpc_server_", "meshguard_extauthz_", "meshguard_ratelimit_", "meshguard_auditsink_", "meshguard_db_pool_"} {
+	for _, group := range []string{"meshguard_grpc_server_", "meshguard_extauthz_", "meshguard_ratelimitsvc_", "meshguard_auditsink_", "meshguard_db_pool_"} {
 		if !slices.ContainsFunc(keys(metrics), func(m string) bool { return strings.HasPrefix(m, group) }) {
 			t.Errorf("no panel shows %s* metrics", group)
+		}
+	}
+	// Every metric the dashboard queries is registered somewhere in meshguard,
+	// so a rename in the code cannot silently blank a panel.
+	registered := registeredMetrics(t, "..")
+	for _, m := range keys(metrics) {
+		if !registered[m] {
+			t.Errorf("dashboard queries %s, which no meshguard package registers", m)
 		}
 	}
 	// Shipped as a ConfigMap for Grafana's dashboard sidecar.
@@ -750,6 +763,71 @@ func TestDashboard(t *testing.T) {
 	if cm == nil || cm.Labels["grafana_dashboard"] != "1" || cm.Data["meshguard-dashboard.json"] != string(raw) {
 		t.Error("the dashboard ConfigMap does not carry the dashboard with label grafana_dashboard=1")
 	}
+}
+
+// registeredMetrics returns the metric names meshguard's Go code (under
+// root, tests excluded) registers: every string literal that starts with
+// "meshguard_", and for a literal prefix ending in "_" (names built as
+// prefix+name, as pgpool's and ratelimitsvc's collectors do) the prefix
+// joined with the first argument of each plain call in that file whose first
+// argument is a snake_case literal, e.g. d("total_conns", "...").
+func registeredMetrics(t *testing.T, root string) map[string]bool {
+	t.Helper()
+	out := map[string]bool{}
+	snake := regexp.MustCompile(`^[a-z][a-z0-9_]*$`)
+	err := filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() {
+			if n := d.Name(); n == "testdata" || strings.HasPrefix(n, ".") && path != root {
+				return filepath.SkipDir
+			}
+			return nil
+		}
+		if !strings.HasSuffix(path, ".go") || strings.HasSuffix(path, "_test.go") {
+			return nil
+		}
+		f, err := parser.ParseFile(token.NewFileSet(), path, nil, parser.SkipObjectResolution)
+		if err != nil {
+			return err
+		}
+		var prefixes, parts []string
+		ast.Inspect(f, func(n ast.Node) bool {
+			switch n := n.(type) {
+			case *ast.BasicLit:
+				if v, err := strconv.Unquote(n.Value); err == nil && n.Kind == token.STRING && strings.HasPrefix(v, "meshguard_") {
+					if strings.HasSuffix(v, "_") {
+						prefixes = append(prefixes, v)
+					} else {
+						out[v] = true
+					}
+				}
+			case *ast.CallExpr:
+				if _, plain := n.Fun.(*ast.Ident); plain && len(n.Args) > 0 {
+					if lit, ok := n.Args[0].(*ast.BasicLit); ok && lit.Kind == token.STRING {
+						if v, err := strconv.Unquote(lit.Value); err == nil && snake.MatchString(v) {
+							parts = append(parts, v)
+						}
+					}
+				}
+			}
+			return true
+		})
+		for _, p := range prefixes {
+			for _, part := range parts {
+				out[p+part] = true
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("scanning the code for metric names: %v", err)
+	}
+	if !out["meshguard_grpc_server_handled_total"] {
+		t.Fatal("scan found no meshguard_grpc_server_handled_total: is root the module root?")
+	}
+	return out
 }
 
 func TestCheckDashboardRejects(t *testing.T) {
