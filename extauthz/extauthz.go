@@ -5,7 +5,13 @@
 // nonce, the caller's identity (x-meshguard-client for per-user quotas), per
 // tenant origin lists kept current from PostgreSQL, and per-route policy
 // from context_extensions. Every answer carries dynamic metadata (decision,
-// reason, origin, tenant, user, role, client) for the access log.
+// reason, origin, tenant, user, role, client, preflight) for the access log.
+//
+// Responses whose CORS headers depend on Origin carry Vary: Origin, those to
+// requests without an Origin too, so a shared cache never serves a response
+// made for one origin to another. Header options always name their append
+// action: Envoy's default (append) would otherwise add a second CSP or
+// Access-Control-Allow-Origin next to the upstream's.
 //
 // Per-route policy keys in context_extensions (unknown keys are ignored, an
 // unknown value is a 500 so a typo never silently weakens a route):
@@ -114,17 +120,18 @@ func New(log *slog.Logger, reg prometheus.Registerer, cfg Config, tenants *Tenan
 	s.hVaryDenied = overwrite("Vary", "Origin")
 	s.hACAOStar = overwrite("Access-Control-Allow-Origin", "*")
 	s.hPreflightVary = overwrite("Vary", "Origin, Access-Control-Request-Method, Access-Control-Request-Headers")
-	s.hAllowMethods = overwrite("Access-Control-Allow-Methods", p.allowMethods)
-	s.hAllowHeaders = overwrite("Access-Control-Allow-Headers", p.allowHeaders)
+	if p.allowMethods != "" {
+		s.hAllowMethods = overwrite("Access-Control-Allow-Methods", p.allowMethods)
+	}
+	if p.allowHeaders != "" {
+		s.hAllowHeaders = overwrite("Access-Control-Allow-Headers", p.allowHeaders)
+	}
 	if p.maxAge != "" {
 		s.hMaxAge = overwrite("Access-Control-Max-Age", p.maxAge)
 	}
 	s.hJSON = overwrite("Content-Type", "application/json")
 	if p.csp != nil && p.csp.report != "" {
 		s.hReporting = overwrite("Reporting-Endpoints", p.csp.report)
-	}
-	if p.origins.null && p.allowCredentials {
-		log.Warn("cors: null origin allowed together with credentials")
 	}
 	return s, nil
 }
@@ -891,9 +898,10 @@ func (s *Server) respondDenied(e *eval) *authv3.CheckResponse {
 	}
 	switch {
 	case e.decision == decisionPreflight:
-		h = append(h, s.hAllowMethods, s.hAllowHeaders)
-		if s.hMaxAge != nil {
-			h = append(h, s.hMaxAge)
+		for _, o := range [...]*corev3.HeaderValueOption{s.hAllowMethods, s.hAllowHeaders, s.hMaxAge} {
+			if o != nil {
+				h = append(h, o)
+			}
 		}
 		h = append(h, s.hPreflightVary)
 	case e.preflight:
