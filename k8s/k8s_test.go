@@ -41,6 +41,9 @@ import (
 	"sigs.k8s.io/kustomize/api/types"
 	"sigs.k8s.io/kustomize/kyaml/filesys"
 
+	grpcalsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/grpc/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+
 	"github.com/meshguard/meshguard/envoy"
 	"github.com/meshguard/meshguard/ratelimitsvc"
 )
@@ -364,8 +367,12 @@ type meshguardConfig struct {
 		Response  bool   `yaml:"response_headers"`
 	}
 	Audit struct {
-		SpoolDir   string `yaml:"spool_dir"`
-		SQLitePath string `yaml:"sqlite_path"`
+		SpoolDir        string   `yaml:"spool_dir"`
+		SpoolMaxBytes   int64    `yaml:"spool_max_bytes"`
+		SQLitePath      string   `yaml:"sqlite_path"`
+		BatchSize       int      `yaml:"batch_size"`
+		RequestHeaders  []string `yaml:"request_headers"`
+		ResponseHeaders []string `yaml:"response_headers"`
 	}
 	CSP struct {
 		ReportURI string `yaml:"report_uri"`
@@ -431,6 +438,17 @@ func TestMeshguardDeployment(t *testing.T) {
 				m, v := mountFor(ps, c, p)
 				if m == nil || m.ReadOnly || v.EmptyDir == nil && v.PersistentVolumeClaim == nil && v.Ephemeral == nil {
 					t.Errorf("%s %q is not on a writable emptyDir or volume claim (the root filesystem is read-only)", what, p)
+				}
+			}
+
+			// The spool stops before its emptyDir's sizeLimit: the kubelet
+			// evicts a pod whose emptyDir outgrows it, spool and all.
+			if _, v := mountFor(ps, c, cfg.Audit.SpoolDir); v != nil && v.EmptyDir != nil {
+				limit := v.EmptyDir.SizeLimit
+				if limit == nil || limit.IsZero() {
+					t.Error("the spool's emptyDir has no sizeLimit")
+				} else if cfg.Audit.SpoolMaxBytes <= 0 || cfg.Audit.SpoolMaxBytes > limit.Value()*7/8 {
+					t.Errorf("audit.spool_max_bytes %d is not below 7/8 of the emptyDir sizeLimit %s (the spool may exceed its limit by one batch)", cfg.Audit.SpoolMaxBytes, limit)
 				}
 			}
 
@@ -661,6 +679,54 @@ func TestRatelimitDomainFile(t *testing.T) {
 	byValue := cmpopts.SortSlices(func(a, b ratelimitsvc.DescriptorConfig) bool { return a.Value < b.Value })
 	if diff := cmp.Diff(*def, d, byValue); diff != "" {
 		t.Errorf("base/ratelimit/api.yaml differs from the default %q domain (-default +file):\n%s", d.Domain, diff)
+	}
+}
+
+// TestAuditHeadersLoggedByEnvoy: the headers the audit sink keeps
+// (audit.request_headers, audit.response_headers, and Origin, which it always
+// reads) are ones Envoy's access logger actually sends.
+func TestAuditHeadersLoggedByEnvoy(t *testing.T) {
+	o := build(t, "base")
+	var cfg meshguardConfig
+	if err := yaml.Unmarshal([]byte(configMapByPrefix(o, "meshguard-config-").Data["meshguard.yaml"]), &cfg); err != nil {
+		t.Fatal(err)
+	}
+	b, err := envoy.ParseBootstrap(envoy.FrontProxy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var als *grpcalsv3.HttpGrpcAccessLogConfig
+	for _, l := range b.GetStaticResources().GetListeners() {
+		for _, fc := range l.GetFilterChains() {
+			for _, f := range fc.GetFilters() {
+				m, err := f.GetTypedConfig().UnmarshalNew()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if hcm, ok := m.(*hcmv3.HttpConnectionManager); ok {
+					for _, al := range hcm.GetAccessLog() {
+						if a, err := al.GetTypedConfig().UnmarshalNew(); err == nil {
+							if c, ok := a.(*grpcalsv3.HttpGrpcAccessLogConfig); ok {
+								als = c
+							}
+						}
+					}
+				}
+			}
+		}
+	}
+	if als == nil {
+		t.Fatal("envoy.yaml has no gRPC access logger")
+	}
+	for _, h := range append([]string{"origin"}, cfg.Audit.RequestHeaders...) {
+		if !slices.Contains(als.GetAdditionalRequestHeadersToLog(), strings.ToLower(h)) {
+			t.Errorf("audit keeps request header %s, but Envoy does not log it", h)
+		}
+	}
+	for _, h := range cfg.Audit.ResponseHeaders {
+		if !slices.Contains(als.GetAdditionalResponseHeadersToLog(), strings.ToLower(h)) {
+			t.Errorf("audit keeps response header %s, but Envoy does not log it", h)
+		}
 	}
 }
 
