@@ -43,7 +43,7 @@ func setupExtauthz(ctx context.Context, a *app) (*component, error) {
 // the watcher to serve's background work. A database that is down at start
 // is not fatal: config tenants apply and the watcher keeps retrying.
 func startTenants(ctx context.Context, log *slog.Logger, ts *extauthz.TenantStore, c *component) {
-	ictx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	ictx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
 	if err := ts.EnsureSchema(ictx); err != nil {
 		log.Warn("tenant origin table not ready at start; retrying in the background", "err", err)
