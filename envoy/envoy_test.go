@@ -302,6 +302,9 @@ func TestExtAuthz(t *testing.T) {
 		if a.GetTransportApiVersion() != corev3.ApiVersion_V3 {
 			t.Errorf("transport_api_version = %v", a.GetTransportApiVersion())
 		}
+		if rp := a.GetGrpcService().GetRetryPolicy(); rp.GetNumRetries().GetValue() == 0 || !strings.Contains(rp.GetRetryOn(), "connect-failure") {
+			t.Errorf("ext_authz retry_policy = %v: a Check should move to another meshguard when a connection fails", rp)
+		}
 		if !a.GetValidateMutations() {
 			t.Error("validate_mutations should be on")
 		}
@@ -346,6 +349,14 @@ func TestRateLimitFilter(t *testing.T) {
 		}
 		if r.GetRateLimitService().GetTransportApiVersion() != corev3.ApiVersion_V3 {
 			t.Error("rate limit service must use the v3 API")
+		}
+		// A retry after meshguard saw the request would count the hit twice.
+		if rp := r.GetRateLimitService().GetGrpcService().GetRetryPolicy(); rp != nil {
+			for _, on := range strings.Split(rp.GetRetryOn(), ",") {
+				if on != "connect-failure" && on != "refused-stream" {
+					t.Errorf("rate limit retry_on %q may retry a request meshguard already counted", on)
+				}
+			}
 		}
 		if r.GetFailureModeDeny() {
 			t.Error("failure_mode_deny must be false: meshguard follows ratelimit.failure_mode itself")

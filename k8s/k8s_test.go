@@ -484,6 +484,9 @@ func TestMeshguardDeployment(t *testing.T) {
 			if s.Spec.ClusterIP != corev1.ClusterIPNone {
 				t.Error("the meshguard Service must be headless so Envoy's STRICT_DNS cluster sees every pod")
 			}
+			if !s.Spec.PublishNotReadyAddresses {
+				t.Error("meshguard Service must publish not-ready addresses: /readyz is 503 during a database outage, and Envoy must keep reaching meshguard (its gRPC health checks decide)")
+			}
 			checkServiceTargets(t, s, d)
 
 			// Migration Job runs `meshguard migrate` with the same config.
