@@ -21,7 +21,7 @@ type ingestMetrics struct {
 	csp           *prometheus.CounterVec // outcome
 
 	// Pre-resolved children for the per-entry path.
-	receivedHTTP, receivedTCP                        prometheus.Counter
+	receivedHTTP, receivedTCP                          prometheus.Counter
 	droppedRule, droppedUnmatched, droppedIntermediate prometheus.Counter
 }
 

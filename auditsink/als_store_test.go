@@ -49,7 +49,7 @@ func TestIngestIntoStores(t *testing.T) {
 		for _, o := range entries {
 			e := entry(o)
 			var rec Record
-			if _, out := s.map_.mapHTTP(&sid, e, &rec); out != outKept {
+			if _, out := s.ingest.mapHTTP(&sid, e, &rec); out != outKept {
 				t.Fatalf("%s not kept", o.reqID)
 			}
 			want = append(want, rec)

@@ -25,6 +25,17 @@
 //	meshguard_auditsink_enqueue_errors_total
 //	meshguard_auditsink_enqueue_failed_records_total
 //	meshguard_auditsink_csp_reports_total{outcome}        stored | too_large | malformed | unsupported_media_type | rate_limited | sink_error | ignored
+//
+// The writer, its spool and hash chain, and the admin API export
+// meshguard_auditsink_writer_*, meshguard_auditsink_spool_*,
+// meshguard_auditsink_chain_head_seq, meshguard_auditsink_api_* and
+// meshguard_auditsink_export_rows_total (see writer.go and api.go).
+//
+// Client addresses: ip_address is Envoy's downstream_remote_address. With
+// use_remote_address and xff_num_trusted_hops set on the HTTP connection
+// manager, Envoy has already resolved it past the trusted proxies, so it is
+// the client, not the forgeable first X-Forwarded-For entry (which is kept
+// in metadata.forwarded_for for forensics only).
 package auditsink
 
 import (
@@ -47,13 +58,13 @@ import (
 // stream has its own state.
 type Server struct {
 	alsv3.UnimplementedAccessLogServiceServer
-	log  *slog.Logger
-	cfg  Config
-	sink recordSink
-	m    *ingestMetrics
-	map_ mapper
-	csp  *cspLimiter
-	now  func() time.Time
+	log    *slog.Logger
+	cfg    Config
+	sink   recordSink
+	m      *ingestMetrics
+	ingest mapper
+	csp    *cspLimiter
+	now    func() time.Time
 
 	// lastSinkLog and lastProtoLog throttle the enqueue-error and
 	// protocol-error log lines (unix nanos of the last line).
@@ -86,7 +97,7 @@ func New(log *slog.Logger, reg prometheus.Registerer, cfg Config, sink recordSin
 		}
 	}
 	s := &Server{log: log, cfg: cfg, sink: sink, m: m, now: time.Now}
-	s.map_ = mapper{rules: rules, reqHeaders: lower(cfg.RequestHeaders), respHeaders: lower(cfg.ResponseHeaders), now: s.clock}
+	s.ingest = mapper{rules: rules, reqHeaders: lower(cfg.RequestHeaders), respHeaders: lower(cfg.ResponseHeaders), now: s.clock}
 	s.csp = newCSPLimiter(cspRate, cspBurst)
 	return s, nil
 }
@@ -165,7 +176,7 @@ func (s *Server) convert(id *streamIdentity, msg *alsv3.StreamAccessLogsMessage)
 		var recs []Record
 		for _, e := range entries {
 			var rec Record
-			r, out := s.map_.mapHTTP(id, e, &rec)
+			r, out := s.ingest.mapHTTP(id, e, &rec)
 			if s.count(r, out) {
 				if recs == nil {
 					recs = make([]Record, 0, len(entries))
@@ -184,7 +195,7 @@ func (s *Server) convert(id *streamIdentity, msg *alsv3.StreamAccessLogsMessage)
 		var recs []Record
 		for _, e := range entries {
 			var rec Record
-			r, out := s.map_.mapTCP(id, e, &rec)
+			r, out := s.ingest.mapTCP(id, e, &rec)
 			if s.count(r, out) {
 				recs = append(recs, rec)
 			}
