@@ -626,6 +626,9 @@ func TestClusters(t *testing.T) {
 		if len(mg.GetHealthChecks()) == 0 || mg.GetHealthChecks()[0].GetGrpcHealthCheck() == nil {
 			t.Error("meshguard cluster needs a gRPC health check (grpc.health.v1)")
 		}
+		if !mg.GetCommonLbConfig().GetIgnoreNewHostsUntilFirstHc() {
+			t.Error("meshguard cluster must not send calls to a new pod before its first health check")
+		}
 		if len(mg.GetCircuitBreakers().GetThresholds()) == 0 || mg.GetOutlierDetection() == nil {
 			t.Error("meshguard cluster needs circuit breakers and outlier detection")
 		}
