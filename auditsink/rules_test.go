@@ -1,15 +1,19 @@
 package auditsink
 
 import (
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	accesslogv3 "github.com/envoyproxy/go-control-plane/envoy/data/accesslog/v3"
+	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
 	"go.yaml.in/yaml/v3"
 )
 
@@ -437,4 +441,95 @@ func testMapper(t testing.TB, rules []RuleConfig) *mapper {
 		t.Fatal(err)
 	}
 	return &mapper{rules: rs, now: func() time.Time { return testNow }, reqHeaders: []string{"x-tenant-id"}}
+}
+
+// TestDefaultRulesFile keeps testdata/ingest/default_rules.yaml, the
+// operator's starting point for audit.rules, equal to DefaultRules()
+// (-update rewrites it).
+func TestDefaultRulesFile(t *testing.T) {
+	path := filepath.Join("testdata", "ingest", "default_rules.yaml")
+	if *updateGolden {
+		if err := os.WriteFile(path, []byte(rulesYAML(DefaultRules())), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc struct {
+		Rules []RuleConfig `yaml:"rules"`
+	}
+	dec := yaml.NewDecoder(strings.NewReader(string(raw)))
+	dec.KnownFields(true)
+	if err := dec.Decode(&doc); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(DefaultRules(), doc.Rules, cmpopts.EquateEmpty()); diff != "" {
+		t.Errorf("%s differs from DefaultRules() (-want +got):\n%s", path, diff)
+	}
+	if _, err := compileRules(doc.Rules); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// rulesYAML renders rules one flow mapping per line, empty fields left out.
+func rulesYAML(rules []RuleConfig) string {
+	var b strings.Builder
+	b.WriteString("# audit.rules: the built-in classification (DefaultRules), first match wins.\n")
+	b.WriteString("# Copy under audit: in the config file and edit; a non-empty list replaces the defaults.\n")
+	b.WriteString("rules:\n")
+	q := func(s string) string { return strconv.Quote(s) }
+	list := func(ss []string) string {
+		out := make([]string, len(ss))
+		for i, s := range ss {
+			out[i] = q(s)
+		}
+		return "[" + strings.Join(out, ", ") + "]"
+	}
+	for _, r := range rules {
+		var f []string
+		add := func(k, v string) {
+			if v != "" {
+				f = append(f, k+": "+v)
+			}
+		}
+		add("name", r.Name)
+		add("kind", r.Kind)
+		if len(r.Methods) > 0 {
+			add("methods", list(r.Methods))
+		}
+		if r.Path != "" {
+			add("path", q(r.Path))
+		}
+		if len(r.Status) > 0 {
+			add("status", list(r.Status))
+		}
+		if len(r.ResponseFlags) > 0 {
+			add("response_flags", list(r.ResponseFlags))
+		}
+		keys := slices.Sorted(maps.Keys(r.Metadata))
+		var md []string
+		for _, k := range keys {
+			md = append(md, k+": "+list(r.Metadata[k]))
+		}
+		if len(md) > 0 {
+			add("metadata", "{"+strings.Join(md, ", ")+"}")
+		}
+		if r.Drop {
+			add("drop", "true")
+		}
+		if r.Action != "" {
+			add("action", q(r.Action))
+		}
+		add("severity", r.Severity)
+		if r.EntityType != "" {
+			add("entity_type", q(r.EntityType))
+		}
+		if r.EntityID != "" {
+			add("entity_id", q(r.EntityID))
+		}
+		b.WriteString("  - {" + strings.Join(f, ", ") + "}\n")
+	}
+	return b.String()
 }
