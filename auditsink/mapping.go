@@ -132,7 +132,7 @@ func (m *mapper) mapHTTP(id *streamIdentity, e *accesslogv3.HTTPAccessLogEntry, 
 		EntityType: clean(r.entType.expand(&caps, maxEntityLen)),
 		EntityID:   clean(r.entID.expand(&caps, maxEntityLen)),
 		Method:     methodName(v.method),
-		Path:       clean(truncate(redactQuery(rawPath), maxPathLen)),
+		Path:       boundedPath(rawPath),
 		Status:     int(v.status),
 		RequestID:  clean(truncate(req.GetRequestId(), maxIDLen)),
 		UserAgent:  clean(truncate(req.GetUserAgent(), maxUserAgentLen)),
@@ -182,7 +182,7 @@ func (m *mapper) mapHTTP(id *streamIdentity, e *accesslogv3.HTTPAccessLogEntry, 
 		meta = appendField(meta, "peer_address", peer)
 	}
 	if op := req.GetOriginalPath(); op != "" {
-		meta = appendField(meta, "original_path", truncate(redactQuery(op), maxPathLen))
+		meta = appendField(meta, "original_path", boundedPath(op))
 	}
 	meta = appendHeaders(meta, "request_headers", m.reqHeaders, req.GetRequestHeaders())
 	meta = appendHeaders(meta, "response_headers", m.respHeaders, resp.GetResponseHeaders())
@@ -286,6 +286,13 @@ func appendClaimedTime(b []byte, st *timestamppb.Timestamp) []byte {
 		return appendJSONString(b, st.AsTime().Format(time.RFC3339Nano))
 	}
 	return strconv.AppendInt(b, st.GetSeconds(), 10)
+}
+
+// boundedPath redacts query secrets and bounds the result. The raw path is
+// cut first so a huge path costs no huge copy; a secret cut short is still
+// redacted, and "REDACTED" cut short reveals nothing.
+func boundedPath(p string) string {
+	return clean(truncate(redactQuery(truncate(p, maxPathLen)), maxPathLen))
 }
 
 func pathOnly(p string) string {

@@ -246,3 +246,15 @@ func TestEventTimeSkew(t *testing.T) {
 		}
 	}
 }
+
+// TestBoundedPathNeverLeaks: whatever the cut point, a secret value near
+// the end of a long path does not survive bounding.
+func TestBoundedPathNeverLeaks(t *testing.T) {
+	for pad := maxPathLen - 40; pad <= maxPathLen+5; pad++ {
+		p := "/api/x?a=" + strings.Repeat("x", pad) + "&token=Zsecretvalue"
+		got := boundedPath(p)
+		if strings.Contains(got, "Zs") || len(got) > maxPathLen {
+			t.Fatalf("pad %d: %q (%d bytes)", pad, got[len(got)-30:], len(got))
+		}
+	}
+}
