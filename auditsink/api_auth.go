@@ -71,25 +71,23 @@ func (z *authorizer) enabled() bool {
 	return z.envToken != nil || z.tokenFile != "" || z.role != ""
 }
 
-// authorize returns the caller, or why it is refused. A bearer token, when
-// sent, decides alone; the role header is consulted only without one.
+// authorize returns the caller, or why it is refused. A matching admin
+// token admits. Otherwise, when the trusted role is enabled and ext_authz
+// set the role header, the role decides (a request through Envoy usually
+// carries the application's own JWT in Authorization, which is not an admin
+// token and must not hide the role). Otherwise a presented token is
+// invalid, and no credentials at all get the challenge.
 func (z *authorizer) authorize(r *http.Request) (principal, *denial) {
 	if !z.enabled() {
 		return principal{}, &denial{status: http.StatusServiceUnavailable, reason: "disabled",
 			msg: "audit admin API disabled: configure MESHGUARD_ADMIN_TOKEN, audit.admin_token_file or audit.admin_role"}
 	}
-	if authz := r.Header.Get("Authorization"); authz != "" {
-		scheme, tok, _ := strings.Cut(authz, " ")
-		tok = strings.TrimSpace(tok)
-		if !strings.EqualFold(scheme, "Bearer") || tok == "" {
-			return principal{}, &denial{status: http.StatusUnauthorized, reason: "invalid_token",
-				challenge: bearerChallenge + `, error="invalid_request"`, msg: "Authorization must be a Bearer token"}
-		}
-		if z.tokenMatches(tok) {
-			return principal{user: "admin-token", via: "token"}, nil
-		}
-		return principal{}, &denial{status: http.StatusUnauthorized, reason: "invalid_token",
-			challenge: bearerChallenge + `, error="invalid_token"`, msg: "invalid bearer token"}
+	authz := r.Header.Get("Authorization")
+	scheme, tok, _ := strings.Cut(authz, " ")
+	tok = strings.TrimSpace(tok)
+	bearer := strings.EqualFold(scheme, "Bearer") && tok != ""
+	if bearer && z.tokenMatches(tok) {
+		return principal{user: "admin-token", via: "token"}, nil
 	}
 	if z.role != "" {
 		if roles := r.Header.Values(apiRoleHeader); len(roles) > 0 {
@@ -103,6 +101,14 @@ func (z *authorizer) authorize(r *http.Request) (principal, *denial) {
 			}
 			return principal{user: user, via: "role"}, nil
 		}
+	}
+	switch {
+	case bearer:
+		return principal{}, &denial{status: http.StatusUnauthorized, reason: "invalid_token",
+			challenge: bearerChallenge + `, error="invalid_token"`, msg: "invalid bearer token"}
+	case authz != "":
+		return principal{}, &denial{status: http.StatusUnauthorized, reason: "invalid_token",
+			challenge: bearerChallenge + `, error="invalid_request"`, msg: "Authorization must be a Bearer token"}
 	}
 	return principal{}, &denial{status: http.StatusUnauthorized, reason: "missing", challenge: bearerChallenge,
 		msg: "authentication required: send Authorization: Bearer <admin token>"}

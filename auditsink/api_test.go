@@ -211,7 +211,10 @@ func TestAPIAuthz(t *testing.T) {
 		{"wrong role", withRole, []string{"x-meshguard-role", "viewer"}, 403, "", ""},
 		{"role prefix is not the role", withRole, []string{"x-meshguard-role", "auditors"}, 403, "", ""},
 		{"role mode, no credentials", roleOnly, nil, 401, `Bearer realm="meshguard-audit"`, ""},
-		{"role mode, a wrong token beats a right role", withRole, []string{"Authorization", "Bearer nope", "x-meshguard-role", "auditor"}, 401, `Bearer realm="meshguard-audit", error="invalid_token"`, ""},
+		{"role mode, the app's JWT beside the right role", withRole, []string{"Authorization", "Bearer eyJhbGciOi.jwt.sig", "x-meshguard-role", "auditor", "x-meshguard-user", "bob"}, 200, "", "bob"},
+		{"role mode, the app's JWT beside a wrong role", withRole, []string{"Authorization", "Bearer eyJhbGciOi.jwt.sig", "x-meshguard-role", "viewer"}, 403, "", ""},
+		{"role mode, a wrong token and no role", withRole, []string{"Authorization", "Bearer nope"}, 401, `Bearer realm="meshguard-audit", error="invalid_token"`, ""},
+		{"role mode, the admin token beside a wrong role", withRole, append([]string{"x-meshguard-role", "viewer"}, bearer...), 200, "", "admin-token"},
 		{"role mode, token still works", withRole, bearer, 200, "", "admin-token"},
 	}
 	for _, tc := range cases {
