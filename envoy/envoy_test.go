@@ -258,6 +258,20 @@ func TestSpoofableHeadersStripped(t *testing.T) {
 				t.Errorf("header_mutation does not remove %s", h)
 			}
 		}
+		// The trusted client address (XFF-aware) for meshguard's ip:<addr>
+		// key, always overwritten, and sent to ext_authz.
+		var ip *corev3.HeaderValueOption
+		for _, m := range fp.mutation.GetMutations().GetRequestMutations() {
+			if a := m.GetAppend(); strings.EqualFold(a.GetHeader().GetKey(), "x-meshguard-client-ip") {
+				ip = a
+			}
+		}
+		if ip.GetHeader().GetValue() != "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%" || ip.GetAppendAction() != corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD {
+			t.Errorf("x-meshguard-client-ip mutation = %v, want %%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%% with overwrite", ip)
+		}
+		if !anyMatch(fp.authz.GetAllowedHeaders().GetPatterns(), "x-meshguard-client-ip") {
+			t.Error("ext_authz does not send x-meshguard-client-ip")
+		}
 	})
 }
 
