@@ -1,0 +1,205 @@
+package ratelimitsvc
+
+import (
+	"context"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
+
+	"github.com/meshguard/meshguard/internal/redistest"
+	"github.com/meshguard/meshguard/internal/secret"
+)
+
+func skipShort(t *testing.T) {
+	if testing.Short() {
+		t.Skip("needs redis-server")
+	}
+}
+
+// TestSharedQuota: two meshguard instances on one Redis (and on one Redis
+// Cluster) share a quota.
+func TestSharedQuota(t *testing.T) {
+	skipShort(t)
+	for _, kind := range storeKinds(t)[1:] {
+		t.Run(kind.name, func(t *testing.T) {
+			clock := newFakeClock()
+			cfg := windowConfig(10, time.Minute)
+			st := kind.make(t) // flushes
+			a := startServer(t, cfg, st, clock)
+			// A second client with its own pool, as another replica has.
+			rs := st.(*RedisStore)
+			other := RedisConfig{Cluster: rs.addrs}
+			if rs.cluster == nil {
+				other = RedisConfig{URL: secret.URL("redis://" + rs.addrs[0] + "/0")}
+			}
+			b := startServer(t, cfg, newTestRedis(t, other), clock)
+			req := request("acc", kv("client", "shared"))
+			admitted := 0
+			for i := range 30 {
+				h := a
+				if i%2 == 1 {
+					h = b
+				}
+				resp, err := h.client.ShouldRateLimit(t.Context(), req)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if resp.OverallCode == rlsv3.RateLimitResponse_OK {
+					admitted++
+				}
+			}
+			if admitted != 10 {
+				t.Errorf("two instances admitted %d together, want 10", admitted)
+			}
+		})
+	}
+}
+
+// TestScriptFlushed: after SCRIPT FLUSH the EVALSHA misses and EVAL runs it.
+func TestScriptFlushed(t *testing.T) {
+	skipShort(t)
+	srv := redistest.Start(t)
+	h := startServer(t, testConfig(), newTestRedis(t, RedisConfig{URL: secret.URL(srv.URL())}), newFakeClock())
+	for i := range 3 {
+		if _, err := srv.Do("SCRIPT", "FLUSH"); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := h.client.ShouldRateLimit(t.Context(), request("basic", kv("remote_address", "a")))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := resp.Statuses[0].LimitRemaining; got != uint32(2-i) {
+			t.Fatalf("request %d: remaining %d, want %d", i, got, 2-i)
+		}
+	}
+	if n := metricValue(t, h.reg, "meshguard_ratelimitsvc_store_errors_total"); n != 0 {
+		t.Errorf("store errors = %v, want 0", n)
+	}
+}
+
+// TestKeysExpire: counters carry a TTL of about two windows.
+func TestKeysExpire(t *testing.T) {
+	skipShort(t)
+	srv := redistest.Start(t)
+	h := startServer(t, windowConfig(5, time.Minute), newTestRedis(t, RedisConfig{URL: secret.URL(srv.URL())}), nil)
+	if _, err := h.client.ShouldRateLimit(t.Context(), request("acc", kv("client", "ttl"))); err != nil {
+		t.Fatal(err)
+	}
+	keys, err := srv.Do("KEYS", "mg:rl:*")
+	if err != nil || keys == "" {
+		t.Fatalf("KEYS: %q %v", keys, err)
+	}
+	ttl, err := srv.Do("PTTL", keys)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ms, err := strconv.Atoi(ttl); err != nil || ms <= 0 || ms > 121_000 {
+		t.Errorf("PTTL %s ms, want between 0 and 121000", ttl)
+	}
+}
+
+// TestStoreFaults: with Redis killed or hung (SIGSTOP), every decision
+// returns within redis.timeout following failure_mode, never as a gRPC
+// error; once Redis is back, enforcement resumes by itself.
+func TestStoreFaults(t *testing.T) {
+	skipShort(t)
+	const timeout = 150 * time.Millisecond
+	// Generous bound over the timeout for a shared machine and -race.
+	const bound = timeout + 350*time.Millisecond
+	type fault struct {
+		name         string
+		break_, heal func(t *testing.T, s *redistest.Server)
+	}
+	faults := []fault{
+		{"killed", func(t *testing.T, s *redistest.Server) { s.Kill() }, func(t *testing.T, s *redistest.Server) { s.Restart(t) }},
+		{"hung", func(t *testing.T, s *redistest.Server) { s.Pause() }, func(t *testing.T, s *redistest.Server) { s.Resume() }},
+	}
+	for _, mode := range []string{"allow", "deny"} {
+		for _, f := range faults {
+			t.Run(mode+"/"+f.name, func(t *testing.T) {
+				srv := redistest.Start(t)
+				t.Cleanup(srv.Resume)
+				cfg := windowConfig(3, time.Minute)
+				cfg.FailureMode = mode
+				rs := newTestRedis(t, RedisConfig{URL: secret.URL(srv.URL()), Timeout: timeout})
+				h := startServer(t, cfg, rs, nil)
+				req := request("acc", kv("client", "fault"))
+				// Healthy: counted.
+				resp, err := h.client.ShouldRateLimit(t.Context(), req)
+				if err != nil || resp.Statuses[0].DurationUntilReset == nil {
+					t.Fatalf("healthy answer: %v %v", resp, err)
+				}
+				if err := rs.Ping(t.Context()); err != nil {
+					t.Fatalf("ping: %v", err)
+				}
+
+				f.break_(t, srv)
+				var wg sync.WaitGroup
+				errs := make(chan string, 40)
+				for range 20 {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						start := time.Now()
+						resp, err := h.client.ShouldRateLimit(t.Context(), req)
+						took := time.Since(start)
+						switch {
+						case err != nil:
+							errs <- "gRPC error: " + err.Error()
+						case took > bound:
+							errs <- "took " + took.String()
+						case mode == "allow" && resp.OverallCode != rlsv3.RateLimitResponse_OK:
+							errs <- "allow mode answered " + resp.OverallCode.String()
+						case mode == "deny" && resp.OverallCode != rlsv3.RateLimitResponse_OVER_LIMIT:
+							errs <- "deny mode answered " + resp.OverallCode.String()
+						}
+					}()
+				}
+				wg.Wait()
+				close(errs)
+				for e := range errs {
+					t.Error(e)
+				}
+				if n := metricValue(t, h.reg, "meshguard_ratelimitsvc_failure_mode_decisions_total", "mode", mode); n < 20 {
+					t.Errorf("failure_mode decisions = %v, want >= 20", n)
+				}
+				ctx, cancel := context.WithTimeout(t.Context(), time.Second)
+				if err := rs.Ping(ctx); err == nil {
+					t.Error("ping succeeded against a broken Redis")
+				}
+				cancel()
+				if rs.Status()["mode"] != "standalone" {
+					t.Errorf("status %v", rs.Status())
+				}
+
+				f.heal(t, srv)
+				deadline := time.Now().Add(10 * time.Second)
+				for {
+					resp, err := h.client.ShouldRateLimit(t.Context(), req)
+					if err != nil {
+						t.Fatal(err)
+					}
+					if resp.Statuses[0].DurationUntilReset != nil { // a counted answer
+						break
+					}
+					if time.Now().After(deadline) {
+						t.Fatal("enforcement did not resume within 10s")
+					}
+					time.Sleep(20 * time.Millisecond)
+				}
+				// Enforced again: the limit of 3 is reached.
+				var last rlsv3.RateLimitResponse_Code
+				for range 4 {
+					resp, _ := h.client.ShouldRateLimit(t.Context(), req)
+					last = resp.OverallCode
+				}
+				if last != rlsv3.RateLimitResponse_OVER_LIMIT {
+					t.Errorf("after recovery the limit is not enforced: last answer %v", last)
+				}
+			})
+		}
+	}
+}
