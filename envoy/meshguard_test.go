@@ -1,0 +1,373 @@
+package envoy
+
+import (
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/types/known/structpb"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	rlcommonv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/common/ratelimit/v3"
+	extauthzv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_authz/v3"
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
+
+	"github.com/meshguard/meshguard/extauthz"
+	"github.com/meshguard/meshguard/ratelimitsvc"
+)
+
+// This file plays Envoy: it walks a request through the front proxy's
+// configuration (header_mutation, jwt_authn metadata, ext_authz, the rate
+// limit filter with the route's actions) and calls real meshguard servers
+// (extauthz, ratelimitsvc with its in-process store) over gRPC on
+// 127.0.0.1:0 through go-control-plane's generated clients. It checks that
+// the configuration and meshguard agree: descriptors hit meshguard's preset
+// rules, context_extensions turn the nonce off where they should, client
+// headers cannot choose a quota bucket, preflights never reach the rate
+// limit service. It does not replace running Envoy; it only interprets the
+// parts of the configuration listed above, as Envoy documents them.
+
+const (
+	lbAddr     = "10.0.0.1"    // the load balancer: the connection peer
+	clientAddr = "203.0.113.7" // the client, as xff_num_trusted_hops computes it
+	host       = "app.example.com"
+)
+
+type simEnvoy struct {
+	fp    *frontProxy
+	authz authv3.AuthorizationClient
+	rls   rlsv3.RateLimitServiceClient
+}
+
+func newSimEnvoy(t *testing.T) *simEnvoy {
+	t.Helper()
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	reg := prometheus.NewRegistry()
+
+	acfg := extauthz.Config{CORS: extauthz.DefaultCORSConfig(), Identity: extauthz.DefaultIdentityConfig(), CSP: extauthz.DefaultCSPConfig()}
+	acfg.CORS.PublicOrigin = "https://" + host
+	acfg.CORS.AllowedOrigins = []string{"https://dashboard.example.com"}
+	az, err := extauthz.New(log, reg, acfg, nil)
+	if err != nil {
+		t.Fatalf("extauthz.New: %v", err)
+	}
+	rcfg := ratelimitsvc.DefaultConfig()
+	rcfg.ResponseHeaders = false // Envoy adds them (enable_x_ratelimit_headers)
+	rl, err := ratelimitsvc.New(log, reg, rcfg, ratelimitsvc.NewMemoryStore())
+	if err != nil {
+		t.Fatalf("ratelimitsvc.New: %v", err)
+	}
+
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := grpc.NewServer()
+	az.Register(gs)
+	rl.Register(gs)
+	go gs.Serve(lis)
+	t.Cleanup(gs.Stop)
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return &simEnvoy{fp: loadFrontProxy(t), authz: authv3.NewAuthorizationClient(conn), rls: rlsv3.NewRateLimitServiceClient(conn)}
+}
+
+type simRequest struct {
+	method, path string
+	headers      map[string]string
+	jwt          map[string]any // verified payload, as jwt_authn leaves it; nil: anonymous
+}
+
+type simResult struct {
+	route    string
+	status   int               // 0: forwarded upstream
+	upstream map[string]string // request headers the app would get
+	respAdd  []*corev3.HeaderValueOption
+	check    *authv3.CheckResponse
+	rls      *rlsv3.RateLimitResponse // nil: the rate limit service was not called
+}
+
+func (e *simEnvoy) do(t *testing.T, r simRequest) simResult {
+	t.Helper()
+	h := map[string]string{}
+	for k, v := range r.headers {
+		h[strings.ToLower(k)] = v
+	}
+	// header_mutation.
+	for _, m := range e.fp.mutation.GetMutations().GetRequestMutations() {
+		if k := m.GetRemove(); k != "" {
+			delete(h, k)
+		}
+		if a := m.GetAppend(); a != nil {
+			v := strings.ReplaceAll(a.GetHeader().GetValue(), "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%", clientAddr)
+			if strings.Contains(v, "%") {
+				t.Fatalf("header_mutation value %q uses a formatter this test does not know", v)
+			}
+			setHeader(h, a, v)
+		}
+	}
+	rt := route(t, e.fp.vhost, r.path)
+	if rt == nil {
+		return simResult{status: 404}
+	}
+	res := simResult{route: rt.GetName()}
+	if d := rt.GetDirectResponse(); d != nil {
+		res.status = int(d.GetStatus())
+		return res
+	}
+
+	// ext_authz.
+	allowed := e.fp.authz.GetAllowedHeaders().GetPatterns()
+	sent := map[string]string{}
+	for k, v := range h {
+		if anyMatch(allowed, k) {
+			sent[k] = v
+		}
+	}
+	req := &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
+		Source: &authv3.AttributeContext_Peer{Address: sockAddr(lbAddr, 40123)},
+		Request: &authv3.AttributeContext_Request{Http: &authv3.AttributeContext_HttpRequest{
+			Method: r.method, Path: r.path, Host: host, Scheme: "https", Protocol: "HTTP/1.1", Headers: sent,
+		}},
+	}}
+	if pr := rt.GetTypedPerFilterConfig()["envoy.filters.http.ext_authz"]; pr != nil {
+		req.Attributes.ContextExtensions = unpack[*extauthzv3.ExtAuthzPerRoute](t, pr).GetCheckSettings().GetContextExtensions()
+	}
+	if r.jwt != nil {
+		payload, err := structpb.NewStruct(r.jwt)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ns := "envoy.filters.http.jwt_authn"
+		for _, want := range e.fp.authz.GetMetadataContextNamespaces() {
+			if want == ns {
+				key := e.fp.jwt.GetProviders()["app"].GetPayloadInMetadata()
+				req.Attributes.MetadataContext = &corev3.Metadata{FilterMetadata: map[string]*structpb.Struct{
+					ns: {Fields: map[string]*structpb.Value{key: structpb.NewStructValue(payload)}},
+				}}
+			}
+		}
+	}
+	resp, err := e.authz.Check(t.Context(), req)
+	if err != nil {
+		t.Fatalf("Check: %v", err)
+	}
+	res.check = resp
+	if codes.Code(resp.GetStatus().GetCode()) != codes.OK {
+		res.status = int(resp.GetDeniedResponse().GetStatus().GetCode())
+		if res.status == 0 {
+			res.status = 403
+		}
+		return res
+	}
+	ok := resp.GetOkResponse()
+	for _, o := range ok.GetHeaders() {
+		setHeader(h, o, o.GetHeader().GetValue())
+	}
+	for _, k := range ok.GetHeadersToRemove() {
+		delete(h, strings.ToLower(k))
+	}
+	res.respAdd = ok.GetResponseHeadersToAdd()
+	res.upstream = h
+
+	// Rate limit filter: one descriptor per rate_limits entry whose actions
+	// all produce an entry.
+	var descs []*rlcommonv3.RateLimitDescriptor
+	for _, rl := range rt.GetRoute().GetRateLimits() {
+		if d := descriptorFor(t, rl, h); d != nil {
+			descs = append(descs, d)
+		}
+	}
+	if len(descs) > 0 {
+		rr, err := e.rls.ShouldRateLimit(t.Context(), &rlsv3.RateLimitRequest{Domain: e.fp.rl.GetDomain(), Descriptors: descs, HitsAddend: 1})
+		if err != nil {
+			t.Fatalf("ShouldRateLimit: %v", err)
+		}
+		res.rls = rr
+		if rr.GetOverallCode() == rlsv3.RateLimitResponse_OVER_LIMIT {
+			res.status = 429
+		}
+	}
+	return res
+}
+
+func descriptorFor(t *testing.T, rl *routev3.RateLimit, h map[string]string) *rlcommonv3.RateLimitDescriptor {
+	d := &rlcommonv3.RateLimitDescriptor{}
+	for _, a := range rl.GetActions() {
+		switch {
+		case a.GetGenericKey() != nil:
+			d.Entries = append(d.Entries, &rlcommonv3.RateLimitDescriptor_Entry{Key: a.GetGenericKey().GetDescriptorKey(), Value: a.GetGenericKey().GetDescriptorValue()})
+		case a.GetRequestHeaders() != nil:
+			v, ok := h[strings.ToLower(a.GetRequestHeaders().GetHeaderName())]
+			if !ok {
+				return nil // Envoy sends no descriptor when a header is absent
+			}
+			d.Entries = append(d.Entries, &rlcommonv3.RateLimitDescriptor_Entry{Key: a.GetRequestHeaders().GetDescriptorKey(), Value: v})
+		default:
+			t.Fatalf("rate limit action %v is not simulated", a)
+		}
+	}
+	return d
+}
+
+func setHeader(h map[string]string, o *corev3.HeaderValueOption, v string) {
+	k := strings.ToLower(o.GetHeader().GetKey())
+	switch o.GetAppendAction() {
+	case corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD, corev3.HeaderValueOption_OVERWRITE_IF_EXISTS:
+		h[k] = v
+	case corev3.HeaderValueOption_ADD_IF_ABSENT:
+		if _, ok := h[k]; !ok {
+			h[k] = v
+		}
+	default: // APPEND_IF_EXISTS_OR_ADD, the proto default
+		if old, ok := h[k]; ok {
+			h[k] = old + "," + v
+		} else {
+			h[k] = v
+		}
+	}
+}
+
+func sockAddr(ip string, port uint32) *corev3.Address {
+	return &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
+		Address: ip, PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: port},
+	}}}
+}
+
+func respHeader(opts []*corev3.HeaderValueOption, name string) (*corev3.HeaderValueOption, bool) {
+	for _, o := range opts {
+		if strings.EqualFold(o.GetHeader().GetKey(), name) {
+			return o, true
+		}
+	}
+	return nil, false
+}
+
+func TestEnvoyAndMeshguardAgree(t *testing.T) {
+	e := newSimEnvoy(t)
+
+	t.Run("page gets a nonce CSP that overwrites the static one", func(t *testing.T) {
+		r := e.do(t, simRequest{method: "GET", path: "/", headers: map[string]string{"x-csp-nonce": "attacker"}})
+		if r.status != 0 {
+			t.Fatalf("status %d, want forwarded", r.status)
+		}
+		csp, ok := respHeader(r.respAdd, "Content-Security-Policy")
+		if !ok || !strings.Contains(csp.GetHeader().GetValue(), "'nonce-") || csp.GetAppendAction() != corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD {
+			t.Errorf("ext_authz CSP = %v, want a nonce policy with overwrite", csp)
+		}
+		nonce := r.upstream["x-csp-nonce"]
+		if nonce == "" || nonce == "attacker" || !strings.Contains(csp.GetHeader().GetValue(), "'nonce-"+nonce+"'") {
+			t.Errorf("upstream x-csp-nonce = %q, not the nonce of the CSP %q", nonce, csp.GetHeader().GetValue())
+		}
+		if r.rls == nil || r.rls.GetOverallCode() != rlsv3.RateLimitResponse_OK {
+			t.Errorf("rate limit answer %v, want OK", r.rls)
+		}
+	})
+
+	t.Run("API routes keep the route's static CSP", func(t *testing.T) {
+		r := e.do(t, simRequest{method: "GET", path: "/api/users/1"})
+		if r.status != 0 {
+			t.Fatalf("status %d", r.status)
+		}
+		if csp, ok := respHeader(r.respAdd, "Content-Security-Policy"); ok {
+			t.Errorf("ext_authz sends CSP %q on a csp: off route", csp.GetHeader().GetValue())
+		}
+		if _, ok := r.upstream["x-csp-nonce"]; ok {
+			t.Error("a nonce reaches the upstream on a csp: off route")
+		}
+	})
+
+	t.Run("the client cannot pick its quota bucket", func(t *testing.T) {
+		r := e.do(t, simRequest{method: "GET", path: "/api/users/1", headers: map[string]string{
+			"x-meshguard-client": "user:victim", "x-meshguard-client-ip": "198.51.100.1",
+		}})
+		got := r.upstream["x-meshguard-client"]
+		switch got {
+		case "ip:" + clientAddr:
+		case "ip:" + lbAddr:
+			// extauthz keys on attributes.source.address, which Envoy fills
+			// with the connection peer; see README.md (x-meshguard-client-ip).
+			t.Logf("KNOWN GAP: meshguard keyed the anonymous client on the load balancer (%s), not on x-meshguard-client-ip (%s)", lbAddr, clientAddr)
+		default:
+			t.Errorf("x-meshguard-client = %q, want ip:%s", got, clientAddr)
+		}
+		descs := r.rls.GetStatuses()
+		if len(descs) != 1 {
+			t.Fatalf("rate limit statuses %v, want one descriptor", descs)
+		}
+	})
+
+	t.Run("auth preset: five logins per client, then 429, per user", func(t *testing.T) {
+		login := func(user string) simResult {
+			return e.do(t, simRequest{method: "POST", path: "/api/auth/login", jwt: map[string]any{"sub": user}})
+		}
+		for i := 1; i <= 5; i++ {
+			if r := login("alice"); r.status != 0 {
+				t.Fatalf("login %d: status %d, want forwarded", i, r.status)
+			}
+		}
+		r := login("alice")
+		if r.status != 429 {
+			t.Fatalf("6th login: status %d, want 429", r.status)
+		}
+		if st := r.rls.GetStatuses()[0]; st.GetCurrentLimit().GetRequestsPerUnit() != 5 {
+			t.Errorf("limit %v, want the auth preset (5 per 15 min)", st.GetCurrentLimit())
+		}
+		if r.upstream["x-meshguard-client"] != "user:alice" {
+			t.Errorf("x-meshguard-client = %q, want user:alice", r.upstream["x-meshguard-client"])
+		}
+		if r := login("bob"); r.status != 0 {
+			t.Errorf("bob's first login: status %d; one user's quota must not spend another's", r.status)
+		}
+		// The standard preset is a separate quota for the same user.
+		if r := e.do(t, simRequest{method: "GET", path: "/api/users/1", jwt: map[string]any{"sub": "alice"}}); r.status != 0 {
+			t.Errorf("alice on /api/: status %d; presets must not share a quota", r.status)
+		}
+	})
+
+	t.Run("CORS", func(t *testing.T) {
+		r := e.do(t, simRequest{method: "GET", path: "/api/users/1", headers: map[string]string{"origin": "https://evil.example"}})
+		if r.status != 403 || r.rls != nil {
+			t.Errorf("disallowed origin: status %d, rate limit called %v; want 403 before the rate limit", r.status, r.rls != nil)
+		}
+		r = e.do(t, simRequest{method: "GET", path: "/api/users/1", headers: map[string]string{"origin": "https://dashboard.example.com"}})
+		if acao, ok := respHeader(r.respAdd, "Access-Control-Allow-Origin"); r.status != 0 || !ok || acao.GetHeader().GetValue() != "https://dashboard.example.com" {
+			t.Errorf("allowed origin: status %d, ACAO %v", r.status, acao)
+		}
+		r = e.do(t, simRequest{method: "OPTIONS", path: "/api/users/1", headers: map[string]string{
+			"origin": "https://dashboard.example.com", "access-control-request-method": "PUT",
+		}})
+		if r.status != 204 || r.rls != nil {
+			t.Errorf("preflight: status %d, rate limit called %v; want 204 answered by ext_authz", r.status, r.rls != nil)
+		}
+	})
+
+	t.Run("admin API requires the admin role", func(t *testing.T) {
+		if r := e.do(t, simRequest{method: "GET", path: "/api/admin/users"}); r.status != 401 && r.status != 403 {
+			t.Errorf("anonymous: status %d, want 401 or 403", r.status)
+		}
+		if r := e.do(t, simRequest{method: "GET", path: "/api/admin/users", jwt: map[string]any{"sub": "carol", "role": "user"}}); r.status != 403 {
+			t.Errorf("role user: status %d, want 403", r.status)
+		}
+		if r := e.do(t, simRequest{method: "GET", path: "/api/admin/users", jwt: map[string]any{"sub": "dave", "role": "admin"}}); r.status != 0 {
+			t.Errorf("role admin: status %d, want forwarded", r.status)
+		}
+	})
+
+	t.Run("meshguard's admin API is not exposed", func(t *testing.T) {
+		if r := e.do(t, simRequest{method: "GET", path: "/v1/audit/logs"}); r.status != 404 || r.check != nil {
+			t.Errorf("status %d, checked %v; want 404 without reaching meshguard", r.status, r.check != nil)
+		}
+	})
+}
