@@ -65,7 +65,7 @@ type Server struct {
 	// config_dir reload state, owned by Run.
 	reloadMu  sync.Mutex
 	reloadErr error
-	loadedFP  [32]byte // config_dir as New loaded it
+	loadedFP  [32]byte     // config_dir as New loaded it
 	lastLog   atomic.Int64 // unix nanos of the last store-failure log line
 }
 
