@@ -56,8 +56,9 @@ func WriteExport(ctx context.Context, w io.Writer, reader recordReader, f Filter
 			return 0, err
 		}
 		cells := make([]string, len(ExportColumns))
+		var scratch []byte
 		write = func(r *Record) error {
-			csvCells(cells, r)
+			csvCells(cells, &scratch, r)
 			// cw writes straight into bw (bufio.NewWriter reuses a big
 			// enough *bufio.Writer), so Write reports a gone client as soon
 			// as bw fails to flush.
@@ -93,10 +94,39 @@ func WriteExport(ctx context.Context, w io.Writer, reader recordReader, f Filter
 	return rows, nil
 }
 
-// csvCells fills cells (len(ExportColumns)) from r.
-func csvCells(cells []string, r *Record) {
-	cells[0] = strconv.FormatInt(r.ID, 10)
-	cells[1] = r.CreatedAt.UTC().Format(time.RFC3339Nano)
+// csvCells fills cells (len(ExportColumns)) from r. The derived texts
+// (numbers, time, hex, JSON) are built in scratch and converted to one
+// string, so a row costs one allocation plus any neutralised cell.
+func csvCells(cells []string, scratch *[]byte, r *Record) {
+	b := (*scratch)[:0]
+	var off [10]int
+	mark := func(i int) { off[i] = len(b) }
+	b = strconv.AppendInt(b, r.ID, 10)
+	mark(0)
+	b = r.CreatedAt.UTC().AppendFormat(b, time.RFC3339Nano)
+	mark(1)
+	if r.Status != 0 {
+		b = strconv.AppendInt(b, int64(r.Status), 10)
+	}
+	mark(2)
+	b = append(b, r.Metadata...)
+	mark(3)
+	b = append(b, r.OldValues...)
+	mark(4)
+	b = append(b, r.NewValues...)
+	mark(5)
+	if r.Seq != 0 {
+		b = strconv.AppendInt(b, r.Seq, 10)
+	}
+	mark(6)
+	b = hex.AppendEncode(b, r.PrevHash)
+	mark(7)
+	b = hex.AppendEncode(b, r.Hash)
+	mark(8)
+	*scratch = b
+	all := string(b)
+	cells[0] = all[:off[0]]
+	cells[1] = all[off[0]:off[1]]
 	cells[2] = csvSafe(r.Action)
 	cells[3] = csvSafe(r.Severity)
 	cells[4] = csvSafe(r.EntityType)
@@ -106,23 +136,17 @@ func csvCells(cells []string, r *Record) {
 	cells[8] = csvSafe(r.UserAgent)
 	cells[9] = csvSafe(r.Method)
 	cells[10] = csvSafe(r.Path)
-	cells[11] = ""
-	if r.Status != 0 {
-		cells[11] = strconv.Itoa(r.Status)
-	}
+	cells[11] = all[off[1]:off[2]]
 	cells[12] = csvSafe(r.RequestID)
 	cells[13] = csvSafe(r.Origin)
 	cells[14] = csvSafe(r.Tenant)
-	cells[15] = csvSafe(string(r.Metadata))
-	cells[16] = csvSafe(string(r.OldValues))
-	cells[17] = csvSafe(string(r.NewValues))
+	cells[15] = csvSafe(all[off[2]:off[3]])
+	cells[16] = csvSafe(all[off[3]:off[4]])
+	cells[17] = csvSafe(all[off[4]:off[5]])
 	cells[18] = csvSafe(r.ChainID)
-	cells[19] = ""
-	if r.Seq != 0 {
-		cells[19] = strconv.FormatInt(r.Seq, 10)
-	}
-	cells[20] = hex.EncodeToString(r.PrevHash)
-	cells[21] = hex.EncodeToString(r.Hash)
+	cells[19] = all[off[5]:off[6]]
+	cells[20] = all[off[6]:off[7]]
+	cells[21] = all[off[7]:off[8]]
 }
 
 // csvSafe neutralises a cell a spreadsheet would read as a formula (OWASP

@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+
+	"github.com/meshguard/meshguard/internal/pgtest"
 )
 
 // hostileValues are field values an attacker controls (user agents, paths,
@@ -445,4 +447,28 @@ func BenchmarkWriteExport(b *testing.B) {
 			b.SetBytes(written / int64(b.N))
 		})
 	}
+}
+
+// BenchmarkExportStore measures a whole export from a real store (SQLite
+// and PostgreSQL) to a discarding writer: one op exports 20000 rows.
+func BenchmarkExportStore(b *testing.B) {
+	const n = 20000
+	run := func(b *testing.B, store apiStore) {
+		apiSeed(b, store, n, time.Date(2026, 8, 1, 0, 0, 0, 0, time.UTC))
+		for _, format := range []string{FormatCSV, FormatJSONL} {
+			b.Run(format, func(b *testing.B) {
+				b.ReportAllocs()
+				start := time.Now()
+				for b.Loop() {
+					rows, err := WriteExport(context.Background(), io.Discard, store, Filter{}, format)
+					if err != nil || rows != n {
+						b.Fatalf("%d rows, %v", rows, err)
+					}
+				}
+				b.ReportMetric(float64(n)*float64(b.N)/time.Since(start).Seconds(), "rows/s")
+			})
+		}
+	}
+	b.Run("sqlite", func(b *testing.B) { run(b, apiOpenSQLite(b)) })
+	b.Run("postgres", func(b *testing.B) { run(b, apiOpenPG(b, pgtest.Start(b))) })
 }
