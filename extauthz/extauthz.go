@@ -749,18 +749,22 @@ type deniedArena struct {
 	md     mdArena
 }
 
-const mdFields = 8
+// mdFields is the most metadata fields one answer has; mdStrings of them
+// vary per request.
+const (
+	mdFields  = 8
+	mdStrings = 5
+)
 
 type mdArena struct {
 	st   structpb.Struct
-	vals [mdFields]structpb.Value
-	strs [mdFields]structpb.Value_StringValue
-	b    structpb.Value_BoolValue
+	vals [mdStrings]structpb.Value
+	strs [mdStrings]structpb.Value_StringValue
 	n    int
 }
 
 func (a *mdArena) str(k, v string) {
-	if v == "" || a.n >= mdFields {
+	if v == "" || a.n >= mdStrings {
 		return
 	}
 	a.strs[a.n].StringValue = v
@@ -769,10 +773,25 @@ func (a *mdArena) str(k, v string) {
 	a.n++
 }
 
+// Label values as shared, read-only metadata values.
+var (
+	decisionValues = stringValues(decisionNames[:])
+	reasonValues   = stringValues(reasonNames[:])
+	trueValue      = structpb.NewBoolValue(true)
+)
+
+func stringValues(names []string) []*structpb.Value {
+	vs := make([]*structpb.Value, len(names))
+	for i, n := range names {
+		vs[i] = structpb.NewStringValue(n)
+	}
+	return vs
+}
+
 func (s *Server) metadata(a *mdArena, e *eval) *structpb.Struct {
 	a.st.Fields = make(map[string]*structpb.Value, mdFields)
-	a.str("decision", decisionNames[e.decision])
-	a.str("reason", reasonNames[e.reason])
+	a.st.Fields["decision"] = decisionValues[e.decision]
+	a.st.Fields["reason"] = reasonValues[e.reason]
 	if e.origin.s != "" {
 		a.str("origin", e.origin.s)
 	} else if e.originRaw != "" {
@@ -787,10 +806,7 @@ func (s *Server) metadata(a *mdArena, e *eval) *structpb.Struct {
 	a.str("role", e.role)
 	a.str("client", e.client)
 	if e.preflight {
-		a.b.BoolValue = true
-		a.vals[a.n].Kind = &a.b
-		a.st.Fields["preflight"] = &a.vals[a.n]
-		a.n++
+		a.st.Fields["preflight"] = trueValue
 	}
 	return &a.st
 }
