@@ -12,6 +12,8 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -471,4 +473,46 @@ func BenchmarkExportStore(b *testing.B) {
 	}
 	b.Run("sqlite", func(b *testing.B) { run(b, apiOpenSQLite(b)) })
 	b.Run("postgres", func(b *testing.B) { run(b, apiOpenPG(b, pgtest.Start(b))) })
+}
+
+// TestExportGolden pins the exact bytes of both formats for a few rows
+// (go test -run TestExportGolden -update rewrites testdata/api/).
+func TestExportGolden(t *testing.T) {
+	at := time.Date(2026, 9, 1, 12, 30, 0, 123456000, time.UTC)
+	recs := sliceReader{
+		{ID: 1, CreatedAt: at, Action: "LOGIN_FAILURE", Severity: SeverityMedium, EntityType: "session",
+			UserID: "alice", IPAddress: "192.0.2.10", UserAgent: `Mozilla/5.0 ("compatible")`, Method: "POST",
+			Path: "/api/auth/login", Status: 401, RequestID: "req-1", Origin: "https://app.example.com",
+			Tenant: "acme", Metadata: json.RawMessage(`{"rule":"login_failure"}`), ChainID: "host/1", Seq: 1,
+			PrevHash: make([]byte, 32), Hash: bytes.Repeat([]byte{0xab}, 32)},
+		{ID: 2, CreatedAt: at.Add(time.Second), Action: "CREATE", Severity: SeverityLow, EntityType: "invoice",
+			EntityID: "=1+2", UserID: "@bob", UserAgent: "-", Method: "POST", Path: "/api/invoices?note=a,b",
+			Status: 201, RequestID: "req-2\nsplit", Metadata: json.RawMessage(`{"html":"<b>&</b>"}`),
+			NewValues: json.RawMessage(`{"total":-5}`), ChainID: "host/1", Seq: 2,
+			PrevHash: bytes.Repeat([]byte{0xab}, 32), Hash: bytes.Repeat([]byte{0xcd}, 32)},
+	}
+	for _, format := range []string{FormatCSV, FormatJSONL} {
+		t.Run(format, func(t *testing.T) {
+			var buf bytes.Buffer
+			if _, err := WriteExport(t.Context(), &buf, recs, Filter{}, format); err != nil {
+				t.Fatal(err)
+			}
+			path := filepath.Join("testdata", "api", "export."+format)
+			if *updateGolden {
+				if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(path, buf.Bytes(), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatalf("%v (run with -update to create it)", err)
+			}
+			if d := cmp.Diff(string(want), buf.String()); d != "" {
+				t.Fatalf("%s (-golden +got):\n%s", path, d)
+			}
+		})
+	}
 }
