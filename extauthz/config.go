@@ -289,10 +289,8 @@ func compile(c Config) (*compiled, error) {
 		}
 		p.tenantHeader = strings.ToLower(h)
 	}
-	if cors.TenantsTable != "" {
-		if _, err := tableIdent(cors.TenantsTable); err != nil {
-			bad("cors.tenants_table: %q %v", cors.TenantsTable, err)
-		}
+	if _, err := tableIdent(cors.TenantsTable); err != nil {
+		bad("cors.tenants_table: %q %v", cors.TenantsTable, err)
 	}
 	if cors.TenantsReload < time.Second {
 		bad("cors.tenants_reload: must be at least 1s, got %s", cors.TenantsReload)
