@@ -1,14 +1,10 @@
 package auditsink
 
 import (
-	"bytes"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/json"
-	"fmt"
-	"math"
 	"os"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -60,8 +56,15 @@ func defaultChainID(now time.Time) string {
 // PrevHash and Hash, advancing the chain head.
 func (c *chain) link(recs []Record) {
 	for i := range recs {
+		normalize(&recs[i])
+	}
+	c.linkNormalized(recs)
+}
+
+// linkNormalized is link for records normalize already saw.
+func (c *chain) linkNormalized(recs []Record) {
+	for i := range recs {
 		r := &recs[i]
-		normalize(r)
 		c.seq++
 		r.ChainID, r.Seq, r.PrevHash = c.id, c.seq, c.prev
 		c.buf = appendCanonical(c.buf[:0], r)
@@ -91,10 +94,9 @@ func normalize(r *Record) {
 		r.CreatedAt = time.Now()
 	}
 	r.CreatedAt = r.CreatedAt.UTC().Truncate(time.Microsecond)
-	for _, s := range []*string{&r.Action, &r.Severity, &r.EntityType, &r.EntityID, &r.UserID, &r.IPAddress,
-		&r.UserAgent, &r.Method, &r.Path, &r.RequestID, &r.Origin, &r.Tenant} {
-		*s = cleanText(*s)
-	}
+	r.Action, r.Severity, r.EntityType, r.EntityID = cleanText(r.Action), cleanText(r.Severity), cleanText(r.EntityType), cleanText(r.EntityID)
+	r.UserID, r.IPAddress, r.UserAgent, r.Method = cleanText(r.UserID), cleanText(r.IPAddress), cleanText(r.UserAgent), cleanText(r.Method)
+	r.Path, r.RequestID, r.Origin, r.Tenant = cleanText(r.Path), cleanText(r.RequestID), cleanText(r.Origin), cleanText(r.Tenant)
 	r.Metadata = canonicalJSONOrWrap(r.Metadata)
 	r.OldValues = canonicalJSONOrWrap(r.OldValues)
 	r.NewValues = canonicalJSONOrWrap(r.NewValues)
@@ -128,92 +130,6 @@ func mustMarshal(v any) []byte {
 		panic(err)
 	}
 	return b
-}
-
-// canonicalJSON re-encodes a JSON value with sorted object keys, no
-// insignificant space, numbers in shortest float64 form and strings without
-// NUL. jsonb keeps a value's meaning but not its bytes, so the chain hashes
-// this form, and verification recomputes it from what the store returns.
-func canonicalJSON(raw []byte) ([]byte, error) {
-	dec := json.NewDecoder(bytes.NewReader(raw))
-	dec.UseNumber()
-	var v any
-	if err := dec.Decode(&v); err != nil {
-		return nil, err
-	}
-	if dec.More() {
-		return nil, fmt.Errorf("trailing data after JSON value")
-	}
-	var buf bytes.Buffer
-	if err := writeCanonical(&buf, v); err != nil {
-		return nil, err
-	}
-	return buf.Bytes(), nil
-}
-
-func writeCanonical(buf *bytes.Buffer, v any) error {
-	switch v := v.(type) {
-	case nil:
-		buf.WriteString("null")
-	case bool:
-		buf.WriteString(strconv.FormatBool(v))
-	case json.Number:
-		f, err := strconv.ParseFloat(string(v), 64)
-		if err != nil || math.IsInf(f, 0) {
-			// Out of float64 range: keep the text so the row still stores.
-			writeString(buf, string(v))
-			return nil
-		}
-		if f == math.Trunc(f) && math.Abs(f) < 1e15 {
-			buf.WriteString(strconv.FormatInt(int64(f), 10))
-		} else {
-			buf.WriteString(strconv.FormatFloat(f, 'g', -1, 64))
-		}
-	case string:
-		writeString(buf, v)
-	case []any:
-		buf.WriteByte('[')
-		for i, e := range v {
-			if i > 0 {
-				buf.WriteByte(',')
-			}
-			if err := writeCanonical(buf, e); err != nil {
-				return err
-			}
-		}
-		buf.WriteByte(']')
-	case map[string]any:
-		keys := make([]string, 0, len(v))
-		for k := range v {
-			keys = append(keys, k)
-		}
-		slices.Sort(keys)
-		buf.WriteByte('{')
-		for i, k := range keys {
-			if i > 0 {
-				buf.WriteByte(',')
-			}
-			writeString(buf, k)
-			buf.WriteByte(':')
-			if err := writeCanonical(buf, v[k]); err != nil {
-				return err
-			}
-		}
-		buf.WriteByte('}')
-	default:
-		return fmt.Errorf("unexpected JSON value %T", v)
-	}
-	return nil
-}
-
-// writeString writes s as a JSON string; NUL (which jsonb rejects) becomes
-// U+FFFD and invalid UTF-8 is replaced.
-func writeString(buf *bytes.Buffer, s string) {
-	s = cleanText(s)
-	enc := json.NewEncoder(buf)
-	enc.SetEscapeHTML(false)
-	_ = enc.Encode(s)
-	buf.Truncate(buf.Len() - 1) // Encode's newline
 }
 
 // appendCanonical appends the hash input of r: the version, every stored

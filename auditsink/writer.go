@@ -120,6 +120,14 @@ func (w *Writer) Enqueue(ctx context.Context, recs []Record) error {
 	if len(recs) > w.cfg.QueueSize {
 		return fmt.Errorf("enqueueing %d audit records: more than audit.queue_size %d", len(recs), w.cfg.QueueSize)
 	}
+	// Normalise here, on the callers' goroutines, so the single chain
+	// writer only hashes.
+	norm := make([]Record, len(recs))
+	copy(norm, recs)
+	for i := range norm {
+		normalize(&norm[i])
+	}
+	recs = norm
 	for {
 		w.qmu.Lock()
 		if w.closed {
@@ -267,7 +275,7 @@ func (w *Writer) process(ctx context.Context, batch []Record, direct bool) {
 	w.wmu.Lock()
 	defer w.wmu.Unlock()
 	_, segs := w.spool.size()
-	w.chain.link(batch)
+	w.chain.linkNormalized(batch)
 	head := w.chain.head()
 	if segs == 0 && direct {
 		if err := w.write(ctx, batch, "direct"); err == nil {
