@@ -713,3 +713,44 @@ func TestAPIStoreDown(t *testing.T) {
 		}
 	}
 }
+
+// FuzzParseQuery: whatever the query string, parsing answers (no panic),
+// and what it accepts is within the API's bounds.
+func FuzzParseQuery(f *testing.F) {
+	f.Add("from=2026-01-01T00:00:00Z&to=2026-02-01T00:00:00Z&action=CREATE&action=DELETE&limit=10")
+	f.Add("cursor=" + encodeCursor(Cursor{CreatedAt: time.Unix(1, 0), ID: 3}) + "&status=404&severity=HIGH")
+	f.Add("user_id=%00&tenant=%FF&entity_type=x")
+	f.Add("format=csv&limit=0&limit=1")
+	f.Fuzz(func(t *testing.T, raw string) {
+		req := httptest.NewRequest(http.MethodGet, "/v1/audit/logs", nil)
+		req.URL.RawQuery = raw
+		q, err := parseQuery(req, append(slices.Clone(listParams), "format")...)
+		if err != nil {
+			var ae *apiError
+			if !errors.As(err, &ae) || ae.status < 400 || ae.status > 499 {
+				t.Fatalf("parseQuery(%q) error %v is not a client error", raw, err)
+			}
+			return
+		}
+		f := q.filter
+		switch {
+		case q.limit < 1 || q.limit > apiMaxLimit:
+			t.Fatalf("limit %d accepted", q.limit)
+		case len(f.Actions) > apiMaxActions:
+			t.Fatalf("%d actions accepted", len(f.Actions))
+		case f.Status != 0 && (f.Status < 100 || f.Status > 599):
+			t.Fatalf("status %d accepted", f.Status)
+		case len(f.UserID) > apiMaxUserLen || len(f.EntityType) > apiMaxEntityLen || len(f.EntityID) > apiMaxEntityLen || len(f.Tenant) > apiMaxTenantLen:
+			t.Fatalf("oversized text accepted: %+v", f)
+		case !f.From.IsZero() && !f.To.IsZero() && !f.From.Before(f.To):
+			t.Fatalf("empty range accepted: %v %v", f.From, f.To)
+		case q.format != "" && q.format != FormatCSV && q.format != FormatJSONL:
+			t.Fatalf("format %q accepted", q.format)
+		}
+		for _, s := range []string{f.UserID, f.EntityType, f.EntityID, f.Tenant} {
+			if strings.ContainsFunc(s, func(r rune) bool { return r < 0x20 || r == 0xfffd }) {
+				t.Fatalf("control character or invalid UTF-8 accepted: %q", s)
+			}
+		}
+	})
+}
