@@ -574,9 +574,14 @@ func appendJSONString(b []byte, s string) []byte {
 		}
 		r, size := utf8.DecodeRuneInString(s[i:])
 		if r == utf8.RuneError && size == 1 {
+			// A run of invalid bytes becomes one U+FFFD, as in clean.
 			b = append(b, s[start:i]...)
 			b = append(b, "\uFFFD"...)
-			i++
+			for i++; i < len(s) && s[i] >= utf8.RuneSelf; i++ {
+				if r, size := utf8.DecodeRuneInString(s[i:]); r != utf8.RuneError || size != 1 {
+					break
+				}
+			}
 			start = i
 			continue
 		}

@@ -194,7 +194,7 @@ func FuzzRedactQuery(f *testing.F) {
 // FuzzAppendJSONString: any string becomes valid JSON that jsonb accepts
 // and decodes back to the cleaned string.
 func FuzzAppendJSONString(f *testing.F) {
-	for _, s := range []string{"", "plain", "q\"b\\s", "\x00\x01\n\t", "bad\xff", "\u2028\u2029", "é"} {
+	for _, s := range []string{"", "plain", "q\"b\\s", "\x00\x01\n\t", "bad\xff", "\u2028\u2029", "é", "\xdd\xd2", "\xff\x00\xe2\x82"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
