@@ -46,6 +46,9 @@ type RedisConfig struct {
 	MinIdleConns int `yaml:"min_idle_conns"`
 	// KeyPrefix starts every key meshguard writes.
 	KeyPrefix string `yaml:"key_prefix"`
+	// Autopipeline batches concurrent decisions into shared round trips
+	// (fewer system calls per decision). false: one round trip each.
+	Autopipeline bool `yaml:"autopipeline"`
 }
 
 // SentinelConfig names a master monitored by Redis Sentinel. The zero value
@@ -112,7 +115,7 @@ func BuiltinPresets() map[string]PresetConfig {
 
 // DefaultRedisConfig returns the defaults for the redis section.
 func DefaultRedisConfig() RedisConfig {
-	return RedisConfig{Timeout: 50 * time.Millisecond, KeyPrefix: "mg:rl:"}
+	return RedisConfig{Timeout: 50 * time.Millisecond, KeyPrefix: "mg:rl:", Autopipeline: true}
 }
 
 // DefaultConfig returns the defaults for the ratelimit section.

@@ -76,7 +76,8 @@ type storeKind struct {
 }
 
 // storeKinds returns the in-process store, and unless -short a standalone
-// Redis and a 3-master Redis Cluster (started once per call and flushed for
+// Redis (autopipelined, and one round trip per decision) and a 3-master
+// Redis Cluster (started once per call and flushed for
 // every store made).
 func storeKinds(t *testing.T) []storeKind {
 	kinds := []storeKind{{"memory", func(testing.TB) store { return NewMemoryStore() }}}
@@ -87,6 +88,15 @@ func storeKinds(t *testing.T) []storeKind {
 	var cluster *redistest.Cluster
 	kinds = append(kinds,
 		storeKind{"redis", func(tb testing.TB) store {
+			if single == nil {
+				single = redistest.Start(t)
+			}
+			if _, err := single.Do("FLUSHALL"); err != nil {
+				tb.Fatal(err)
+			}
+			return newTestRedis(tb, RedisConfig{URL: secret.URL(single.URL()), Autopipeline: true})
+		}},
+		storeKind{"redis-direct", func(tb testing.TB) store {
 			if single == nil {
 				single = redistest.Start(t)
 			}
@@ -104,7 +114,7 @@ func storeKinds(t *testing.T) []storeKind {
 					tb.Fatal(err)
 				}
 			}
-			return newTestRedis(tb, RedisConfig{Cluster: cluster.Addrs()})
+			return newTestRedis(tb, RedisConfig{Cluster: cluster.Addrs(), Autopipeline: true})
 		}},
 	)
 	return kinds

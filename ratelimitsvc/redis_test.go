@@ -31,9 +31,9 @@ func TestSharedQuota(t *testing.T) {
 			a := startServer(t, cfg, st, clock)
 			// A second client with its own pool, as another replica has.
 			rs := st.(*RedisStore)
-			other := RedisConfig{Cluster: rs.addrs}
+			other := RedisConfig{Cluster: rs.addrs, Autopipeline: true}
 			if rs.cluster == nil {
-				other = RedisConfig{URL: secret.URL("redis://" + rs.addrs[0] + "/0")}
+				other = RedisConfig{URL: secret.URL("redis://" + rs.addrs[0] + "/0"), Autopipeline: true}
 			}
 			b := startServer(t, cfg, newTestRedis(t, other), clock)
 			req := request("acc", kv("client", "shared"))
@@ -119,87 +119,89 @@ func TestStoreFaults(t *testing.T) {
 	}
 	for _, mode := range []string{"allow", "deny"} {
 		for _, f := range faults {
-			t.Run(mode+"/"+f.name, func(t *testing.T) {
-				srv := redistest.Start(t)
-				t.Cleanup(srv.Resume)
-				cfg := windowConfig(3, time.Minute)
-				cfg.FailureMode = mode
-				rs := newTestRedis(t, RedisConfig{URL: secret.URL(srv.URL()), Timeout: timeout})
-				h := startServer(t, cfg, rs, nil)
-				req := request("acc", kv("client", "fault"))
-				// Healthy: counted.
-				resp, err := h.client.ShouldRateLimit(t.Context(), req)
-				if err != nil || resp.Statuses[0].DurationUntilReset == nil {
-					t.Fatalf("healthy answer: %v %v", resp, err)
-				}
-				if err := rs.Ping(t.Context()); err != nil {
-					t.Fatalf("ping: %v", err)
-				}
-
-				f.break_(t, srv)
-				var wg sync.WaitGroup
-				errs := make(chan string, 40)
-				for range 20 {
-					wg.Add(1)
-					go func() {
-						defer wg.Done()
-						start := time.Now()
-						resp, err := h.client.ShouldRateLimit(t.Context(), req)
-						took := time.Since(start)
-						switch {
-						case err != nil:
-							errs <- "gRPC error: " + err.Error()
-						case took > bound:
-							errs <- "took " + took.String()
-						case mode == "allow" && resp.OverallCode != rlsv3.RateLimitResponse_OK:
-							errs <- "allow mode answered " + resp.OverallCode.String()
-						case mode == "deny" && resp.OverallCode != rlsv3.RateLimitResponse_OVER_LIMIT:
-							errs <- "deny mode answered " + resp.OverallCode.String()
-						}
-					}()
-				}
-				wg.Wait()
-				close(errs)
-				for e := range errs {
-					t.Error(e)
-				}
-				if n := metricValue(t, h.reg, "meshguard_ratelimitsvc_failure_mode_decisions_total", "mode", mode); n < 20 {
-					t.Errorf("failure_mode decisions = %v, want >= 20", n)
-				}
-				ctx, cancel := context.WithTimeout(t.Context(), time.Second)
-				if err := rs.Ping(ctx); err == nil {
-					t.Error("ping succeeded against a broken Redis")
-				}
-				cancel()
-				if rs.Status()["mode"] != "standalone" {
-					t.Errorf("status %v", rs.Status())
-				}
-
-				f.heal(t, srv)
-				deadline := time.Now().Add(10 * time.Second)
-				for {
+			for _, ap := range []bool{true, false} {
+				t.Run(mode+"/"+f.name+map[bool]string{true: "/autopipeline", false: "/direct"}[ap], func(t *testing.T) {
+					srv := redistest.Start(t)
+					t.Cleanup(srv.Resume)
+					cfg := windowConfig(3, time.Minute)
+					cfg.FailureMode = mode
+					rs := newTestRedis(t, RedisConfig{URL: secret.URL(srv.URL()), Timeout: timeout, Autopipeline: ap})
+					h := startServer(t, cfg, rs, nil)
+					req := request("acc", kv("client", "fault"))
+					// Healthy: counted.
 					resp, err := h.client.ShouldRateLimit(t.Context(), req)
-					if err != nil {
-						t.Fatal(err)
+					if err != nil || resp.Statuses[0].DurationUntilReset == nil {
+						t.Fatalf("healthy answer: %v %v", resp, err)
 					}
-					if resp.Statuses[0].DurationUntilReset != nil { // a counted answer
-						break
+					if err := rs.Ping(t.Context()); err != nil {
+						t.Fatalf("ping: %v", err)
 					}
-					if time.Now().After(deadline) {
-						t.Fatal("enforcement did not resume within 10s")
+
+					f.break_(t, srv)
+					var wg sync.WaitGroup
+					errs := make(chan string, 40)
+					for range 20 {
+						wg.Add(1)
+						go func() {
+							defer wg.Done()
+							start := time.Now()
+							resp, err := h.client.ShouldRateLimit(t.Context(), req)
+							took := time.Since(start)
+							switch {
+							case err != nil:
+								errs <- "gRPC error: " + err.Error()
+							case took > bound:
+								errs <- "took " + took.String()
+							case mode == "allow" && resp.OverallCode != rlsv3.RateLimitResponse_OK:
+								errs <- "allow mode answered " + resp.OverallCode.String()
+							case mode == "deny" && resp.OverallCode != rlsv3.RateLimitResponse_OVER_LIMIT:
+								errs <- "deny mode answered " + resp.OverallCode.String()
+							}
+						}()
 					}
-					time.Sleep(20 * time.Millisecond)
-				}
-				// Enforced again: the limit of 3 is reached.
-				var last rlsv3.RateLimitResponse_Code
-				for range 4 {
-					resp, _ := h.client.ShouldRateLimit(t.Context(), req)
-					last = resp.OverallCode
-				}
-				if last != rlsv3.RateLimitResponse_OVER_LIMIT {
-					t.Errorf("after recovery the limit is not enforced: last answer %v", last)
-				}
-			})
+					wg.Wait()
+					close(errs)
+					for e := range errs {
+						t.Error(e)
+					}
+					if n := metricValue(t, h.reg, "meshguard_ratelimitsvc_failure_mode_decisions_total", "mode", mode); n < 20 {
+						t.Errorf("failure_mode decisions = %v, want >= 20", n)
+					}
+					ctx, cancel := context.WithTimeout(t.Context(), time.Second)
+					if err := rs.Ping(ctx); err == nil {
+						t.Error("ping succeeded against a broken Redis")
+					}
+					cancel()
+					if rs.Status()["mode"] != "standalone" {
+						t.Errorf("status %v", rs.Status())
+					}
+
+					f.heal(t, srv)
+					deadline := time.Now().Add(10 * time.Second)
+					for {
+						resp, err := h.client.ShouldRateLimit(t.Context(), req)
+						if err != nil {
+							t.Fatal(err)
+						}
+						if resp.Statuses[0].DurationUntilReset != nil { // a counted answer
+							break
+						}
+						if time.Now().After(deadline) {
+							t.Fatal("enforcement did not resume within 10s")
+						}
+						time.Sleep(20 * time.Millisecond)
+					}
+					// Enforced again: the limit of 3 is reached.
+					var last rlsv3.RateLimitResponse_Code
+					for range 4 {
+						resp, _ := h.client.ShouldRateLimit(t.Context(), req)
+						last = resp.OverallCode
+					}
+					if last != rlsv3.RateLimitResponse_OVER_LIMIT {
+						t.Errorf("after recovery the limit is not enforced: last answer %v", last)
+					}
+				})
+			}
 		}
 	}
 }

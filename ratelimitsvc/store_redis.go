@@ -84,6 +84,7 @@ type redisClient interface {
 	Pipeline() redis.Pipeliner
 	Ping(ctx context.Context) *redis.StatusCmd
 	PoolStats() *redis.PoolStats
+	AsyncAutoPipelineWithOptions(*redis.AutoPipelineOptions) (*redis.AutoPipeliner, error)
 	Close() error
 }
 
@@ -95,6 +96,7 @@ type redisClient interface {
 type RedisStore struct {
 	log     *slog.Logger
 	client  redisClient
+	ap      *redis.AutoPipeliner // nil when redis.autopipeline is off
 	cluster *redis.ClusterClient // nil unless Cluster mode
 	mode    string
 	addrs   []string
@@ -142,6 +144,16 @@ func NewRedisStore(log *slog.Logger, reg prometheus.Registerer, cfg RedisConfig)
 		}
 		s.client, s.mode, s.addrs = redis.NewFailoverClient(opt), "sentinel", cfg.Sentinel.Addrs
 	}
+	if cfg.Autopipeline {
+		// Concurrent decisions share one write and one read: one batch in
+		// flight, the next accumulating behind it.
+		ap, err := s.client.AsyncAutoPipelineWithOptions(redis.DefaultBlockingAutoPipelineOptions())
+		if err != nil {
+			s.client.Close()
+			return nil, fmt.Errorf("starting the redis autopipeliner: %w", err)
+		}
+		s.ap = ap
+	}
 	if reg != nil {
 		if err := reg.Register(newPoolCollector(s.client.PoolStats)); err != nil {
 			s.client.Close()
@@ -162,7 +174,12 @@ func applyTimeouts(opt *redis.Options, timeout time.Duration, pool, minIdle int)
 }
 
 // Close closes every connection.
-func (s *RedisStore) Close() error { return s.client.Close() }
+func (s *RedisStore) Close() error {
+	if s.ap != nil {
+		s.ap.Close()
+	}
+	return s.client.Close()
+}
 
 // Mode is standalone, sentinel or cluster.
 func (s *RedisStore) Mode() string { return s.mode }
@@ -289,6 +306,21 @@ func (s *RedisStore) evaluate(ctx context.Context, nowMs int64, reqs []counterRe
 	defer cancel()
 	sc := scratchPool.Get()
 	defer scratchPool.Put(sc)
+	if s.ap != nil && (s.cluster == nil || len(reqs) == 1) {
+		g := &sc.groups[0]
+		g.idx = g.idx[:0]
+		for i := range reqs {
+			g.idx = append(g.idx, i)
+		}
+		sc.buf = s.buildGroup(g, reqs, nowMs, true, sc.buf)
+		cmd, err := s.submit(ctx, g)
+		if isNoScript(err) {
+			cmd = s.client.Eval(ctx, evaluateScript, g.keys, g.args...)
+		} else if err != nil {
+			return false, err
+		}
+		return parseReply(cmd, g.idx, res)
+	}
 	if s.cluster == nil || len(reqs) == 1 {
 		g := &sc.groups[0]
 		g.idx = g.idx[:0]
@@ -303,6 +335,24 @@ func (s *RedisStore) evaluate(ctx context.Context, nowMs int64, reqs []counterRe
 		return parseReply(cmd, g.idx, res)
 	}
 	return s.evaluateCluster(ctx, sc, nowMs, reqs, res)
+}
+
+// submit queues one group's script on the autopipeliner and waits for it
+// within ctx. The command owns fresh argument slices: after a timeout it may
+// still be written later, so it must not share pooled memory.
+func (s *RedisStore) submit(ctx context.Context, g *group) (*redis.Cmd, error) {
+	args := make([]any, 0, 3+len(g.keys)+len(g.args))
+	args = append(args, "evalsha", evaluateSHA, len(g.keys))
+	for _, k := range g.keys {
+		args = append(args, k)
+	}
+	args = append(args, g.args...)
+	cmd := redis.NewCmd(ctx, args...)
+	f := s.ap.Submit(ctx, cmd)
+	if err := f.WaitContext(ctx); err != nil {
+		return nil, err
+	}
+	return cmd, nil
 }
 
 // evaluateCluster runs one script per slot, pipelined (go-redis sends each

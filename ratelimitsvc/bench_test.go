@@ -1,0 +1,279 @@
+package ratelimitsvc
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/meshguard/meshguard/internal/redistest"
+	"github.com/meshguard/meshguard/internal/secret"
+)
+
+// benchServeEnv makes the test binary a bare meshguard RLS (see TestMain):
+// the benchmark runs it as a separate process so that meshguard's own CPU
+// is measured apart from the load generator's and redis-server's.
+const benchServeEnv = "MESHGUARD_RLS_BENCH_REDIS_URL"
+
+func TestMain(m *testing.M) {
+	if url := os.Getenv(benchServeEnv); url != "" {
+		if err := benchServe(url); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// benchConfig: every decision goes to Redis (limits are never reached, so
+// the over-limit cache never answers).
+func benchConfig() Config {
+	cfg := DefaultConfig()
+	big := uint32(1_000_000_000)
+	cfg.Domains = []DomainConfig{{Domain: "bench", Descriptors: []DescriptorConfig{
+		{Key: "client", RateLimit: &RateLimitConfig{Window: 15 * time.Minute, RequestsPerUnit: &big}},
+		{Key: "route", Value: "api", Descriptors: []DescriptorConfig{
+			{Key: "client", RateLimit: &RateLimitConfig{Unit: "minute", RequestsPerUnit: &big}},
+		}},
+	}}}
+	return cfg
+}
+
+func newBenchRedis(url string) (*RedisStore, error) {
+	rc := DefaultRedisConfig()
+	rc.URL = secret.URL(url)
+	rc.Timeout = time.Second
+	return NewRedisStore(discardLogger(), prometheus.NewRegistry(), rc)
+}
+
+// benchServe serves on 127.0.0.1:0, prints the address, and stops when
+// stdin closes.
+func benchServe(url string) error {
+	rs, err := newBenchRedis(url)
+	if err != nil {
+		return err
+	}
+	srv, err := New(discardLogger(), prometheus.NewRegistry(), benchConfig(), rs)
+	if err != nil {
+		return err
+	}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	gs := grpc.NewServer()
+	srv.Register(gs)
+	go gs.Serve(lis)
+	fmt.Println(lis.Addr().String())
+	buf := make([]byte, 1)
+	os.Stdin.Read(buf) // EOF when the benchmark ends
+	gs.Stop()
+	return rs.Close()
+}
+
+// benchRequests builds the request mix: 1,000 clients with one descriptor,
+// or the same clients with two descriptors (two Redis counters each).
+func benchRequests(twoDesc bool) []*rlsv3.RateLimitRequest {
+	reqs := make([]*rlsv3.RateLimitRequest, 1000)
+	for i := range reqs {
+		client := "ip:10.0." + strconv.Itoa(i/256) + "." + strconv.Itoa(i%256)
+		if twoDesc {
+			reqs[i] = request("bench", kv("client", client), kv("route", "api", "client", client))
+		} else {
+			reqs[i] = request("bench", kv("client", client))
+		}
+	}
+	return reqs
+}
+
+// procCPU is the user+system CPU time of process pid (0: this process).
+func procCPU(b *testing.B, pid int) time.Duration {
+	if pid == 0 {
+		var ru syscall.Rusage
+		if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+			b.Fatal(err)
+		}
+		return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	}
+	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		b.Fatal(err)
+	}
+	// Fields after the command name (which is in parentheses): utime is the
+	// 14th field overall, stime the 15th, in clock ticks (100 per second).
+	f := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+2:]))
+	ut, _ := strconv.ParseInt(f[11], 10, 64)
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(ut+st) * 10 * time.Millisecond
+}
+
+// startBenchServer runs the RLS in a child process against url and returns
+// a client and the child's pid.
+func startBenchServer(b *testing.B, url string) (rlsv3.RateLimitServiceClient, int) {
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), benchServeEnv+"="+url)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		stdin.Close()
+		cmd.Wait()
+	})
+	addr, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil {
+		b.Fatalf("bench server: %v", err)
+	}
+	conn, err := grpc.NewClient(strings.TrimSpace(addr), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { conn.Close() })
+	return rlsv3.NewRateLimitServiceClient(conn), cmd.Process.Pid
+}
+
+func startInProcessServer(b *testing.B, url string) rlsv3.RateLimitServiceClient {
+	rs, err := newBenchRedis(url)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { rs.Close() })
+	h := startServer(b, benchConfig(), rs, nil)
+	return h.client
+}
+
+// runLoad drives client with 50 concurrent streams over the request mix and
+// reports throughput, p50/p99 latency, and CPU per decision of the server
+// process (serverPid; 0 when the server is in this process) and of this
+// process.
+func runLoad(b *testing.B, client rlsv3.RateLimitServiceClient, reqs []*rlsv3.RateLimitRequest, serverPid int) {
+	ctx := b.Context()
+	for i := range 2000 { // warm up connections, pools and the script cache
+		if _, err := client.ShouldRateLimit(ctx, reqs[i%len(reqs)]); err != nil {
+			b.Fatal(err)
+		}
+	}
+	const streams = 50
+	b.SetParallelism((streams + runtime.GOMAXPROCS(0) - 1) / runtime.GOMAXPROCS(0))
+	var next atomic.Int64
+	var mu sync.Mutex
+	var lat []time.Duration
+	b.ReportAllocs()
+	selfBefore := procCPU(b, 0)
+	var srvBefore time.Duration
+	if serverPid != 0 {
+		srvBefore = procCPU(b, serverPid)
+	}
+	start := time.Now()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		mine := make([]time.Duration, 0, 1024)
+		for pb.Next() {
+			req := reqs[next.Add(1)%int64(len(reqs))]
+			t0 := time.Now()
+			resp, err := client.ShouldRateLimit(ctx, req)
+			mine = append(mine, time.Since(t0))
+			if err != nil || resp.OverallCode != rlsv3.RateLimitResponse_OK {
+				b.Errorf("answer %v %v", resp.GetOverallCode(), err)
+				return
+			}
+		}
+		mu.Lock()
+		lat = append(lat, mine...)
+		mu.Unlock()
+	})
+	b.StopTimer()
+	elapsed := time.Since(start)
+	self := procCPU(b, 0) - selfBefore
+	n := float64(b.N)
+	if serverPid != 0 {
+		srv := procCPU(b, serverPid) - srvBefore
+		b.ReportMetric(float64(srv.Microseconds())/n, "meshguard-cpu-µs/op")
+		b.ReportMetric(float64(self.Microseconds())/n, "loadgen-cpu-µs/op")
+	} else {
+		b.ReportMetric(float64(self.Microseconds())/n, "process-cpu-µs/op")
+	}
+	slices.Sort(lat)
+	if len(lat) > 0 {
+		b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-µs")
+		b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-µs")
+	}
+	b.ReportMetric(n/elapsed.Seconds(), "decisions/s")
+}
+
+// BenchmarkShouldRateLimit measures meshguard as deployed: a separate
+// process serving gRPC, real redis-server, 50 concurrent streams.
+// meshguard-cpu-µs/op is the server process's CPU per decision (redis-server
+// and the load generator excluded). Its allocations are not in allocs/op,
+// which counts the load generator; BenchmarkShouldRateLimitInProcess shows
+// client plus server allocations.
+func BenchmarkShouldRateLimit(b *testing.B) {
+	for _, tc := range []struct {
+		name    string
+		twoDesc bool
+	}{{"hot1k", false}, {"two_desc", true}} {
+		b.Run(tc.name, func(b *testing.B) {
+			srv := redistest.Start(b)
+			client, pid := startBenchServer(b, srv.URL())
+			runLoad(b, client, benchRequests(tc.twoDesc), pid)
+		})
+	}
+}
+
+// BenchmarkShouldRateLimitInProcess is the same load with the server in the
+// benchmark process: allocs/op and process-cpu-µs/op are client + server.
+func BenchmarkShouldRateLimitInProcess(b *testing.B) {
+	for _, tc := range []struct {
+		name    string
+		twoDesc bool
+	}{{"hot1k", false}, {"two_desc", true}} {
+		b.Run(tc.name, func(b *testing.B) {
+			srv := redistest.Start(b)
+			runLoad(b, startInProcessServer(b, srv.URL()), benchRequests(tc.twoDesc), 0)
+		})
+	}
+}
+
+// BenchmarkDecide calls the handler directly against the in-process store:
+// the cost of matching, counting and building the answer, without gRPC or
+// Redis.
+func BenchmarkDecide(b *testing.B) {
+	srv, err := New(discardLogger(), prometheus.NewRegistry(), benchConfig(), NewMemoryStore())
+	if err != nil {
+		b.Fatal(err)
+	}
+	reqs := benchRequests(true)
+	ctx := b.Context()
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		if _, err := srv.ShouldRateLimit(ctx, reqs[i%len(reqs)]); err != nil {
+			b.Fatal(err)
+		}
+		i++
+	}
+}
