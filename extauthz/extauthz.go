@@ -626,7 +626,7 @@ func (s *Server) identify(attrs *authv3.AttributeContext, r *request, e *eval) {
 		return
 	}
 	addr := attrs.GetSource().GetAddress().GetSocketAddress().GetAddress()
-	if addr == "" || len(addr) > 64 {
+	if len(addr) > 64 || !validIdentity(addr, 64) {
 		e.client = "ip:unknown"
 		return
 	}

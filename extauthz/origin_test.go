@@ -4,6 +4,8 @@ import (
 	"net/url"
 	"strings"
 	"testing"
+
+	"google.golang.org/protobuf/proto"
 )
 
 func TestParseOrigin(t *testing.T) {
@@ -199,4 +201,35 @@ func portSuffix(p string) string {
 		return ""
 	}
 	return ":" + p
+}
+
+// FuzzCheck feeds arbitrary header values, in both request forms, through
+// Check: it must always answer (never an error or panic), and the answer
+// must marshal, which proves every string in it is valid UTF-8.
+func FuzzCheck(f *testing.F) {
+	f.Add("OPTIONS", "api.example.net", "https://dashboard.example.com", "PUT", "content-type", "tenant1", "u-1", "203.0.113.7", "skip", true)
+	f.Add("GET", "app.example.com:443", "null", "", "", "", "", "::1", "", false)
+	f.Add("POST", "x", "https://\xff.example.com", "GE\x00T", "a,,b,\xfe", "t\xff", "user name", "\xff", "report", true)
+	cfg := testConfig()
+	cfg.Identity.TrustedUserHeader = "x-auth-user"
+	srv, _ := newTestServer(f, cfg, nil)
+	f.Fuzz(func(t *testing.T, method, host, origin, acrm, acrh, tenant, user, source, corsRoute string, rawForm bool) {
+		req := envoyReq{method: method, host: host, source: source, ext: map[string]string{"cors": corsRoute, "tenant": tenant},
+			headers: hdr("origin", origin, "access-control-request-method", acrm, "access-control-request-headers", acrh,
+				"x-tenant-id", tenant, "x-auth-user", user)}
+		form := formHeaders
+		if rawForm {
+			form = formHeaderMap
+		}
+		resp, err := srv.Check(t.Context(), req.build(t, form))
+		if err != nil {
+			t.Fatalf("Check: %v", err)
+		}
+		if _, err := proto.Marshal(resp); err != nil {
+			t.Fatalf("answer does not marshal: %v", err)
+		}
+		if d := resp.GetDeniedResponse(); d == nil && resp.GetOkResponse() == nil {
+			t.Fatal("neither allowed nor denied")
+		}
+	})
 }
