@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/meshguard/meshguard/internal/pgtest"
@@ -201,4 +202,44 @@ func TestStoreDuplicateBatch(t *testing.T) {
 			t.Fatalf("%d rows after replaying a batch, want 50", n)
 		}
 	})
+}
+
+// TestStorePgBouncerMode: with the pool in exec mode (what database.pgbouncer
+// selects: no server-side prepared statements), COPY and the reads work and
+// leave no prepared statement behind on the connection.
+func TestStorePgBouncerMode(t *testing.T) {
+	srv := pgtest.Start(t)
+	pcfg, err := pgxpool.ParseConfig(srv.NewDatabase(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pcfg.ConnConfig.DefaultQueryExecMode = pgx.QueryExecModeExec
+	pcfg.ConnConfig.StatementCacheCapacity = 0
+	pcfg.ConnConfig.DescriptionCacheCapacity = 0
+	pcfg.MaxConns = 1
+	pool, err := pgxpool.NewWithConfig(t.Context(), pcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	s, err := OpenPostgres(t.Context(), discardLog, pool, Config{PartitionsAhead: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Migrate(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	mustWrite(t, s, newChain("b"), genRecords(1000, time.Now().Add(-time.Hour), "b"))
+	recs, _, err := s.List(t.Context(), Filter{UserID: "user-1"}, Cursor{}, 10)
+	if err != nil || len(recs) != 10 {
+		t.Fatalf("List: %d rows, %v", len(recs), err)
+	}
+	checkVerifies(t, s)
+	var prepared int
+	if err := pool.QueryRow(t.Context(), "SELECT count(*) FROM pg_prepared_statements").Scan(&prepared); err != nil {
+		t.Fatal(err)
+	}
+	if prepared != 0 {
+		t.Fatalf("%d named prepared statements left on the connection, want 0", prepared)
+	}
 }
