@@ -51,6 +51,8 @@ const (
 	apiMaxEntityLen = maxEntityLen
 	apiMaxActionLen = maxActionLen
 	apiMaxRawQuery  = 8 << 10
+	// apiMaxExports bounds exports running at once; more get 429.
+	apiMaxExports = 2
 )
 
 // Header names the trusted-role path reads. meshguard's ext_authz sets both,
@@ -80,12 +82,13 @@ var securityActions = []string{
 // API serves the admin HTTP API over a recordReader and records every access
 // through a recordSink. It is safe for concurrent use.
 type API struct {
-	log    *slog.Logger
-	reader recordReader
-	sink   recordSink
-	auth   *authorizer
-	m      *apiMetrics
-	now    func() time.Time
+	log     *slog.Logger
+	reader  recordReader
+	sink    recordSink
+	auth    *authorizer
+	m       *apiMetrics
+	now     func() time.Time
+	exports chan struct{} // one token per running export
 }
 
 // NewAPI returns the admin API. It reads audit.admin_token_file once now
@@ -101,7 +104,7 @@ func NewAPI(log *slog.Logger, reg prometheus.Registerer, cfg Config, reader reco
 	if err != nil {
 		return nil, fmt.Errorf("audit API: registering metrics: %w", err)
 	}
-	a := &API{log: log, reader: reader, sink: sink, m: m, now: time.Now}
+	a := &API{log: log, reader: reader, sink: sink, m: m, now: time.Now, exports: make(chan struct{}, apiMaxExports)}
 	a.auth, err = newAuthorizer(log, cfg, func() time.Time { return a.now() })
 	if err != nil {
 		return nil, err

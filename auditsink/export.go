@@ -180,6 +180,13 @@ func (a *API) serveExport(w http.ResponseWriter, r *http.Request, p principal) (
 	case q.filter.To.IsZero():
 		return 0, badParam("to", "required: the end of the range (exclusive), RFC 3339")
 	}
+	select {
+	case a.exports <- struct{}{}:
+		defer func() { <-a.exports }()
+	default:
+		w.Header().Set("Retry-After", "30")
+		return 0, &apiError{status: http.StatusTooManyRequests, msg: fmt.Sprintf("%d exports already running; try again later", apiMaxExports)}
+	}
 	meta := accessMeta{Endpoint: "export", Auth: p.via, Filter: filterDoc(q.filter), Format: q.format}
 	if err := a.record(r, p, apiActionExport, apiExportSeverity, meta); err != nil {
 		return 0, err

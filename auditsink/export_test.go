@@ -516,3 +516,24 @@ func TestExportGolden(t *testing.T) {
 		})
 	}
 }
+
+func TestExportConcurrencyBounded(t *testing.T) {
+	store := apiOpenSQLite(t)
+	sink := newStoreSink(apiOpenSQLite(t))
+	api, mux := newTestAPI(t, tokenConfig(), store, sink)
+	for range apiMaxExports { // exports in progress
+		api.exports <- struct{}{}
+	}
+	target := "/v1/audit/export?format=csv&" + exportRange
+	rec := get(t, mux, target, bearer...)
+	if rec.Code != http.StatusTooManyRequests || rec.Header().Get("Retry-After") == "" || len(sink.recorded()) != 0 {
+		t.Fatalf("export over the bound: %d %v %s", rec.Code, rec.Header(), rec.Body)
+	}
+	<-api.exports
+	if rec := get(t, mux, target, bearer...); rec.Code != 200 {
+		t.Fatalf("export with a free slot: %d %s", rec.Code, rec.Body)
+	}
+	if len(api.exports) != apiMaxExports-1 {
+		t.Fatalf("the finished export did not release its slot: %d in use", len(api.exports))
+	}
+}
