@@ -56,6 +56,14 @@ type IdentityConfig struct {
 	TrustedUserHeader string `yaml:"trusted_user_header"`
 	// TrustedRoleHeader is the same for the role; empty: none.
 	TrustedRoleHeader string `yaml:"trusted_role_header"`
+	// ClientIPHeader names the request header carrying the client address
+	// that Envoy derived from X-Forwarded-For with its trusted-hops settings
+	// (%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%), set with overwrite after
+	// client copies are removed, as envoy/envoy.yaml does. Anonymous callers
+	// are keyed ip:<that address>; without it (or when it is not an IP
+	// address) the connection peer Envoy reports is used, which behind a
+	// load balancer is the balancer. Empty: always the connection peer.
+	ClientIPHeader string `yaml:"client_ip_header"`
 }
 
 // JWTMetadataConfig says where Envoy's jwt_authn filter leaves the payload
@@ -115,9 +123,12 @@ func DefaultCORSConfig() CORSConfig {
 
 // DefaultIdentityConfig returns the defaults for the identity section.
 func DefaultIdentityConfig() IdentityConfig {
-	return IdentityConfig{JWTMetadata: JWTMetadataConfig{
-		Namespace: "envoy.filters.http.jwt_authn", Key: "jwt_payload", UserClaim: "sub", RoleClaim: "role",
-	}}
+	return IdentityConfig{
+		JWTMetadata: JWTMetadataConfig{
+			Namespace: "envoy.filters.http.jwt_authn", Key: "jwt_payload", UserClaim: "sub", RoleClaim: "role",
+		},
+		ClientIPHeader: "x-meshguard-client-ip",
+	}
 }
 
 // DefaultCSPConfig returns the defaults for the csp section.
@@ -191,7 +202,7 @@ type compiled struct {
 	tenantHeader     string // lower-case; "" none
 
 	jwtNS, jwtKey, userClaim, roleClaim string
-	userHeader, roleHeader              string
+	userHeader, roleHeader, ipHeader    string
 
 	csp *cspTemplate // nil: no nonce, no CSP from extauthz
 }
@@ -309,6 +320,7 @@ func compile(c Config) (*compiled, error) {
 	for _, h := range []struct{ path, v string }{
 		{"identity.trusted_user_header", id.TrustedUserHeader},
 		{"identity.trusted_role_header", id.TrustedRoleHeader},
+		{"identity.client_ip_header", id.ClientIPHeader},
 	} {
 		if h.v == "" {
 			continue
@@ -325,6 +337,10 @@ func compile(c Config) (*compiled, error) {
 	}
 	p.userHeader = strings.ToLower(id.TrustedUserHeader)
 	p.roleHeader = strings.ToLower(id.TrustedRoleHeader)
+	p.ipHeader = strings.ToLower(id.ClientIPHeader)
+	if p.ipHeader != "" && (p.ipHeader == p.userHeader || p.ipHeader == p.roleHeader) {
+		bad("identity.client_ip_header: %q is also a trusted user or role header", id.ClientIPHeader)
+	}
 
 	csp, err := compileCSP(c.CSP)
 	if err != nil {

@@ -87,6 +87,7 @@ func TestValidateBad(t *testing.T) {
 			`identity.jwt_metadata.user_claim: must be set`,
 			`identity.trusted_user_header: "x-meshguard-user" is a header meshguard sets itself`,
 			`identity.trusted_role_header: "x role" is not a header name`,
+			`identity.client_ip_header: "X-Meshguard-Client" is a header meshguard sets itself`,
 		},
 		"bad_csp.yaml": {
 			`csp.directives: directive name "Default-Src" must be lower-case letters, digits and '-'`,

@@ -39,6 +39,7 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"log/slog"
+	"net/netip"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -180,6 +181,8 @@ type request struct {
 	nTenant              int
 	userHdr, roleHdr     string
 	nUser, nRole         int
+	clientIP             string
+	nClientIP            int
 	tooMany              bool
 }
 
@@ -223,6 +226,9 @@ func (s *Server) read(h *authv3.AttributeContext_HttpRequest, r *request) {
 			case s.p.roleHeader != "" && eqFold(k, s.p.roleHeader):
 				r.roleHdr = headerValue(hv)
 				r.nRole++
+			case s.p.ipHeader != "" && eqFold(k, s.p.ipHeader):
+				r.clientIP = headerValue(hv)
+				r.nClientIP++
 			}
 		}
 		if r.method == "" {
@@ -251,6 +257,9 @@ func (s *Server) read(h *authv3.AttributeContext_HttpRequest, r *request) {
 	}
 	if s.p.roleHeader != "" {
 		one(s.p.roleHeader, &r.roleHdr, &r.nRole)
+	}
+	if s.p.ipHeader != "" {
+		one(s.p.ipHeader, &r.clientIP, &r.nClientIP)
 	}
 	if r.method == "" {
 		r.method = m[":method"]
@@ -625,12 +634,27 @@ func (s *Server) identify(attrs *authv3.AttributeContext, r *request, e *eval) {
 		e.client = "user:" + e.user
 		return
 	}
+	// The address Envoy derived from X-Forwarded-For (when the operator's
+	// Envoy sets the header), else the connection peer.
+	if r.nClientIP == 1 && validIP(r.clientIP) {
+		e.client = "ip:" + r.clientIP
+		return
+	}
 	addr := attrs.GetSource().GetAddress().GetSocketAddress().GetAddress()
-	if len(addr) > 64 || !validIdentity(addr, 64) {
+	if !validIP(addr) {
 		e.client = "ip:unknown"
 		return
 	}
 	e.client = "ip:" + addr
+}
+
+// validIP reports whether s is an IPv4 or IPv6 address (no zone, no port).
+func validIP(s string) bool {
+	if len(s) == 0 || len(s) > 45 {
+		return false
+	}
+	a, err := netip.ParseAddr(s)
+	return err == nil && a.Zone() == ""
 }
 
 // roleFromClaim takes a string role or a list of string roles.

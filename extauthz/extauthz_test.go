@@ -336,6 +336,16 @@ func TestCheckConformance(t *testing.T) {
 		{name: "trusted user header", cfg: trusted, req: get("", "x-auth-user", "svc-7", "x-auth-role", "reader"),
 			want: user(allowPlain(meta("decision", "allow", "reason", "not_cors", "user", "svc-7", "role", "reader"), true), "user:svc-7",
 				"x-meshguard-user: svc-7 (overwrite)", "x-meshguard-role: reader (overwrite)")},
+		{name: "client address from Envoy's x-meshguard-client-ip", req: get("", "x-meshguard-client-ip", "198.51.100.9"),
+			want: func() outcome {
+				o := allowPlain(meta("decision", "allow", "reason", "not_cors", "client", "ip:198.51.100.9"), true)
+				o.Upstream[0] = "x-meshguard-client: ip:198.51.100.9 (overwrite)"
+				return o
+			}()},
+		{name: "x-meshguard-client-ip that is not an address", req: get("", "x-meshguard-client-ip", "198.51.100.9, 10.0.0.1"),
+			want: allowPlain(meta("decision", "allow", "reason", "not_cors"), true)},
+		{name: "client ip header switched off", cfg: func() Config { c := testConfig(); c.Identity.ClientIPHeader = ""; return c }(),
+			req: get("", "x-meshguard-client-ip", "198.51.100.9"), want: allowPlain(meta("decision", "allow", "reason", "not_cors"), true)},
 		{name: "ipv6 downstream", req: envoyReq{host: "api.example.net", source: "2001:db8::7"},
 			want: func() outcome {
 				o := allowPlain(meta("decision", "allow", "reason", "not_cors", "client", "ip:2001:db8::7"), true)
