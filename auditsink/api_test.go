@@ -754,3 +754,68 @@ func FuzzParseQuery(f *testing.F) {
 		}
 	})
 }
+
+func TestAPIMetrics(t *testing.T) {
+	store := apiOpenSQLite(t)
+	reg := prometheus.NewRegistry()
+	api, err := NewAPI(apiTestLog, reg, tokenConfig(), store, newStoreSink(store))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	api.Register(mux)
+	get(t, mux, "/v1/audit/logs")
+	get(t, mux, "/v1/audit/logs", "Authorization", "Bearer wrong")
+	get(t, mux, "/v1/audit/logs", bearer...)
+	get(t, mux, "/v1/audit/logs?limit=0", bearer...)
+	get(t, mux, "/v1/audit/export?format=jsonl&"+exportRange, bearer...)
+	for _, c := range []struct {
+		name   string
+		labels map[string]string
+		want   float64
+	}{
+		{"meshguard_auditsink_api_requests_total", map[string]string{"endpoint": "logs", "code": "401"}, 2},
+		{"meshguard_auditsink_api_requests_total", map[string]string{"endpoint": "logs", "code": "200"}, 1},
+		{"meshguard_auditsink_api_requests_total", map[string]string{"endpoint": "logs", "code": "400"}, 1},
+		{"meshguard_auditsink_api_requests_total", map[string]string{"endpoint": "export", "code": "200"}, 1},
+		{"meshguard_auditsink_api_auth_failures_total", map[string]string{"reason": "missing"}, 1},
+		{"meshguard_auditsink_api_auth_failures_total", map[string]string{"reason": "invalid_token"}, 1},
+		{"meshguard_auditsink_api_unrecorded_total", nil, 0},
+	} {
+		if got := counterValue(t, reg, c.name, c.labels); got != c.want {
+			t.Errorf("%s%v = %v, want %v", c.name, c.labels, got, c.want)
+		}
+	}
+	// A second API on the same registry is a configuration error, not a panic.
+	if _, err := NewAPI(apiTestLog, reg, tokenConfig(), store, newStoreSink(store)); err == nil {
+		t.Fatal("NewAPI registered its metrics twice")
+	}
+}
+
+// counterValue returns the value of the counter series name{labels} in reg
+// (-1 when absent).
+func counterValue(t *testing.T, reg *prometheus.Registry, name string, labels map[string]string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	series:
+		for _, m := range mf.GetMetric() {
+			if len(m.GetLabel()) != len(labels) {
+				continue
+			}
+			for _, lp := range m.GetLabel() {
+				if labels[lp.GetName()] != lp.GetValue() {
+					continue series
+				}
+			}
+			return m.GetCounter().GetValue()
+		}
+	}
+	return -1
+}
