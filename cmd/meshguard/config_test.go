@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"io"
 	"os"
 	"path/filepath"
@@ -162,10 +163,25 @@ func TestFlagsOverrideEnv(t *testing.T) {
 		}
 		return ""
 	}
-	ctx, cancel := testContext(t)
-	cancel() // start and stop at once: we only need the config to be accepted
-	err := run(ctx, []string{"meshguard", "serve", "--config", testConfig(t, ""), "--grpc-addr", "127.0.0.1:0"}, env, io.Discard, io.Discard)
-	if err != nil {
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	logs := newLogWatcher()
+	errc := make(chan error, 1)
+	go func() {
+		errc <- run(ctx, []string{"meshguard", "serve", "--config", testConfig(t, ""), "--grpc-addr", "127.0.0.1:0"}, env, io.Discard, logs)
+	}()
+	select {
+	case line := <-logs.ready:
+		if addr, _ := line["grpc_addr"].(string); !strings.HasPrefix(addr, "127.0.0.1:") {
+			t.Errorf("grpc_addr = %q, want the flag's 127.0.0.1:0", addr)
+		}
+	case err := <-errc:
 		t.Fatalf("flag did not override env: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatalf("not serving after 30s; logs:\n%s", logs)
+	}
+	cancel()
+	if err := <-errc; err != nil {
+		t.Fatal(err)
 	}
 }

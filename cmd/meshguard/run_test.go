@@ -238,7 +238,3 @@ func TestSIGTERMExitsZero(t *testing.T) {
 		t.Fatalf("still running 10s after SIGTERM; logs:\n%s", logs)
 	}
 }
-
-func testContext(t *testing.T) (context.Context, context.CancelFunc) {
-	return context.WithCancel(t.Context())
-}
