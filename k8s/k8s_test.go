@@ -9,6 +9,7 @@ package k8s
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"go/ast"
 	"go/parser"
@@ -20,6 +21,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -83,13 +85,28 @@ var scheme = func() *runtime.Scheme {
 // strict rejects unknown and duplicate fields.
 var strict = serializer.NewCodecFactory(scheme, serializer.EnableStrict).UniversalDeserializer()
 
+// built caches each kustomization's objects: building is the slow part and
+// the tests only read the result.
+var built sync.Map // dir -> func() (*objects, error)
+
+// build returns dir's objects, built and strictly decoded once per test
+// binary; a build or decode error fails the calling test.
 func build(t *testing.T, dir string) *objects {
 	t.Helper()
+	f, _ := built.LoadOrStore(dir, sync.OnceValues(func() (*objects, error) { return buildDir(dir) }))
+	o, err := f.(func() (*objects, error))()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return o
+}
+
+func buildDir(dir string) (*objects, error) {
 	opts := krusty.MakeDefaultOptions()
 	opts.LoadRestrictions = types.LoadRestrictionsRootOnly
 	rm, err := krusty.MakeKustomizer(opts).Run(filesys.MakeFsOnDisk(), dir)
 	if err != nil {
-		t.Fatalf("kustomize build %s: %v", dir, err)
+		return nil, fmt.Errorf("kustomize build %s: %w", dir, err)
 	}
 	o := &objects{
 		deployments: map[string]*appsv1.Deployment{}, services: map[string]*corev1.Service{},
@@ -99,16 +116,17 @@ func build(t *testing.T, dir string) *objects {
 		serviceMonitors: map[string]*unstructured.Unstructured{}, namespaces: map[string]*corev1.Namespace{},
 		serviceAccounts: map[string]*corev1.ServiceAccount{},
 	}
+	var errs []error
 	for _, r := range rm.Resources() {
 		data, err := r.AsYAML()
 		if err != nil {
-			t.Fatal(err)
+			return nil, err
 		}
 		id := fmt.Sprintf("%s %s/%s", r.GetKind(), r.GetNamespace(), r.GetName())
 		if r.GetApiVersion() == "monitoring.coreos.com/v1" {
 			u, err := decodeServiceMonitor(data)
 			if err != nil {
-				t.Errorf("%s: %s: %v", dir, id, err)
+				errs = append(errs, fmt.Errorf("%s: %s: %w", dir, id, err))
 				continue
 			}
 			o.serviceMonitors[u.GetName()] = u
@@ -117,7 +135,7 @@ func build(t *testing.T, dir string) *objects {
 		}
 		obj, _, err := strict.Decode(data, nil, nil)
 		if err != nil {
-			t.Errorf("%s: %s: %v", dir, id, err)
+			errs = append(errs, fmt.Errorf("%s: %s: %w", dir, id, err))
 			continue
 		}
 		o.all = append(o.all, obj)
@@ -143,13 +161,10 @@ func build(t *testing.T, dir string) *objects {
 		case *corev1.ServiceAccount:
 			o.serviceAccounts[v.Name] = v
 		default:
-			t.Errorf("%s: %s: kind %T has no checks here; add them", dir, id, obj)
+			errs = append(errs, fmt.Errorf("%s: %s: kind %T has no checks here; add them", dir, id, obj))
 		}
 	}
-	if t.Failed() {
-		t.FailNow()
-	}
-	return o
+	return o, errors.Join(errs...)
 }
 
 // decodeServiceMonitor checks a monitoring.coreos.com/v1 ServiceMonitor
