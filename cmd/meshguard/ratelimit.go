@@ -3,9 +3,20 @@ package main
 import (
 	"context"
 	"fmt"
+	"log/slog"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/meshguard/meshguard/ratelimitsvc"
 )
+
+// redisLogger sends go-redis's own messages (sentinel failovers, pool
+// trouble) to the process logger instead of bare stderr.
+type redisLogger struct{ log *slog.Logger }
+
+func (l redisLogger) Printf(ctx context.Context, format string, v ...any) {
+	l.log.WarnContext(ctx, fmt.Sprintf(format, v...))
+}
 
 // setupRatelimit builds the Rate Limit Service and its store: Redis when
 // configured, else in process. /readyz reports Redis (required when
@@ -17,6 +28,7 @@ func setupRatelimit(ctx context.Context, a *app) (*component, error) {
 	var srv *ratelimitsvc.Server
 	var err error
 	if a.cfg.Redis.Enabled() {
+		redis.SetLogger(redisLogger{log.With("client", "go-redis")}) // go-redis has only a global logger
 		rs, err := ratelimitsvc.NewRedisStore(log, a.reg, a.cfg.Redis)
 		if err != nil {
 			return nil, fmt.Errorf("ratelimit: %w", err)
