@@ -21,10 +21,12 @@ type command struct {
 	run     func(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error
 }
 
-// commands lists every subcommand. Files beside this one add to it.
+// commands lists every subcommand.
 var commands = map[string]command{
 	"serve":        {"run the gRPC and HTTP listeners", runServe},
 	"check-config": {"validate a config file offline and list every error", runCheckConfig},
+	"migrate":      {"apply the audit database schema", runMigrate},
+	"audit":        {"export, verify or prune the audit trail", runAudit},
 	"version":      {"print the version", runVersion},
 }
 
