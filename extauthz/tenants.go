@@ -20,6 +20,10 @@ import (
 // maxTenantRows bounds one reload; rows past it are ignored (and logged).
 const maxTenantRows = 100_000
 
+// dbStepTimeout bounds each database step (schema, reload, LISTEN), so a
+// database that hangs instead of failing cannot stall the watcher.
+const dbStepTimeout = 30 * time.Second
+
 // TenantStore keeps the per-tenant origin lists of a PostgreSQL table in
 // memory: it creates the table (and a NOTIFY trigger) if missing, LISTENs on
 // a dedicated connection and reloads on every change, reloads the whole table
@@ -128,6 +132,8 @@ func (t *TenantStore) lookup(tenant string) *originSet {
 // EnsureSchema creates the table, the notify function and the trigger if
 // missing. It is idempotent and safe when several replicas start at once.
 func (t *TenantStore) EnsureSchema(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, dbStepTimeout)
+	defer cancel()
 	tx, err := t.pool.Begin(ctx)
 	if err != nil {
 		return fmt.Errorf("creating tenant origin table: begin: %w", err)
@@ -167,6 +173,8 @@ func (t *TenantStore) EnsureSchema(ctx context.Context) error {
 // Load re-reads the whole table and swaps it in. On error the previous copy
 // stays in use.
 func (t *TenantStore) Load(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, dbStepTimeout)
+	defer cancel()
 	err := t.load(ctx)
 	t.mu.Lock()
 	t.lastErr = err
@@ -313,7 +321,10 @@ func (t *TenantStore) listen(ctx context.Context, connected func()) error {
 		t.listening = false
 		t.mu.Unlock()
 	}()
-	if _, err := conn.Exec(ctx, "LISTEN "+t.channel); err != nil {
+	lctx, cancel := context.WithTimeout(ctx, dbStepTimeout)
+	_, err = conn.Exec(lctx, "LISTEN "+t.channel)
+	cancel()
+	if err != nil {
 		return fmt.Errorf("listening on %s: %w", t.chanRaw, err)
 	}
 	// Load after LISTEN, so no change between the two is missed.
