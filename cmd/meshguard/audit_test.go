@@ -419,3 +419,94 @@ func TestServeAuditAPIWiring(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// TestServeAuditStartsWithPostgresDown: serve's audit component starts
+// while PostgreSQL is down (records go to the spool), reports "not migrated"
+// in /readyz without taking the replica out, migrates by itself once the
+// database is back, and the spooled records then land in PostgreSQL.
+func TestServeAuditStartsWithPostgresDown(t *testing.T) {
+	srv := pgtest.Start(t)
+	url := srv.NewDatabase(t)
+	srv.Stop()
+	oldTimeout, oldDelay := migrateAtStartTimeout, migrateRetryDelay
+	migrateAtStartTimeout, migrateRetryDelay = 300*time.Millisecond, 50*time.Millisecond
+	t.Cleanup(func() { migrateAtStartTimeout, migrateRetryDelay = oldTimeout, oldDelay })
+
+	f := newAuditFixture(t, "  batch_interval: 20ms\n  write_timeout: 300ms\n")
+	cfg, err := loadConfig(f.config, func(k string) string {
+		switch k {
+		case "DATABASE_URL":
+			return url
+		case "MESHGUARD_ADMIN_TOKEN":
+			return "outage-test-token-0123456789"
+		}
+		return ""
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := &app{log: slog.New(slog.DiscardHandler), reg: prometheus.NewRegistry(), cfg: cfg}
+	db, err := openDatabase(t.Context(), a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.db = db
+	t.Cleanup(db.close)
+	c, err := setupAuditsink(t.Context(), a)
+	if err != nil {
+		t.Fatalf("setup with PostgreSQL down: %v", err)
+	}
+	ctx, stop := context.WithCancel(t.Context())
+	runDone := make(chan error, 1)
+	go func() { runDone <- c.run(ctx) }()
+	t.Cleanup(func() {
+		stop()
+		<-runDone
+		c.shutdown(context.Background())
+	})
+	check := func(name string) dependencyStatus {
+		for _, ch := range c.checks {
+			if ch.name == name {
+				st := ch.check(t.Context())
+				st.Required = ch.required
+				return st
+			}
+		}
+		t.Fatalf("no %s check", name)
+		return dependencyStatus{}
+	}
+	if st := check("audit"); st.Healthy || st.Required || !strings.Contains(st.Error, "not migrated") {
+		t.Fatalf("audit check while down: %+v", st)
+	}
+	if st := check("audit_spool"); !st.Healthy {
+		t.Fatalf("spool check while down: %+v", st)
+	}
+
+	mux := http.NewServeMux()
+	c.http(mux)
+	hs := httptest.NewServer(mux)
+	t.Cleanup(hs.Close)
+	report := `{"csp-report":{"document-uri":"https://app.example.com/","violated-directive":"img-src","effective-directive":"img-src","blocked-uri":"https://x.example/p.gif","disposition":"enforce"}}`
+	resp, err := hs.Client().Post(hs.URL+"/v1/csp-reports", "application/csp-report", strings.NewReader(report))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNoContent {
+		t.Fatalf("CSP report while PostgreSQL is down: %d", resp.StatusCode)
+	}
+
+	srv.Restart(t)
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		var n int
+		err := db.pool.Pool().QueryRow(t.Context(), "SELECT count(*) FROM audit_logs WHERE action = 'CSP_VIOLATION'").Scan(&n)
+		if err == nil && n == 1 && check("audit").Healthy {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after PostgreSQL came back: rows=%d err=%v audit=%+v", n, err, check("audit"))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

@@ -58,7 +58,10 @@ func newAuditWriter(log *slog.Logger, reg prometheus.Registerer, cfg auditsink.C
 // migrateAtStartTimeout bounds the schema migration during start-up. When
 // the database is not reachable yet, serve starts anyway (the writer
 // spools) and the migration is retried in the background.
-const migrateAtStartTimeout = 10 * time.Second
+var (
+	migrateAtStartTimeout = 10 * time.Second
+	migrateRetryDelay     = time.Second // first retry; doubles up to a minute
+)
 
 // setupAuditsink builds the audit trail: the store (migrated at start), the
 // writer that batches into it, the AccessLogService, POST /v1/csp-reports
@@ -175,7 +178,7 @@ func (m *migrationState) done() bool { m.mu.Lock(); defer m.mu.Unlock(); return 
 // retryMigrate retries the migration with backoff until it succeeds (true)
 // or ctx is done (false).
 func retryMigrate(ctx context.Context, log *slog.Logger, store auditStore) bool {
-	delay := time.Second
+	delay := migrateRetryDelay
 	for {
 		t := time.NewTimer(delay)
 		select {
