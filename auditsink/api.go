@@ -35,6 +35,11 @@ import (
 //     ext_authz on the /v1/audit routes (loopback listener, or a
 //     NetworkPolicy that admits only the Envoy pods).
 //
+// A matching admin token admits; otherwise, with the role enabled, the role
+// header decides (200 or 403) even beside a non-admin bearer token, since
+// requests through Envoy carry the application's JWT in Authorization;
+// otherwise 401 with a Bearer challenge.
+//
 // With neither a token nor a role configured the API is disabled and answers
 // 503; it is never open. Every read and export is itself recorded through
 // the sink (READ / EXPORT, entity_type "audit_log", by the admin); when that
