@@ -23,19 +23,6 @@ import (
 	"github.com/meshguard/meshguard/internal/pgtest"
 )
 
-// Until run.go lists them, register the audit subcommands for these tests
-// (a no-op once it does).
-func init() {
-	for name, c := range map[string]command{
-		"migrate": {"apply the audit database schema", runMigrate},
-		"audit":   {"export, verify or prune the audit trail", runAudit},
-	} {
-		if _, ok := commands[name]; !ok {
-			commands[name] = c
-		}
-	}
-}
-
 // auditFixture is a config file over a SQLite trail in a temp dir.
 type auditFixture struct {
 	dir, config, db string
