@@ -65,6 +65,7 @@ type objects struct {
 	pdbs            map[string]*policyv1.PodDisruptionBudget
 	netpols         map[string]*networkingv1.NetworkPolicy
 	serviceMonitors map[string]*unstructured.Unstructured
+	prometheusRules map[string]*unstructured.Unstructured
 	namespaces      map[string]*corev1.Namespace
 	serviceAccounts map[string]*corev1.ServiceAccount
 }
@@ -114,6 +115,7 @@ func buildDir(dir string) (*objects, error) {
 		jobs: map[string]*batchv1.Job{}, hpas: map[string]*autoscalingv2.HorizontalPodAutoscaler{},
 		pdbs: map[string]*policyv1.PodDisruptionBudget{}, netpols: map[string]*networkingv1.NetworkPolicy{},
 		serviceMonitors: map[string]*unstructured.Unstructured{}, namespaces: map[string]*corev1.Namespace{},
+		prometheusRules: map[string]*unstructured.Unstructured{},
 		serviceAccounts: map[string]*corev1.ServiceAccount{},
 	}
 	var errs []error
@@ -124,12 +126,16 @@ func buildDir(dir string) (*objects, error) {
 		}
 		id := fmt.Sprintf("%s %s/%s", r.GetKind(), r.GetNamespace(), r.GetName())
 		if r.GetApiVersion() == "monitoring.coreos.com/v1" {
-			u, err := decodeServiceMonitor(data)
+			decode, into := decodeServiceMonitor, o.serviceMonitors
+			if r.GetKind() == "PrometheusRule" {
+				decode, into = decodePrometheusRule, o.prometheusRules
+			}
+			u, err := decode(data)
 			if err != nil {
 				errs = append(errs, fmt.Errorf("%s: %s: %w", dir, id, err))
 				continue
 			}
-			o.serviceMonitors[u.GetName()] = u
+			into[u.GetName()] = u
 			o.all = append(o.all, u)
 			continue
 		}
@@ -172,22 +178,8 @@ func buildDir(dir string) (*objects, error) {
 // Prometheus operator, not in k8s.io/api, so unknown fields are caught here
 // by listing the known ones.
 func decodeServiceMonitor(data []byte) (*unstructured.Unstructured, error) {
-	var m map[string]any
-	if err := yaml.Unmarshal(data, &m); err != nil {
-		return nil, err
-	}
-	js, err := json.Marshal(m)
+	u, err := decodeMonitoringObject(data, "ServiceMonitor")
 	if err != nil {
-		return nil, err
-	}
-	u := &unstructured.Unstructured{}
-	if err := u.UnmarshalJSON(js); err != nil {
-		return nil, err
-	}
-	if u.GetKind() != "ServiceMonitor" {
-		return nil, fmt.Errorf("unexpected monitoring.coreos.com/v1 kind %q", u.GetKind())
-	}
-	if err := onlyKeys(u.Object, "", "apiVersion", "kind", "metadata", "spec"); err != nil {
 		return nil, err
 	}
 	spec, _, _ := unstructured.NestedMap(u.Object, "spec")
@@ -223,6 +215,134 @@ func decodeServiceMonitor(data []byte) (*unstructured.Unstructured, error) {
 		}
 	}
 	return u, nil
+}
+
+// decodeMonitoringObject turns a monitoring.coreos.com/v1 document into an
+// Unstructured of the expected kind, rejecting unknown top-level fields.
+func decodeMonitoringObject(data []byte, kind string) (*unstructured.Unstructured, error) {
+	var m map[string]any
+	if err := yaml.Unmarshal(data, &m); err != nil {
+		return nil, err
+	}
+	js, err := json.Marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	u := &unstructured.Unstructured{}
+	if err := u.UnmarshalJSON(js); err != nil {
+		return nil, err
+	}
+	if u.GetKind() != kind {
+		return nil, fmt.Errorf("want kind %s, got %q", kind, u.GetKind())
+	}
+	if err := onlyKeys(u.Object, "", "apiVersion", "kind", "metadata", "spec"); err != nil {
+		return nil, err
+	}
+	return u, nil
+}
+
+// decodePrometheusRule checks a PrometheusRule against the part of its
+// schema the manifests use: groups of alerting rules, each with an expr, a
+// parseable for, a severity meshguard uses and a summary.
+func decodePrometheusRule(data []byte) (*unstructured.Unstructured, error) {
+	u, err := decodeMonitoringObject(data, "PrometheusRule")
+	if err != nil {
+		return nil, err
+	}
+	spec, _, _ := unstructured.NestedMap(u.Object, "spec")
+	if err := onlyKeys(spec, "spec", "groups"); err != nil {
+		return nil, err
+	}
+	groups, _, _ := unstructured.NestedSlice(u.Object, "spec", "groups")
+	if len(groups) == 0 {
+		return nil, errors.New("spec.groups: required")
+	}
+	alerts := map[string]bool{}
+	for i, g := range groups {
+		gm, ok := g.(map[string]any)
+		at := fmt.Sprintf("spec.groups[%d]", i)
+		if !ok {
+			return nil, fmt.Errorf("%s: not an object", at)
+		}
+		if err := onlyKeys(gm, at, "name", "interval", "rules"); err != nil {
+			return nil, err
+		}
+		if n, _ := gm["name"].(string); n == "" {
+			return nil, fmt.Errorf("%s.name: required", at)
+		}
+		rules, _ := gm["rules"].([]any)
+		if len(rules) == 0 {
+			return nil, fmt.Errorf("%s.rules: required", at)
+		}
+		for j, r := range rules {
+			rm, ok := r.(map[string]any)
+			rat := fmt.Sprintf("%s.rules[%d]", at, j)
+			if !ok {
+				return nil, fmt.Errorf("%s: not an object", rat)
+			}
+			if err := onlyKeys(rm, rat, "alert", "expr", "for", "labels", "annotations"); err != nil {
+				return nil, err
+			}
+			name, _ := rm["alert"].(string)
+			if name == "" || alerts[name] {
+				return nil, fmt.Errorf("%s.alert: missing or duplicate %q", rat, name)
+			}
+			alerts[name] = true
+			if e, _ := rm["expr"].(string); strings.TrimSpace(e) == "" {
+				return nil, fmt.Errorf("%s.expr: required", rat)
+			}
+			if f, ok := rm["for"]; ok {
+				fs, _ := f.(string)
+				if _, err := time.ParseDuration(fs); err != nil {
+					return nil, fmt.Errorf("%s.for: %v", rat, err)
+				}
+			}
+			labels, _ := rm["labels"].(map[string]any)
+			if sev, _ := labels["severity"].(string); sev != "warning" && sev != "critical" {
+				return nil, fmt.Errorf("%s.labels.severity: want warning or critical, got %q", rat, sev)
+			}
+			ann, _ := rm["annotations"].(map[string]any)
+			if sum, _ := ann["summary"].(string); sum == "" {
+				return nil, fmt.Errorf("%s.annotations.summary: required", rat)
+			}
+		}
+	}
+	return u, nil
+}
+
+// TestAlerts: every alert queries metrics meshguard registers.
+func TestAlerts(t *testing.T) {
+	o := build(t, "base")
+	pr := o.prometheusRules["meshguard"]
+	if pr == nil {
+		t.Fatal("no PrometheusRule meshguard")
+	}
+	registered := registeredMetrics(t, "..")
+	groups, _, _ := unstructured.NestedSlice(pr.Object, "spec", "groups")
+	n := 0
+	for _, g := range groups {
+		for _, r := range g.(map[string]any)["rules"].([]any) {
+			rm := r.(map[string]any)
+			expr := rm["expr"].(string)
+			names := metricRE.FindAllString(expr, -1)
+			if len(names) == 0 {
+				t.Errorf("alert %s: expr names no meshguard_ metric", rm["alert"])
+			}
+			if strings.Count(expr, "(") != strings.Count(expr, ")") {
+				t.Errorf("alert %s: unbalanced expr", rm["alert"])
+			}
+			for _, m := range names {
+				m = strings.TrimSuffix(strings.TrimSuffix(strings.TrimSuffix(m, "_bucket"), "_sum"), "_count")
+				if !registered[m] {
+					t.Errorf("alert %s queries %s, which no meshguard package registers", rm["alert"], m)
+				}
+			}
+			n++
+		}
+	}
+	if n == 0 {
+		t.Error("no alerts")
+	}
 }
 
 func onlyKeys(m map[string]any, at string, known ...string) error {
@@ -263,6 +383,20 @@ func TestStrictDecodeRejects(t *testing.T) {
 			_, _, err := strict.Decode([]byte(tc.doc), nil, nil)
 			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 				t.Fatalf("Decode error = %v, want one containing %q", err, tc.wantErr)
+			}
+		})
+	}
+	pr := []struct{ name, doc, wantErr string }{
+		{"bad severity", "apiVersion: monitoring.coreos.com/v1\nkind: PrometheusRule\nmetadata: {name: x}\nspec:\n  groups: [{name: g, rules: [{alert: A, expr: up, labels: {severity: page}, annotations: {summary: s}}]}]\n", "severity"},
+		{"bad for", "apiVersion: monitoring.coreos.com/v1\nkind: PrometheusRule\nmetadata: {name: x}\nspec:\n  groups: [{name: g, rules: [{alert: A, expr: up, for: ten, labels: {severity: warning}, annotations: {summary: s}}]}]\n", ".for"},
+		{"duplicate alert", "apiVersion: monitoring.coreos.com/v1\nkind: PrometheusRule\nmetadata: {name: x}\nspec:\n  groups: [{name: g, rules: [{alert: A, expr: up, labels: {severity: warning}, annotations: {summary: s}}, {alert: A, expr: up, labels: {severity: warning}, annotations: {summary: s}}]}]\n", "duplicate"},
+		{"unknown rule field", "apiVersion: monitoring.coreos.com/v1\nkind: PrometheusRule\nmetadata: {name: x}\nspec:\n  groups: [{name: g, rules: [{alert: A, expr: up, fro: 5m, labels: {severity: warning}, annotations: {summary: s}}]}]\n", `unknown field "fro"`},
+	}
+	for _, tc := range pr {
+		t.Run("PrometheusRule "+tc.name, func(t *testing.T) {
+			_, err := decodePrometheusRule([]byte(tc.doc))
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Fatalf("decodePrometheusRule error = %v, want one containing %q", err, tc.wantErr)
 			}
 		})
 	}
