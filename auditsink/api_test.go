@@ -689,28 +689,36 @@ func TestAPIRefusesWhenTheAccessCannotBeRecorded(t *testing.T) {
 	}
 }
 
-// brokenReader fails every read, as a store that is down does.
-type brokenReader struct{}
-
-func (brokenReader) List(context.Context, Filter, Cursor, int) ([]Record, Cursor, error) {
-	return nil, Cursor{}, errors.New("connection refused")
-}
-
-func (brokenReader) Scan(context.Context, Filter, func(*Record) error) error {
-	return errors.New("connection refused")
-}
-
 func TestAPIStoreDown(t *testing.T) {
-	store := apiOpenSQLite(t)
-	_, mux := newTestAPI(t, tokenConfig(), brokenReader{}, newStoreSink(store))
+	srv := pgtest.Start(t)
+	store := apiOpenPG(t, srv)
+	sink := newStoreSink(apiOpenSQLite(t))
+	_, mux := newTestAPI(t, tokenConfig(), store, sink)
+	srv.Stop()
 	for _, target := range []string{"/v1/audit/logs", "/v1/audit/export?format=csv&from=2026-04-01T00:00:00Z&to=2026-04-02T00:00:00Z"} {
 		rec := get(t, mux, target, bearer...)
 		if rec.Code != http.StatusServiceUnavailable || !strings.Contains(rec.Body.String(), "audit store unavailable") {
-			t.Fatalf("GET %s with the store down: %d %s", target, rec.Code, rec.Body)
+			t.Fatalf("GET %s with PostgreSQL down: %d %s", target, rec.Code, rec.Body)
 		}
-		if strings.Contains(rec.Body.String(), "connection refused") {
+		if strings.Contains(rec.Body.String(), "127.0.0.1") || strings.Contains(rec.Body.String(), "connect") {
 			t.Fatalf("internal error leaked: %s", rec.Body)
 		}
+		if rec.Header().Get("Content-Disposition") != "" {
+			t.Fatalf("failed export sent Content-Disposition")
+		}
+	}
+	// Back up: the same API answers again, no restart needed.
+	srv.Restart(t)
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		rec := get(t, mux, "/v1/audit/logs", bearer...)
+		if rec.Code == 200 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after PostgreSQL restarted: %d %s", rec.Code, rec.Body)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
 
