@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -77,9 +78,22 @@ func benchServe(url string) error {
 	if err != nil {
 		return err
 	}
-	gs := grpc.NewServer()
+	var opts []grpc.ServerOption
+	if n, _ := strconv.Atoi(os.Getenv("MESHGUARD_RLS_BENCH_STREAM_WORKERS")); n > 0 {
+		opts = append(opts, grpc.NumStreamWorkers(uint32(n)))
+	}
+	gs := grpc.NewServer(opts...)
 	srv.Register(gs)
 	go gs.Serve(lis)
+	if path := os.Getenv("MESHGUARD_RLS_BENCH_CPUPROFILE"); path != "" {
+		f, err := os.Create(path)
+		if err != nil {
+			return err
+		}
+		pprof.StartCPUProfile(f)
+		defer f.Close()
+		defer pprof.StopCPUProfile()
+	}
 	fmt.Println(lis.Addr().String())
 	buf := make([]byte, 1)
 	os.Stdin.Read(buf) // EOF when the benchmark ends
@@ -275,5 +289,44 @@ func BenchmarkDecide(b *testing.B) {
 			b.Fatal(err)
 		}
 		i++
+	}
+}
+
+// BenchmarkDecideRedis calls the handler directly against a real Redis,
+// 50 goroutines: meshguard's decision path without gRPC.
+func BenchmarkDecideRedis(b *testing.B) {
+	for _, tc := range []struct {
+		name    string
+		twoDesc bool
+	}{{"hot1k", false}, {"two_desc", true}} {
+		b.Run(tc.name, func(b *testing.B) {
+			srv := redistest.Start(b)
+			rs, err := newBenchRedis(srv.URL())
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.Cleanup(func() { rs.Close() })
+			s, err := New(discardLogger(), prometheus.NewRegistry(), benchConfig(), rs)
+			if err != nil {
+				b.Fatal(err)
+			}
+			reqs := benchRequests(tc.twoDesc)
+			ctx := b.Context()
+			var next atomic.Int64
+			b.SetParallelism((50 + runtime.GOMAXPROCS(0) - 1) / runtime.GOMAXPROCS(0))
+			b.ReportAllocs()
+			before := procCPU(b, 0)
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					if _, err := s.ShouldRateLimit(ctx, reqs[next.Add(1)%int64(len(reqs))]); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+			b.StopTimer()
+			b.ReportMetric(float64((procCPU(b, 0)-before).Microseconds())/float64(b.N), "cpu-µs/op")
+		})
 	}
 }
