@@ -46,7 +46,10 @@ import (
 	grpcalsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/grpc/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 
+	"github.com/meshguard/meshguard/auditsink"
 	"github.com/meshguard/meshguard/envoy"
+	"github.com/meshguard/meshguard/extauthz"
+	"github.com/meshguard/meshguard/internal/pgpool"
 	"github.com/meshguard/meshguard/ratelimitsvc"
 )
 
@@ -831,6 +834,70 @@ func TestRatelimitDomainFile(t *testing.T) {
 	byValue := cmpopts.SortSlices(func(a, b ratelimitsvc.DescriptorConfig) bool { return a.Value < b.Value })
 	if diff := cmp.Diff(*def, d, byValue); diff != "" {
 		t.Errorf("base/ratelimit/api.yaml differs from the default %q domain (-default +file):\n%s", d.Domain, diff)
+	}
+}
+
+// TestMeshguardConfigSections decodes base/meshguard.yaml strictly into the
+// packages' own section types and runs their Validate, as meshguard's
+// top-level parser does (cmd/meshguard is package main and cannot be
+// imported; its own test of this file is the authority). config_dir is
+// pointed at the shipped directory so the domain files are compiled too.
+func TestMeshguardConfigSections(t *testing.T) {
+	data, err := os.ReadFile("base/meshguard.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := struct {
+		Environment string `yaml:"environment"`
+		Listen      struct {
+			GRPC string `yaml:"grpc"`
+			HTTP string `yaml:"http"`
+		} `yaml:"listen"`
+		Log struct {
+			Level  string `yaml:"level"`
+			Format string `yaml:"format"`
+		} `yaml:"log"`
+		Shutdown struct {
+			Timeout time.Duration `yaml:"timeout"`
+		} `yaml:"shutdown"`
+		Redis     ratelimitsvc.RedisConfig `yaml:"redis"`
+		Database  pgpool.Config            `yaml:"database"`
+		Ratelimit ratelimitsvc.Config      `yaml:"ratelimit"`
+		CORS      extauthz.CORSConfig      `yaml:"cors"`
+		Identity  extauthz.IdentityConfig  `yaml:"identity"`
+		CSP       extauthz.CSPConfig       `yaml:"csp"`
+		Audit     auditsink.Config         `yaml:"audit"`
+	}{
+		Redis: ratelimitsvc.DefaultRedisConfig(), Database: pgpool.DefaultConfig(), Ratelimit: ratelimitsvc.DefaultConfig(),
+		CORS: extauthz.DefaultCORSConfig(), Identity: extauthz.DefaultIdentityConfig(), CSP: extauthz.DefaultCSPConfig(),
+		Audit: auditsink.DefaultConfig(),
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&cfg); err != nil {
+		t.Fatalf("decoding base/meshguard.yaml: %v", err)
+	}
+	if cfg.Environment != "production" || cfg.Shutdown.Timeout <= 0 {
+		t.Errorf("environment %q, shutdown.timeout %s", cfg.Environment, cfg.Shutdown.Timeout)
+	}
+	const mounted = "/etc/meshguard/ratelimit"
+	if cfg.Ratelimit.ConfigDir != mounted {
+		t.Fatalf("ratelimit.config_dir = %q, want %s", cfg.Ratelimit.ConfigDir, mounted)
+	}
+	cfg.Ratelimit.ConfigDir = "base/ratelimit"
+	for name, err := range map[string]error{
+		"redis":                  cfg.Redis.Validate(),
+		"database":               cfg.Database.Validate(),
+		"ratelimit":              cfg.Ratelimit.Validate(),
+		"cors, identity and csp": extauthz.Config{CORS: cfg.CORS, Identity: cfg.Identity, CSP: cfg.CSP}.Validate(),
+		"audit":                  cfg.Audit.Validate(),
+	} {
+		if err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+	if !cfg.CSP.Nonce || cfg.CSP.ReportURI != "/v1/csp-reports" {
+		t.Errorf("csp: nonce %v, report_uri %q; envoy.yaml routes /v1/csp-reports to meshguard", cfg.CSP.Nonce, cfg.CSP.ReportURI)
 	}
 }
 
