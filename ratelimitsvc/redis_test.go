@@ -205,3 +205,61 @@ func TestStoreFaults(t *testing.T) {
 		}
 	}
 }
+
+// TestClusterNodeHung: with one Cluster master hung, decisions whose
+// counters live there follow failure_mode within the timeout, the others are
+// still counted, and all recover when the node does.
+func TestClusterNodeHung(t *testing.T) {
+	skipShort(t)
+	const timeout = 150 * time.Millisecond
+	cl := redistest.StartCluster(t)
+	cfg := windowConfig(1000, time.Minute)
+	cfg.FailureMode = "deny"
+	rs := newTestRedis(t, RedisConfig{Cluster: cl.Addrs(), Timeout: timeout, Autopipeline: true})
+	h := startServer(t, cfg, rs, nil)
+	clients := make([]*rlsv3.RateLimitRequest, 30)
+	for i := range clients {
+		clients[i] = request("acc", kv("client", "c"+strconv.Itoa(i)))
+		if _, err := h.client.ShouldRateLimit(t.Context(), clients[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cl.Nodes[1].Pause()
+	t.Cleanup(cl.Nodes[1].Resume)
+	counted, failed := 0, 0
+	for _, req := range clients {
+		start := time.Now()
+		resp, err := h.client.ShouldRateLimit(t.Context(), req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if took := time.Since(start); took > timeout+350*time.Millisecond {
+			t.Errorf("decision took %s with one node hung", took)
+		}
+		if resp.Statuses[0].DurationUntilReset != nil {
+			counted++
+		} else if resp.OverallCode == rlsv3.RateLimitResponse_OVER_LIMIT {
+			failed++
+		}
+	}
+	if counted == 0 || failed == 0 {
+		t.Errorf("with one of three masters hung: %d counted, %d denied by failure_mode; want some of each", counted, failed)
+	}
+	cl.Nodes[1].Resume()
+	deadline := time.Now().Add(10 * time.Second)
+	for _, req := range clients {
+		for {
+			resp, err := h.client.ShouldRateLimit(t.Context(), req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if resp.Statuses[0].DurationUntilReset != nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("not recovered within 10s")
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+}
