@@ -89,7 +89,7 @@ func DefaultConfig() Config {
 		SpoolMaxBytes:     1 << 30,
 		SpoolFullPolicy:   SpoolFullBlock,
 		SQLitePath:        "./meshguard-audit.db",
-		BatchSize:         5000,
+		BatchSize:         10000,
 		BatchInterval:     200 * time.Millisecond,
 		QueueSize:         100000,
 		WriteTimeout:      10 * time.Second,

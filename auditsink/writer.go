@@ -202,6 +202,18 @@ func (w *Writer) Run(ctx context.Context) error {
 	go func() { defer wg.Done(); w.replay(ctx) }()
 	defer wg.Wait()
 
+	// Linking (in this loop) overlaps with the previous batch's write (in
+	// the committer): one linked batch waits while one is in flight.
+	pending := make(chan []Record, 1)
+	committed := make(chan struct{})
+	go func() {
+		defer close(committed)
+		for batch := range pending {
+			w.persist(ctx, batch, true)
+		}
+	}()
+	defer func() { close(pending); <-committed }()
+
 	tick := time.NewTicker(w.cfg.BatchInterval)
 	defer tick.Stop()
 	heads := time.NewTicker(w.cfg.ChainHeadInterval)
@@ -228,7 +240,8 @@ func (w *Writer) Run(ctx context.Context) error {
 			if batch == nil {
 				break
 			}
-			w.process(ctx, batch, true)
+			w.link(batch)
+			pending <- batch
 		}
 	}
 }
@@ -267,17 +280,29 @@ func (w *Writer) spoolFullWarn() {
 	}
 }
 
-// process links batch into the chain and makes it durable: straight to the
-// database when the spool is empty (and direct is allowed), else to the
-// spool. It never drops: policy drop refuses records at Enqueue instead, so
-// an accepted record always lands and the chain has no gap.
+// process links batch into the chain and persists it (Close's drain).
 func (w *Writer) process(ctx context.Context, batch []Record, direct bool) {
+	w.link(batch)
+	w.persist(ctx, batch, direct)
+}
+
+// link assigns the chain columns; one chain, one linker at a time.
+func (w *Writer) link(batch []Record) {
 	w.wmu.Lock()
-	defer w.wmu.Unlock()
-	_, segs := w.spool.size()
 	w.chain.linkNormalized(batch)
-	head := w.chain.head()
-	if segs == 0 && direct {
+	w.wmu.Unlock()
+}
+
+// persist makes a linked batch durable, in link order (one persister at a
+// time: the committer, then Close's drain): straight to the database when
+// the spool is empty (and direct is allowed), else — or when the write
+// fails — to the spool, behind the batches already there. It never drops:
+// policy drop refuses records at Enqueue instead, so an accepted record
+// always lands and the chain has no gap.
+func (w *Writer) persist(ctx context.Context, batch []Record, direct bool) {
+	last := batch[len(batch)-1]
+	head := ChainHead{ChainID: last.ChainID, Seq: last.Seq, Hash: last.Hash}
+	if _, segs := w.spool.size(); segs == 0 && direct {
 		if err := w.write(ctx, batch, "direct"); err == nil {
 			w.setHead(head)
 			return
