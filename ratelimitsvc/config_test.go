@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"go.yaml.in/yaml/v3"
+
 	"github.com/meshguard/meshguard/internal/secret"
 )
 
@@ -213,4 +215,53 @@ func FuzzParseDomain(f *testing.F) {
 			t.Fatal("no domain and no error")
 		}
 	})
+}
+
+// TestInlineDomainsYAML decodes the ratelimit section as the top-level
+// config does (strictly, over the defaults), in the shape DESIGN.md shows.
+func TestInlineDomainsYAML(t *testing.T) {
+	const doc = `
+failure_mode: deny
+presets:
+  search: {requests_per_unit: 60, window: 1m, algorithm: fixed_window}
+domains:
+  - domain: api
+    descriptors:
+      - key: preset
+        value: auth
+        descriptors:
+          - key: client
+            rate_limit: {preset: auth}
+      - key: preset
+        value: login
+        descriptors:
+          - key: client
+            rate_limit: {requests_per_unit: 5, window: 15m}
+      - key: preset
+        value: search
+        descriptors:
+          - key: client
+            rate_limit: {preset: search}
+`
+	cfg := DefaultConfig()
+	dec := yaml.NewDecoder(strings.NewReader(doc))
+	dec.KnownFields(true)
+	if err := dec.Decode(&cfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	l, err := cfg.compile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, _ := l.domains["api"].match(request("api", kv("preset", "login", "client", "x")).Descriptors[0].Entries, nil)
+	if r == nil || r.limit != 5 || r.window != 15*time.Minute || r.fixed {
+		t.Fatalf("login rule = %+v", r)
+	}
+	r, _ = l.domains["api"].match(request("api", kv("preset", "search", "client", "x")).Descriptors[0].Entries, nil)
+	if r == nil || r.limit != 60 || r.window != time.Minute || !r.fixed {
+		t.Fatalf("search rule = %+v", r)
+	}
 }

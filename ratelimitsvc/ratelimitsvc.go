@@ -104,6 +104,17 @@ func New(log *slog.Logger, reg prometheus.Registerer, cfg Config, st store) (*Se
 // puts it in force. The over-limit cache starts empty, since limits may have
 // changed.
 func (s *Server) install(l *limits) {
+	if prev := s.current.Load(); prev != nil {
+		// Forget the series of domains that are gone, so reloads do not
+		// accumulate labels.
+		for name := range prev.limits.domains {
+			if _, kept := l.domains[name]; !kept {
+				for _, v := range []*prometheus.CounterVec{s.m.decisions, s.m.rules, s.m.localCache} {
+					v.DeletePartialMatch(prometheus.Labels{"domain": name})
+				}
+			}
+		}
+	}
 	for _, d := range l.domains {
 		d.decisions = [2]prometheus.Counter{
 			s.m.decisions.WithLabelValues(d.name, "ok"), s.m.decisions.WithLabelValues(d.name, "over_limit"),

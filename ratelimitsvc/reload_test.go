@@ -96,6 +96,9 @@ func TestConfigDirReload(t *testing.T) {
 		resp, _ := h.client.ShouldRateLimit(t.Context(), request("web", kv("client", "c")))
 		return resp.OverallCode == rlsv3.RateLimitResponse_OK && resp.Statuses[0].CurrentLimit == nil
 	})
+	if n := metricValue(t, h.reg, "meshguard_ratelimitsvc_rule_decisions_total", "domain", "web"); n != 0 {
+		t.Errorf("series of the removed domain remain: %v", n)
+	}
 }
 
 // TestNewRejectsBadConfigDir: a bad file at start is an error, not a silent
