@@ -54,6 +54,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/types/known/structpb"
 )
 
@@ -759,7 +760,6 @@ type okArena struct {
 	rspOpt [2]corev3.HeaderValueOption
 	rspVal [2]corev3.HeaderValue
 	remove [4]string
-	md     mdArena
 }
 
 // deniedArena holds one denied answer (including preflight answers).
@@ -770,69 +770,78 @@ type deniedArena struct {
 	ptr    [8]*corev3.HeaderValueOption
 	opt    [1]corev3.HeaderValueOption
 	val    [1]corev3.HeaderValue
-	md     mdArena
 }
 
-// mdFields is the most metadata fields one answer has; mdStrings of them
-// vary per request.
-const (
-	mdFields  = 8
-	mdStrings = 5
-)
+// dynamicMetadataField is CheckResponse.dynamic_metadata's field number.
+const dynamicMetadataField protowire.Number = 4
 
-type mdArena struct {
-	st   structpb.Struct
-	vals [mdStrings]structpb.Value
-	strs [mdStrings]structpb.Value_StringValue
-	n    int
-}
-
-func (a *mdArena) str(k, v string) {
-	if v == "" || a.n >= mdStrings {
-		return
+// setMetadata attaches the decision's dynamic metadata (a
+// google.protobuf.Struct of strings and one bool) to resp, already in wire
+// form: protobuf-go encodes a Struct's map by reflection, which took three
+// times as long as all the rest of an answer and 18 allocations (measured);
+// this takes one. Envoy, and any client, decode it as dynamic_metadata; only
+// an in-process caller of Check sees it as an unknown field instead.
+func setMetadata(resp *authv3.CheckResponse, e *eval) {
+	var kv [8][2]string
+	n := 0
+	add := func(k, v string) {
+		if v != "" {
+			kv[n] = [2]string{k, v}
+			n++
+		}
 	}
-	a.strs[a.n].StringValue = v
-	a.vals[a.n].Kind = &a.strs[a.n]
-	a.st.Fields[k] = &a.vals[a.n]
-	a.n++
-}
-
-// Label values as shared, read-only metadata values.
-var (
-	decisionValues = stringValues(decisionNames[:])
-	reasonValues   = stringValues(reasonNames[:])
-	trueValue      = structpb.NewBoolValue(true)
-)
-
-func stringValues(names []string) []*structpb.Value {
-	vs := make([]*structpb.Value, len(names))
-	for i, n := range names {
-		vs[i] = structpb.NewStringValue(n)
-	}
-	return vs
-}
-
-func (s *Server) metadata(a *mdArena, e *eval) *structpb.Struct {
-	a.st.Fields = make(map[string]*structpb.Value, mdFields)
-	a.st.Fields["decision"] = decisionValues[e.decision]
-	a.st.Fields["reason"] = reasonValues[e.reason]
+	add("decision", decisionNames[e.decision])
+	add("reason", reasonNames[e.reason])
 	if e.origin.s != "" {
-		a.str("origin", e.origin.s)
+		add("origin", e.origin.s)
 	} else if e.originRaw != "" {
 		raw := e.originRaw
 		if len(raw) > 256 {
 			raw = raw[:256]
 		}
-		a.str("origin", strings.ToValidUTF8(raw, "\uFFFD"))
+		add("origin", strings.ToValidUTF8(raw, "\uFFFD"))
 	}
-	a.str("tenant", e.tenant)
-	a.str("user", e.user)
-	a.str("role", e.role)
-	a.str("client", e.client)
+	add("tenant", e.tenant)
+	add("user", e.user)
+	add("role", e.role)
+	add("client", e.client)
+
+	// Struct{fields: map<string, Value>}: one length-delimited entry per
+	// field, entry{1: key, 2: Value{3: string_value | 4: bool_value}}.
+	entrySize := func(k string, valueSize int) int {
+		return protowire.SizeTag(1) + protowire.SizeBytes(len(k)) + protowire.SizeTag(2) + protowire.SizeBytes(valueSize)
+	}
+	strValueSize := func(v string) int { return protowire.SizeTag(3) + protowire.SizeBytes(len(v)) }
+	boolValueSize := protowire.SizeTag(4) + protowire.SizeVarint(1)
+	structSize := 0
+	for _, p := range kv[:n] {
+		structSize += protowire.SizeTag(1) + protowire.SizeBytes(entrySize(p[0], strValueSize(p[1])))
+	}
 	if e.preflight {
-		a.st.Fields["preflight"] = trueValue
+		structSize += protowire.SizeTag(1) + protowire.SizeBytes(entrySize("preflight", boolValueSize))
 	}
-	return &a.st
+	b := make([]byte, 0, protowire.SizeTag(dynamicMetadataField)+protowire.SizeBytes(structSize))
+	b = protowire.AppendTag(b, dynamicMetadataField, protowire.BytesType)
+	b = protowire.AppendVarint(b, uint64(structSize))
+	entry := func(k string, valueSize int) {
+		b = protowire.AppendTag(b, 1, protowire.BytesType)
+		b = protowire.AppendVarint(b, uint64(entrySize(k, valueSize)))
+		b = protowire.AppendTag(b, 1, protowire.BytesType)
+		b = protowire.AppendString(b, k)
+		b = protowire.AppendTag(b, 2, protowire.BytesType)
+		b = protowire.AppendVarint(b, uint64(valueSize))
+	}
+	for _, p := range kv[:n] {
+		entry(p[0], strValueSize(p[1]))
+		b = protowire.AppendTag(b, 3, protowire.BytesType)
+		b = protowire.AppendString(b, p[1])
+	}
+	if e.preflight {
+		entry("preflight", boolValueSize)
+		b = protowire.AppendTag(b, 4, protowire.VarintType)
+		b = protowire.AppendVarint(b, 1)
+	}
+	resp.ProtoReflect().SetUnknown(b)
 }
 
 // respond turns the decision into Envoy's CheckResponse.
@@ -844,7 +853,7 @@ func (s *Server) respond(e *eval) *authv3.CheckResponse {
 	a.resp.Status = statusOK
 	a.resp.HttpResponse = &a.oneof
 	a.oneof.OkResponse = &a.ok
-	a.resp.DynamicMetadata = s.metadata(&a.md, e)
+	setMetadata(&a.resp, e)
 
 	// Upstream request headers: meshguard's own, always overwritten; any
 	// client copy of one meshguard does not set is removed.
@@ -917,7 +926,7 @@ func (s *Server) respondDenied(e *eval) *authv3.CheckResponse {
 	a.resp.Status = e.grpc
 	a.resp.HttpResponse = &a.oneof
 	a.oneof.DeniedResponse = &a.denied
-	a.resp.DynamicMetadata = s.metadata(&a.md, e)
+	setMetadata(&a.resp, e)
 	a.denied.Status = e.status
 	a.denied.Body = e.body
 	h := a.ptr[:0]

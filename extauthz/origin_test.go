@@ -5,6 +5,7 @@ import (
 	"strings"
 	"testing"
 
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -225,11 +226,19 @@ func FuzzCheck(f *testing.F) {
 		if err != nil {
 			t.Fatalf("Check: %v", err)
 		}
-		if _, err := proto.Marshal(resp); err != nil {
+		wire, err := proto.Marshal(resp)
+		if err != nil {
 			t.Fatalf("answer does not marshal: %v", err)
 		}
-		if d := resp.GetDeniedResponse(); d == nil && resp.GetOkResponse() == nil {
+		var got authv3.CheckResponse // as Envoy reads it: strings must be UTF-8
+		if err := proto.Unmarshal(wire, &got); err != nil {
+			t.Fatalf("answer does not decode: %v", err)
+		}
+		if got.GetDeniedResponse() == nil && got.GetOkResponse() == nil {
 			t.Fatal("neither allowed nor denied")
+		}
+		if got.GetDynamicMetadata().GetFields()["decision"].GetStringValue() == "" {
+			t.Fatalf("no decision in dynamic metadata: %v", got.GetDynamicMetadata())
 		}
 	})
 }
