@@ -62,21 +62,26 @@ func TestSharedQuota(t *testing.T) {
 func TestScriptFlushed(t *testing.T) {
 	skipShort(t)
 	srv := redistest.Start(t)
-	h := startServer(t, testConfig(), newTestRedis(t, RedisConfig{URL: secret.URL(srv.URL())}), newFakeClock())
-	for i := range 3 {
-		if _, err := srv.Do("SCRIPT", "FLUSH"); err != nil {
-			t.Fatal(err)
-		}
-		resp, err := h.client.ShouldRateLimit(t.Context(), request("basic", kv("remote_address", "a")))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got := resp.Statuses[0].LimitRemaining; got != uint32(2-i) {
-			t.Fatalf("request %d: remaining %d, want %d", i, got, 2-i)
-		}
-	}
-	if n := metricValue(t, h.reg, "meshguard_ratelimitsvc_store_errors_total"); n != 0 {
-		t.Errorf("store errors = %v, want 0", n)
+	for _, ap := range []bool{true, false} {
+		t.Run(map[bool]string{true: "autopipeline", false: "direct"}[ap], func(t *testing.T) {
+			srv.Do("FLUSHALL")
+			h := startServer(t, testConfig(), newTestRedis(t, RedisConfig{URL: secret.URL(srv.URL()), Autopipeline: ap}), newFakeClock())
+			for i := range 3 {
+				if _, err := srv.Do("SCRIPT", "FLUSH"); err != nil {
+					t.Fatal(err)
+				}
+				resp, err := h.client.ShouldRateLimit(t.Context(), request("basic", kv("remote_address", "a")))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got := resp.Statuses[0].LimitRemaining; got != uint32(2-i) {
+					t.Fatalf("request %d: remaining %d, want %d", i, got, 2-i)
+				}
+			}
+			if n := metricValue(t, h.reg, "meshguard_ratelimitsvc_store_errors_total"); n != 0 {
+				t.Errorf("store errors = %v, want 0", n)
+			}
+		})
 	}
 }
 
