@@ -12,13 +12,19 @@ import (
 // file holds what they share: the interfaces the writer and the verifier
 // consume and the SQL for the admin filters.
 
-// batchStore is what the Writer writes through. writeBatch stores recs
-// atomically (all or none). A batch whose (chain_id, seq) rows are already
-// stored — a spool replay after a commit whose acknowledgement was lost —
-// is not stored again: writeBatch then returns duplicate = true and no error.
-type batchStore interface {
+// BatchStore is what the Writer writes through; *PGStore and *SQLiteStore
+// implement it (its method is unexported: only this package's stores can).
+// A caller holding a store behind its own interface can embed BatchStore in
+// that interface. writeBatch stores recs atomically (all or none). A batch
+// whose (chain_id, seq) rows are already stored — a spool replay after a
+// commit whose acknowledgement was lost — is not stored again: writeBatch
+// then returns duplicate = true and no error.
+type BatchStore interface {
 	writeBatch(ctx context.Context, recs []Record) (duplicate bool, err error)
 }
+
+// batchStore is the name the package's tests use.
+type batchStore = BatchStore
 
 // chainReader is what Verify reads through; both stores implement it.
 type chainReader interface {

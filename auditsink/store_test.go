@@ -29,7 +29,7 @@ var discardLog = func() *slog.Logger {
 type testStore interface {
 	recordReader
 	chainReader
-	batchStore
+	BatchStore
 	pruner
 	Migrate(ctx context.Context) error
 }
@@ -100,7 +100,7 @@ func genRecords(n int, start time.Time, tag string) []Record {
 	return recs
 }
 
-func mustWrite(t testing.TB, s batchStore, c *chain, recs []Record) {
+func mustWrite(t testing.TB, s BatchStore, c *chain, recs []Record) {
 	t.Helper()
 	c.link(recs)
 	dup, err := s.writeBatch(context.Background(), recs)

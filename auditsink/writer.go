@@ -29,7 +29,7 @@ import (
 type Writer struct {
 	log   *slog.Logger
 	cfg   Config
-	store batchStore
+	store BatchStore
 	spool *spool
 	m     *writerMetrics
 	now   func() time.Time
@@ -68,7 +68,7 @@ var (
 
 // NewWriter opens the spool in cfg.SpoolDir (replaying what a previous run
 // left there once Run starts) and returns a Writer over store.
-func NewWriter(log *slog.Logger, reg prometheus.Registerer, cfg Config, store batchStore) (*Writer, error) {
+func NewWriter(log *slog.Logger, reg prometheus.Registerer, cfg Config, store BatchStore) (*Writer, error) {
 	if err := cfg.validateStore(); err != nil {
 		return nil, err
 	}
