@@ -89,7 +89,7 @@ type Server struct {
 	// marshalling only reads them).
 	hAllowCreds, hExpose, hVary, hACAOStar, hReporting           *corev3.HeaderValueOption
 	hPreflightVary, hAllowMethods, hAllowHeaders, hMaxAge, hJSON *corev3.HeaderValueOption
-	hVaryDenied                                                  *corev3.HeaderValueOption
+	hVaryDenied, hChallenge                                      *corev3.HeaderValueOption
 
 	lastWarn atomic.Int64 // unix nanos of the last sampled warning
 }
@@ -132,6 +132,7 @@ func New(log *slog.Logger, reg prometheus.Registerer, cfg Config, tenants *Tenan
 		s.hMaxAge = overwrite("Access-Control-Max-Age", p.maxAge)
 	}
 	s.hJSON = overwrite("Content-Type", "application/json")
+	s.hChallenge = overwrite("WWW-Authenticate", "Bearer") // a 401 must carry a challenge (RFC 9110)
 	if p.csp != nil && p.csp.report != "" {
 		s.hReporting = overwrite("Reporting-Endpoints", p.csp.report)
 	}
@@ -962,6 +963,9 @@ func (s *Server) respondDenied(e *eval) *authv3.CheckResponse {
 	}
 	if e.body != "" {
 		h = append(h, s.hJSON)
+	}
+	if e.status == http401 {
+		h = append(h, s.hChallenge)
 	}
 	a.denied.Headers = h
 	return &a.resp
