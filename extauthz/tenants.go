@@ -180,6 +180,9 @@ func (t *TenantStore) Load(ctx context.Context) error {
 	t.lastErr = err
 	if err == nil {
 		t.lastOK = time.Now()
+		// The table is usable: if creating it failed (a role without
+		// CREATE, a table made by a migration), trying again will not help.
+		t.schemaOK = true
 	}
 	t.mu.Unlock()
 	if err != nil {
