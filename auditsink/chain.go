@@ -94,12 +94,34 @@ func normalize(r *Record) {
 		r.CreatedAt = time.Now()
 	}
 	r.CreatedAt = r.CreatedAt.UTC().Truncate(time.Microsecond)
-	r.Action, r.Severity, r.EntityType, r.EntityID = cleanText(r.Action), cleanText(r.Severity), cleanText(r.EntityType), cleanText(r.EntityID)
-	r.UserID, r.IPAddress, r.UserAgent, r.Method = cleanText(r.UserID), cleanText(r.IPAddress), cleanText(r.UserAgent), cleanText(r.Method)
-	r.Path, r.RequestID, r.Origin, r.Tenant = cleanText(r.Path), cleanText(r.RequestID), cleanText(r.Origin), cleanText(r.Tenant)
+	// Indexed columns stay well under PostgreSQL's btree entry limit
+	// (~2700 bytes), which would otherwise refuse the whole batch.
+	r.Action, r.Severity = clipText(r.Action, maxIndexedText), clipText(r.Severity, maxIndexedText)
+	r.EntityType, r.EntityID = clipText(r.EntityType, maxIndexedText), clipText(r.EntityID, maxIndexedText)
+	r.UserID, r.Tenant = clipText(r.UserID, maxIndexedText), clipText(r.Tenant, maxIndexedText)
+	r.IPAddress, r.UserAgent, r.Method = clipText(r.IPAddress, maxText), clipText(r.UserAgent, maxText), clipText(r.Method, maxText)
+	r.Path, r.RequestID, r.Origin = clipText(r.Path, maxText), clipText(r.RequestID, maxText), clipText(r.Origin, maxText)
 	r.Metadata = canonicalJSONOrWrap(r.Metadata)
 	r.OldValues = canonicalJSONOrWrap(r.OldValues)
 	r.NewValues = canonicalJSONOrWrap(r.NewValues)
+}
+
+// Text column bounds, in bytes.
+const (
+	maxIndexedText = 512
+	maxText        = 16 << 10
+)
+
+// clipText is cleanText cut to at most n bytes on a rune boundary.
+func clipText(s string, n int) string {
+	s = cleanText(s)
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
 }
 
 // cleanText makes s storable as PostgreSQL text: valid UTF-8, no NUL.

@@ -3,6 +3,7 @@ package auditsink
 import (
 	"bytes"
 	"encoding/json"
+	"strings"
 	"testing"
 	"time"
 
@@ -112,11 +113,13 @@ func TestNormalize(t *testing.T) {
 	r := Record{
 		CreatedAt: time.Date(2026, 1, 2, 3, 4, 5, 123456789, time.FixedZone("x", 3600)),
 		Action:    "A\x00B", UserAgent: "bad\xffutf8", Metadata: json.RawMessage(`not json`),
+		EntityID: strings.Repeat("é", 300),
 	}
 	normalize(&r)
 	want := Record{
 		CreatedAt: time.Date(2026, 1, 2, 2, 4, 5, 123456000, time.UTC),
 		Action:    "A\uFFFDB", UserAgent: "bad\uFFFDutf8", Metadata: json.RawMessage(`{"_invalid_json":"not json"}`),
+		EntityID: strings.Repeat("é", 256),
 	}
 	if d := cmp.Diff(want, r); d != "" {
 		t.Fatalf("normalize (-want +got):\n%s", d)

@@ -210,11 +210,11 @@ func (s *spool) remove(seg spoolSeg) error {
 	return nil
 }
 
-// quarantine renames a corrupt segment out of the replay order, keeping it
-// for an operator.
-func (s *spool) quarantine(seg spoolSeg) error {
+// setAside renames a segment out of the replay order (suffix .corrupt or
+// .rejected), keeping it for an operator.
+func (s *spool) setAside(seg spoolSeg, suffix string) error {
 	p := s.path(seg.seq)
-	err := os.Rename(p, p+".corrupt")
+	err := os.Rename(p, p+suffix)
 	s.drop(seg)
 	return err
 }

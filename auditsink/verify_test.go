@@ -73,8 +73,11 @@ func TestVerifyDetectsTampering(t *testing.T) {
 	}{
 		{name: "untouched"},
 		{
-			name:    "row modified",
-			tamper:  func(t *testing.T, s testStore, exec execer) []ChainHead { exec(t, "UPDATE audit_logs SET status = 500 WHERE seq = 1234"); return nil },
+			name: "row modified",
+			tamper: func(t *testing.T, s testStore, exec execer) []ChainHead {
+				exec(t, "UPDATE audit_logs SET status = 500 WHERE seq = 1234")
+				return nil
+			},
 			wantSeq: 1234, want: "row modified",
 		},
 		{
@@ -86,13 +89,19 @@ func TestVerifyDetectsTampering(t *testing.T) {
 			wantSeq: 77, want: "row modified",
 		},
 		{
-			name:    "row deleted",
-			tamper:  func(t *testing.T, s testStore, exec execer) []ChainHead { exec(t, "DELETE FROM audit_logs WHERE seq = 1500"); return nil },
+			name: "row deleted",
+			tamper: func(t *testing.T, s testStore, exec execer) []ChainHead {
+				exec(t, "DELETE FROM audit_logs WHERE seq = 1500")
+				return nil
+			},
 			wantSeq: 1501, want: "rows 1500..1500 are missing",
 		},
 		{
-			name:    "first row deleted",
-			tamper:  func(t *testing.T, s testStore, exec execer) []ChainHead { exec(t, "DELETE FROM audit_logs WHERE seq = 1"); return nil },
+			name: "first row deleted",
+			tamper: func(t *testing.T, s testStore, exec execer) []ChainHead {
+				exec(t, "DELETE FROM audit_logs WHERE seq = 1")
+				return nil
+			},
 			wantSeq: 2, want: "rows 1..1 are missing",
 		},
 		{

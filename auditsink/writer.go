@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -360,6 +361,7 @@ func (w *Writer) toSpool(batch []Record) {
 // done, backing off while the database refuses.
 func (w *Writer) replay(ctx context.Context) {
 	backoff := 100 * time.Millisecond
+	rejects := 0
 	for {
 		seg, ok := w.spool.oldest()
 		if !ok {
@@ -376,7 +378,7 @@ func (w *Writer) replay(ctx context.Context) {
 		if errors.Is(err, errSpoolCorrupt) {
 			w.m.corrupt.Inc()
 			w.log.Error("audit spool segment corrupt; moved aside for inspection", "err", err)
-			if qerr := w.spool.quarantine(seg); qerr != nil {
+			if qerr := w.spool.setAside(seg, ".corrupt"); qerr != nil {
 				w.log.Error("moving corrupt spool segment aside failed", "err", qerr)
 			}
 			w.freed()
@@ -386,12 +388,33 @@ func (w *Writer) replay(ctx context.Context) {
 			err = w.write(ctx, recs, "replay")
 		}
 		if err == nil {
+			rejects = 0
 			if err = w.spool.remove(seg); err == nil {
 				backoff = 100 * time.Millisecond
 				w.freed()
+				if _, n := w.spool.size(); n == 0 {
+					w.log.Info("audit spool drained: the database is taking writes again")
+				}
 				continue
 			}
 			w.log.Error("audit spool cleanup failed", "err", err)
+		} else if permanentWriteError(err) {
+			// The database refuses this batch's data itself (not an outage).
+			// Retrying forever would hold every later batch in the spool, so
+			// after a few tries the segment is set aside, whole, for an
+			// operator: loud (log, metric), not lost. Verify will show the
+			// seq gap its rows leave.
+			if rejects++; rejects >= maxRejects {
+				rejects = 0
+				w.m.rejected.Inc()
+				w.log.Error("audit spool segment refused by the database; set aside as *.rejected for an operator",
+					"records", len(recs), "first_seq", recs[0].Seq, "chain_id", recs[0].ChainID, "err", err)
+				if qerr := w.spool.setAside(seg, ".rejected"); qerr != nil {
+					w.log.Error("setting a refused spool segment aside failed", "err", qerr)
+				}
+				w.freed()
+				continue
+			}
 		}
 		select {
 		case <-ctx.Done():
@@ -402,6 +425,27 @@ func (w *Writer) replay(ctx context.Context) {
 		}
 		backoff = min(2*backoff, 5*time.Second)
 	}
+}
+
+// maxRejects is how many times a batch the database refuses as data is
+// retried before its segment is set aside.
+const maxRejects = 3
+
+// permanentWriteError reports whether the database refused the data itself:
+// SQLSTATE classes 22 (data exception), 23 (integrity; a unique violation
+// is a duplicate and never gets here) and 54 (program limit, e.g. an index
+// row too large). Connection loss, timeouts, missing tables (migration not
+// applied yet) and the like are outages, retried without limit.
+func permanentWriteError(err error) bool {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) || len(pgErr.Code) != 5 {
+		return false
+	}
+	switch pgErr.Code[:2] {
+	case "22", "23", "54":
+		return true
+	}
+	return false
 }
 
 // freed wakes a writer waiting for spool space.
@@ -559,6 +603,7 @@ type writerMetrics struct {
 	duplicates   prometheus.Counter
 	writeErrors  prometheus.Counter
 	corrupt      prometheus.Counter
+	rejected     prometheus.Counter
 	batchSeconds prometheus.Histogram
 	headSeq      prometheus.Gauge
 }
@@ -589,6 +634,10 @@ func newWriterMetrics(reg prometheus.Registerer, w *Writer) (*writerMetrics, err
 			Name: "meshguard_auditsink_spool_corrupt_segments_total",
 			Help: "Spool segments that failed their checksum and were moved aside.",
 		}),
+		rejected: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "meshguard_auditsink_spool_rejected_segments_total",
+			Help: "Spool segments the database refused as data (not an outage) and that were set aside as *.rejected.",
+		}),
 		batchSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "meshguard_auditsink_writer_batch_duration_seconds",
 			Help:    "Time to write one batch to the store.",
@@ -599,7 +648,7 @@ func newWriterMetrics(reg prometheus.Registerer, w *Writer) (*writerMetrics, err
 			Help: "Sequence number of this process's hash-chain head (durable in the store or spool).",
 		}),
 	}
-	cs := []prometheus.Collector{m.stored, m.spooled, m.dropped, m.duplicates, m.writeErrors, m.corrupt, m.batchSeconds, m.headSeq,
+	cs := []prometheus.Collector{m.stored, m.spooled, m.dropped, m.duplicates, m.writeErrors, m.corrupt, m.rejected, m.batchSeconds, m.headSeq,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "meshguard_auditsink_writer_queue_records",
 			Help: "Audit records waiting in the in-memory queue.",

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -379,5 +380,55 @@ func TestSpoolLocked(t *testing.T) {
 	defer sp.close()
 	if _, err := openSpool(dir); err == nil {
 		t.Fatal("a second openSpool of the same dir succeeded")
+	}
+}
+
+// TestWriterRejectedSegment: a batch the database refuses as data (here a
+// CHECK constraint an operator added) is retried, then set aside whole as
+// *.rejected with a metric, and the batches behind it are stored; Verify
+// shows the gap its rows leave.
+func TestWriterRejectedSegment(t *testing.T) {
+	srv := pgtest.Start(t)
+	s, pool := openPG(t, srv, Config{})
+	if _, err := pool.Exec(t.Context(), "ALTER TABLE audit_logs ADD CONSTRAINT no_evil CHECK (action <> 'EVIL')"); err != nil {
+		t.Fatal(err)
+	}
+	cfg := writerConfig(t)
+	cfg.BatchSize = 100
+	w, _, stop := startWriter(t, cfg, s)
+	want := map[string]bool{}
+	send := func(tag string, evil bool) {
+		recs := genRecords(100, time.Now().Add(-time.Minute), tag)
+		if evil {
+			recs[50].Action = "EVIL"
+		} else {
+			for _, r := range recs {
+				want[r.RequestID] = true
+			}
+		}
+		if err := w.Enqueue(t.Context(), recs); err != nil {
+			t.Fatal(err)
+		}
+		storeWaitUntil(t, "the batch to leave the queue", func() bool { return w.queueLen() == 0 })
+	}
+	send("good1", false)
+	storeWaitUntil(t, "the first batch", func() bool { return storeMetric(t, w.m.stored) == 100 })
+	send("evil", true)
+	send("good2", false)
+	storeWaitUntil(t, "the batch behind the refused one", func() bool { return storeMetric(t, w.m.stored) == 200 })
+	stop(context.Background())
+	if got := storeMetric(t, w.m.rejected); got != 1 {
+		t.Errorf("rejected segments = %v, want 1", got)
+	}
+	if m, _ := filepath.Glob(filepath.Join(cfg.SpoolDir, "*.rejected")); len(m) != 1 {
+		t.Errorf("refused segment not kept: %v", m)
+	}
+	checkExactlyOnce(t, s, want)
+	rep, err := Verify(t.Context(), s, time.Time{}, time.Time{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.OK || rep.Break.Seq != 201 || !strings.Contains(rep.Break.Reason, "rows 101..200 are missing") {
+		t.Fatalf("Verify = %+v, want the gap of the refused batch", rep.Break)
 	}
 }
