@@ -233,7 +233,7 @@ func (s *Server) ShouldRateLimit(ctx context.Context, req *rlsv3.RateLimitReques
 		}
 		if until, ok := inst.cache.lookup(r.id, r.hash, nowMs); ok {
 			dom.localCache.Inc()
-			return s.cachedOver(resp, dom, sc, i, until-nowMs), nil
+			return s.cachedOver(resp, dom, sc, req, i, until-nowMs), nil
 		}
 	}
 
@@ -490,7 +490,7 @@ func (s *Server) countRule(r *rule, code int, entries []*rlv3.RateLimitDescripto
 }
 
 // cachedOver answers OVER_LIMIT because counter ci is in the over-limit cache.
-func (s *Server) cachedOver(resp *rlsv3.RateLimitResponse, dom *domain, sc *scratch, ci int, waitMs int64) *rlsv3.RateLimitResponse {
+func (s *Server) cachedOver(resp *rlsv3.RateLimitResponse, dom *domain, sc *scratch, req *rlsv3.RateLimitRequest, ci int, waitMs int64) *rlsv3.RateLimitResponse {
 	wait := time.Duration(waitMs) * time.Millisecond
 	for i, p := range sc.plans {
 		st := &rlsv3.RateLimitResponse_DescriptorStatus{Code: rlsv3.RateLimitResponse_OK}
@@ -502,7 +502,7 @@ func (s *Server) cachedOver(resp *rlsv3.RateLimitResponse, dom *domain, sc *scra
 			st.Code = rlsv3.RateLimitResponse_OVER_LIMIT
 			st.CurrentLimit = p.rule.current
 			st.DurationUntilReset = durationpb.New(wait)
-			s.countRule(p.rule, 1, nil)
+			s.countRule(p.rule, 1, req.Descriptors[i].Entries)
 		}
 	}
 	resp.OverallCode = rlsv3.RateLimitResponse_OVER_LIMIT
