@@ -153,3 +153,47 @@ func TestInvalidRequests(t *testing.T) {
 		t.Errorf("invalid requests metric = %v, want %d", n, len(cases))
 	}
 }
+
+// TestRuleMetrics: rule labels are config paths; values appear only with
+// detailed_metric; shadow-mode refusals are counted apart.
+func TestRuleMetrics(t *testing.T) {
+	one := uint32(1)
+	cfg := DefaultConfig()
+	cfg.Domains = []DomainConfig{{Domain: "m", Descriptors: []DescriptorConfig{
+		{Key: "plain", RateLimit: &RateLimitConfig{Unit: "minute", RequestsPerUnit: &one}},
+		{Key: "detailed", DetailedMetric: true, RateLimit: &RateLimitConfig{Unit: "minute", RequestsPerUnit: &one}},
+		{Key: "shadow", ShadowMode: true, RateLimit: &RateLimitConfig{Unit: "minute", RequestsPerUnit: &one}},
+	}}}
+	h := startServer(t, cfg, NewMemoryStore(), newFakeClock())
+	for _, req := range []*rlsv3.RateLimitRequest{
+		request("m", kv("plain", "secret-ip")), request("m", kv("plain", "secret-ip")),
+		request("m", kv("detailed", "v1")), request("m", kv("detailed", "v1")), request("m", kv("detailed", "v1")),
+		request("m", kv("shadow", "s")), request("m", kv("shadow", "s")),
+	} {
+		if _, err := h.client.ShouldRateLimit(t.Context(), req); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range []struct {
+		rule, code string
+		want       float64
+	}{
+		{"plain", "ok", 1}, {"plain", "over_limit", 1},
+		{"detailed=v1", "ok", 1}, {"detailed=v1", "over_limit", 2},
+		{"shadow", "ok", 1}, {"shadow", "shadow_over_limit", 1},
+	} {
+		if got := metricValue(t, h.reg, "meshguard_ratelimitsvc_rule_decisions_total", "domain", "m", "rule", c.rule, "code", c.code); got != c.want {
+			t.Errorf("rule %s code %s = %v, want %v", c.rule, c.code, got, c.want)
+		}
+	}
+	mfs, _ := h.reg.Gather()
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if strings.Contains(l.GetValue(), "secret-ip") {
+					t.Errorf("%s carries a request value: %v", mf.GetName(), m)
+				}
+			}
+		}
+	}
+}
