@@ -43,13 +43,18 @@ func newChain(id string) *chain {
 	return &chain{id: id, prev: zeroHash}
 }
 
-// defaultChainID is hostname/start time: a new chain per process start.
-func defaultChainID(now time.Time) string {
-	host, err := os.Hostname()
-	if err != nil || host == "" {
-		host = "meshguard"
+// chainIDFor is <prefix>/<start time in ns> (prefix: audit.chain_id, else
+// the hostname): every writer start begins a new chain, so a restarted
+// writer never reuses the (chain_id, seq) keys of its previous run.
+func chainIDFor(prefix string, now time.Time) string {
+	if prefix == "" {
+		host, err := os.Hostname()
+		if err != nil || host == "" {
+			host = "meshguard"
+		}
+		prefix = host
 	}
-	return host + "/" + strconv.FormatInt(now.UnixNano(), 10)
+	return prefix + "/" + strconv.FormatInt(now.UnixNano(), 10)
 }
 
 // link normalises recs into their stored form and assigns ChainID, Seq,

@@ -54,8 +54,9 @@ type Config struct {
 	// ({"chain_id","seq","hash","at"}), fsynced; keep it somewhere the
 	// database administrator cannot rewrite. Empty: log line and metric only.
 	ChainHeadFile string `yaml:"chain_head_file"`
-	// ChainID names this writer's hash chain. Empty: hostname + start time,
-	// so every process start begins a new chain.
+	// ChainID prefixes this writer's chain ids: each start begins the chain
+	// <chain_id>/<start time in ns>, so a restart never reuses seqs. Empty:
+	// the hostname.
 	ChainID string `yaml:"chain_id"`
 
 	// Rules classify access-log entries; empty means DefaultRules().

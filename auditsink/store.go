@@ -1,6 +1,8 @@
 package auditsink
 
 import (
+	"bytes"
+	"errors"
 	"context"
 	"strconv"
 	"strings"
@@ -21,6 +23,25 @@ import (
 // then returns duplicate = true and no error.
 type BatchStore interface {
 	writeBatch(ctx context.Context, recs []Record) (duplicate bool, err error)
+}
+
+// errChainConflict: a batch collides with stored rows of the same
+// (chain_id, seq) that are not the same rows, so it is not a replay. Two
+// writers claimed one chain id; the batch must not be taken as stored.
+var errChainConflict = errors.New("audit batch collides with different stored rows of the same chain and seq")
+
+// sameBatchSQL reads back the hashes of a batch's first and last rows.
+func sameBatchSQL(d dialect, r []Record) (string, []any) {
+	q := &query{d: d}
+	q.conds = append(q.conds, "chain_id = "+q.arg(r[0].ChainID), "seq IN ("+q.arg(r[0].Seq)+", "+q.arg(r[len(r)-1].Seq)+")")
+	return "SELECT seq, hash FROM audit_logs" + q.where(), q.args
+}
+
+// sameBatch reports whether the stored (seq, hash) pairs are exactly the
+// first and last rows of recs.
+func sameBatch(recs []Record, stored map[int64][]byte) bool {
+	first, last := recs[0], recs[len(recs)-1]
+	return bytes.Equal(stored[first.Seq], first.Hash) && bytes.Equal(stored[last.Seq], last.Hash)
 }
 
 // batchStore is the name the package's tests use.

@@ -203,11 +203,32 @@ func (s *PGStore) copyBatch(ctx context.Context, recs []Record) (bool, error) {
 	if err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) && pgErr.Code == "23505" {
-			return true, nil
+			return s.confirmDuplicate(ctx, recs)
 		}
 		return false, fmt.Errorf("copying %d audit rows: %w", len(recs), err)
 	}
 	return false, nil
+}
+
+// confirmDuplicate checks that a batch refused as a duplicate is really
+// stored already (a replay), not a different batch claiming its keys.
+func (s *PGStore) confirmDuplicate(ctx context.Context, recs []Record) (bool, error) {
+	q, args := sameBatchSQL(pgDialect, recs)
+	rows, err := s.pool.Query(ctx, q, args...)
+	if err != nil {
+		return false, fmt.Errorf("checking a duplicate audit batch: %w", err)
+	}
+	stored := map[int64][]byte{}
+	var seq int64
+	var hash []byte
+	_, err = pgx.ForEachRow(rows, []any{&seq, &hash}, func() error { stored[seq] = hash; return nil })
+	if err != nil {
+		return false, fmt.Errorf("checking a duplicate audit batch: %w", err)
+	}
+	if !sameBatch(recs, stored) {
+		return false, fmt.Errorf("chain %q seq %d..%d: %w", recs[0].ChainID, recs[0].Seq, recs[len(recs)-1].Seq, errChainConflict)
+	}
+	return true, nil
 }
 
 // pgRow fills row with r's column values in recordColumns order.

@@ -134,7 +134,8 @@ func (s *SQLiteStore) writeBatch(ctx context.Context, recs []Record) (bool, erro
 		if _, err := stmt.ExecContext(ctx, row...); err != nil {
 			var se *sqlite.Error
 			if errors.As(err, &se) && (se.Code() == sqlite3.SQLITE_CONSTRAINT_UNIQUE || se.Code() == sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY) {
-				return true, nil
+				tx.Rollback()
+				return s.confirmDuplicate(ctx, recs)
 			}
 			return false, fmt.Errorf("writing audit rows: %w", err)
 		}
@@ -143,6 +144,33 @@ func (s *SQLiteStore) writeBatch(ctx context.Context, recs []Record) (bool, erro
 		return false, fmt.Errorf("committing audit rows: %w", err)
 	}
 	return false, nil
+}
+
+// confirmDuplicate checks that a batch refused as a duplicate is really
+// stored already (a replay), not a different batch claiming its keys.
+func (s *SQLiteStore) confirmDuplicate(ctx context.Context, recs []Record) (bool, error) {
+	q, args := sameBatchSQL(sqliteDialect, recs)
+	rows, err := s.db.QueryContext(ctx, q, args...)
+	if err != nil {
+		return false, fmt.Errorf("checking a duplicate audit batch: %w", err)
+	}
+	defer rows.Close()
+	stored := map[int64][]byte{}
+	for rows.Next() {
+		var seq int64
+		var hash []byte
+		if err := rows.Scan(&seq, &hash); err != nil {
+			return false, fmt.Errorf("checking a duplicate audit batch: %w", err)
+		}
+		stored[seq] = hash
+	}
+	if err := rows.Err(); err != nil {
+		return false, fmt.Errorf("checking a duplicate audit batch: %w", err)
+	}
+	if !sameBatch(recs, stored) {
+		return false, fmt.Errorf("chain %q seq %d..%d: %w", recs[0].ChainID, recs[0].Seq, recs[len(recs)-1].Seq, errChainConflict)
+	}
+	return true, nil
 }
 
 // List implements recordReader.

@@ -3,6 +3,7 @@ package auditsink
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -188,11 +189,23 @@ func TestStoreListScan(t *testing.T) {
 
 func TestStoreDuplicateBatch(t *testing.T) {
 	bothStores(t, DefaultConfig(), func(t *testing.T, s testStore) {
-		recs := genRecords(50, time.Now().Add(-time.Hour), "d")
+		start := time.Now().Add(-time.Hour)
+		recs := genRecords(50, start, "d")
 		mustWrite(t, s, newChain("dup"), recs)
 		dup, err := s.writeBatch(t.Context(), recs)
 		if err != nil || !dup {
 			t.Fatalf("second writeBatch of the same batch: dup=%v err=%v, want dup=true", dup, err)
+		}
+		// Same chain id and seqs, different rows: two writers claimed one
+		// chain. That is not a replay and must not pass for stored. (In
+		// PostgreSQL the unique key includes created_at, the partition key;
+		// same-time rows collide, others would show as repeated seqs in
+		// Verify. Chain ids carry the writer's start time, so two writers
+		// never share one.)
+		other := genRecords(50, start, "other")
+		newChain("dup").link(other)
+		if dup, err := s.writeBatch(t.Context(), other); !errors.Is(err, errChainConflict) || dup {
+			t.Fatalf("conflicting batch: dup=%v err=%v, want errChainConflict", dup, err)
 		}
 		n := 0
 		if err := s.Scan(t.Context(), Filter{}, func(*Record) error { n++; return nil }); err != nil {

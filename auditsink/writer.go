@@ -77,11 +77,7 @@ func NewWriter(log *slog.Logger, reg prometheus.Registerer, cfg Config, store Ba
 	if err != nil {
 		return nil, err
 	}
-	id := cfg.ChainID
-	now := time.Now()
-	if id == "" {
-		id = defaultChainID(now)
-	}
+	id := chainIDFor(cfg.ChainID, time.Now())
 	w := &Writer{
 		log: log, cfg: cfg, store: store, spool: sp, now: time.Now,
 		space: make(chan struct{}), notify: make(chan struct{}, 1),
@@ -433,10 +429,13 @@ const maxRejects = 3
 
 // permanentWriteError reports whether the database refused the data itself:
 // SQLSTATE classes 22 (data exception), 23 (integrity; a unique violation
-// is a duplicate and never gets here) and 54 (program limit, e.g. an index
-// row too large). Connection loss, timeouts, missing tables (migration not
+// is a duplicate and never gets here), 54 (program limit, e.g. an index
+// row too large), and a chain conflict (see errChainConflict). Connection loss, timeouts, missing tables (migration not
 // applied yet) and the like are outages, retried without limit.
 func permanentWriteError(err error) bool {
+	if errors.Is(err, errChainConflict) {
+		return true
+	}
 	var pgErr *pgconn.PgError
 	if !errors.As(err, &pgErr) || len(pgErr.Code) != 5 {
 		return false
