@@ -22,6 +22,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/types/descriptorpb"
 	"google.golang.org/protobuf/types/known/anypb"
 	"sigs.k8s.io/yaml"
 
@@ -31,6 +32,7 @@ import (
 	// resolves an Any's "@type" through the global registry, which these
 	// imports fill.
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/grpc/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/clusters/dns/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_authz/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/header_mutation/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/jwt_authn/v3"
@@ -78,6 +80,64 @@ func Validate(m proto.Message) error {
 	var errs []error
 	validateTree(m.ProtoReflect(), "", &errs)
 	return errors.Join(errs...)
+}
+
+// Deprecated lists every field set in m, and every enum value used, that the
+// Envoy API marks deprecated, at any depth (inside Anys too), as field paths.
+// Envoy accepts them with a warning until a release removes them.
+func Deprecated(m proto.Message) []string {
+	var out []string
+	deprecatedIn(m.ProtoReflect(), "", &out)
+	return out
+}
+
+func deprecatedIn(m protoreflect.Message, path string, out *[]string) {
+	if a, ok := m.Interface().(*anypb.Any); ok {
+		inner, err := a.UnmarshalNew()
+		if err != nil {
+			return // Validate reports it
+		}
+		deprecatedIn(inner.ProtoReflect(), path+"("+string(inner.ProtoReflect().Descriptor().FullName())+")", out)
+		return
+	}
+	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		name := joinPath(path, string(fd.Name()))
+		if o, ok := fd.Options().(*descriptorpb.FieldOptions); ok && o.GetDeprecated() {
+			*out = append(*out, name)
+		}
+		enumValue := func(at string, ev protoreflect.EnumNumber) {
+			if d := fd.Enum().Values().ByNumber(ev); d != nil {
+				if o, ok := d.Options().(*descriptorpb.EnumValueOptions); ok && o.GetDeprecated() {
+					*out = append(*out, at+"="+string(d.Name()))
+				}
+			}
+		}
+		switch {
+		case fd.IsList():
+			l := v.List()
+			for i := 0; i < l.Len(); i++ {
+				at := fmt.Sprintf("%s[%d]", name, i)
+				switch fd.Kind() {
+				case protoreflect.MessageKind, protoreflect.GroupKind:
+					deprecatedIn(l.Get(i).Message(), at, out)
+				case protoreflect.EnumKind:
+					enumValue(at, l.Get(i).Enum())
+				}
+			}
+		case fd.IsMap():
+			if fd.MapValue().Message() != nil {
+				v.Map().Range(func(k protoreflect.MapKey, mv protoreflect.Value) bool {
+					deprecatedIn(mv.Message(), fmt.Sprintf("%s[%q]", name, k.String()), out)
+					return true
+				})
+			}
+		case fd.Kind() == protoreflect.MessageKind || fd.Kind() == protoreflect.GroupKind:
+			deprecatedIn(v.Message(), name, out)
+		case fd.Kind() == protoreflect.EnumKind:
+			enumValue(name, v.Enum())
+		}
+		return true
+	})
 }
 
 type allValidator interface{ ValidateAll() error }

@@ -19,6 +19,7 @@ import (
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	grpcalsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/grpc/v3"
+	dnsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/clusters/dns/v3"
 	extauthzv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_authz/v3"
 	headermutationv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/header_mutation/v3"
 	jwtauthnv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/jwt_authn/v3"
@@ -72,6 +73,37 @@ func TestBootstrapsParse(t *testing.T) {
 	}
 	if !bytes.Equal(mustRead(t, "envoy.yaml"), FrontProxy) {
 		t.Error("FrontProxy is not envoy.yaml")
+	}
+}
+
+// TestNoDeprecatedFields: nothing in the bootstraps uses a field or enum
+// value the Envoy API marks deprecated (Envoy warns, and a later release
+// removes them).
+func TestNoDeprecatedFields(t *testing.T) {
+	for _, b := range bootstraps {
+		t.Run(b.name, func(t *testing.T) {
+			bs, err := ParseBootstrap(b.data)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, f := range Deprecated(bs) {
+				t.Errorf("deprecated: %s", f)
+			}
+		})
+	}
+	// The walker finds a deprecated field two Anys deep and a deprecated
+	// enum value.
+	bad := bytes.Replace(FrontProxy, []byte("append_action: OVERWRITE_IF_EXISTS_OR_ADD"), []byte("append: false"), 1)
+	bad = bytes.Replace(bad, []byte("transport_api_version: V3"), []byte("transport_api_version: V2"), 1)
+	bs, err := ParseBootstrap(bad)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := Deprecated(bs)
+	for _, want := range []string{".append", "transport_api_version=V2"} {
+		if !slices.ContainsFunc(d, func(s string) bool { return strings.HasSuffix(s, want) }) {
+			t.Errorf("Deprecated missed *%s: %v", want, d)
+		}
 	}
 }
 
@@ -506,7 +538,7 @@ func TestSecurityHeaders(t *testing.T) {
 		}
 		got := map[string]string{}
 		for _, o := range fp.vhost.GetResponseHeadersToAdd() {
-			if o.GetAppendAction() != corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD || o.GetAppend() != nil {
+			if o.GetAppendAction() != corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD {
 				t.Errorf("%s: append_action = %v, want OVERWRITE_IF_EXISTS_OR_ADD (the default appends next to an upstream copy)", o.GetHeader().GetKey(), o.GetAppendAction())
 			}
 			got[strings.ToLower(o.GetHeader().GetKey())] = o.GetHeader().GetValue()
@@ -651,8 +683,13 @@ func TestClusters(t *testing.T) {
 			if mg.GetType() != clusterv3.Cluster_STATIC {
 				t.Errorf("meshguard on loopback: cluster type = %v, want STATIC", mg.GetType())
 			}
-		case mg.GetType() != clusterv3.Cluster_STRICT_DNS:
-			t.Errorf("meshguard cluster type = %v, want STRICT_DNS (one host per pod behind a headless Service)", mg.GetType())
+		case mg.GetClusterType().GetName() != "envoy.clusters.dns":
+			t.Errorf("meshguard cluster type = %v, want the envoy.clusters.dns extension", mg.GetClusterType())
+		default:
+			d := unpack[*dnsv3.DnsCluster](t, mg.GetClusterType().GetTypedConfig())
+			if d.GetAllAddressesInSingleEndpoint() || d.GetDnsRefreshRate().AsDuration() > 10e9 {
+				t.Errorf("meshguard DNS cluster %v: want one host per address (strict DNS) refreshed at least every 10s", d)
+			}
 		}
 		h := fp.clusters["meshguard_http"]
 		if h == nil || h.GetLoadAssignment().GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress().GetPortValue() != 8080 {
@@ -726,8 +763,6 @@ func TestSidecarMatchesFrontProxy(t *testing.T) {
 		n := proto.Clone(c).(*clusterv3.Cluster)
 		n.ClusterDiscoveryType = f.GetClusterDiscoveryType()
 		n.DnsLookupFamily = f.GetDnsLookupFamily()
-		n.DnsRefreshRate = f.GetDnsRefreshRate()
-		n.RespectDnsTtl = f.GetRespectDnsTtl()
 		n.GetLoadAssignment().GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress().Address = fa.GetAddress()
 		side.GetStaticResources().GetClusters()[i] = n
 	}
