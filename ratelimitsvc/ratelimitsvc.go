@@ -50,6 +50,8 @@ const (
 	maxKeyBytes    = 256
 	maxValueBytes  = 1024
 	maxHits        = math.MaxUint32
+
+	maxPooledIDBytes = 64 << 10
 )
 
 // Server answers ShouldRateLimit. It is safe for concurrent use.
@@ -177,7 +179,6 @@ func (s *Server) Register(r grpc.ServiceRegistrar) { rlsv3.RegisterRateLimitServ
 type plan struct {
 	rule    *rule
 	counter int // index into counters; -1 when nothing is counted
-	over    bool
 }
 
 type scratch struct {
@@ -221,7 +222,11 @@ func (s *Server) ShouldRateLimit(ctx context.Context, req *rlsv3.RateLimitReques
 	}
 
 	sc := requestScratch.Get()
-	defer requestScratch.Put(sc)
+	defer func() {
+		if cap(sc.ids) <= maxPooledIDBytes { // a huge request's buffer is not kept
+			requestScratch.Put(sc)
+		}
+	}()
 	nowMs := s.now().UnixMilli()
 	s.plan(sc, dom, req)
 
