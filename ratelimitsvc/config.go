@@ -2,6 +2,7 @@ package ratelimitsvc
 
 import (
 	"bytes"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -37,6 +38,9 @@ type RedisConfig struct {
 	// TLS turns on TLS for Cluster and Sentinel connections (a URL says
 	// rediss:// instead).
 	TLS bool `yaml:"tls"`
+	// TLSCAFile is a PEM file of CA certificates to verify the servers with,
+	// instead of the system roots.
+	TLSCAFile string `yaml:"tls_ca_file"`
 	// Timeout bounds every store operation on the decision path as a whole:
 	// dial, pool wait, write and read.
 	Timeout time.Duration `yaml:"timeout"`
@@ -253,6 +257,14 @@ func (c RedisConfig) Validate() error {
 			}
 		}
 	}
+	if c.TLS && c.URL.IsSet() {
+		errs = append(errs, errors.New("redis.tls: applies to cluster and sentinel; for redis.url use the rediss:// scheme"))
+	}
+	if c.TLSCAFile != "" {
+		if _, err := loadCAs(c.TLSCAFile); err != nil {
+			errs = append(errs, fmt.Errorf("redis.tls_ca_file: %w", err))
+		}
+	}
 	if c.PoolSize < 0 || c.PoolSize > 10000 {
 		errs = append(errs, fmt.Errorf("redis.pool_size: must be between 0 and 10000, got %d", c.PoolSize))
 	}
@@ -263,6 +275,19 @@ func (c RedisConfig) Validate() error {
 		errs = append(errs, fmt.Errorf("redis.key_prefix: must not contain braces or spaces, got %q", c.KeyPrefix))
 	}
 	return errors.Join(errs...)
+}
+
+// loadCAs reads a PEM bundle of CA certificates.
+func loadCAs(path string) (*x509.CertPool, error) {
+	pem, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("no PEM certificates in %s", path)
+	}
+	return pool, nil
 }
 
 // Validate reports every invalid field, naming it by its YAML path. It also

@@ -177,6 +177,9 @@ func TestRedisConfigValidate(t *testing.T) {
 		{"sentinel without addrs", RedisConfig{Sentinel: SentinelConfig{Master: "m"}, Timeout: 1}, "redis.sentinel.addrs: required with redis.sentinel.master"},
 		{"pool", RedisConfig{Timeout: 1, PoolSize: -1}, "redis.pool_size: must be between 0 and 10000, got -1"},
 		{"prefix", RedisConfig{Timeout: 1, KeyPrefix: "a{b"}, `redis.key_prefix: must not contain braces or spaces, got "a{b"`},
+		{"tls with url", RedisConfig{URL: "redis://h:1", TLS: true, Timeout: 1}, "redis.tls: applies to cluster and sentinel; for redis.url use the rediss:// scheme"},
+		{"ca file missing", RedisConfig{TLSCAFile: "/nonexistent/ca.pem", Timeout: 1}, "redis.tls_ca_file: open /nonexistent/ca.pem: no such file or directory"},
+		{"ca file not PEM", RedisConfig{TLSCAFile: "testdata/conformance/basic.yaml", Timeout: 1}, "redis.tls_ca_file: no PEM certificates in testdata/conformance/basic.yaml"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

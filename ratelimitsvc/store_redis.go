@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha1"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -112,9 +113,16 @@ func NewRedisStore(log *slog.Logger, reg prometheus.Registerer, cfg RedisConfig)
 	if pool == 0 {
 		pool = 10 * runtime.GOMAXPROCS(0)
 	}
+	var roots *x509.CertPool
+	if cfg.TLSCAFile != "" {
+		var err error
+		if roots, err = loadCAs(cfg.TLSCAFile); err != nil {
+			return nil, fmt.Errorf("reading redis.tls_ca_file: %w", err)
+		}
+	}
 	var tlsCfg *tls.Config
 	if cfg.TLS {
-		tlsCfg = &tls.Config{MinVersion: tls.VersionTLS12}
+		tlsCfg = &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: roots}
 	}
 	switch {
 	case cfg.URL.IsSet():
@@ -123,6 +131,10 @@ func NewRedisStore(log *slog.Logger, reg prometheus.Registerer, cfg RedisConfig)
 			return nil, fmt.Errorf("parsing redis.url %s: %w", cfg.URL, err)
 		}
 		applyTimeouts(opt, cfg.Timeout, pool, cfg.MinIdleConns)
+		if opt.TLSConfig != nil { // rediss://
+			opt.TLSConfig.MinVersion = tls.VersionTLS12
+			opt.TLSConfig.RootCAs = roots
+		}
 		s.client, s.mode, s.addrs = redis.NewClient(opt), "standalone", []string{opt.Addr}
 	case len(cfg.Cluster) > 0:
 		opt := &redis.ClusterOptions{
