@@ -185,3 +185,24 @@ func TestFlagsOverrideEnv(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestShippedKubernetesConfig: the config the k8s base ships passes
+// check-config, with its rate limit directory pointed at the files the
+// ConfigMap mounts there.
+func TestShippedKubernetesConfig(t *testing.T) {
+	data, err := os.ReadFile("../../k8s/base/meshguard.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir, _ := filepath.Abs("../../k8s/base/ratelimit")
+	const mount = "config_dir: /etc/meshguard/ratelimit"
+	if !bytes.Contains(data, []byte(mount)) {
+		t.Fatalf("k8s/base/meshguard.yaml no longer has %q; update this test", mount)
+	}
+	path := filepath.Join(t.TempDir(), "meshguard.yaml")
+	os.WriteFile(path, bytes.Replace(data, []byte(mount), []byte("config_dir: "+dir), 1), 0o600)
+	var stdout, stderr bytes.Buffer
+	if err := run(t.Context(), []string{"meshguard", "check-config", "-no-env", path}, noEnv, &stdout, &stderr); err != nil {
+		t.Fatalf("%v\n%s", err, stderr.String())
+	}
+}
