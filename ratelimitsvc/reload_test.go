@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -110,5 +111,59 @@ func TestNewRejectsBadConfigDir(t *testing.T) {
 	cfg.ConfigDir = dir
 	if _, err := New(discardLogger(), prometheus.NewRegistry(), cfg, NewMemoryStore()); err == nil || !strings.Contains(err.Error(), "descriptors[0] ().key: must not be empty") {
 		t.Fatalf("New = %v", err)
+	}
+}
+
+// TestConfigMapLayout: a Kubernetes ConfigMap mount (files are symlinks into
+// a hidden ..data directory that is swapped atomically) loads, and a swap is
+// picked up even though no visible file's own modification time changes.
+func TestConfigMapLayout(t *testing.T) {
+	dir := t.TempDir()
+	mkdata := func(name string, limit int) {
+		d := filepath.Join(dir, name)
+		os.Mkdir(d, 0o755)
+		body := "domain: cm\ndescriptors:\n  - key: client\n    rate_limit: {unit: minute, requests_per_unit: " + strconv.Itoa(limit) + "}\n"
+		if err := os.WriteFile(filepath.Join(d, "cm.yaml"), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mkdata("..2026_01_01_a", 11)
+	os.Symlink("..2026_01_01_a", filepath.Join(dir, "..data"))
+	os.Symlink(filepath.Join("..data", "cm.yaml"), filepath.Join(dir, "cm.yaml"))
+	os.WriteFile(filepath.Join(dir, ".hidden.yaml"), []byte("not: [valid"), 0o644)
+	os.WriteFile(filepath.Join(dir, "README.txt"), []byte("ignored"), 0o644)
+
+	cfg := DefaultConfig()
+	cfg.ConfigDir = dir
+	cfg.ReloadInterval = 100 * time.Millisecond
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	h := startServer(t, cfg, NewMemoryStore(), newFakeClock())
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	go h.srv.Run(ctx)
+	limitOf := func() uint32 {
+		resp, err := h.client.ShouldRateLimit(t.Context(), request("cm", kv("client", "c")))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp.Statuses[0].CurrentLimit.GetRequestsPerUnit()
+	}
+	if got := limitOf(); got != 11 {
+		t.Fatalf("limit %d, want 11", got)
+	}
+	// The kubelet's swap: new data dir, then rename a new ..data link over the old.
+	mkdata("..2026_01_01_b", 22)
+	os.Symlink("..2026_01_01_b", filepath.Join(dir, "..data_tmp"))
+	if err := os.Rename(filepath.Join(dir, "..data_tmp"), filepath.Join(dir, "..data")); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for limitOf() != 22 {
+		if time.Now().After(deadline) {
+			t.Fatal("the ConfigMap swap was not picked up")
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
