@@ -11,6 +11,18 @@
 // memory until they reset. When the store cannot answer within its timeout,
 // the decision follows failure_mode and is never a gRPC error.
 //
+// Algorithm: the approximated sliding window. Time is cut into buckets of
+// the window's length aligned to the Unix epoch; the estimate is the previous
+// bucket's count weighted by how much of it the window still covers, plus the
+// current bucket's count. fixed_window uses the current bucket only. Time
+// comes from meshguard's clock (passed to the Redis script), so replicas
+// need synchronised clocks (NTP), as with any epoch-aligned limiter.
+//
+// Redis keys: <redis.key_prefix>{<16 hex digits of FNV-1a(identity)>}<identity>:<bucket>,
+// where identity is the domain, the descriptor's keys and values
+// (length-prefixed) and the window. The hash tag keeps one descriptor's two
+// buckets in one Cluster slot; keys expire two windows after their bucket.
+//
 // Metrics: meshguard_ratelimitsvc_decisions_total{domain,code},
 // _rule_decisions_total{domain,rule,code}, _local_cache_over_limit_total{domain},
 // _store_errors_total{kind}, _store_duration_seconds,
