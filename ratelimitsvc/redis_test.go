@@ -8,6 +8,7 @@ import (
 	"time"
 
 	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meshguard/meshguard/internal/redistest"
 	"github.com/meshguard/meshguard/internal/secret"
@@ -266,5 +267,34 @@ func TestClusterNodeHung(t *testing.T) {
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
+	}
+}
+
+// TestRedisPoolReporting: /readyz details and the pool metrics show the
+// connections decisions use (the pipeline pool when autopipelined).
+func TestRedisPoolReporting(t *testing.T) {
+	skipShort(t)
+	srv := redistest.Start(t)
+	reg := prometheus.NewRegistry()
+	cfg := DefaultRedisConfig()
+	cfg.URL = secret.URL(srv.URL())
+	rs, err := NewRedisStore(discardLogger(), reg, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rs.Close() })
+	h := startServer(t, testConfig(), rs, newFakeClock())
+	for range 5 {
+		if _, err := h.client.ShouldRateLimit(t.Context(), request("basic", kv("path", "/x"))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st := rs.Status()
+	pp, ok := st["pipeline_pool"].(map[string]any)
+	if !ok || pp["total_conns"].(uint32) < 1 || st["autopipeline"] != true {
+		t.Errorf("status %v: want autopipeline and a pipeline pool connection", st)
+	}
+	if n := metricValue(t, reg, "meshguard_ratelimitsvc_redis_pool_connections", "pool", "pipeline"); n < 1 {
+		t.Errorf("pipeline pool connections metric = %v", n)
 	}
 }

@@ -213,18 +213,23 @@ func (s *RedisStore) Ping(ctx context.Context) error {
 }
 
 // Status describes the store for /readyz: mode, seed addresses (no
-// credentials) and pool statistics.
+// credentials) and pool statistics (the main pool, and the pipeline pool
+// that autopipelined decisions use).
 func (s *RedisStore) Status() map[string]any {
 	st := s.client.PoolStats()
+	out := map[string]any{"mode": s.mode, "addrs": s.addrs, "autopipeline": s.ap != nil, "pool": poolDetails((*redis.PoolStats)(st))}
+	if st.PipelineStats != nil {
+		out["pipeline_pool"] = poolDetails((*redis.PoolStats)(st.PipelineStats))
+	}
+	return out
+}
+
+func poolDetails(st *redis.PoolStats) map[string]any {
 	return map[string]any{
-		"mode":  s.mode,
-		"addrs": s.addrs,
-		"pool": map[string]any{
-			"hits": st.Hits, "misses": st.Misses, "timeouts": st.Timeouts,
-			"total_conns": st.TotalConns, "idle_conns": st.IdleConns, "stale_conns": st.StaleConns,
-			"wait_count": st.WaitCount, "wait_duration_ms": float64(st.WaitDurationNs) / 1e6,
-			"pending_requests": st.PendingRequests,
-		},
+		"hits": st.Hits, "misses": st.Misses, "timeouts": st.Timeouts,
+		"total_conns": st.TotalConns, "idle_conns": st.IdleConns, "stale_conns": st.StaleConns,
+		"wait_count": st.WaitCount, "wait_duration_ms": float64(st.WaitDurationNs) / 1e6,
+		"pending_requests": st.PendingRequests,
 	}
 }
 
@@ -522,7 +527,8 @@ func isTimeout(err error) bool {
 	return errors.As(err, &te) && te.Timeout()
 }
 
-// poolCollector exports go-redis pool statistics at scrape time.
+// poolCollector exports go-redis pool statistics at scrape time, labelled
+// pool="main" or pool="pipeline" (the autopipeliner's connections).
 type poolCollector struct {
 	stats                                     func() *redis.PoolStats
 	hits, misses, timeouts, waits, waitSecs   *prometheus.Desc
@@ -531,7 +537,7 @@ type poolCollector struct {
 
 func newPoolCollector(stats func() *redis.PoolStats) *poolCollector {
 	d := func(name, help string) *prometheus.Desc {
-		return prometheus.NewDesc("meshguard_ratelimitsvc_redis_pool_"+name, help, nil, nil)
+		return prometheus.NewDesc("meshguard_ratelimitsvc_redis_pool_"+name, help, []string{"pool"}, nil)
 	}
 	return &poolCollector{
 		stats:        stats,
@@ -556,11 +562,18 @@ func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
 
 func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 	st := c.stats()
+	c.collect(ch, "main", st)
+	if st.PipelineStats != nil {
+		c.collect(ch, "pipeline", (*redis.PoolStats)(st.PipelineStats))
+	}
+}
+
+func (c *poolCollector) collect(ch chan<- prometheus.Metric, pool string, st *redis.PoolStats) {
 	counter := func(d *prometheus.Desc, v float64) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v)
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, pool)
 	}
 	gauge := func(d *prometheus.Desc, v float64) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v)
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, pool)
 	}
 	counter(c.hits, float64(st.Hits))
 	counter(c.misses, float64(st.Misses))
