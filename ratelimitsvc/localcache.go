@@ -63,17 +63,3 @@ func (c *overLimitCache) add(id []byte, hash uint64, nowMs, untilMs int64) {
 	}
 	sh.untilMs[string(id)] = untilMs
 }
-
-// len counts remembered entries, expired ones included.
-func (c *overLimitCache) len() int {
-	if c == nil {
-		return 0
-	}
-	n := 0
-	for i := range c.shards {
-		c.shards[i].mu.RLock()
-		n += len(c.shards[i].untilMs)
-		c.shards[i].mu.RUnlock()
-	}
-	return n
-}
