@@ -52,6 +52,9 @@ func benchConfig() Config {
 		{Key: "route", Value: "api", Descriptors: []DescriptorConfig{
 			{Key: "client", RateLimit: &RateLimitConfig{Unit: "minute", RequestsPerUnit: &big}},
 		}},
+		{Key: "route", Value: "login", Descriptors: []DescriptorConfig{
+			{Key: "client", RateLimit: &RateLimitConfig{Preset: "auth"}},
+		}},
 	}}}
 	return cfg
 }
@@ -103,12 +106,16 @@ func benchServe(url string) error {
 
 // benchRequests builds the request mix: 1,000 clients with one descriptor,
 // or the same clients with two descriptors (two Redis counters each).
-func benchRequests(twoDesc bool) []*rlsv3.RateLimitRequest {
+func benchRequests(twoDesc bool) []*rlsv3.RateLimitRequest { return benchMix(twoDesc, "api") }
+
+// benchMix: route "login" is limited by the auth preset (5 per 15 minutes),
+// so after the warm-up every client is over limit there.
+func benchMix(twoDesc bool, route string) []*rlsv3.RateLimitRequest {
 	reqs := make([]*rlsv3.RateLimitRequest, 1000)
 	for i := range reqs {
 		client := "ip:10.0." + strconv.Itoa(i/256) + "." + strconv.Itoa(i%256)
 		if twoDesc {
-			reqs[i] = request("bench", kv("client", client), kv("route", "api", "client", client))
+			reqs[i] = request("bench", kv("client", client), kv("route", route, "client", client))
 		} else {
 			reqs[i] = request("bench", kv("client", client))
 		}
@@ -184,9 +191,9 @@ func startInProcessServer(b *testing.B, url string) rlsv3.RateLimitServiceClient
 // reports throughput, p50/p99 latency, and CPU per decision of the server
 // process (serverPid; 0 when the server is in this process) and of this
 // process.
-func runLoad(b *testing.B, client rlsv3.RateLimitServiceClient, reqs []*rlsv3.RateLimitRequest, serverPid int) {
+func runLoad(b *testing.B, client rlsv3.RateLimitServiceClient, reqs []*rlsv3.RateLimitRequest, serverPid int, want rlsv3.RateLimitResponse_Code) {
 	ctx := b.Context()
-	for i := range 2000 { // warm up connections, pools and the script cache
+	for i := range 6 * len(reqs) { // warm up connections, pools, the script cache (and use up 5-per-client limits)
 		if _, err := client.ShouldRateLimit(ctx, reqs[i%len(reqs)]); err != nil {
 			b.Fatal(err)
 		}
@@ -211,7 +218,7 @@ func runLoad(b *testing.B, client rlsv3.RateLimitServiceClient, reqs []*rlsv3.Ra
 			t0 := time.Now()
 			resp, err := client.ShouldRateLimit(ctx, req)
 			mine = append(mine, time.Since(t0))
-			if err != nil || resp.OverallCode != rlsv3.RateLimitResponse_OK {
+			if err != nil || resp.OverallCode != want {
 				b.Errorf("answer %v %v", resp.GetOverallCode(), err)
 				return
 			}
@@ -247,13 +254,19 @@ func runLoad(b *testing.B, client rlsv3.RateLimitServiceClient, reqs []*rlsv3.Ra
 // client plus server allocations.
 func BenchmarkShouldRateLimit(b *testing.B) {
 	for _, tc := range []struct {
-		name    string
-		twoDesc bool
-	}{{"hot1k", false}, {"two_desc", true}} {
+		name string
+		reqs []*rlsv3.RateLimitRequest
+		want rlsv3.RateLimitResponse_Code
+	}{
+		{"hot1k", benchRequests(false), rlsv3.RateLimitResponse_OK},
+		{"two_desc", benchRequests(true), rlsv3.RateLimitResponse_OK},
+		// Every client over its login limit: answered from the over-limit cache.
+		{"two_desc_over_limit", benchMix(true, "login"), rlsv3.RateLimitResponse_OVER_LIMIT},
+	} {
 		b.Run(tc.name, func(b *testing.B) {
 			srv := redistest.Start(b)
 			client, pid := startBenchServer(b, srv.URL())
-			runLoad(b, client, benchRequests(tc.twoDesc), pid)
+			runLoad(b, client, tc.reqs, pid, tc.want)
 		})
 	}
 }
@@ -267,7 +280,7 @@ func BenchmarkShouldRateLimitInProcess(b *testing.B) {
 	}{{"hot1k", false}, {"two_desc", true}} {
 		b.Run(tc.name, func(b *testing.B) {
 			srv := redistest.Start(b)
-			runLoad(b, startInProcessServer(b, srv.URL()), benchRequests(tc.twoDesc), 0)
+			runLoad(b, startInProcessServer(b, srv.URL()), benchRequests(tc.twoDesc), 0, rlsv3.RateLimitResponse_OK)
 		})
 	}
 }
