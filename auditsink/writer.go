@@ -517,8 +517,9 @@ func appendHead(path string, h ChainHead) error {
 
 // Close stops accepting records, stops Run, and drains the queue: batches
 // go to the database while ctx allows and the spool is empty, otherwise to
-// the spool, so nothing accepted is lost. It then publishes the chain head
-// and releases the spool.
+// the spool, so nothing accepted is lost. While the deadline allows it then
+// replays the spool too. Finally it publishes the chain head and releases
+// the spool.
 func (w *Writer) Close(ctx context.Context) error {
 	w.closeOnce.Do(func() { w.closeErr = w.close(ctx) })
 	return w.closeErr
@@ -548,12 +549,38 @@ func (w *Writer) close(ctx context.Context) error {
 		}
 		w.process(ctx, batch, direct)
 	}
+	w.drainSpool(ctx)
 	w.publishHead()
 	b, segs := w.spool.size()
 	w.log.Info("audit writer closed", "drained_records", n, "spool_segments", segs, "spool_bytes", b,
 		"chain_id", w.chain.id, "head_seq", w.Head().Seq)
 	w.spool.close()
 	return nil
+}
+
+// drainSpool replays spool segments at Close while the deadline leaves
+// room for a write and the database takes them; the rest waits for the
+// next start.
+func (w *Writer) drainSpool(ctx context.Context) {
+	for ctx.Err() == nil {
+		if dl, ok := ctx.Deadline(); ok && time.Until(dl) < w.cfg.WriteTimeout {
+			return
+		}
+		seg, ok := w.spool.oldest()
+		if !ok {
+			return
+		}
+		recs, err := w.spool.read(seg)
+		if err != nil {
+			return // the replayer of the next start sets it aside
+		}
+		if err := w.write(ctx, recs, "replay"); err != nil {
+			return
+		}
+		if err := w.spool.remove(seg); err != nil {
+			return
+		}
+	}
 }
 
 // WriterStatus is the writer's health for /readyz and metrics.
