@@ -79,7 +79,10 @@ type storeSink struct {
 	err   error // when set, Enqueue refuses
 }
 
-func newStoreSink(s batchStore) *storeSink { return &storeSink{store: s, chain: newChain("api-test")} }
+// newStoreSink starts a chain of its own, as every writer start does.
+func newStoreSink(s batchStore) *storeSink {
+	return &storeSink{store: s, chain: newChain(chainIDFor("api-test", time.Now()))}
+}
 
 func (s *storeSink) Enqueue(ctx context.Context, recs []Record) error {
 	s.mu.Lock()
