@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -431,4 +432,16 @@ func TestWriterRejectedSegment(t *testing.T) {
 	if rep.OK || rep.Break.Seq != 201 || !strings.Contains(rep.Break.Reason, "rows 101..200 are missing") {
 		t.Fatalf("Verify = %+v, want the gap of the refused batch", rep.Break)
 	}
+}
+
+// TestWriterNoGoroutineLeak: Run's goroutines (loop, committer, replayer)
+// are gone once Close and Run have returned.
+func TestWriterNoGoroutineLeak(t *testing.T) {
+	s := openSQLite(t, Config{})
+	before := runtime.NumGoroutine()
+	cfg := writerConfig(t)
+	w, _, stop := startWriter(t, cfg, s)
+	produce(t, w, 2, 2000, "leak", nil)
+	stop(context.Background())
+	storeWaitUntil(t, "the writer's goroutines to end", func() bool { return runtime.NumGoroutine() <= before })
 }
