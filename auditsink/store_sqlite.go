@@ -41,6 +41,10 @@ func OpenSQLite(ctx context.Context, log *slog.Logger, path string, cfg Config) 
 	for _, p := range []string{"journal_mode(WAL)", "synchronous(FULL)", "busy_timeout(10000)", "foreign_keys(1)"} {
 		q.Add("_pragma", p)
 	}
+	// BEGIN IMMEDIATE: a writing transaction takes the write lock up front,
+	// so concurrent writers (the committer and the spool replayer) wait on
+	// busy_timeout instead of failing on a read-to-write upgrade.
+	q.Set("_txlock", "immediate")
 	db, err := sql.Open("sqlite", "file:"+path+"?"+q.Encode())
 	if err != nil {
 		return nil, fmt.Errorf("opening audit store %s: %w", path, err)
