@@ -53,6 +53,7 @@ func newSimEnvoy(t *testing.T) *simEnvoy {
 	reg := prometheus.NewRegistry()
 
 	acfg := extauthz.Config{CORS: extauthz.DefaultCORSConfig(), Identity: extauthz.DefaultIdentityConfig(), CSP: extauthz.DefaultCSPConfig()}
+	acfg.Identity.ClientIPHeader = "x-meshguard-client-ip" // as k8s/base/meshguard.yaml sets it
 	acfg.CORS.PublicOrigin = "https://" + host
 	acfg.CORS.AllowedOrigins = []string{"https://dashboard.example.com"}
 	az, err := extauthz.New(log, reg, acfg, nil)

@@ -62,7 +62,9 @@ type IdentityConfig struct {
 	// client copies are removed, as envoy/envoy.yaml does. Anonymous callers
 	// are keyed ip:<that address>; without it (or when it is not an IP
 	// address) the connection peer Envoy reports is used, which behind a
-	// load balancer is the balancer. Empty: always the connection peer.
+	// load balancer is the balancer. Empty (the default): always the
+	// connection peer, since a header is only as trustworthy as the proxy
+	// that overwrites it.
 	ClientIPHeader string `yaml:"client_ip_header"`
 }
 
@@ -127,7 +129,8 @@ func DefaultIdentityConfig() IdentityConfig {
 		JWTMetadata: JWTMetadataConfig{
 			Namespace: "envoy.filters.http.jwt_authn", Key: "jwt_payload", UserClaim: "sub", RoleClaim: "role",
 		},
-		ClientIPHeader: "x-meshguard-client-ip",
+		// No header is trusted by default: only a deployment whose Envoy
+		// overwrites it (envoy/envoy.yaml, k8s/base) turns it on.
 	}
 }
 

@@ -142,5 +142,7 @@ func testConfig() Config {
 	cors.PublicOrigin = "https://app.example.com"
 	cors.AllowedOrigins = []string{"https://dashboard.example.com", "https://*.example.com"}
 	cors.Tenants = map[string][]string{"tenant1": {"https://tenant1.example.org"}}
-	return Config{CORS: cors, Identity: DefaultIdentityConfig(), CSP: DefaultCSPConfig()}
+	id := DefaultIdentityConfig()
+	id.ClientIPHeader = "x-meshguard-client-ip" // as envoy/envoy.yaml overwrites it
+	return Config{CORS: cors, Identity: id, CSP: DefaultCSPConfig()}
 }

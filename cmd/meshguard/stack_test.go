@@ -110,7 +110,8 @@ audit:
 		Source: &authv3.AttributeContext_Peer{Address: socketAddr("203.0.113.7", 51000)},
 		Request: &authv3.AttributeContext_Request{Http: &authv3.AttributeContext_HttpRequest{
 			Id: "req-1", Method: "POST", Scheme: "https", Host: "app.example.com", Path: "/api/users",
-			Headers: map[string]string{"origin": "https://dashboard.example.com", "x-meshguard-client": "user:forged"},
+			Headers: map[string]string{"origin": "https://dashboard.example.com", "x-meshguard-client": "user:forged",
+				"x-meshguard-client-ip": "198.51.100.66"}, // trusted only when configured
 		}},
 	}})
 	if err != nil {
@@ -126,7 +127,7 @@ audit:
 		}
 	}
 	if client != "ip:203.0.113.7" {
-		t.Fatalf("x-meshguard-client = %q, want ip:203.0.113.7 (the forged header must not survive)", client)
+		t.Fatalf("x-meshguard-client = %q, want ip:203.0.113.7 (forged headers must not count)", client)
 	}
 	denied, err := authz.Check(ctx, &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
 		Source: &authv3.AttributeContext_Peer{Address: socketAddr("203.0.113.8", 51001)},
