@@ -201,7 +201,8 @@ func (c *canonicalizer) object(depth int) error {
 		c.out = append(c.out, '}')
 		return nil
 	}
-	var members []jsonMember
+	var buf [16]jsonMember
+	members := buf[:0]
 	sorted := true
 	for {
 		c.space()
@@ -364,6 +365,17 @@ func (c *canonicalizer) hex4() (rune, bool) {
 // UTF-8 become U+FFFD; only '"', '\\' and control characters are escaped.
 func appendCanonicalString(b, s []byte) []byte {
 	b = append(b, '"')
+	plain := true
+	for _, c := range s {
+		if c < 0x20 || c == '"' || c == '\\' || c >= utf8.RuneSelf {
+			plain = false
+			break
+		}
+	}
+	if plain {
+		b = append(b, s...)
+		return append(b, '"')
+	}
 	for i := 0; i < len(s); {
 		c := s[i]
 		if c < utf8.RuneSelf {

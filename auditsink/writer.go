@@ -167,11 +167,14 @@ func (w *Writer) take(fullOnly bool) []Record {
 	if n == 0 || (fullOnly && n < w.cfg.BatchSize) {
 		return nil
 	}
-	batch := make([]Record, n)
-	copy(batch, w.q)
-	rest := copy(w.q, w.q[n:])
-	clear(w.q[rest:])
-	w.q = w.q[:rest]
+	// The batch keeps the front of the queue's array; the queue moves on
+	// past it (append reallocates when it runs out), so taking costs no
+	// copy of what stays queued.
+	batch := w.q[:n:n]
+	w.q = w.q[n:]
+	if len(w.q) == 0 {
+		w.q = nil
+	}
 	close(w.space)
 	w.space = make(chan struct{})
 	return batch
