@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	rtmetrics "runtime/metrics"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -25,6 +26,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/meshguard/meshguard/internal/grpcserver/grpcservertest"
 )
 
 // noopServer is the baseline: the cheapest possible Authorization server on
@@ -48,13 +51,21 @@ type benchTarget struct {
 	stdout *bufio.Reader
 }
 
-// benchServerEnv makes the test binary serve instead of testing (TestMain).
-const benchServerEnv = "MESHGUARD_EXTAUTHZ_BENCH_SERVER"
+// benchServerEnv makes the test binary serve instead of testing (TestMain);
+// benchVariantEnv passes the child its gRPC tuning variant (see
+// grpcservertest.Options; empty: the production options).
+const (
+	benchServerEnv  = "MESHGUARD_EXTAUTHZ_BENCH_SERVER"
+	benchVariantEnv = "MESHGUARD_EXTAUTHZ_BENCH_GRPC_VARIANT"
+)
 
-func startBenchTarget(b *testing.B, name string) *benchTarget {
+// startBenchTarget starts server kind ("noop" or "meshguard") on the
+// production gRPC stack with tuning variant ("": none).
+func startBenchTarget(b *testing.B, kind, variant string) *benchTarget {
 	b.Helper()
+	name := kind
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), benchServerEnv+"="+name)
+	cmd.Env = append(os.Environ(), benchServerEnv+"="+kind, benchVariantEnv+"="+variant)
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -100,9 +111,9 @@ func (t *benchTarget) stats(b *testing.B) (cpu time.Duration, allocs uint64) {
 }
 
 // serveBench is the child's side: serve kind on 127.0.0.1:0 with the gRPC
-// options cmd/meshguard uses, print the address, answer "stats" lines, exit
-// when stdin closes.
-func serveBench(kind string) error {
+// options and interceptors cmd/meshguard uses (grpcserver), print the
+// address, answer "stats" lines, exit when stdin closes.
+func serveBench(kind, variant string) error {
 	var srv authv3.AuthorizationServer = noopServer{}
 	if kind == "meshguard" {
 		s, err := New(slog.New(slog.NewTextHandler(io.Discard, nil)), prometheus.NewRegistry(), testConfig(), nil)
@@ -115,7 +126,11 @@ func serveBench(kind string) error {
 	if err != nil {
 		return err
 	}
-	gs := grpc.NewServer(grpc.MaxConcurrentStreams(1024), grpc.MaxRecvMsgSize(4<<20))
+	opts, err := grpcservertest.Options(prometheus.NewRegistry(), variant)
+	if err != nil {
+		return err
+	}
+	gs := grpc.NewServer(opts...)
 	authv3.RegisterAuthorizationServer(gs, srv)
 	go gs.Serve(lis)
 	defer gs.Stop()
@@ -131,7 +146,7 @@ func serveBench(kind string) error {
 
 func TestMain(m *testing.M) {
 	if kind := os.Getenv(benchServerEnv); kind != "" {
-		if err := serveBench(kind); err != nil {
+		if err := serveBench(kind, os.Getenv(benchVariantEnv)); err != nil {
 			fmt.Fprintln(os.Stderr, "bench server:", err)
 			os.Exit(1)
 		}
@@ -216,7 +231,7 @@ func (rawCodec) Name() string { return "proto" } // the content-subtype the serv
 // goroutines and reports throughput, client-side latency quantiles, and the
 // server process's CPU time and allocations per op. Each goroutine decodes
 // and verifies its first answer; every other answer must have its size.
-func runParallelChecks(b *testing.B, t *benchTarget, req *authv3.CheckRequest, verify func(*authv3.CheckResponse) bool) float64 {
+func runParallelChecks(b *testing.B, t *benchTarget, req *authv3.CheckRequest, verify func(*authv3.CheckResponse) bool) (opsPerSec, cpuPerOp float64) {
 	reqBytes, err := proto.Marshal(req)
 	if err != nil {
 		b.Fatal(err)
@@ -264,13 +279,14 @@ func runParallelChecks(b *testing.B, t *benchTarget, req *authv3.CheckRequest, v
 	b.StopTimer()
 	elapsed := time.Since(start)
 	cpu1, allocs1 := t.stats(b)
-	opsPerSec := float64(b.N) / elapsed.Seconds()
+	opsPerSec = float64(b.N) / elapsed.Seconds()
+	cpuPerOp = float64((cpu1 - cpu0).Nanoseconds()) / 1e3 / float64(b.N)
 	b.ReportMetric(opsPerSec, "ops/s")
 	b.ReportMetric(float64(all.quantile(0.50).Nanoseconds())/1e3, "p50-µs")
 	b.ReportMetric(float64(all.quantile(0.99).Nanoseconds())/1e3, "p99-µs")
-	b.ReportMetric(float64((cpu1-cpu0).Nanoseconds())/1e3/float64(b.N), "server-cpu-µs/op")
+	b.ReportMetric(cpuPerOp, "server-cpu-µs/op")
 	b.ReportMetric(float64(allocs1-allocs0)/float64(b.N), "server-allocs/op")
-	return opsPerSec
+	return opsPerSec, cpuPerOp
 }
 
 // BenchmarkCheck compares meshguard's Check for an allowed cross-origin
@@ -281,7 +297,7 @@ func runParallelChecks(b *testing.B, t *benchTarget, req *authv3.CheckRequest, v
 // server-cpu-µs/op and server-allocs/op the server's. The log line gives meshguard's throughput as a
 // share of the no-op server's (target: at least 80%).
 func BenchmarkCheck(b *testing.B) {
-	targets := []*benchTarget{startBenchTarget(b, "noop"), startBenchTarget(b, "meshguard")}
+	targets := []*benchTarget{startBenchTarget(b, "noop", ""), startBenchTarget(b, "meshguard", "")}
 	req := benchRequest(b)
 	verifyMeshguard := func(r *authv3.CheckResponse) bool {
 		ok := r.GetOkResponse()
@@ -296,7 +312,7 @@ func BenchmarkCheck(b *testing.B) {
 				verify = verifyMeshguard
 			}
 			var last float64 // the final, measured run of this sub-benchmark
-			b.Run(t.name, func(b *testing.B) { last = runParallelChecks(b, t, req, verify) })
+			b.Run(t.name, func(b *testing.B) { last, _ = runParallelChecks(b, t, req, verify) })
 			best[t.name] = append(best[t.name], last)
 		}
 	}
@@ -305,6 +321,59 @@ func BenchmarkCheck(b *testing.B) {
 			100*median(m)/median(n), median(m), median(n), len(m))
 		b.Log(msg)
 		fmt.Println("BenchmarkCheck:", msg) // also without -v, for make bench
+	}
+}
+
+// BenchmarkCheckVariants compares gRPC server tuning variants
+// (space-separated in MESHGUARD_BENCH_GRPC_VARIANTS, see
+// grpcservertest.Options; skipped when unset): for each variant a no-op and
+// a meshguard server, each in its own process, measured interleaved over
+// MESHGUARD_BENCH_ROUNDS rounds (default 5). It prints each variant's median
+// meshguard throughput and server CPU per Check, their ratio to the first
+// variant's, and the meshguard/noop throughput ratio on that variant.
+func BenchmarkCheckVariants(b *testing.B) {
+	variants := grpcservertest.Variants(os.Getenv)
+	if len(variants) == 0 {
+		b.Skip("set " + grpcservertest.VariantsEnv)
+	}
+	rounds, _ := strconv.Atoi(os.Getenv("MESHGUARD_BENCH_ROUNDS"))
+	if rounds <= 0 {
+		rounds = 5
+	}
+	req := benchRequest(b)
+	verify := map[string]func(*authv3.CheckResponse) bool{
+		"noop": func(r *authv3.CheckResponse) bool { return r.GetStatus().GetCode() == 0 },
+		"meshguard": func(r *authv3.CheckResponse) bool {
+			return r.GetOkResponse() != nil && len(r.GetOkResponse().GetResponseHeadersToAdd()) == 5
+		},
+	}
+	type key struct{ variant, kind string }
+	targets := map[key]*benchTarget{}
+	for _, v := range variants {
+		for _, kind := range []string{"noop", "meshguard"} {
+			targets[key{v, kind}] = startBenchTarget(b, kind, v)
+		}
+	}
+	perSec := map[key][]float64{}
+	cpu := map[key][]float64{}
+	for range rounds {
+		for _, v := range variants {
+			for _, kind := range []string{"noop", "meshguard"} {
+				k := key{v, kind}
+				t := targets[k]
+				var ops, us float64
+				b.Run(kind+"/"+v, func(b *testing.B) { ops, us = runParallelChecks(b, t, req, verify[kind]) })
+				perSec[k] = append(perSec[k], ops)
+				cpu[k] = append(cpu[k], us)
+			}
+		}
+	}
+	first := key{variants[0], "meshguard"}
+	for _, v := range variants {
+		m, n := key{v, "meshguard"}, key{v, "noop"}
+		fmt.Printf("BenchmarkCheckVariants: %-24s meshguard median %6.0f ops/s (%.2fx) %5.1f server-cpu-µs/op (%.2fx) | noop %6.0f ops/s %5.1f µs/op | meshguard/noop %.0f%% | %d rounds\n",
+			v, median(perSec[m]), median(perSec[m])/median(perSec[first]), median(cpu[m]), median(cpu[m])/median(cpu[first]),
+			median(perSec[n]), median(cpu[n]), 100*median(perSec[m])/median(perSec[n]), rounds)
 	}
 }
 

@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/meshguard/meshguard/internal/grpcserver/grpcservertest"
 	"github.com/meshguard/meshguard/internal/redistest"
 	"github.com/meshguard/meshguard/internal/secret"
 )
@@ -30,6 +31,10 @@ import (
 // the benchmark runs it as a separate process so that meshguard's own CPU
 // is measured apart from the load generator's and redis-server's.
 const benchServeEnv = "MESHGUARD_RLS_BENCH_REDIS_URL"
+
+// benchVariantEnv passes the child its gRPC tuning variant (see
+// grpcservertest.Options); empty: the production options.
+const benchVariantEnv = "MESHGUARD_RLS_BENCH_GRPC_VARIANT"
 
 func TestMain(m *testing.M) {
 	if url := os.Getenv(benchServeEnv); url != "" {
@@ -81,9 +86,10 @@ func benchServe(url string) error {
 	if err != nil {
 		return err
 	}
-	var opts []grpc.ServerOption
-	if n, _ := strconv.Atoi(os.Getenv("MESHGUARD_RLS_BENCH_STREAM_WORKERS")); n > 0 {
-		opts = append(opts, grpc.NumStreamWorkers(uint32(n)))
+	// The production stack: cmd/meshguard's options and interceptors.
+	opts, err := grpcservertest.Options(prometheus.NewRegistry(), os.Getenv(benchVariantEnv))
+	if err != nil {
+		return err
 	}
 	gs := grpc.NewServer(opts...)
 	srv.Register(gs)
@@ -144,11 +150,12 @@ func procCPU(b *testing.B, pid int) time.Duration {
 	return time.Duration(ut+st) * 10 * time.Millisecond
 }
 
-// startBenchServer runs the RLS in a child process against url and returns
-// a client and the child's pid.
-func startBenchServer(b *testing.B, url string) (rlsv3.RateLimitServiceClient, int) {
+// startBenchServer runs the RLS in a child process against url, on the
+// production gRPC stack with tuning variant ("": none), and returns a client
+// and the child's pid.
+func startBenchServer(b *testing.B, url, variant string) (rlsv3.RateLimitServiceClient, int) {
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), benchServeEnv+"="+url)
+	cmd.Env = append(os.Environ(), benchServeEnv+"="+url, benchVariantEnv+"="+variant)
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		b.Fatal(err)
@@ -183,15 +190,35 @@ func startInProcessServer(b *testing.B, url string) rlsv3.RateLimitServiceClient
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { rs.Close() })
-	h := startServer(b, benchConfig(), rs, nil)
-	return h.client
+	srv, err := New(discardLogger(), prometheus.NewRegistry(), benchConfig(), rs)
+	if err != nil {
+		b.Fatal(err)
+	}
+	opts, err := grpcservertest.Options(prometheus.NewRegistry(), "")
+	if err != nil {
+		b.Fatal(err)
+	}
+	gs := grpc.NewServer(opts...)
+	srv.Register(gs)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	go gs.Serve(lis)
+	b.Cleanup(gs.Stop)
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { conn.Close() })
+	return rlsv3.NewRateLimitServiceClient(conn)
 }
 
 // runLoad drives client with 50 concurrent streams over the request mix and
 // reports throughput, p50/p99 latency, and CPU per decision of the server
 // process (serverPid; 0 when the server is in this process) and of this
 // process.
-func runLoad(b *testing.B, client rlsv3.RateLimitServiceClient, reqs []*rlsv3.RateLimitRequest, serverPid int, want rlsv3.RateLimitResponse_Code) {
+func runLoad(b *testing.B, client rlsv3.RateLimitServiceClient, reqs []*rlsv3.RateLimitRequest, serverPid int, want rlsv3.RateLimitResponse_Code) benchResult {
 	ctx := b.Context()
 	for i := range 6 * len(reqs) { // warm up connections, pools, the script cache (and use up 5-per-client limits)
 		if _, err := client.ShouldRateLimit(ctx, reqs[i%len(reqs)]); err != nil {
@@ -231,9 +258,12 @@ func runLoad(b *testing.B, client rlsv3.RateLimitServiceClient, reqs []*rlsv3.Ra
 	elapsed := time.Since(start)
 	self := procCPU(b, 0) - selfBefore
 	n := float64(b.N)
+	var res benchResult
+	res.perSec = n / elapsed.Seconds()
 	if serverPid != 0 {
 		srv := procCPU(b, serverPid) - srvBefore
-		b.ReportMetric(float64(srv.Microseconds())/n, "meshguard-cpu-µs/op")
+		res.cpuPerOp = float64(srv.Microseconds()) / n
+		b.ReportMetric(res.cpuPerOp, "meshguard-cpu-µs/op")
 		b.ReportMetric(float64(self.Microseconds())/n, "loadgen-cpu-µs/op")
 	} else {
 		b.ReportMetric(float64(self.Microseconds())/n, "process-cpu-µs/op")
@@ -243,7 +273,14 @@ func runLoad(b *testing.B, client rlsv3.RateLimitServiceClient, reqs []*rlsv3.Ra
 		b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-µs")
 		b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-µs")
 	}
-	b.ReportMetric(n/elapsed.Seconds(), "decisions/s")
+	b.ReportMetric(res.perSec, "decisions/s")
+	return res
+}
+
+// benchResult is what one measured run gives for comparing variants.
+type benchResult struct {
+	perSec   float64 // decisions per second
+	cpuPerOp float64 // server CPU µs per decision
 }
 
 // BenchmarkShouldRateLimit measures meshguard as deployed: a separate
@@ -265,10 +302,73 @@ func BenchmarkShouldRateLimit(b *testing.B) {
 	} {
 		b.Run(tc.name, func(b *testing.B) {
 			srv := redistest.Start(b)
-			client, pid := startBenchServer(b, srv.URL())
+			client, pid := startBenchServer(b, srv.URL(), "")
 			runLoad(b, client, tc.reqs, pid, tc.want)
 		})
 	}
+}
+
+// BenchmarkShouldRateLimitVariants compares gRPC server tuning variants
+// (space-separated in MESHGUARD_BENCH_GRPC_VARIANTS, see
+// grpcservertest.Options; skipped when unset) on BenchmarkShouldRateLimit's
+// load, each variant in its own server process against one redis-server per
+// case, interleaved A B A B … over -rounds so machine noise hits all alike.
+// It prints each variant's median throughput and server CPU per decision,
+// and their ratio to the first variant's.
+func BenchmarkShouldRateLimitVariants(b *testing.B) {
+	variants := grpcservertest.Variants(os.Getenv)
+	if len(variants) == 0 {
+		b.Skip("set " + grpcservertest.VariantsEnv)
+	}
+	rounds, _ := strconv.Atoi(os.Getenv("MESHGUARD_BENCH_ROUNDS"))
+	if rounds <= 0 {
+		rounds = 5
+	}
+	for _, tc := range []struct {
+		name string
+		reqs []*rlsv3.RateLimitRequest
+	}{{"hot1k", benchRequests(false)}, {"two_desc", benchRequests(true)}} {
+		b.Run(tc.name, func(b *testing.B) {
+			srv := redistest.Start(b)
+			type target struct {
+				client rlsv3.RateLimitServiceClient
+				pid    int
+			}
+			targets := make([]target, len(variants))
+			for i, v := range variants {
+				targets[i].client, targets[i].pid = startBenchServer(b, srv.URL(), v)
+			}
+			perSec := make([][]float64, len(variants))
+			cpu := make([][]float64, len(variants))
+			for range rounds {
+				for i, v := range variants {
+					var last benchResult
+					b.Run(v, func(b *testing.B) {
+						last = runLoad(b, targets[i].client, tc.reqs, targets[i].pid, rlsv3.RateLimitResponse_OK)
+					})
+					perSec[i] = append(perSec[i], last.perSec)
+					cpu[i] = append(cpu[i], last.cpuPerOp)
+				}
+			}
+			for i, v := range variants {
+				fmt.Printf("BenchmarkShouldRateLimitVariants/%s: %-24s median %6.0f decisions/s (%.2fx)  %5.1f meshguard-cpu-µs/op (%.2fx)  over %d rounds\n",
+					tc.name, v, median(perSec[i]), median(perSec[i])/median(perSec[0]),
+					median(cpu[i]), median(cpu[i])/median(cpu[0]), rounds)
+			}
+		})
+	}
+}
+
+func median(xs []float64) float64 {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if len(s) == 0 {
+		return 0
+	}
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
 // BenchmarkShouldRateLimitInProcess is the same load with the server in the

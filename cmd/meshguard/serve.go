@@ -18,8 +18,9 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
-	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
+
+	"github.com/meshguard/meshguard/internal/grpcserver"
 )
 
 // app is what every component's setup function gets: the process-wide
@@ -126,23 +127,13 @@ func serve(ctx context.Context, cfg Config, logw io.Writer) error {
 		comps = append(comps, c)
 	}
 
-	gm := newGRPCMetrics(reg)
-	gs := grpc.NewServer(
-		grpc.MaxRecvMsgSize(cfg.GRPC.MaxRecvMsgSize),
-		grpc.MaxConcurrentStreams(cfg.GRPC.MaxConcurrentStreams),
-		grpc.ConnectionTimeout(cfg.GRPC.ConnectionTimeout),
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{
-			MinTime:             cfg.GRPC.KeepaliveMinTime,
-			PermitWithoutStream: true,
-		}),
-		grpc.KeepaliveParams(keepalive.ServerParameters{
-			MaxConnectionIdle: cfg.GRPC.MaxConnectionIdle,
-			Time:              2 * time.Minute,
-			Timeout:           20 * time.Second,
-		}),
-		grpc.ChainUnaryInterceptor(gm.unary),
-		grpc.ChainStreamInterceptor(gm.stream),
-	)
+	gs := grpc.NewServer(append(grpcserver.Options(grpcserver.Limits{
+		MaxRecvMsgSize:       cfg.GRPC.MaxRecvMsgSize,
+		MaxConcurrentStreams: cfg.GRPC.MaxConcurrentStreams,
+		KeepaliveMinTime:     cfg.GRPC.KeepaliveMinTime,
+		MaxConnectionIdle:    cfg.GRPC.MaxConnectionIdle,
+		ConnectionTimeout:    cfg.GRPC.ConnectionTimeout,
+	}), grpcserver.NewMetrics(reg).ServerOptions()...)...)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
 	reflection.Register(gs)

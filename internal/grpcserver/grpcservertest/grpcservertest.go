@@ -1,0 +1,66 @@
+// Package grpcservertest lets benchmarks run the production gRPC server
+// stack (grpcserver.Options and the metrics interceptors) with tuning
+// overrides, so that candidate options can be compared side by side.
+package grpcservertest
+
+import (
+	"fmt"
+	"runtime"
+	"strconv"
+	"strings"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
+
+	"github.com/meshguard/meshguard/internal/grpcserver"
+)
+
+// VariantsEnv names the environment variable benchmarks read the variants
+// to compare from: space-separated variant specs (see Options).
+const VariantsEnv = "MESHGUARD_BENCH_GRPC_VARIANTS"
+
+// Variants returns the variants in VariantsEnv, or nil.
+func Variants(getenv func(string) string) []string {
+	return strings.Fields(getenv(VariantsEnv))
+}
+
+// Options returns the production server options with metrics registered in
+// reg, followed by the overrides in variant: "prod" (or "") for none, else a
+// comma-separated list of
+//
+//	workers=N   NumStreamWorkers(N); 0 turns workers off; Nx means N×GOMAXPROCS
+//	swb         SharedWriteBuffer(true)
+//	win=N       InitialWindowSize and InitialConnWindowSize N bytes
+//	rbuf=N      ReadBufferSize N bytes
+//	wbuf=N      WriteBufferSize N bytes
+func Options(reg prometheus.Registerer, variant string) ([]grpc.ServerOption, error) {
+	opts := append(grpcserver.Options(grpcserver.DefaultLimits()), grpcserver.NewMetrics(reg).ServerOptions()...)
+	if variant == "" || variant == "prod" {
+		return opts, nil
+	}
+	for _, o := range strings.Split(variant, ",") {
+		k, v, _ := strings.Cut(o, "=")
+		n, err := strconv.Atoi(strings.TrimSuffix(v, "x"))
+		if k != "swb" && err != nil {
+			return nil, fmt.Errorf("variant %q: %q: %w", variant, o, err)
+		}
+		switch k {
+		case "workers":
+			if strings.HasSuffix(v, "x") {
+				n *= runtime.GOMAXPROCS(0)
+			}
+			opts = append(opts, grpc.NumStreamWorkers(uint32(n)))
+		case "swb":
+			opts = append(opts, grpc.SharedWriteBuffer(true))
+		case "win":
+			opts = append(opts, grpc.InitialWindowSize(int32(n)), grpc.InitialConnWindowSize(int32(n)))
+		case "rbuf":
+			opts = append(opts, grpc.ReadBufferSize(n))
+		case "wbuf":
+			opts = append(opts, grpc.WriteBufferSize(n))
+		default:
+			return nil, fmt.Errorf("variant %q: unknown option %q", variant, o)
+		}
+	}
+	return opts, nil
+}
