@@ -2,8 +2,8 @@ package auditsink
 
 import (
 	"bytes"
-	"errors"
 	"context"
+	"errors"
 	"strconv"
 	"strings"
 	"time"
