@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 	"time"
@@ -240,4 +241,45 @@ func partitionMonth(name string) (time.Time, bool) {
 // that ends at or before now-retention is dropped whole.
 func pruneCutoff(now time.Time, retention time.Duration) time.Time {
 	return monthStart(now.Add(-retention))
+}
+
+// rowQuerier runs a SELECT of audit rows in one store's SQL dialect, calling
+// fn for each row when fn is set, else collecting them.
+type rowQuerier interface {
+	query(ctx context.Context, sql string, args []any, fn func(*Record) error) ([]Record, error)
+}
+
+// listRecords is List for either store: one keyset page, newest first.
+func listRecords(ctx context.Context, q rowQuerier, d dialect, f Filter, cur Cursor, limit int) ([]Record, Cursor, error) {
+	limit = clampLimit(limit)
+	sql, args := listSQL(d, f, cur, limit)
+	recs, err := q.query(ctx, sql, args, nil)
+	if err != nil {
+		return nil, Cursor{}, fmt.Errorf("listing audit rows: %w", err)
+	}
+	recs, next := pageResult(recs, limit)
+	return recs, next, nil
+}
+
+// scanRecords is Scan for either store: ascending keyset pages of
+// scanPageSize rows, so memory stays bounded by one page.
+func scanRecords(ctx context.Context, q rowQuerier, d dialect, f Filter, fn func(*Record) error) error {
+	var cur Cursor
+	started := false
+	for {
+		sql, args := scanSQL(d, f, cur, started)
+		n := 0
+		_, err := q.query(ctx, sql, args, func(r *Record) error {
+			n++
+			cur = Cursor{CreatedAt: r.CreatedAt, ID: r.ID}
+			return fn(r)
+		})
+		if err != nil {
+			return fmt.Errorf("scanning audit rows: %w", err)
+		}
+		if n < scanPageSize {
+			return nil
+		}
+		started = true
+	}
 }

@@ -270,37 +270,13 @@ func nullJSON(raw json.RawMessage) any {
 
 // List implements recordReader.
 func (s *PGStore) List(ctx context.Context, f Filter, cur Cursor, limit int) ([]Record, Cursor, error) {
-	limit = clampLimit(limit)
-	sql, args := listSQL(pgDialect, f, cur, limit)
-	recs, err := s.query(ctx, sql, args, nil)
-	if err != nil {
-		return nil, Cursor{}, fmt.Errorf("listing audit rows: %w", err)
-	}
-	recs, next := pageResult(recs, limit)
-	return recs, next, nil
+	return listRecords(ctx, s, pgDialect, f, cur, limit)
 }
 
 // Scan implements recordReader: ascending keyset pages, so memory stays
 // bounded by one page whatever the range.
 func (s *PGStore) Scan(ctx context.Context, f Filter, fn func(*Record) error) error {
-	var cur Cursor
-	started := false
-	for {
-		sql, args := scanSQL(pgDialect, f, cur, started)
-		n := 0
-		_, err := s.query(ctx, sql, args, func(r *Record) error {
-			n++
-			cur = Cursor{CreatedAt: r.CreatedAt, ID: r.ID}
-			return fn(r)
-		})
-		if err != nil {
-			return fmt.Errorf("scanning audit rows: %w", err)
-		}
-		if n < scanPageSize {
-			return nil
-		}
-		started = true
-	}
+	return scanRecords(ctx, s, pgDialect, f, fn)
 }
 
 // chainRanges implements chainReader.

@@ -179,36 +179,12 @@ func (s *SQLiteStore) confirmDuplicate(ctx context.Context, recs []Record) (bool
 
 // List implements recordReader.
 func (s *SQLiteStore) List(ctx context.Context, f Filter, cur Cursor, limit int) ([]Record, Cursor, error) {
-	limit = clampLimit(limit)
-	q, args := listSQL(sqliteDialect, f, cur, limit)
-	recs, err := s.query(ctx, q, args, nil)
-	if err != nil {
-		return nil, Cursor{}, fmt.Errorf("listing audit rows: %w", err)
-	}
-	recs, next := pageResult(recs, limit)
-	return recs, next, nil
+	return listRecords(ctx, s, sqliteDialect, f, cur, limit)
 }
 
 // Scan implements recordReader: ascending keyset pages.
 func (s *SQLiteStore) Scan(ctx context.Context, f Filter, fn func(*Record) error) error {
-	var cur Cursor
-	started := false
-	for {
-		q, args := scanSQL(sqliteDialect, f, cur, started)
-		n := 0
-		_, err := s.query(ctx, q, args, func(r *Record) error {
-			n++
-			cur = Cursor{CreatedAt: r.CreatedAt, ID: r.ID}
-			return fn(r)
-		})
-		if err != nil {
-			return fmt.Errorf("scanning audit rows: %w", err)
-		}
-		if n < scanPageSize {
-			return nil
-		}
-		started = true
-	}
+	return scanRecords(ctx, s, sqliteDialect, f, fn)
 }
 
 // chainRanges implements chainReader.
