@@ -8,12 +8,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
-	"os"
-	"os/user"
-	"path/filepath"
-	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -22,7 +17,6 @@ import (
 	"github.com/meshguard/meshguard/auditsink"
 	"github.com/meshguard/meshguard/internal/pgtest"
 	"github.com/meshguard/meshguard/internal/secret"
-	"github.com/meshguard/meshguard/internal/servertest"
 )
 
 // readyzDoc is /readyz as a client sees it.
@@ -184,9 +178,9 @@ func TestNoDatabaseConfigured(t *testing.T) {
 // transaction mode, leaving no server-side prepared statement behind.
 func TestAuditPathThroughPgBouncer(t *testing.T) {
 	srv := pgtest.Start(t)
-	bouncer := startPgBouncer(t, srv.Port())
+	bouncer := pgtest.StartPgBouncer(t, srv)
 	direct := srv.NewDatabase(t)
-	viaBouncer := strings.Replace(direct, fmt.Sprintf(":%d/", srv.Port()), fmt.Sprintf(":%d/", bouncer), 1)
+	viaBouncer := bouncer.URL(t, direct)
 
 	cfg := DefaultConfig()
 	cfg.Database.URL = secret.URL(viaBouncer)
@@ -245,53 +239,4 @@ func TestAuditPathThroughPgBouncer(t *testing.T) {
 	if err != nil || prepared != 0 {
 		t.Errorf("server session behind PgBouncer holds %d prepared statements (%v)", prepared, err)
 	}
-}
-
-// startPgBouncer runs PgBouncer in transaction mode (one server connection
-// per database) in front of the postgres on pgPort and returns its port.
-// Missing binary: skip locally, fail under CI=true.
-// TODO(lead): the same launcher lives in internal/pgpool's tests; it could
-// move to internal/pgtest as StartPgBouncer.
-func startPgBouncer(t *testing.T, pgPort int) int {
-	t.Helper()
-	bin := servertest.LookPath(t, "pgbouncer", "/usr/sbin/pgbouncer", "/usr/local/sbin/pgbouncer")
-	var cred *syscall.Credential
-	dir := t.TempDir()
-	if os.Geteuid() == 0 { // PgBouncer refuses to run as root
-		u, err := user.Lookup("postgres")
-		if err != nil {
-			t.Fatalf("running pgbouncer as root needs the OS user postgres: %v", err)
-		}
-		uid, _ := strconv.Atoi(u.Uid)
-		gid, _ := strconv.Atoi(u.Gid)
-		cred = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
-		if dir, err = os.MkdirTemp("", "pgbouncer-"); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { os.RemoveAll(dir) })
-		if err := os.Chown(dir, uid, gid); err != nil {
-			t.Fatal(err)
-		}
-	}
-	port := servertest.FreePort(t)
-	files := map[string]string{
-		"users.txt": `"postgres" ""` + "\n",
-		"pgbouncer.ini": fmt.Sprintf("[databases]\n* = host=127.0.0.1 port=%d\n[pgbouncer]\nlisten_addr = 127.0.0.1\n"+
-			"listen_port = %d\nunix_socket_dir =\nauth_type = trust\nauth_file = %s\npool_mode = transaction\n"+
-			"default_pool_size = 1\nmax_client_conn = 100\n", pgPort, port, filepath.Join(dir, "users.txt")),
-	}
-	for name, body := range files {
-		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	proc, err := servertest.Start(bin, []string{filepath.Join(dir, "pgbouncer.ini")}, dir, cred)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { proc.Stop(syscall.SIGINT, 5*time.Second) })
-	if err := servertest.WaitTCP(fmt.Sprintf("127.0.0.1:%d", port), 10*time.Second); err != nil {
-		t.Fatalf("%v\n%s", err, proc.Output())
-	}
-	return port
 }

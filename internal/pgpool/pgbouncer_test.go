@@ -3,96 +3,21 @@ package pgpool
 import (
 	"errors"
 	"fmt"
-	"net/url"
-	"os"
-	"os/user"
-	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
-	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
 
-	"github.com/meshguard/meshguard/internal/servertest"
+	"github.com/meshguard/meshguard/internal/pgtest"
 )
 
-// startPgBouncer runs a real PgBouncer in transaction mode in front of pg,
-// with one server connection per database, so every client of a database
-// shares one server session. It returns the port. Missing binary: skip
-// locally, fail under CI=true.
-func startPgBouncer(t *testing.T) int {
-	t.Helper()
-	bin := servertest.LookPath(t, "pgbouncer", "/usr/sbin/pgbouncer", "/usr/local/sbin/pgbouncer")
-	pgURL, err := url.Parse(pg.URL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	// PgBouncer refuses to run as root; run it as postgres, like pgtest does.
-	var cred *syscall.Credential
-	uid, gid := -1, -1
-	if os.Geteuid() == 0 {
-		u, err := user.Lookup("postgres")
-		if err != nil {
-			t.Fatalf("running pgbouncer as root needs the OS user postgres: %v", err)
-		}
-		uid, _ = strconv.Atoi(u.Uid)
-		gid, _ = strconv.Atoi(u.Gid)
-		cred = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
-	}
-	dir, err := os.MkdirTemp("", "pgbouncer-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if cred != nil {
-		if err := os.Chown(dir, uid, gid); err != nil {
-			t.Fatal(err)
-		}
-	}
-	port := servertest.FreePort(t)
-	ini := fmt.Sprintf(`[databases]
-* = host=127.0.0.1 port=%s
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = %d
-unix_socket_dir =
-auth_type = trust
-auth_file = %s
-pool_mode = transaction
-default_pool_size = 1
-max_client_conn = 100
-server_check_delay = 0
-`, pgURL.Port(), port, filepath.Join(dir, "users.txt"))
-	files := map[string]string{"pgbouncer.ini": ini, "users.txt": `"postgres" ""` + "\n"}
-	for name, body := range files {
-		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	proc, err := servertest.Start(bin, []string{filepath.Join(dir, "pgbouncer.ini")}, dir, cred)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { proc.Stop(syscall.SIGINT, 5*time.Second) })
-	if err := servertest.WaitTCP(fmt.Sprintf("127.0.0.1:%d", port), 10*time.Second); err != nil {
-		t.Fatalf("%v\n%s", err, proc.Output())
-	}
-	return port
-}
+// startPgBouncer runs a real PgBouncer in transaction mode in front of pg
+// and returns it.
+func startPgBouncer(t *testing.T) *pgtest.PgBouncer { return pgtest.StartPgBouncer(t, pg) }
 
 // bouncerURL is a fresh database on pg, reached through PgBouncer.
-func bouncerURL(t *testing.T, port int) string {
-	t.Helper()
-	u, err := url.Parse(pg.NewDatabase(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	u.Host = fmt.Sprintf("127.0.0.1:%d", port)
-	return u.String()
-}
+func bouncerURL(t *testing.T, b *pgtest.PgBouncer) string { return b.URL(t, pg.NewDatabase(t)) }
 
 // TestRealPgBouncer: through a real PgBouncer in transaction mode, pgx's
 // default statement cache collides (42P05) and a statement_timeout startup
@@ -101,10 +26,10 @@ func bouncerURL(t *testing.T, port int) string {
 // prepared statement on the shared server session.
 func TestRealPgBouncer(t *testing.T) {
 	needPG(t)
-	port := startPgBouncer(t)
+	bouncer := startPgBouncer(t)
 
 	t.Run("normal mode collides", func(t *testing.T) {
-		cfg := testConfig(bouncerURL(t, port))
+		cfg := testConfig(bouncerURL(t, bouncer))
 		cfg.Pool.StatementTimeout = 0
 		cfg.Pool.MaxConns = 2
 		p, _ := open(t, cfg, nil)
@@ -130,7 +55,7 @@ func TestRealPgBouncer(t *testing.T) {
 	})
 
 	t.Run("statement_timeout refused", func(t *testing.T) {
-		cfg := testConfig(bouncerURL(t, port))
+		cfg := testConfig(bouncerURL(t, bouncer))
 		cfg.Startup.Attempts = 0
 		p, _ := open(t, cfg, nil)
 		h := p.Health(t.Context())
@@ -143,7 +68,7 @@ func TestRealPgBouncer(t *testing.T) {
 	})
 
 	t.Run("pgbouncer mode", func(t *testing.T) {
-		cfg := testConfig(bouncerURL(t, port))
+		cfg := testConfig(bouncerURL(t, bouncer))
 		cfg.PgBouncer = true
 		cfg.Pool.MaxConns = 4
 		p, _ := open(t, cfg, nil)
