@@ -17,6 +17,7 @@ import (
 
 	"github.com/meshguard/meshguard/auditsink"
 	"github.com/meshguard/meshguard/extauthz"
+	"github.com/meshguard/meshguard/internal/grpcserver"
 	"github.com/meshguard/meshguard/internal/pgpool"
 	"github.com/meshguard/meshguard/internal/secret"
 	"github.com/meshguard/meshguard/ratelimitsvc"
@@ -28,7 +29,7 @@ type Config struct {
 	Environment string                   `yaml:"environment"`
 	Listen      ListenConfig             `yaml:"listen"`
 	Log         LogConfig                `yaml:"log"`
-	GRPC        GRPCConfig               `yaml:"grpc"`
+	GRPC        grpcserver.Limits        `yaml:"grpc"`
 	Shutdown    ShutdownConfig           `yaml:"shutdown"`
 	Redis       ratelimitsvc.RedisConfig `yaml:"redis"`
 	Database    pgpool.Config            `yaml:"database"`
@@ -53,15 +54,6 @@ type LogConfig struct {
 	Format string `yaml:"format"`
 }
 
-// GRPCConfig bounds what one client can make the gRPC server hold.
-type GRPCConfig struct {
-	MaxRecvMsgSize       int           `yaml:"max_recv_msg_size"`
-	MaxConcurrentStreams uint32        `yaml:"max_concurrent_streams"`
-	KeepaliveMinTime     time.Duration `yaml:"keepalive_min_time"`
-	MaxConnectionIdle    time.Duration `yaml:"max_connection_idle"`
-	ConnectionTimeout    time.Duration `yaml:"connection_timeout"`
-}
-
 // ShutdownConfig bounds how long a SIGTERM waits for in-flight work.
 type ShutdownConfig struct {
 	Timeout time.Duration `yaml:"timeout"`
@@ -73,21 +65,15 @@ func DefaultConfig() Config {
 		Environment: "production",
 		Listen:      ListenConfig{GRPC: "127.0.0.1:8081", HTTP: "127.0.0.1:8080"},
 		Log:         LogConfig{Level: "info"},
-		GRPC: GRPCConfig{
-			MaxRecvMsgSize:       4 << 20,
-			MaxConcurrentStreams: 1024,
-			KeepaliveMinTime:     10 * time.Second,
-			MaxConnectionIdle:    0,
-			ConnectionTimeout:    10 * time.Second,
-		},
-		Shutdown:  ShutdownConfig{Timeout: 8 * time.Second},
-		Redis:     ratelimitsvc.DefaultRedisConfig(),
-		Database:  pgpool.DefaultConfig(),
-		Ratelimit: ratelimitsvc.DefaultConfig(),
-		CORS:      extauthz.DefaultCORSConfig(),
-		Identity:  extauthz.DefaultIdentityConfig(),
-		CSP:       extauthz.DefaultCSPConfig(),
-		Audit:     auditsink.DefaultConfig(),
+		GRPC:        grpcserver.DefaultLimits(),
+		Shutdown:    ShutdownConfig{Timeout: 8 * time.Second},
+		Redis:       ratelimitsvc.DefaultRedisConfig(),
+		Database:    pgpool.DefaultConfig(),
+		Ratelimit:   ratelimitsvc.DefaultConfig(),
+		CORS:        extauthz.DefaultCORSConfig(),
+		Identity:    extauthz.DefaultIdentityConfig(),
+		CSP:         extauthz.DefaultCSPConfig(),
+		Audit:       auditsink.DefaultConfig(),
 	}
 }
 

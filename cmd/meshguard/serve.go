@@ -127,13 +127,7 @@ func serve(ctx context.Context, cfg Config, logw io.Writer) error {
 		comps = append(comps, c)
 	}
 
-	gs := grpc.NewServer(append(grpcserver.Options(grpcserver.Limits{
-		MaxRecvMsgSize:       cfg.GRPC.MaxRecvMsgSize,
-		MaxConcurrentStreams: cfg.GRPC.MaxConcurrentStreams,
-		KeepaliveMinTime:     cfg.GRPC.KeepaliveMinTime,
-		MaxConnectionIdle:    cfg.GRPC.MaxConnectionIdle,
-		ConnectionTimeout:    cfg.GRPC.ConnectionTimeout,
-	}), grpcserver.NewMetrics(reg).ServerOptions()...)...)
+	gs := grpc.NewServer(append(grpcserver.Options(cfg.GRPC), grpcserver.NewMetrics(reg).ServerOptions()...)...)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
 	reflection.Register(gs)

@@ -19,20 +19,21 @@ import (
 
 // Limits bounds what one client can make the server hold. The fields mirror
 // cmd/meshguard's GRPCConfig (YAML section grpc).
+// It is the `grpc:` section of meshguard's config.
 type Limits struct {
 	// MaxRecvMsgSize is the largest request message in bytes.
-	MaxRecvMsgSize int
+	MaxRecvMsgSize int `yaml:"max_recv_msg_size"`
 	// MaxConcurrentStreams is the most RPCs one connection may have open.
-	MaxConcurrentStreams uint32
+	MaxConcurrentStreams uint32 `yaml:"max_concurrent_streams"`
 	// KeepaliveMinTime is the shortest client ping interval tolerated.
-	KeepaliveMinTime time.Duration
+	KeepaliveMinTime time.Duration `yaml:"keepalive_min_time"`
 	// MaxConnectionIdle closes connections idle this long; 0: never.
-	MaxConnectionIdle time.Duration
+	MaxConnectionIdle time.Duration `yaml:"max_connection_idle"`
 	// ConnectionTimeout bounds the connection handshake.
-	ConnectionTimeout time.Duration
+	ConnectionTimeout time.Duration `yaml:"connection_timeout"`
 }
 
-// DefaultLimits are cmd/meshguard's defaults.
+// DefaultLimits are the defaults of the grpc section.
 func DefaultLimits() Limits {
 	return Limits{
 		MaxRecvMsgSize:       4 << 20,
