@@ -79,11 +79,6 @@ func (c *chain) linkNormalized(recs []Record) {
 	}
 }
 
-// head returns the current head.
-func (c *chain) head() ChainHead {
-	return ChainHead{ChainID: c.id, Seq: c.seq, Hash: c.prev}
-}
-
 // rowHash recomputes the hash of a stored row.
 func rowHash(r *Record, buf []byte) ([]byte, []byte) {
 	buf = appendCanonical(buf[:0], r)

@@ -103,6 +103,8 @@ func (m *mapper) mapHTTP(id *streamIdentity, e *accesslogv3.HTTPAccessLogEntry, 
 	default:
 		return nil, outIntermediate
 	}
+	// Envoys before access_log_type mark start/periodic entries this way.
+	//lint:ignore SA1019 older Envoys still send it
 	if c.GetIntermediateLogEntry() {
 		return nil, outIntermediate
 	}

@@ -12,11 +12,6 @@ var responseFlagNames = [...]string{
 	"DC", "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF", "DR",
 }
 
-const (
-	flagRL   = 1 << 11
-	flagUAEX = 1 << 12
-)
-
 func responseFlagBit(name string) (uint64, bool) {
 	for i, n := range responseFlagNames {
 		if n == name {

@@ -162,7 +162,6 @@ var (
 	statusPreflight = &rpcstatus.Status{Code: int32(codes.PermissionDenied), Message: "CORS preflight answered by meshguard"}
 
 	http204 = &typev3.HttpStatus{Code: typev3.StatusCode_NoContent}
-	http400 = &typev3.HttpStatus{Code: typev3.StatusCode_BadRequest}
 	http401 = &typev3.HttpStatus{Code: typev3.StatusCode_Unauthorized}
 	http403 = &typev3.HttpStatus{Code: typev3.StatusCode_Forbidden}
 	http431 = &typev3.HttpStatus{Code: typev3.StatusCode_RequestHeaderFieldsTooLarge}
@@ -347,19 +346,18 @@ type eval struct {
 	body     string
 	grpc     *rpcstatus.Status
 
-	origin      origin
-	originRaw   string // for metadata when the origin did not parse
-	cors        bool   // add ACAO (and friends) for origin
-	anyOrigin   bool   // ACAO: *
-	vary        bool   // add Vary: Origin
-	preflight   bool
-	tenant      string
-	user        string
-	role        string
-	client      string
-	nonce       bool
-	idSource    int
-	setIdentity bool
+	origin    origin
+	originRaw string // for metadata when the origin did not parse
+	cors      bool   // add ACAO (and friends) for origin
+	anyOrigin bool   // ACAO: *
+	vary      bool   // add Vary: Origin
+	preflight bool
+	tenant    string
+	user      string
+	role      string
+	client    string
+	nonce     bool
+	idSource  int
 }
 
 // Check decides one request. A deny is an answer; the error is non-nil only

@@ -43,6 +43,7 @@ func optionString(o *corev3.HeaderValueOption) string {
 		corev3.HeaderValueOption_ADD_IF_ABSENT:              "add-if-absent",
 		corev3.HeaderValueOption_OVERWRITE_IF_EXISTS:        "overwrite-if-exists",
 	}[o.GetAppendAction()]
+	//lint:ignore SA1019 the tests show meshguard never sets it
 	if o.GetAppend() != nil {
 		act += " +deprecated append"
 	}

@@ -300,10 +300,6 @@ type originSet struct {
 	any   bool // "*": every origin, only without credentials
 }
 
-func (p *originSet) empty() bool {
-	return p == nil || (len(p.exact) == 0 && len(p.wild) == 0 && !p.null && !p.any)
-}
-
 // allows reports whether the normalised origin o is in the set.
 func (p *originSet) allows(o origin) bool {
 	if p == nil || o.s == "" {

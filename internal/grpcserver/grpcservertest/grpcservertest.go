@@ -29,7 +29,6 @@ func Variants(getenv func(string) string) []string {
 // comma-separated list of
 //
 //	workers=N   NumStreamWorkers(N); 0 turns workers off; Nx means N×GOMAXPROCS
-//	swb         SharedWriteBuffer(true)
 //	win=N       InitialWindowSize and InitialConnWindowSize N bytes
 //	rbuf=N      ReadBufferSize N bytes
 //	wbuf=N      WriteBufferSize N bytes
@@ -41,7 +40,7 @@ func Options(reg prometheus.Registerer, variant string) ([]grpc.ServerOption, er
 	for _, o := range strings.Split(variant, ",") {
 		k, v, _ := strings.Cut(o, "=")
 		n, err := strconv.Atoi(strings.TrimSuffix(v, "x"))
-		if k != "swb" && err != nil {
+		if err != nil {
 			return nil, fmt.Errorf("variant %q: %q: %w", variant, o, err)
 		}
 		switch k {
@@ -50,8 +49,6 @@ func Options(reg prometheus.Registerer, variant string) ([]grpc.ServerOption, er
 				n *= runtime.GOMAXPROCS(0)
 			}
 			opts = append(opts, grpc.NumStreamWorkers(uint32(n)))
-		case "swb":
-			opts = append(opts, grpc.SharedWriteBuffer(true))
 		case "win":
 			opts = append(opts, grpc.InitialWindowSize(int32(n)), grpc.InitialConnWindowSize(int32(n)))
 		case "rbuf":
