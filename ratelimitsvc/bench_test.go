@@ -2,6 +2,7 @@ package ratelimitsvc
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"net"
 	"os"
@@ -71,16 +72,40 @@ func newBenchRedis(url string) (*RedisStore, error) {
 	return NewRedisStore(discardLogger(), prometheus.NewRegistry(), rc)
 }
 
-// benchServe serves on 127.0.0.1:0, prints the address, and stops when
-// stdin closes.
-func benchServe(url string) error {
-	rs, err := newBenchRedis(url)
-	if err != nil {
-		return err
+// benchNoop is passed as the Redis URL to serve the no-op baseline instead.
+const benchNoop = "noop"
+
+// noopRLS answers OK with one status per descriptor and does nothing else: the
+// floor the gRPC stack sets under any rate limit service on this machine.
+type noopRLS struct {
+	rlsv3.UnimplementedRateLimitServiceServer
+}
+
+func (noopRLS) ShouldRateLimit(_ context.Context, req *rlsv3.RateLimitRequest) (*rlsv3.RateLimitResponse, error) {
+	resp := &rlsv3.RateLimitResponse{OverallCode: rlsv3.RateLimitResponse_OK}
+	for range req.GetDescriptors() {
+		resp.Statuses = append(resp.Statuses, &rlsv3.RateLimitResponse_DescriptorStatus{Code: rlsv3.RateLimitResponse_OK})
 	}
-	srv, err := New(discardLogger(), prometheus.NewRegistry(), benchConfig(), rs)
-	if err != nil {
-		return err
+	return resp, nil
+}
+
+// benchServe serves on 127.0.0.1:0, prints the address, and stops when
+// stdin closes. url benchNoop serves noopRLS.
+func benchServe(url string) error {
+	var register func(grpc.ServiceRegistrar)
+	var rs *RedisStore
+	if url == benchNoop {
+		register = func(r grpc.ServiceRegistrar) { rlsv3.RegisterRateLimitServiceServer(r, noopRLS{}) }
+	} else {
+		var err error
+		if rs, err = newBenchRedis(url); err != nil {
+			return err
+		}
+		srv, err := New(discardLogger(), prometheus.NewRegistry(), benchConfig(), rs)
+		if err != nil {
+			return err
+		}
+		register = srv.Register
 	}
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -92,7 +117,7 @@ func benchServe(url string) error {
 		return err
 	}
 	gs := grpc.NewServer(opts...)
-	srv.Register(gs)
+	register(gs)
 	go gs.Serve(lis)
 	if path := os.Getenv("MESHGUARD_RLS_BENCH_CPUPROFILE"); path != "" {
 		f, err := os.Create(path)
@@ -107,6 +132,9 @@ func benchServe(url string) error {
 	buf := make([]byte, 1)
 	os.Stdin.Read(buf) // EOF when the benchmark ends
 	gs.Stop()
+	if rs == nil {
+		return nil
+	}
 	return rs.Close()
 }
 
@@ -319,6 +347,12 @@ func BenchmarkShouldRateLimit(b *testing.B) {
 			runLoad(b, client, tc.reqs, pid, tc.want)
 		})
 	}
+	// The same load on a server that decides nothing: what the gRPC stack
+	// alone costs per call here, to read the figures above against.
+	b.Run("noop_server", func(b *testing.B) {
+		client, pid := startBenchServer(b, benchNoop, "")
+		runLoad(b, client, benchRequests(false), pid, rlsv3.RateLimitResponse_OK)
+	})
 }
 
 // BenchmarkShouldRateLimitVariants compares gRPC server tuning variants
