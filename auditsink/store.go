@@ -283,3 +283,24 @@ func scanRecords(ctx context.Context, q rowQuerier, d dialect, f Filter, fn func
 		started = true
 	}
 }
+
+// scanChainRecords is scanChain for either store: the rows of one chain with
+// after < seq <= last, in seq order, a page at a time.
+func scanChainRecords(ctx context.Context, q rowQuerier, d dialect, chain string, after, last int64, fn func(*Record) error) error {
+	for after < last {
+		sql, args := chainPageSQL(d, chain, after, last)
+		n := 0
+		_, err := q.query(ctx, sql, args, func(r *Record) error {
+			n++
+			after = r.Seq
+			return fn(r)
+		})
+		if err != nil {
+			return fmt.Errorf("reading audit chain %q: %w", chain, err)
+		}
+		if n < scanPageSize {
+			return nil
+		}
+	}
+	return nil
+}

@@ -299,22 +299,7 @@ func (s *PGStore) chainRanges(ctx context.Context, from, to time.Time) ([]chainR
 
 // scanChain implements chainReader.
 func (s *PGStore) scanChain(ctx context.Context, chain string, after, last int64, fn func(*Record) error) error {
-	for after < last {
-		q, args := chainPageSQL(pgDialect, chain, after, last)
-		n := 0
-		_, err := s.query(ctx, q, args, func(r *Record) error {
-			n++
-			after = r.Seq
-			return fn(r)
-		})
-		if err != nil {
-			return fmt.Errorf("reading audit chain %q: %w", chain, err)
-		}
-		if n < scanPageSize {
-			return nil
-		}
-	}
-	return nil
+	return scanChainRecords(ctx, s, pgDialect, chain, after, last, fn)
 }
 
 // checkpoints implements chainReader.
