@@ -880,17 +880,7 @@ func (s *Server) respond(e *eval) *authv3.CheckResponse {
 
 	rsp := a.rspPtr[:0]
 	if e.cors {
-		if e.anyOrigin {
-			rsp = append(rsp, s.hACAOStar)
-		} else {
-			a.rspVal[0] = corev3.HeaderValue{Key: "Access-Control-Allow-Origin", Value: e.origin.s}
-			a.rspOpt[0].Header = &a.rspVal[0]
-			a.rspOpt[0].AppendAction = corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD
-			rsp = append(rsp, &a.rspOpt[0])
-			if s.p.allowCredentials {
-				rsp = append(rsp, s.hAllowCreds)
-			}
-		}
+		rsp = s.appendAllowOrigin(rsp, &a.rspVal[0], &a.rspOpt[0], e)
 		if s.hExpose != nil {
 			rsp = append(rsp, s.hExpose)
 		}
@@ -920,6 +910,23 @@ func (s *Server) respond(e *eval) *authv3.CheckResponse {
 	return &a.resp
 }
 
+// appendAllowOrigin appends Access-Control-Allow-Origin (the request's
+// origin, built in the caller's arena val/opt, or the shared "*" option) and,
+// for an echoed origin, Access-Control-Allow-Credentials when configured.
+func (s *Server) appendAllowOrigin(h []*corev3.HeaderValueOption, val *corev3.HeaderValue, opt *corev3.HeaderValueOption, e *eval) []*corev3.HeaderValueOption {
+	if e.anyOrigin {
+		return append(h, s.hACAOStar)
+	}
+	*val = corev3.HeaderValue{Key: "Access-Control-Allow-Origin", Value: e.origin.s}
+	opt.Header = val
+	opt.AppendAction = corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD
+	h = append(h, opt)
+	if s.p.allowCredentials {
+		h = append(h, s.hAllowCreds)
+	}
+	return h
+}
+
 func (s *Server) respondDenied(e *eval) *authv3.CheckResponse {
 	a := &deniedArena{}
 	a.resp.Status = e.grpc
@@ -932,17 +939,7 @@ func (s *Server) respondDenied(e *eval) *authv3.CheckResponse {
 	if e.cors {
 		// Preflight answer, or an allowed origin denied for another reason
 		// (a role): the browser may read the answer.
-		if e.anyOrigin {
-			h = append(h, s.hACAOStar)
-		} else {
-			a.val[0] = corev3.HeaderValue{Key: "Access-Control-Allow-Origin", Value: e.origin.s}
-			a.opt[0].Header = &a.val[0]
-			a.opt[0].AppendAction = corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD
-			h = append(h, &a.opt[0])
-			if s.p.allowCredentials {
-				h = append(h, s.hAllowCreds)
-			}
-		}
+		h = s.appendAllowOrigin(h, &a.val[0], &a.opt[0], e)
 	}
 	switch {
 	case e.decision == decisionPreflight:
