@@ -3,7 +3,6 @@ package auditsink
 import (
 	"context"
 	"fmt"
-	"path/filepath"
 	"slices"
 	"sync"
 	"testing"
@@ -12,7 +11,6 @@ import (
 	accesslogv3 "github.com/envoyproxy/go-control-plane/envoy/data/accesslog/v3"
 	alsv3 "github.com/envoyproxy/go-control-plane/envoy/service/accesslog/v3"
 	"github.com/jackc/pgx/v5"
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meshguard/meshguard/internal/pgtest"
 )
@@ -46,16 +44,7 @@ func BenchmarkALSToPostgres(b *testing.B) {
 	for b.Loop() {
 		for round := range rounds {
 			truncate()
-			cfg := DefaultConfig()
-			cfg.SpoolDir = filepath.Join(b.TempDir(), "spool")
-			cfg.ChainID = fmt.Sprintf("bench-als-%d", round)
-			w, err := NewWriter(discardLog, prometheus.NewRegistry(), cfg, s)
-			if err != nil {
-				b.Fatal(err)
-			}
-			rctx, cancel := context.WithCancel(ctx)
-			runDone := make(chan error, 1)
-			go func() { runDone <- w.Run(rctx) }()
+			w, cfg, stop := startBenchWriter(b, ctx, s, fmt.Sprintf("bench-als-%d", round))
 			server, _ := newTestServer(b, cfg, w)
 			client := startALS(b, server)
 
@@ -91,8 +80,7 @@ func BenchmarkALSToPostgres(b *testing.B) {
 			if err := w.Close(ctx); err != nil {
 				b.Fatal(err)
 			}
-			cancel()
-			<-runDone
+			stop()
 
 			// The same rows, plain COPY.
 			var rows []Record

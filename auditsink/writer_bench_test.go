@@ -67,16 +67,7 @@ func BenchmarkWriterVsCopy(b *testing.B) {
 		for round := range rounds {
 			// A: through the Writer.
 			truncate()
-			cfg := DefaultConfig()
-			cfg.SpoolDir = filepath.Join(b.TempDir(), "spool")
-			cfg.ChainID = fmt.Sprintf("bench-w-%d", round)
-			w, err := NewWriter(discardLog, prometheus.NewRegistry(), cfg, s)
-			if err != nil {
-				b.Fatal(err)
-			}
-			rctx, cancel := context.WithCancel(ctx)
-			runDone := make(chan error, 1)
-			go func() { runDone <- w.Run(rctx) }()
+			w, _, stop := startBenchWriter(b, ctx, s, fmt.Sprintf("bench-w-%d", round))
 			cpu0, t0 := cpuTime(), time.Now()
 			var wg sync.WaitGroup
 			for st := range streams {
@@ -98,8 +89,7 @@ func BenchmarkWriterVsCopy(b *testing.B) {
 				b.Fatal(err)
 			}
 			elapsed, cpu := time.Since(t0), cpuTime()-cpu0
-			cancel()
-			<-runDone
+			stop()
 			if _, n := w.spool.size(); n != 0 || storeMetric(b, w.m.stored) != rows {
 				b.Fatalf("writer stored %v rows, spool %d segments; want %d stored", storeMetric(b, w.m.stored), n, rows)
 			}
@@ -141,4 +131,24 @@ func BenchmarkChainLink(b *testing.B) {
 		c.link(recs)
 	}
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(recs)), "ns/row")
+}
+
+// startBenchWriter runs a Writer over s with its own spool and chain; stop
+// ends its Run loop (call it after Close).
+func startBenchWriter(b *testing.B, ctx context.Context, s BatchStore, chainID string) (*Writer, Config, func()) {
+	b.Helper()
+	cfg := DefaultConfig()
+	cfg.SpoolDir = filepath.Join(b.TempDir(), "spool")
+	cfg.ChainID = chainID
+	w, err := NewWriter(discardLog, prometheus.NewRegistry(), cfg, s)
+	if err != nil {
+		b.Fatal(err)
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	runDone := make(chan error, 1)
+	go func() { runDone <- w.Run(rctx) }()
+	return w, cfg, func() {
+		cancel()
+		<-runDone
+	}
 }
