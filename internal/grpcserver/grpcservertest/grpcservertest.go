@@ -6,6 +6,7 @@ package grpcservertest
 import (
 	"fmt"
 	"runtime"
+	"runtime/debug"
 	"strconv"
 	"strings"
 
@@ -32,6 +33,8 @@ func Variants(getenv func(string) string) []string {
 //	win=N       InitialWindowSize and InitialConnWindowSize N bytes
 //	rbuf=N      ReadBufferSize N bytes
 //	wbuf=N      WriteBufferSize N bytes
+//	procs=N     runtime.GOMAXPROCS(N) in the serving process
+//	gogc=N      debug.SetGCPercent(N) in the serving process
 func Options(reg prometheus.Registerer, variant string) ([]grpc.ServerOption, error) {
 	opts := append(grpcserver.Options(grpcserver.DefaultLimits()), grpcserver.NewMetrics(reg).ServerOptions()...)
 	if variant == "" || variant == "prod" {
@@ -55,6 +58,10 @@ func Options(reg prometheus.Registerer, variant string) ([]grpc.ServerOption, er
 			opts = append(opts, grpc.ReadBufferSize(n))
 		case "wbuf":
 			opts = append(opts, grpc.WriteBufferSize(n))
+		case "procs":
+			runtime.GOMAXPROCS(n)
+		case "gogc":
+			debug.SetGCPercent(n)
 		default:
 			return nil, fmt.Errorf("variant %q: unknown option %q", variant, o)
 		}
