@@ -20,6 +20,7 @@ import (
 
 	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
@@ -111,8 +112,21 @@ func benchServe(url string) error {
 	if err != nil {
 		return err
 	}
+	variant := os.Getenv(benchVariantEnv)
+	if v, ok := strings.CutPrefix(variant, "store=goredis"); ok {
+		// Decisions through go-redis' autopipeliner instead of the
+		// pipeline, to compare the two on one load.
+		variant = strings.TrimPrefix(v, ",")
+		if rs != nil {
+			rs.pipe.close()
+			rs.pipe = nil
+			if rs.ap, err = rs.client.AsyncAutoPipelineWithOptions(redis.DefaultBlockingAutoPipelineOptions()); err != nil {
+				return err
+			}
+		}
+	}
 	// The production stack: cmd/meshguard's options and interceptors.
-	opts, err := grpcservertest.Options(prometheus.NewRegistry(), os.Getenv(benchVariantEnv))
+	opts, err := grpcservertest.Options(prometheus.NewRegistry(), variant)
 	if err != nil {
 		return err
 	}
@@ -357,7 +371,9 @@ func BenchmarkShouldRateLimit(b *testing.B) {
 
 // BenchmarkShouldRateLimitVariants compares gRPC server tuning variants
 // (space-separated in MESHGUARD_BENCH_GRPC_VARIANTS, see
-// grpcservertest.Options; skipped when unset) on BenchmarkShouldRateLimit's
+// grpcservertest.Options, and "store=goredis" first in a variant for
+// decisions through go-redis' autopipeliner instead of the pipeline; skipped
+// when unset) on BenchmarkShouldRateLimit's
 // load, each variant in its own server process against one redis-server per
 // case, interleaved A B A B … over -rounds so machine noise hits all alike.
 // It prints each variant's median throughput and server CPU per decision,

@@ -271,7 +271,7 @@ func TestClusterNodeHung(t *testing.T) {
 }
 
 // TestRedisPoolReporting: /readyz details and the pool metrics show the
-// connections decisions use (the pipeline pool when autopipelined).
+// connections decisions use (the decision pipeline when autopipelined).
 func TestRedisPoolReporting(t *testing.T) {
 	skipShort(t)
 	srv := redistest.Start(t)
@@ -290,11 +290,14 @@ func TestRedisPoolReporting(t *testing.T) {
 		}
 	}
 	st := rs.Status()
-	pp, ok := st["pipeline_pool"].(map[string]any)
-	if !ok || pp["total_conns"].(uint32) < 1 || st["autopipeline"] != true {
-		t.Errorf("status %v: want autopipeline and a pipeline pool connection", st)
+	pp, ok := st["pipeline"].(map[string]any)
+	if !ok || pp["connected"] != true || pp["dials"].(uint64) != 1 || st["autopipeline"] != true {
+		t.Errorf("status %v: want autopipeline and the pipeline connected after one dial", st)
 	}
-	if n := metricValue(t, reg, "meshguard_ratelimitsvc_redis_pool_connections", "pool", "pipeline"); n < 1 {
-		t.Errorf("pipeline pool connections metric = %v", n)
+	if n := metricValue(t, reg, "meshguard_ratelimitsvc_redis_pipeline_connected"); n != 1 {
+		t.Errorf("pipeline connected metric = %v", n)
+	}
+	if n := metricValue(t, reg, "meshguard_ratelimitsvc_redis_pipeline_dials_total"); n != 1 {
+		t.Errorf("pipeline dials metric = %v", n)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"runtime"
 	"strconv"
 	"strings"
@@ -97,8 +98,10 @@ type redisClient interface {
 type RedisStore struct {
 	log     *slog.Logger
 	client  redisClient
-	ap      *redis.AutoPipeliner // nil when redis.autopipeline is off
+	pipe    *pipeline            // standalone and Sentinel with redis.autopipeline
+	ap      *redis.AutoPipeliner // Cluster with redis.autopipeline
 	cluster *redis.ClusterClient // nil unless Cluster mode
+	closers []func() error       // Sentinel clients that find the master for pipe
 	mode    string
 	addrs   []string
 	timeout time.Duration
@@ -136,6 +139,11 @@ func NewRedisStore(log *slog.Logger, reg prometheus.Registerer, cfg RedisConfig)
 			opt.TLSConfig.RootCAs = roots
 		}
 		s.client, s.mode, s.addrs = redis.NewClient(opt), "standalone", []string{opt.Addr}
+		if cfg.Autopipeline {
+			s.pipe = newPipeline(func(ctx context.Context) (net.Conn, error) {
+				return dialRedis(ctx, opt.Addr, opt.TLSConfig, opt.Username, opt.Password, opt.DB)
+			}, cfg.Timeout)
+		}
 	case len(cfg.Cluster) > 0:
 		opt := &redis.ClusterOptions{
 			Addrs: cfg.Cluster, Username: cfg.Username, Password: cfg.Password.Reveal(), TLSConfig: tlsCfg,
@@ -155,8 +163,11 @@ func NewRedisStore(log *slog.Logger, reg prometheus.Registerer, cfg RedisConfig)
 			PoolSize: pool, MinIdleConns: cfg.MinIdleConns, DisableIdentity: true,
 		}
 		s.client, s.mode, s.addrs = redis.NewFailoverClient(opt), "sentinel", cfg.Sentinel.Addrs
+		if cfg.Autopipeline {
+			s.pipe = s.sentinelPipeline(cfg, tlsCfg)
+		}
 	}
-	if cfg.Autopipeline {
+	if cfg.Autopipeline && s.cluster != nil {
 		// Concurrent decisions share one write and one read: one batch in
 		// flight, the next accumulating behind it.
 		ap, err := s.client.AsyncAutoPipelineWithOptions(redis.DefaultBlockingAutoPipelineOptions())
@@ -167,8 +178,12 @@ func NewRedisStore(log *slog.Logger, reg prometheus.Registerer, cfg RedisConfig)
 		s.ap = ap
 	}
 	if reg != nil {
-		if err := reg.Register(newPoolCollector(s.client.PoolStats)); err != nil {
-			s.client.Close()
+		var err error
+		if err = reg.Register(newPoolCollector(s.client.PoolStats, s.ap != nil)); err == nil && s.pipe != nil {
+			err = reg.Register(newPipelineCollector(s.pipe))
+		}
+		if err != nil {
+			s.Close()
 			return nil, fmt.Errorf("registering redis pool metrics: %w", err)
 		}
 	}
@@ -185,10 +200,44 @@ func applyTimeouts(opt *redis.Options, timeout time.Duration, pool, minIdle int)
 	opt.DisableIdentity = true
 }
 
+// sentinelPipeline returns a pipeline that asks the sentinels, in turn, for
+// the master's address whenever it dials (so after a failover it finds the
+// new master: the old one answers READONLY, which closes the connection).
+func (s *RedisStore) sentinelPipeline(cfg RedisConfig, tlsCfg *tls.Config) *pipeline {
+	sentinels := make([]*redis.SentinelClient, len(cfg.Sentinel.Addrs))
+	for i, addr := range cfg.Sentinel.Addrs {
+		sentinels[i] = redis.NewSentinelClient(&redis.Options{
+			Addr: addr, Password: cfg.Sentinel.Password.Reveal(),
+			DialTimeout: cfg.Timeout, ReadTimeout: cfg.Timeout, WriteTimeout: cfg.Timeout, PoolTimeout: cfg.Timeout,
+			ContextTimeoutEnabled: true, MaxRetries: -1, PoolSize: 1, DisableIdentity: true,
+		})
+		s.closers = append(s.closers, sentinels[i].Close)
+	}
+	username, password := cfg.Username, cfg.Password.Reveal()
+	return newPipeline(func(ctx context.Context) (net.Conn, error) {
+		var errs []error
+		for _, sc := range sentinels {
+			hp, err := sc.GetMasterAddrByName(ctx, cfg.Sentinel.Master).Result()
+			if err != nil || len(hp) != 2 {
+				errs = append(errs, fmt.Errorf("sentinel: master %q: %v", cfg.Sentinel.Master, err))
+				continue
+			}
+			return dialRedis(ctx, net.JoinHostPort(hp[0], hp[1]), tlsCfg, username, password, 0)
+		}
+		return nil, errors.Join(errs...)
+	}, cfg.Timeout)
+}
+
 // Close closes every connection.
 func (s *RedisStore) Close() error {
+	if s.pipe != nil {
+		s.pipe.close()
+	}
 	if s.ap != nil {
 		s.ap.Close()
+	}
+	for _, c := range s.closers {
+		c()
 	}
 	return s.client.Close()
 }
@@ -217,9 +266,16 @@ func (s *RedisStore) Ping(ctx context.Context) error {
 // that autopipelined decisions use).
 func (s *RedisStore) Status() map[string]any {
 	st := s.client.PoolStats()
-	out := map[string]any{"mode": s.mode, "addrs": s.addrs, "autopipeline": s.ap != nil, "pool": poolDetails((*redis.PoolStats)(st))}
-	if st.PipelineStats != nil {
+	out := map[string]any{"mode": s.mode, "addrs": s.addrs, "autopipeline": s.pipe != nil || s.ap != nil, "pool": poolDetails((*redis.PoolStats)(st))}
+	if s.ap != nil && st.PipelineStats != nil {
 		out["pipeline_pool"] = poolDetails((*redis.PoolStats)(st.PipelineStats))
+	}
+	if s.pipe != nil {
+		ps := s.pipe.status()
+		out["pipeline"] = map[string]any{
+			"connected": ps.Connected, "queued": ps.Queued, "inflight": ps.Inflight,
+			"dials": ps.Dials, "dial_errors": ps.DialErrors, "stale_closes": ps.Stale,
+		}
 	}
 	return out
 }
@@ -277,22 +333,75 @@ func (s *RedisStore) buildGroup(g *group, reqs []counterReq, nowMs int64, quotaL
 	}
 	for _, i := range g.idx {
 		r := &reqs[i]
-		bucket, w := bucketOf(r, nowMs)
-		g.keys, buf = s.appendKeys(g.keys, buf, r, bucket)
-		ttl := (bucket+2)*r.window - nowMs + 1000
-		if r.fixed {
-			ttl = (bucket+1)*r.window - nowMs + 1000
-		}
-		flags := 0
-		if r.shadow {
-			flags |= 1
-		}
-		if r.quota {
-			flags |= 2
-		}
-		g.args = append(g.args, r.limit, r.hits, w, ttl, flags)
+		a := argsOf(r, nowMs)
+		g.keys, buf = s.appendKeys(g.keys, buf, r, a.bucket)
+		g.args = append(g.args, r.limit, r.hits, a.weight, a.ttl, a.flags)
 	}
 	return buf
+}
+
+// counterArgs are the script arguments of one counter (see evaluateScript).
+type counterArgs struct {
+	bucket, weight, ttl, flags int64
+}
+
+func argsOf(r *counterReq, nowMs int64) counterArgs {
+	bucket, w := bucketOf(r, nowMs)
+	a := counterArgs{bucket: bucket, weight: w, ttl: (bucket+2)*r.window - nowMs + 1000}
+	if r.fixed {
+		a.ttl = (bucket+1)*r.window - nowMs + 1000
+	}
+	if r.shadow {
+		a.flags |= 1
+	}
+	if r.quota {
+		a.flags |= 2
+	}
+	return a
+}
+
+// appendEvalsha encodes the script call for all of reqs (one slot) as RESP,
+// straight from the counters: the same keys and arguments as buildGroup.
+func (s *RedisStore) appendEvalsha(b []byte, reqs []counterReq, nowMs int64) []byte {
+	n := len(reqs)
+	b = appendArrayHeader(b, 3+2*n+1+5*n)
+	b = appendBulk(b, "EVALSHA")
+	b = appendBulk(b, evaluateSHA)
+	b = appendBulkInt(b, int64(2*n))
+	for i := range reqs {
+		r := &reqs[i]
+		bucket, _ := bucketOf(r, nowMs)
+		b = s.appendKeyBulk(b, r, bucket)
+		b = s.appendKeyBulk(b, r, bucket-1)
+	}
+	b = appendBulk(b, "1")
+	for i := range reqs {
+		r := &reqs[i]
+		a := argsOf(r, nowMs)
+		b = appendBulkInt(b, int64(r.limit))
+		b = appendBulkInt(b, r.hits)
+		b = appendBulkInt(b, a.weight)
+		b = appendBulkInt(b, a.ttl)
+		b = appendBulkInt(b, a.flags)
+	}
+	return b
+}
+
+// appendKeyBulk encodes the key appendKeys makes as a RESP bulk string.
+func (s *RedisStore) appendKeyBulk(b []byte, r *counterReq, bucket int64) []byte {
+	var tmp [20]byte
+	num := strconv.AppendInt(tmp[:0], bucket, 10)
+	b = append(b, '$')
+	b = strconv.AppendInt(b, int64(len(s.prefix)+1+16+1+len(r.id)+1+len(num)), 10)
+	b = append(b, '\r', '\n')
+	b = append(b, s.prefix...)
+	b = append(b, '{')
+	b = appendHex16(b, r.hash)
+	b = append(b, '}')
+	b = append(b, r.id...)
+	b = append(b, ':')
+	b = append(b, num...)
+	return append(b, '\r', '\n')
 }
 
 // parse copies a script reply into res and reports whether hits were added.
@@ -319,6 +428,13 @@ func parseReply(cmd *redis.Cmd, idx []int, res []counterRes) (bool, error) {
 func isNoScript(err error) bool { return err != nil && strings.HasPrefix(err.Error(), "NOSCRIPT") }
 
 func (s *RedisStore) evaluate(ctx context.Context, nowMs int64, reqs []counterReq, res []counterRes) (bool, error) {
+	if s.pipe != nil {
+		admitted, err := s.evaluatePipelined(ctx, nowMs, reqs, res)
+		if !isNoScript(err) {
+			return admitted, err
+		}
+		// The script cache was flushed: EVAL through go-redis loads it again.
+	}
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	sc := scratchPool.Get()
@@ -352,6 +468,27 @@ func (s *RedisStore) evaluate(ctx context.Context, nowMs int64, reqs []counterRe
 		return parseReply(cmd, g.idx, res)
 	}
 	return s.evaluateCluster(ctx, sc, nowMs, reqs, res)
+}
+
+// evaluatePipelined runs the script for all of reqs on the pipeline.
+func (s *RedisStore) evaluatePipelined(ctx context.Context, nowMs int64, reqs []counterReq, res []counterRes) (bool, error) {
+	c := getCall()
+	c.cmd = s.appendEvalsha(c.cmd, reqs, nowMs)
+	owned, err := s.pipe.do(ctx, c)
+	if !owned {
+		return false, err
+	}
+	defer putCall(c)
+	if err != nil {
+		return false, err
+	}
+	if len(c.vals) != 2*len(reqs)+1 {
+		return false, fmt.Errorf("script returned %d values for %d counters", len(c.vals), len(reqs))
+	}
+	for i := range reqs {
+		res[i] = counterRes{cur: c.vals[2*i], prev: c.vals[2*i+1]}
+	}
+	return c.vals[len(c.vals)-1] == 1, nil
 }
 
 // submit queues one group's script on the autopipeliner and waits for it
@@ -512,11 +649,11 @@ func keySlot(h uint64) uint16 {
 // classifyStoreError names a store error for the errors metric.
 func classifyStoreError(err error) string {
 	switch {
-	case errors.Is(err, context.DeadlineExceeded), isTimeout(err):
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, errCallTimeout), errors.Is(err, errStale), isTimeout(err):
 		return "timeout"
 	case errors.Is(err, context.Canceled):
 		return "canceled"
-	case errors.Is(err, redis.ErrPoolTimeout):
+	case errors.Is(err, redis.ErrPoolTimeout), errors.Is(err, errPipelineFull):
 		return "pool_timeout"
 	}
 	return "error"
@@ -531,16 +668,18 @@ func isTimeout(err error) bool {
 // pool="main" or pool="pipeline" (the autopipeliner's connections).
 type poolCollector struct {
 	stats                                     func() *redis.PoolStats
+	autopipeline                              bool // go-redis' autopipeliner has its own pool
 	hits, misses, timeouts, waits, waitSecs   *prometheus.Desc
 	conns, idle, stale, pending, unusableDesc *prometheus.Desc
 }
 
-func newPoolCollector(stats func() *redis.PoolStats) *poolCollector {
+func newPoolCollector(stats func() *redis.PoolStats, autopipeline bool) *poolCollector {
 	d := func(name, help string) *prometheus.Desc {
 		return prometheus.NewDesc("meshguard_ratelimitsvc_redis_pool_"+name, help, []string{"pool"}, nil)
 	}
 	return &poolCollector{
 		stats:        stats,
+		autopipeline: autopipeline,
 		hits:         d("hits_total", "Times a free connection was found in the pool."),
 		misses:       d("misses_total", "Times no free connection was in the pool."),
 		timeouts:     d("timeouts_total", "Times waiting for a connection timed out."),
@@ -563,7 +702,7 @@ func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
 func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 	st := c.stats()
 	c.collect(ch, "main", st)
-	if st.PipelineStats != nil {
+	if c.autopipeline && st.PipelineStats != nil {
 		c.collect(ch, "pipeline", (*redis.PoolStats)(st.PipelineStats))
 	}
 }
@@ -585,4 +724,45 @@ func (c *poolCollector) collect(ch chan<- prometheus.Metric, pool string, st *re
 	counter(c.stale, float64(st.StaleConns))
 	gauge(c.pending, float64(st.PendingRequests))
 	counter(c.unusableDesc, float64(st.Unusable))
+}
+
+// pipelineCollector exports the state of the decision pipeline (standalone
+// and Sentinel with redis.autopipeline) at scrape time.
+type pipelineCollector struct {
+	p                                          *pipeline
+	connected, pending, dials, dialErrs, stale *prometheus.Desc
+}
+
+func newPipelineCollector(p *pipeline) *pipelineCollector {
+	d := func(name, help string, labels ...string) *prometheus.Desc {
+		return prometheus.NewDesc("meshguard_ratelimitsvc_redis_pipeline_"+name, help, labels, nil)
+	}
+	return &pipelineCollector{
+		p:         p,
+		connected: d("connected", "1 when the decision pipeline's connection is open."),
+		pending:   d("pending_commands", "Commands queued or written and not yet answered.", "state"),
+		dials:     d("dials_total", "Connections dialled, successful or not."),
+		dialErrs:  d("dial_errors_total", "Connections that could not be opened."),
+		stale:     d("stale_closes_total", "Connections closed because Redis stopped answering."),
+	}
+}
+
+func (c *pipelineCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.connected, c.pending, c.dials, c.dialErrs, c.stale} {
+		ch <- d
+	}
+}
+
+func (c *pipelineCollector) Collect(ch chan<- prometheus.Metric) {
+	st := c.p.status()
+	connected := 0.0
+	if st.Connected {
+		connected = 1
+	}
+	ch <- prometheus.MustNewConstMetric(c.connected, prometheus.GaugeValue, connected)
+	ch <- prometheus.MustNewConstMetric(c.pending, prometheus.GaugeValue, float64(st.Queued), "queued")
+	ch <- prometheus.MustNewConstMetric(c.pending, prometheus.GaugeValue, float64(st.Inflight), "inflight")
+	ch <- prometheus.MustNewConstMetric(c.dials, prometheus.CounterValue, float64(st.Dials))
+	ch <- prometheus.MustNewConstMetric(c.dialErrs, prometheus.CounterValue, float64(st.DialErrors))
+	ch <- prometheus.MustNewConstMetric(c.stale, prometheus.CounterValue, float64(st.Stale))
 }
