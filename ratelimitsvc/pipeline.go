@@ -186,16 +186,7 @@ func (p *pipeline) writeLoop() {
 			p.checkStale()
 			continue
 		case <-p.quit:
-			p.mu.Lock()
-			batch, p.queue = p.queue, nil
-			pc := p.conn
-			p.mu.Unlock()
-			for _, c := range batch {
-				finish(c, errPipelineClosed)
-			}
-			if pc != nil {
-				pc.fail(errPipelineClosed)
-			}
+			p.shutdown()
 			return
 		}
 		p.mu.Lock()
@@ -215,14 +206,26 @@ func (p *pipeline) writeLoop() {
 			case <-tick.C:
 				p.checkStale()
 			case <-p.quit:
-				// Loop again: the quit case above fails what is left.
-				select {
-				case p.wake <- struct{}{}:
-				default:
-				}
-				break wait
+				p.shutdown()
+				return
 			}
 		}
+	}
+}
+
+// shutdown fails what is queued and closes the connection (failing what
+// is in flight).
+func (p *pipeline) shutdown() {
+	p.mu.Lock()
+	queued := p.queue
+	p.queue = nil
+	pc := p.conn
+	p.mu.Unlock()
+	for _, c := range queued {
+		finish(c, errPipelineClosed)
+	}
+	if pc != nil {
+		pc.fail(errPipelineClosed)
 	}
 }
 

@@ -318,3 +318,41 @@ func TestAppendEvalshaMatchesBuildGroup(t *testing.T) {
 		t.Errorf("encoded\n%q\nwant\n%q", got, want)
 	}
 }
+
+// TestPipelineClose: closing the store answers waiting callers at once and
+// refuses later calls.
+func TestPipelineClose(t *testing.T) {
+	skipShort(t)
+	srv := redistest.Start(t)
+	t.Cleanup(srv.Resume)
+	cfg := RedisConfig{URL: secret.URL(srv.URL()), Timeout: 10 * time.Second, Autopipeline: true, KeyPrefix: "mg:rl:"}
+	rs, err := NewRedisStore(discardLogger(), nil, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := decide(t, rs, testCounter("close", 10, 1)); err != nil {
+		t.Fatal(err)
+	}
+	srv.Pause()
+	errs := make(chan error, 3)
+	for range 3 {
+		go func() {
+			_, _, err := decide(t, rs, testCounter("close", 10, 1))
+			errs <- err
+		}()
+	}
+	time.Sleep(100 * time.Millisecond) // one in flight, two queued
+	start := time.Now()
+	rs.Close()
+	for range 3 {
+		if err := <-errs; !errors.Is(err, errPipelineClosed) {
+			t.Errorf("waiting caller: %v, want %v", err, errPipelineClosed)
+		}
+	}
+	if took := time.Since(start); took > 2*time.Second {
+		t.Errorf("callers answered %s after Close", took)
+	}
+	if _, _, err := decide(t, rs, testCounter("close", 10, 1)); !errors.Is(err, errPipelineClosed) {
+		t.Errorf("after Close: %v", err)
+	}
+}
