@@ -20,7 +20,6 @@ import (
 
 	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/redis/go-redis/v9"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
@@ -113,16 +112,13 @@ func benchServe(url string) error {
 		return err
 	}
 	variant := os.Getenv(benchVariantEnv)
-	if v, ok := strings.CutPrefix(variant, "store=goredis"); ok {
-		// Decisions through go-redis' autopipeliner instead of the
+	if v, ok := strings.CutPrefix(variant, "store=direct"); ok {
+		// Decisions through go-redis, one round trip each, instead of the
 		// pipeline, to compare the two on one load.
 		variant = strings.TrimPrefix(v, ",")
 		if rs != nil {
 			rs.pipe.close()
 			rs.pipe = nil
-			if rs.ap, err = rs.client.AsyncAutoPipelineWithOptions(redis.DefaultBlockingAutoPipelineOptions()); err != nil {
-				return err
-			}
 		}
 	}
 	// The production stack: cmd/meshguard's options and interceptors.
@@ -371,8 +367,8 @@ func BenchmarkShouldRateLimit(b *testing.B) {
 
 // BenchmarkShouldRateLimitVariants compares gRPC server tuning variants
 // (space-separated in MESHGUARD_BENCH_GRPC_VARIANTS, see
-// grpcservertest.Options, and "store=goredis" first in a variant for
-// decisions through go-redis' autopipeliner instead of the pipeline; skipped
+// grpcservertest.Options, and "store=direct" first in a variant for
+// decisions through go-redis, one round trip each, instead of the pipeline; skipped
 // when unset) on BenchmarkShouldRateLimit's
 // load, each variant in its own server process against one redis-server per
 // case, interleaved A B A B … over -rounds so machine noise hits all alike.

@@ -50,8 +50,9 @@ type RedisConfig struct {
 	MinIdleConns int `yaml:"min_idle_conns"`
 	// KeyPrefix starts every key meshguard writes.
 	KeyPrefix string `yaml:"key_prefix"`
-	// Autopipeline batches concurrent decisions into shared round trips
-	// (fewer system calls per decision). false: one round trip each.
+	// Autopipeline sends concurrent decisions to each Redis master over one
+	// connection, batched into shared writes and reads (far fewer system
+	// calls per decision). false: one go-redis round trip each.
 	Autopipeline bool `yaml:"autopipeline"`
 }
 

@@ -333,7 +333,7 @@ func (p *pipeline) checkStale() {
 
 // status is the pipeline's state for /readyz and the metrics.
 type pipelineStatus struct {
-	Connected                bool
+	Connections              int
 	Queued, Inflight         int
 	Dials, DialErrors, Stale uint64
 }
@@ -345,7 +345,9 @@ func (p *pipeline) status() pipelineStatus {
 	p.mu.Unlock()
 	if pc != nil {
 		pc.mu.Lock()
-		st.Connected = pc.err == nil
+		if pc.err == nil {
+			st.Connections = 1
+		}
 		st.Inflight = len(pc.inflight) - pc.head
 		pc.mu.Unlock()
 	}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"hash/fnv"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -150,7 +151,7 @@ func TestPipelineStaleConnection(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	if st := rs.pipe.status(); !st.Connected || st.Dials < 2 {
+	if st := rs.pipe.status(); st.Connections != 1 || st.Dials < 2 {
 		t.Errorf("pipeline %+v: want a second connection", st)
 	}
 }
@@ -354,5 +355,81 @@ func TestPipelineClose(t *testing.T) {
 	}
 	if _, _, err := decide(t, rs, testCounter("close", 10, 1)); !errors.Is(err, errPipelineClosed) {
 		t.Errorf("after Close: %v", err)
+	}
+}
+
+// TestClusterPipelines: in Cluster mode each master gets its own pipeline,
+// and when a slot moves, the MOVED reply sends the decision through
+// go-redis, which follows it; counting goes on where it was.
+func TestClusterPipelines(t *testing.T) {
+	skipShort(t)
+	cl := redistest.StartCluster(t)
+	rs := newTestRedis(t, RedisConfig{Cluster: cl.Addrs(), Autopipeline: true})
+	// Counters on every master.
+	for i := range 30 {
+		if _, ok, err := decide(t, rs, testCounter("spread-"+string(rune('a'+i)), 100, 1)); err != nil || !ok {
+			t.Fatalf("decision %d: %v %v", i, ok, err)
+		}
+	}
+	if st := rs.pipelineStatus(); st.Connections != 3 || st.Dials != 3 {
+		t.Fatalf("pipelines %+v: want one connection per master", st)
+	}
+
+	c := testCounter("moving", 100, 1)
+	for i := range 2 {
+		if got, _, err := decide(t, rs, c); err != nil || got.cur != int64(i) {
+			t.Fatalf("before the move: %+v %v", got, err)
+		}
+	}
+	// Move the counter's slot to another master, keys and all.
+	slot := strconv.Itoa(int(keySlot(c.hash)))
+	var from, to *redistest.Server
+	for _, n := range cl.Nodes {
+		if keys, err := n.Do("CLUSTER", "COUNTKEYSINSLOT", slot); err == nil && keys != "0" {
+			from = n
+		}
+	}
+	if from == nil {
+		t.Fatal("no node holds the counter's slot")
+	}
+	for _, n := range cl.Nodes {
+		if n != from {
+			to = n
+			break
+		}
+	}
+	id := func(n *redistest.Server) string {
+		v, err := n.Do("CLUSTER", "MYID")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	fromID, toID := id(from), id(to)
+	mustDo := func(n *redistest.Server, args ...string) {
+		t.Helper()
+		if _, err := n.Do(args...); err != nil {
+			t.Fatalf("%v: %v", args, err)
+		}
+	}
+	mustDo(to, "CLUSTER", "SETSLOT", slot, "IMPORTING", fromID)
+	mustDo(from, "CLUSTER", "SETSLOT", slot, "MIGRATING", toID)
+	keys, err := from.Do("CLUSTER", "GETKEYSINSLOT", slot, "100")
+	if err != nil || keys == "" {
+		t.Fatalf("keys in slot %s: %q %v", slot, keys, err)
+	}
+	host, port, _ := strings.Cut(to.Addr(), ":")
+	mustDo(from, append([]string{"MIGRATE", host, port, "", "0", "5000", "KEYS"}, strings.Split(keys, "\n")...)...)
+	for _, n := range cl.Nodes {
+		mustDo(n, "CLUSTER", "SETSLOT", slot, "NODE", toID)
+	}
+	for i := 2; i < 5; i++ {
+		got, ok, err := decide(t, rs, c)
+		if err != nil || !ok || got.cur != int64(i) {
+			t.Fatalf("after the move, decision %d: %+v %v %v, want cur=%d", i, got, ok, err, i)
+		}
+	}
+	if n, err := to.Do("CLUSTER", "COUNTKEYSINSLOT", slot); err != nil || n == "0" {
+		t.Errorf("the new master holds %q keys of the slot (%v)", n, err)
 	}
 }

@@ -291,11 +291,11 @@ func TestRedisPoolReporting(t *testing.T) {
 	}
 	st := rs.Status()
 	pp, ok := st["pipeline"].(map[string]any)
-	if !ok || pp["connected"] != true || pp["dials"].(uint64) != 1 || st["autopipeline"] != true {
+	if !ok || pp["connections"] != 1 || pp["dials"].(uint64) != 1 || st["autopipeline"] != true {
 		t.Errorf("status %v: want autopipeline and the pipeline connected after one dial", st)
 	}
-	if n := metricValue(t, reg, "meshguard_ratelimitsvc_redis_pipeline_connected"); n != 1 {
-		t.Errorf("pipeline connected metric = %v", n)
+	if n := metricValue(t, reg, "meshguard_ratelimitsvc_redis_pipeline_connections"); n != 1 {
+		t.Errorf("pipeline connections metric = %v", n)
 	}
 	if n := metricValue(t, reg, "meshguard_ratelimitsvc_redis_pipeline_dials_total"); n != 1 {
 		t.Errorf("pipeline dials metric = %v", n)

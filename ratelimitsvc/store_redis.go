@@ -13,6 +13,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -86,26 +87,32 @@ type redisClient interface {
 	Pipeline() redis.Pipeliner
 	Ping(ctx context.Context) *redis.StatusCmd
 	PoolStats() *redis.PoolStats
-	AsyncAutoPipelineWithOptions(*redis.AutoPipelineOptions) (*redis.AutoPipeliner, error)
 	Close() error
 }
 
 // RedisStore keeps counters in Redis (standalone, Sentinel or Cluster), so
 // every replica shares them. One script call per request evaluates and
 // updates all of its counters in one round trip; in Cluster mode the
-// counters are grouped by slot and the groups pipelined. It is safe for
-// concurrent use.
+// counters are grouped by slot and the groups pipelined. With
+// redis.autopipeline, a request whose counters share a slot goes over the
+// decision pipeline to its master (see pipeline); the rest, and everything
+// else, go through go-redis. It is safe for concurrent use.
 type RedisStore struct {
 	log     *slog.Logger
 	client  redisClient
 	pipe    *pipeline            // standalone and Sentinel with redis.autopipeline
-	ap      *redis.AutoPipeliner // Cluster with redis.autopipeline
 	cluster *redis.ClusterClient // nil unless Cluster mode
 	closers []func() error       // Sentinel clients that find the master for pipe
-	mode    string
-	addrs   []string
-	timeout time.Duration
-	prefix  string
+
+	// Cluster with redis.autopipeline: one pipeline per master address,
+	// for requests whose counters share a slot.
+	nodeDial  func(ctx context.Context, addr string) (net.Conn, error)
+	nodeMu    sync.Mutex
+	nodePipes map[string]*pipeline
+	mode      string
+	addrs     []string
+	timeout   time.Duration
+	prefix    string
 }
 
 // NewRedisStore connects lazily to the configured Redis and registers the
@@ -153,6 +160,13 @@ func NewRedisStore(log *slog.Logger, reg prometheus.Registerer, cfg RedisConfig)
 		}
 		c := redis.NewClusterClient(opt)
 		s.client, s.cluster, s.mode, s.addrs = c, c, "cluster", cfg.Cluster
+		if cfg.Autopipeline {
+			username, password := cfg.Username, cfg.Password.Reveal()
+			s.nodeDial = func(ctx context.Context, addr string) (net.Conn, error) {
+				return dialRedis(ctx, addr, tlsCfg, username, password, 0)
+			}
+			s.nodePipes = map[string]*pipeline{}
+		}
 	default:
 		opt := &redis.FailoverOptions{
 			MasterName: cfg.Sentinel.Master, SentinelAddrs: cfg.Sentinel.Addrs,
@@ -167,20 +181,10 @@ func NewRedisStore(log *slog.Logger, reg prometheus.Registerer, cfg RedisConfig)
 			s.pipe = s.sentinelPipeline(cfg, tlsCfg)
 		}
 	}
-	if cfg.Autopipeline && s.cluster != nil {
-		// Concurrent decisions share one write and one read: one batch in
-		// flight, the next accumulating behind it.
-		ap, err := s.client.AsyncAutoPipelineWithOptions(redis.DefaultBlockingAutoPipelineOptions())
-		if err != nil {
-			s.client.Close()
-			return nil, fmt.Errorf("starting the redis autopipeliner: %w", err)
-		}
-		s.ap = ap
-	}
 	if reg != nil {
 		var err error
-		if err = reg.Register(newPoolCollector(s.client.PoolStats, s.ap != nil)); err == nil && s.pipe != nil {
-			err = reg.Register(newPipelineCollector(s.pipe))
+		if err = reg.Register(newPoolCollector(s.client.PoolStats)); err == nil && (s.pipe != nil || s.nodePipes != nil) {
+			err = reg.Register(newPipelineCollector(s.pipelineStatus))
 		}
 		if err != nil {
 			s.Close()
@@ -233,9 +237,12 @@ func (s *RedisStore) Close() error {
 	if s.pipe != nil {
 		s.pipe.close()
 	}
-	if s.ap != nil {
-		s.ap.Close()
+	s.nodeMu.Lock()
+	for _, p := range s.nodePipes {
+		p.close()
 	}
+	s.nodePipes = nil
+	s.nodeMu.Unlock()
 	for _, c := range s.closers {
 		c()
 	}
@@ -262,22 +269,43 @@ func (s *RedisStore) Ping(ctx context.Context) error {
 }
 
 // Status describes the store for /readyz: mode, seed addresses (no
-// credentials) and pool statistics (the main pool, and the pipeline pool
-// that autopipelined decisions use).
+// credentials), go-redis pool statistics, and the decision pipelines' state
+// when autopipelined.
 func (s *RedisStore) Status() map[string]any {
 	st := s.client.PoolStats()
-	out := map[string]any{"mode": s.mode, "addrs": s.addrs, "autopipeline": s.pipe != nil || s.ap != nil, "pool": poolDetails((*redis.PoolStats)(st))}
-	if s.ap != nil && st.PipelineStats != nil {
-		out["pipeline_pool"] = poolDetails((*redis.PoolStats)(st.PipelineStats))
-	}
-	if s.pipe != nil {
-		ps := s.pipe.status()
+	out := map[string]any{"mode": s.mode, "addrs": s.addrs, "autopipeline": s.pipe != nil || s.nodePipes != nil, "pool": poolDetails((*redis.PoolStats)(st))}
+	if s.pipe != nil || s.nodePipes != nil {
+		ps := s.pipelineStatus()
 		out["pipeline"] = map[string]any{
-			"connected": ps.Connected, "queued": ps.Queued, "inflight": ps.Inflight,
+			"connections": ps.Connections, "queued": ps.Queued, "inflight": ps.Inflight,
 			"dials": ps.Dials, "dial_errors": ps.DialErrors, "stale_closes": ps.Stale,
 		}
 	}
 	return out
+}
+
+// pipelineStatus sums the state of the decision pipelines: the store's one,
+// or one per Cluster master.
+func (s *RedisStore) pipelineStatus() pipelineStatus {
+	var sum pipelineStatus
+	add := func(p *pipeline) {
+		st := p.status()
+		sum.Connections += st.Connections
+		sum.Queued += st.Queued
+		sum.Inflight += st.Inflight
+		sum.Dials += st.Dials
+		sum.DialErrors += st.DialErrors
+		sum.Stale += st.Stale
+	}
+	if s.pipe != nil {
+		add(s.pipe)
+	}
+	s.nodeMu.Lock()
+	for _, p := range s.nodePipes {
+		add(p)
+	}
+	s.nodeMu.Unlock()
+	return sum
 }
 
 func poolDetails(st *redis.PoolStats) map[string]any {
@@ -428,32 +456,19 @@ func parseReply(cmd *redis.Cmd, idx []int, res []counterRes) (bool, error) {
 func isNoScript(err error) bool { return err != nil && strings.HasPrefix(err.Error(), "NOSCRIPT") }
 
 func (s *RedisStore) evaluate(ctx context.Context, nowMs int64, reqs []counterReq, res []counterRes) (bool, error) {
-	if s.pipe != nil {
-		admitted, err := s.evaluatePipelined(ctx, nowMs, reqs, res)
-		if !isNoScript(err) {
+	if p := s.pipelineFor(ctx, reqs); p != nil {
+		admitted, err := s.evaluatePipelined(ctx, p, nowMs, reqs, res)
+		if !isNoScript(err) && !isRedirect(err) {
 			return admitted, err
 		}
-		// The script cache was flushed: EVAL through go-redis loads it again.
+		// The script cache was flushed, or the slot moved: go-redis loads
+		// the script again with EVAL, follows the redirect and refreshes
+		// its slot map.
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	sc := scratchPool.Get()
 	defer scratchPool.Put(sc)
-	if s.ap != nil && (s.cluster == nil || len(reqs) == 1) {
-		g := &sc.groups[0]
-		g.idx = g.idx[:0]
-		for i := range reqs {
-			g.idx = append(g.idx, i)
-		}
-		sc.buf = s.buildGroup(g, reqs, nowMs, true, sc.buf)
-		cmd, err := s.submit(ctx, g)
-		if isNoScript(err) {
-			cmd = s.client.Eval(ctx, evaluateScript, g.keys, g.args...)
-		} else if err != nil {
-			return false, err
-		}
-		return parseReply(cmd, g.idx, res)
-	}
 	if s.cluster == nil || len(reqs) == 1 {
 		g := &sc.groups[0]
 		g.idx = g.idx[:0]
@@ -470,11 +485,60 @@ func (s *RedisStore) evaluate(ctx context.Context, nowMs int64, reqs []counterRe
 	return s.evaluateCluster(ctx, sc, nowMs, reqs, res)
 }
 
-// evaluatePipelined runs the script for all of reqs on the pipeline.
-func (s *RedisStore) evaluatePipelined(ctx context.Context, nowMs int64, reqs []counterReq, res []counterRes) (bool, error) {
+// pipelineFor returns the pipeline that carries reqs: the store's own, or in
+// Cluster mode the one to the master of their slot when they share one; nil
+// for the go-redis paths.
+func (s *RedisStore) pipelineFor(ctx context.Context, reqs []counterReq) *pipeline {
+	if s.pipe != nil || s.nodePipes == nil {
+		return s.pipe
+	}
+	slot := keySlot(reqs[0].hash)
+	for i := 1; i < len(reqs); i++ {
+		if keySlot(reqs[i].hash) != slot {
+			return nil
+		}
+	}
+	var tag [18]byte
+	tag[0], tag[17] = '{', '}'
+	appendHex16(tag[1:1], reqs[0].hash)
+	node, err := s.cluster.MasterForKey(ctx, string(tag[:]))
+	if err != nil {
+		return nil // go-redis reports it
+	}
+	addr := node.Options().Addr
+	s.nodeMu.Lock()
+	defer s.nodeMu.Unlock()
+	if s.nodePipes == nil { // closed
+		return nil
+	}
+	p := s.nodePipes[addr]
+	if p == nil {
+		p = newPipeline(func(ctx context.Context) (net.Conn, error) { return s.nodeDial(ctx, addr) }, s.timeout)
+		s.nodePipes[addr] = p
+	}
+	return p
+}
+
+// isRedirect reports a Cluster error reply that go-redis handles by
+// following the redirect or retrying.
+func isRedirect(err error) bool {
+	var re redisError
+	if !errors.As(err, &re) {
+		return false
+	}
+	for _, p := range []string{"MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN"} {
+		if strings.HasPrefix(string(re), p) {
+			return true
+		}
+	}
+	return false
+}
+
+// evaluatePipelined runs the script for all of reqs (one slot) on p.
+func (s *RedisStore) evaluatePipelined(ctx context.Context, p *pipeline, nowMs int64, reqs []counterReq, res []counterRes) (bool, error) {
 	c := getCall()
 	c.cmd = s.appendEvalsha(c.cmd, reqs, nowMs)
-	owned, err := s.pipe.do(ctx, c)
+	owned, err := p.do(ctx, c)
 	if !owned {
 		return false, err
 	}
@@ -489,24 +553,6 @@ func (s *RedisStore) evaluatePipelined(ctx context.Context, nowMs int64, reqs []
 		res[i] = counterRes{cur: c.vals[2*i], prev: c.vals[2*i+1]}
 	}
 	return c.vals[len(c.vals)-1] == 1, nil
-}
-
-// submit queues one group's script on the autopipeliner and waits for it
-// within ctx. The command owns fresh argument slices: after a timeout it may
-// still be written later, so it must not share pooled memory.
-func (s *RedisStore) submit(ctx context.Context, g *group) (*redis.Cmd, error) {
-	args := make([]any, 0, 3+len(g.keys)+len(g.args))
-	args = append(args, "evalsha", evaluateSHA, len(g.keys))
-	for _, k := range g.keys {
-		args = append(args, k)
-	}
-	args = append(args, g.args...)
-	cmd := redis.NewCmd(ctx, args...)
-	f := s.ap.Submit(ctx, cmd)
-	if err := f.WaitContext(ctx); err != nil {
-		return nil, err
-	}
-	return cmd, nil
 }
 
 // evaluateCluster runs one script per slot, pipelined (go-redis sends each
@@ -665,21 +711,19 @@ func isTimeout(err error) bool {
 }
 
 // poolCollector exports go-redis pool statistics at scrape time, labelled
-// pool="main" or pool="pipeline" (the autopipeliner's connections).
+// pool="main" (decisions use it when redis.autopipeline is off).
 type poolCollector struct {
 	stats                                     func() *redis.PoolStats
-	autopipeline                              bool // go-redis' autopipeliner has its own pool
 	hits, misses, timeouts, waits, waitSecs   *prometheus.Desc
 	conns, idle, stale, pending, unusableDesc *prometheus.Desc
 }
 
-func newPoolCollector(stats func() *redis.PoolStats, autopipeline bool) *poolCollector {
+func newPoolCollector(stats func() *redis.PoolStats) *poolCollector {
 	d := func(name, help string) *prometheus.Desc {
 		return prometheus.NewDesc("meshguard_ratelimitsvc_redis_pool_"+name, help, []string{"pool"}, nil)
 	}
 	return &poolCollector{
 		stats:        stats,
-		autopipeline: autopipeline,
 		hits:         d("hits_total", "Times a free connection was found in the pool."),
 		misses:       d("misses_total", "Times no free connection was in the pool."),
 		timeouts:     d("timeouts_total", "Times waiting for a connection timed out."),
@@ -702,9 +746,6 @@ func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
 func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 	st := c.stats()
 	c.collect(ch, "main", st)
-	if c.autopipeline && st.PipelineStats != nil {
-		c.collect(ch, "pipeline", (*redis.PoolStats)(st.PipelineStats))
-	}
 }
 
 func (c *poolCollector) collect(ch chan<- prometheus.Metric, pool string, st *redis.PoolStats) {
@@ -726,20 +767,20 @@ func (c *poolCollector) collect(ch chan<- prometheus.Metric, pool string, st *re
 	counter(c.unusableDesc, float64(st.Unusable))
 }
 
-// pipelineCollector exports the state of the decision pipeline (standalone
-// and Sentinel with redis.autopipeline) at scrape time.
+// pipelineCollector exports the state of the decision pipelines at scrape
+// time.
 type pipelineCollector struct {
-	p                                          *pipeline
+	status                                     func() pipelineStatus
 	connected, pending, dials, dialErrs, stale *prometheus.Desc
 }
 
-func newPipelineCollector(p *pipeline) *pipelineCollector {
+func newPipelineCollector(status func() pipelineStatus) *pipelineCollector {
 	d := func(name, help string, labels ...string) *prometheus.Desc {
 		return prometheus.NewDesc("meshguard_ratelimitsvc_redis_pipeline_"+name, help, labels, nil)
 	}
 	return &pipelineCollector{
-		p:         p,
-		connected: d("connected", "1 when the decision pipeline's connection is open."),
+		status:    status,
+		connected: d("connections", "Open pipeline connections (one per Redis master in Cluster mode)."),
 		pending:   d("pending_commands", "Commands queued or written and not yet answered.", "state"),
 		dials:     d("dials_total", "Connections dialled, successful or not."),
 		dialErrs:  d("dial_errors_total", "Connections that could not be opened."),
@@ -754,12 +795,8 @@ func (c *pipelineCollector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (c *pipelineCollector) Collect(ch chan<- prometheus.Metric) {
-	st := c.p.status()
-	connected := 0.0
-	if st.Connected {
-		connected = 1
-	}
-	ch <- prometheus.MustNewConstMetric(c.connected, prometheus.GaugeValue, connected)
+	st := c.status()
+	ch <- prometheus.MustNewConstMetric(c.connected, prometheus.GaugeValue, float64(st.Connections))
 	ch <- prometheus.MustNewConstMetric(c.pending, prometheus.GaugeValue, float64(st.Queued), "queued")
 	ch <- prometheus.MustNewConstMetric(c.pending, prometheus.GaugeValue, float64(st.Inflight), "inflight")
 	ch <- prometheus.MustNewConstMetric(c.dials, prometheus.CounterValue, float64(st.Dials))
