@@ -6,7 +6,9 @@
 // and from a hot-reloaded directory, with meshguard's extensions: any window
 // length, named presets and a sliding or fixed window. Counters live in a
 // store: in process (MemoryStore) or in Redis (RedisStore: standalone,
-// Sentinel or Cluster), one round trip per request. A refused request does not
+// Sentinel or Cluster), one round trip per request; concurrent requests to
+// one Redis master share a connection and its writes and reads (see
+// pipeline). A refused request does not
 // consume quota. Counters known to be over limit are answered from process
 // memory until they reset. When the store cannot answer within its timeout,
 // the decision follows failure_mode and is never a gRPC error.
@@ -29,7 +31,9 @@
 // _failure_mode_decisions_total{mode}, _invalid_requests_total,
 // _domain_not_found_total, _config_reloads_total{result},
 // _config_last_reload_successful, _config_last_reload_success_timestamp_seconds,
-// and with Redis _redis_pool_* (hits, misses, timeouts, waits, connections).
+// and with Redis _redis_pool_* (go-redis' pool: hits, misses, timeouts, waits,
+// connections) and _redis_pipeline_* (connections, pending_commands{state},
+// dials_total, dial_errors_total, stale_closes_total).
 package ratelimitsvc
 
 import (
