@@ -12,6 +12,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/encoding"
+	encproto "google.golang.org/grpc/encoding/proto"
 
 	"github.com/meshguard/meshguard/internal/grpcserver"
 )
@@ -35,6 +37,7 @@ func Variants(getenv func(string) string) []string {
 //	wbuf=N      WriteBufferSize N bytes
 //	procs=N     runtime.GOMAXPROCS(N) in the serving process
 //	gogc=N      debug.SetGCPercent(N) in the serving process
+//	codec=std   gRPC's default proto codec instead of grpcserver.Codec
 func Options(reg prometheus.Registerer, variant string) ([]grpc.ServerOption, error) {
 	opts := append(grpcserver.Options(grpcserver.DefaultLimits()), grpcserver.NewMetrics(reg).ServerOptions()...)
 	if variant == "" || variant == "prod" {
@@ -42,6 +45,14 @@ func Options(reg prometheus.Registerer, variant string) ([]grpc.ServerOption, er
 	}
 	for _, o := range strings.Split(variant, ",") {
 		k, v, _ := strings.Cut(o, "=")
+		if k == "codec" {
+			if v != "std" {
+				return nil, fmt.Errorf("variant %q: %q: codec std is the only alternative", variant, o)
+			}
+			// A later ForceServerCodecV2 replaces grpcserver.Options' one.
+			opts = append(opts, grpc.ForceServerCodecV2(encoding.GetCodecV2(encproto.Name)))
+			continue
+		}
 		n, err := strconv.Atoi(strings.TrimSuffix(v, "x"))
 		if err != nil {
 			return nil, fmt.Errorf("variant %q: %q: %w", variant, o, err)
