@@ -27,6 +27,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/meshguard/meshguard/internal/gctune"
 	"github.com/meshguard/meshguard/internal/grpcserver/grpcservertest"
 )
 
@@ -114,6 +115,7 @@ func (t *benchTarget) stats(b *testing.B) (cpu time.Duration, allocs uint64) {
 // options and interceptors cmd/meshguard uses (grpcserver), print the
 // address, answer "stats" lines, exit when stdin closes.
 func serveBench(kind, variant string) error {
+	gctune.Apply(os.Getenv) // as meshguard serve does
 	var srv authv3.AuthorizationServer = noopServer{}
 	if kind == "meshguard" {
 		s, err := New(slog.New(slog.NewTextHandler(io.Discard, nil)), prometheus.NewRegistry(), testConfig(), nil)

@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/meshguard/meshguard/internal/gctune"
 	"github.com/meshguard/meshguard/internal/grpcserver/grpcservertest"
 	"github.com/meshguard/meshguard/internal/redistest"
 	"github.com/meshguard/meshguard/internal/secret"
@@ -111,6 +112,7 @@ func benchServe(url string) error {
 	if err != nil {
 		return err
 	}
+	gctune.Apply(os.Getenv) // as meshguard serve does
 	variant := os.Getenv(benchVariantEnv)
 	if v, ok := strings.CutPrefix(variant, "store=direct"); ok {
 		// Decisions through go-redis, one round trip each, instead of the

@@ -20,6 +20,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
 
+	"github.com/meshguard/meshguard/internal/gctune"
 	"github.com/meshguard/meshguard/internal/grpcserver"
 )
 
@@ -83,13 +84,14 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 	if err != nil {
 		return err
 	}
-	return serve(ctx, cfg, stderr)
+	return serve(ctx, cfg, gctune.Apply(getenv), stderr)
 }
 
 // serve runs both listeners until ctx is cancelled, then shuts down in order:
 // stop accepting, drain in-flight RPCs and streams within the deadline, drain
 // components, close the database.
-func serve(ctx context.Context, cfg Config, logw io.Writer) error {
+// gc is what gctune set, for the start-up log line.
+func serve(ctx context.Context, cfg Config, gc gctune.Settings, logw io.Writer) error {
 	log := newLogger(cfg.Log, cfg.Development(), logw)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(
@@ -209,7 +211,8 @@ func serve(ctx context.Context, cfg Config, logw io.Writer) error {
 		}()
 	}
 	log.Info("meshguard serving", "version", version, "environment", cfg.Environment,
-		"grpc_addr", gl.Addr().String(), "http_addr", hl.Addr().String())
+		"grpc_addr", gl.Addr().String(), "http_addr", hl.Addr().String(),
+		"gogc", gc.GCPercent, "gomemlimit_bytes", gc.MemoryLimit)
 
 	var runErr error
 	select {
