@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"runtime"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -48,6 +49,13 @@ type pipeline struct {
 
 	dials, dialErrors, stale atomic.Uint64
 }
+
+// yieldBelow is the batch size under which the writer yields once before
+// writing. Interleaved against no yield (BenchmarkShouldRateLimitVariants,
+// medians of 5 rounds): 0.98x server CPU per decision for one descriptor,
+// 0.94x for two, 1.04x and 1.06x throughput; batches grew from about 6
+// decisions.
+const yieldBelow = 16
 
 // maxQueued bounds the calls waiting to be written; beyond it calls fail at
 // once (a hung Redis cannot make the process hold unbounded memory).
@@ -188,6 +196,14 @@ func (p *pipeline) writeLoop() {
 		case <-p.quit:
 			p.shutdown()
 			return
+		}
+		// A small batch waits for the goroutines that are runnable now
+		// (decisions about to queue): one yield, free when none are.
+		p.mu.Lock()
+		small := len(p.queue) < yieldBelow
+		p.mu.Unlock()
+		if small {
+			runtime.Gosched()
 		}
 		p.mu.Lock()
 		batch, p.queue = p.queue, batch[:0]

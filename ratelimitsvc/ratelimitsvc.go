@@ -226,14 +226,10 @@ func (s *Server) ShouldRateLimit(ctx context.Context, req *rlsv3.RateLimitReques
 	}
 	inst := s.current.Load()
 	dom := inst.limits.domains[req.Domain]
-	statuses := make([]*rlsv3.RateLimitResponse_DescriptorStatus, len(req.Descriptors))
-	resp := &rlsv3.RateLimitResponse{OverallCode: rlsv3.RateLimitResponse_OK, Statuses: statuses}
+	resp, durs := newResponse(len(req.Descriptors))
 	if dom == nil {
 		s.m.domainNotFound.Inc()
 		inst.unknown[0].Inc()
-		for i := range statuses {
-			statuses[i] = &rlsv3.RateLimitResponse_DescriptorStatus{Code: rlsv3.RateLimitResponse_OK}
-		}
 		return resp, nil
 	}
 
@@ -254,7 +250,7 @@ func (s *Server) ShouldRateLimit(ctx context.Context, req *rlsv3.RateLimitReques
 		}
 		if until, ok := inst.cache.lookup(r.id, r.hash, nowMs); ok {
 			dom.localCache.Inc()
-			return s.cachedOver(resp, dom, sc, req, i, until-nowMs), nil
+			return s.cachedOver(resp, durs, dom, sc, req, i, until-nowMs), nil
 		}
 	}
 
@@ -272,8 +268,7 @@ func (s *Server) ShouldRateLimit(ctx context.Context, req *rlsv3.RateLimitReques
 	var worst *counterReq // the over-limit counter with the longest wait
 	var worstWait time.Duration
 	for i, p := range sc.plans {
-		st := &rlsv3.RateLimitResponse_DescriptorStatus{Code: rlsv3.RateLimitResponse_OK}
-		statuses[i] = st
+		st := resp.Statuses[i]
 		switch {
 		case p.rule == nil:
 			continue
@@ -293,7 +288,7 @@ func (s *Server) ShouldRateLimit(ctx context.Context, req *rlsv3.RateLimitReques
 		} else {
 			wait = untilReset(r, nowMs)
 		}
-		st.DurationUntilReset = durationpb.New(wait)
+		st.DurationUntilReset = setDuration(&durs[i], wait)
 		code := 0
 		switch {
 		case over && r.shadow:
@@ -325,6 +320,46 @@ func (s *Server) ShouldRateLimit(ctx context.Context, req *rlsv3.RateLimitReques
 		dom.decisions[0].Inc()
 	}
 	return resp, nil
+}
+
+// inlineStatuses is how many descriptor statuses newResponse allocates in
+// one block with the response (most requests carry one or two descriptors).
+const inlineStatuses = 2
+
+type responseBlock struct {
+	resp rlsv3.RateLimitResponse
+	ptrs [inlineStatuses]*rlsv3.RateLimitResponse_DescriptorStatus
+	sts  [inlineStatuses]rlsv3.RateLimitResponse_DescriptorStatus
+	durs [inlineStatuses]durationpb.Duration
+}
+
+// newResponse returns an OK response with n OK statuses, and room for their
+// durations: one allocation up to inlineStatuses descriptors.
+func newResponse(n int) (*rlsv3.RateLimitResponse, []durationpb.Duration) {
+	var resp *rlsv3.RateLimitResponse
+	var sts []rlsv3.RateLimitResponse_DescriptorStatus
+	var durs []durationpb.Duration
+	if n <= inlineStatuses {
+		b := new(responseBlock)
+		resp, sts, durs = &b.resp, b.sts[:n], b.durs[:n]
+		resp.Statuses = b.ptrs[:n:n]
+	} else {
+		resp = &rlsv3.RateLimitResponse{Statuses: make([]*rlsv3.RateLimitResponse_DescriptorStatus, n)}
+		sts, durs = make([]rlsv3.RateLimitResponse_DescriptorStatus, n), make([]durationpb.Duration, n)
+	}
+	resp.OverallCode = rlsv3.RateLimitResponse_OK
+	for i := range sts {
+		sts[i].Code = rlsv3.RateLimitResponse_OK
+		resp.Statuses[i] = &sts[i]
+	}
+	return resp, durs
+}
+
+// setDuration sets d to wait, as durationpb.New does, and returns it.
+func setDuration(d *durationpb.Duration, wait time.Duration) *durationpb.Duration {
+	d.Seconds = int64(wait / time.Second)
+	d.Nanos = int32(wait % time.Second)
+	return d
 }
 
 // plan matches every descriptor to its rule (or the request's override),
@@ -511,18 +546,17 @@ func (s *Server) countRule(r *rule, code int, entries []*rlv3.RateLimitDescripto
 }
 
 // cachedOver answers OVER_LIMIT because counter ci is in the over-limit cache.
-func (s *Server) cachedOver(resp *rlsv3.RateLimitResponse, dom *domain, sc *scratch, req *rlsv3.RateLimitRequest, ci int, waitMs int64) *rlsv3.RateLimitResponse {
+func (s *Server) cachedOver(resp *rlsv3.RateLimitResponse, durs []durationpb.Duration, dom *domain, sc *scratch, req *rlsv3.RateLimitRequest, ci int, waitMs int64) *rlsv3.RateLimitResponse {
 	wait := time.Duration(waitMs) * time.Millisecond
 	for i, p := range sc.plans {
-		st := &rlsv3.RateLimitResponse_DescriptorStatus{Code: rlsv3.RateLimitResponse_OK}
-		resp.Statuses[i] = st
+		st := resp.Statuses[i]
 		if p.rule != nil && p.rule.unlimited {
 			st.LimitRemaining = math.MaxUint32
 		}
 		if p.counter == ci {
 			st.Code = rlsv3.RateLimitResponse_OVER_LIMIT
 			st.CurrentLimit = p.rule.current
-			st.DurationUntilReset = durationpb.New(wait)
+			st.DurationUntilReset = setDuration(&durs[i], wait)
 			s.countRule(p.rule, 1, req.Descriptors[i].Entries)
 		}
 	}
@@ -543,8 +577,7 @@ func (s *Server) failed(resp *rlsv3.RateLimitResponse, dom *domain, sc *scratch,
 	}
 	deny := s.cfg.FailureMode == "deny"
 	for i, p := range sc.plans {
-		st := &rlsv3.RateLimitResponse_DescriptorStatus{Code: rlsv3.RateLimitResponse_OK}
-		resp.Statuses[i] = st
+		st := resp.Statuses[i]
 		if p.rule != nil && p.rule.unlimited {
 			st.LimitRemaining = math.MaxUint32
 		}

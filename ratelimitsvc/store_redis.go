@@ -458,7 +458,7 @@ func isNoScript(err error) bool { return err != nil && strings.HasPrefix(err.Err
 func (s *RedisStore) evaluate(ctx context.Context, nowMs int64, reqs []counterReq, res []counterRes) (bool, error) {
 	if p := s.pipelineFor(ctx, reqs); p != nil {
 		admitted, err := s.evaluatePipelined(ctx, p, nowMs, reqs, res)
-		if !isNoScript(err) && !isRedirect(err) {
+		if err == nil || !isNoScript(err) && !isRedirect(err) {
 			return admitted, err
 		}
 		// The script cache was flushed, or the slot moved: go-redis loads
