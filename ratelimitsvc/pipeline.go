@@ -22,10 +22,14 @@ import (
 // One batch is in flight at a time: the next accumulates while Redis
 // answers the last, so under load a write and a read carry many decisions,
 // and a lone decision goes out at once.
+//
 // Redis runs commands one at a time, so one connection carries all a server
 // can take, and a decision costs a share of two system calls instead of two
-// of its own (go-redis' autopipeliner did the same batching with about three
-// times the CPU per decision, see BenchmarkDecideRedis).
+// of its own. go-redis' autopipeliner batched too, but spent 14.5 µs of CPU
+// per decision in BenchmarkDecideRedis against 8.8–10.7 µs here (a context
+// and timer per call, boxed arguments, a pool checkout per batch), and in
+// the gRPC benchmark, interleaved, this made decisions 0.89x (one
+// descriptor) and 0.83x (two) as costly.
 //
 // Faults: a caller never waits longer than the store timeout; a connection
 // whose oldest unanswered command is older than staleAfter, or that fails a
