@@ -107,7 +107,7 @@ type RedisStore struct {
 	// Cluster with redis.autopipeline: one pipeline per master address,
 	// for requests whose counters share a slot.
 	nodeDial  func(ctx context.Context, addr string) (net.Conn, error)
-	nodeMu    sync.Mutex
+	nodeMu    sync.RWMutex
 	nodePipes map[string]*pipeline
 	mode      string
 	addrs     []string
@@ -300,11 +300,11 @@ func (s *RedisStore) pipelineStatus() pipelineStatus {
 	if s.pipe != nil {
 		add(s.pipe)
 	}
-	s.nodeMu.Lock()
+	s.nodeMu.RLock()
 	for _, p := range s.nodePipes {
 		add(p)
 	}
-	s.nodeMu.Unlock()
+	s.nodeMu.RUnlock()
 	return sum
 }
 
@@ -321,18 +321,22 @@ func poolDetails(st *redis.PoolStats) map[string]any {
 // <prefix>{<hash>}<id>:<bucket>. The hash tag keeps both in one Cluster slot.
 func (s *RedisStore) appendKeys(keys []string, buf []byte, r *counterReq, bucket int64) ([]string, []byte) {
 	start := len(buf)
-	buf = append(buf, s.prefix...)
-	buf = append(buf, '{')
-	buf = appendHex16(buf, r.hash)
-	buf = append(buf, '}')
-	buf = append(buf, r.id...)
-	buf = append(buf, ':')
-	base := len(buf)
-	buf = strconv.AppendInt(buf, bucket, 10)
+	buf = s.appendKey(buf, r, bucket)
 	cur := string(buf[start:])
-	buf = strconv.AppendInt(buf[:base], bucket-1, 10)
+	buf = s.appendKey(buf[:start], r, bucket-1)
 	prev := string(buf[start:])
 	return append(keys, cur, prev), buf[:start]
+}
+
+// appendKey appends the key of r's counter for bucket.
+func (s *RedisStore) appendKey(b []byte, r *counterReq, bucket int64) []byte {
+	b = append(b, s.prefix...)
+	b = append(b, '{')
+	b = appendHex16(b, r.hash)
+	b = append(b, '}')
+	b = append(b, r.id...)
+	b = append(b, ':')
+	return strconv.AppendInt(b, bucket, 10)
 }
 
 func appendHex16(b []byte, h uint64) []byte {
@@ -418,17 +422,11 @@ func (s *RedisStore) appendEvalsha(b []byte, reqs []counterReq, nowMs int64) []b
 // appendKeyBulk encodes the key appendKeys makes as a RESP bulk string.
 func (s *RedisStore) appendKeyBulk(b []byte, r *counterReq, bucket int64) []byte {
 	var tmp [20]byte
-	num := strconv.AppendInt(tmp[:0], bucket, 10)
+	digits := len(strconv.AppendInt(tmp[:0], bucket, 10))
 	b = append(b, '$')
-	b = strconv.AppendInt(b, int64(len(s.prefix)+1+16+1+len(r.id)+1+len(num)), 10)
+	b = strconv.AppendInt(b, int64(len(s.prefix)+1+16+1+len(r.id)+1+digits), 10)
 	b = append(b, '\r', '\n')
-	b = append(b, s.prefix...)
-	b = append(b, '{')
-	b = appendHex16(b, r.hash)
-	b = append(b, '}')
-	b = append(b, r.id...)
-	b = append(b, ':')
-	b = append(b, num...)
+	b = s.appendKey(b, r, bucket)
 	return append(b, '\r', '\n')
 }
 
@@ -506,12 +504,18 @@ func (s *RedisStore) pipelineFor(ctx context.Context, reqs []counterReq) *pipeli
 		return nil // go-redis reports it
 	}
 	addr := node.Options().Addr
+	s.nodeMu.RLock()
+	p, open := s.nodePipes[addr], s.nodePipes != nil
+	s.nodeMu.RUnlock()
+	if p != nil || !open {
+		return p
+	}
 	s.nodeMu.Lock()
 	defer s.nodeMu.Unlock()
-	if s.nodePipes == nil { // closed
+	if s.nodePipes == nil { // closed meanwhile
 		return nil
 	}
-	p := s.nodePipes[addr]
+	p = s.nodePipes[addr]
 	if p == nil {
 		p = newPipeline(func(ctx context.Context) (net.Conn, error) { return s.nodeDial(ctx, addr) }, s.timeout)
 		s.nodePipes[addr] = p
