@@ -301,3 +301,28 @@ func TestRedisPoolReporting(t *testing.T) {
 		t.Errorf("pipeline dials metric = %v", n)
 	}
 }
+
+// TestRepeatedDescriptorCountsTwice: a request that names one counter twice
+// adds its hits twice, in every store (the Redis script writes each counter
+// from the count it read, so it must carry the first write to the second).
+func TestRepeatedDescriptorCountsTwice(t *testing.T) {
+	for _, kind := range storeKinds(t) {
+		t.Run(kind.name, func(t *testing.T) {
+			h := startServer(t, windowConfig(10, time.Minute), kind.make(t), newFakeClock())
+			req := request("acc", kv("client", "twice"), kv("client", "twice"))
+			admitted := 0
+			for range 10 {
+				resp, err := h.client.ShouldRateLimit(t.Context(), req)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if resp.OverallCode == rlsv3.RateLimitResponse_OK {
+					admitted++
+				}
+			}
+			if admitted != 5 {
+				t.Errorf("admitted %d requests of 2 hits each under a limit of 10, want 5", admitted)
+			}
+		})
+	}
+}

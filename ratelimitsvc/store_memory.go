@@ -67,11 +67,16 @@ func (m *MemoryStore) evaluate(_ context.Context, nowMs int64, reqs []counterReq
 		}
 		bucket, _ := bucketOf(r, nowMs)
 		c := m.counters[string(r.id)]
-		if c == nil {
-			c = &memCounter{}
+		switch {
+		case c == nil:
+			c = &memCounter{bucket: bucket, prev: res[i].prev}
 			m.counters[string(r.id)] = c
+		case c.bucket != bucket:
+			c.bucket, c.prev, c.cur = bucket, res[i].prev, 0
 		}
-		c.bucket, c.prev, c.cur = bucket, res[i].prev, max(res[i].cur+r.hits, 0)
+		// Add to the counter, not to what was read: a request may name
+		// one counter twice, and then both hits count.
+		c.cur = max(c.cur+r.hits, 0)
 		c.expireMs = (bucket + 2) * r.window
 	}
 	return true, nil
