@@ -65,7 +65,8 @@ const (
 func startBenchTarget(b *testing.B, kind, variant string) *benchTarget {
 	b.Helper()
 	name := kind
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	bin, variant := grpcservertest.Executable(variant)
+	cmd := exec.Command(bin, "-test.run=^$")
 	cmd.Env = append(os.Environ(), benchServerEnv+"="+kind, benchVariantEnv+"="+variant)
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()

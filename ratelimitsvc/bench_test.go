@@ -131,8 +131,11 @@ func benchServe(url string) error {
 	gs := grpc.NewServer(opts...)
 	register(gs)
 	go gs.Serve(lis)
+	// A CPU profile of the server, e.g. for cmd/meshguard/default.pgo;
+	// "%p" in the path becomes the server's pid, so that every case's
+	// server keeps its own.
 	if path := os.Getenv("MESHGUARD_RLS_BENCH_CPUPROFILE"); path != "" {
-		f, err := os.Create(path)
+		f, err := os.Create(strings.ReplaceAll(path, "%p", strconv.Itoa(os.Getpid())))
 		if err != nil {
 			return err
 		}
@@ -190,11 +193,32 @@ func procCPU(b *testing.B, pid int) time.Duration {
 	return time.Duration(ut+st) * 10 * time.Millisecond
 }
 
+// procSyscalls is how many read and write system calls process pid has
+// made (/proc/pid/io: syscr, syscw).
+func procSyscalls(b *testing.B, pid int) (reads, writes int64) {
+	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/io")
+	if err != nil {
+		b.Fatal(err)
+	}
+	for line := range strings.Lines(string(data)) {
+		name, val, _ := strings.Cut(strings.TrimSpace(line), ": ")
+		n, _ := strconv.ParseInt(val, 10, 64)
+		switch name {
+		case "syscr":
+			reads = n
+		case "syscw":
+			writes = n
+		}
+	}
+	return reads, writes
+}
+
 // startBenchServer runs the RLS in a child process against url, on the
 // production gRPC stack with tuning variant ("": none), and returns a client
 // and the child's pid.
 func startBenchServer(b *testing.B, url, variant string) (rlsv3.RateLimitServiceClient, int) {
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	bin, variant := grpcservertest.Executable(variant)
+	cmd := exec.Command(bin, "-test.run=^$")
 	cmd.Env = append(os.Environ(), benchServeEnv+"="+url, benchVariantEnv+"="+variant)
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -256,9 +280,11 @@ func startInProcessServer(b *testing.B, url string) rlsv3.RateLimitServiceClient
 
 // runLoad drives client with 50 concurrent streams over the request mix and
 // reports throughput, p50/p99 latency, and CPU per decision of the server
-// process (serverPid; 0 when the server is in this process) and of this
-// process.
-func runLoad(b *testing.B, client rlsv3.RateLimitServiceClient, reqs []*rlsv3.RateLimitRequest, serverPid int, want rlsv3.RateLimitResponse_Code) benchResult {
+// process (serverPid; 0 when the server is in this process), of this
+// process, and of redis-server (redisPid; 0: none). The server's read and
+// write system calls per decision show how well its batching amortises
+// them: on loopback a write also pays for the receiver's TCP processing.
+func runLoad(b *testing.B, client rlsv3.RateLimitServiceClient, reqs []*rlsv3.RateLimitRequest, serverPid, redisPid int, want rlsv3.RateLimitResponse_Code) benchResult {
 	ctx := b.Context()
 	// Warm up connections, pools, the script cache (and use up 5-per-client
 	// limits), once per client and request mix: b.Run calls this for every
@@ -278,8 +304,14 @@ func runLoad(b *testing.B, client rlsv3.RateLimitServiceClient, reqs []*rlsv3.Ra
 	b.ReportAllocs()
 	selfBefore := procCPU(b, 0)
 	var srvBefore time.Duration
+	var readsBefore, writesBefore int64
 	if serverPid != 0 {
 		srvBefore = procCPU(b, serverPid)
+		readsBefore, writesBefore = procSyscalls(b, serverPid)
+	}
+	var redisBefore time.Duration
+	if redisPid != 0 {
+		redisBefore = procCPU(b, redisPid)
 	}
 	start := time.Now()
 	b.ResetTimer()
@@ -309,9 +341,15 @@ func runLoad(b *testing.B, client rlsv3.RateLimitServiceClient, reqs []*rlsv3.Ra
 		srv := procCPU(b, serverPid) - srvBefore
 		res.cpuPerOp = float64(srv.Microseconds()) / n
 		b.ReportMetric(res.cpuPerOp, "meshguard-cpu-µs/op")
+		reads, writes := procSyscalls(b, serverPid)
+		b.ReportMetric(float64(reads-readsBefore)/n, "meshguard-reads/op")
+		b.ReportMetric(float64(writes-writesBefore)/n, "meshguard-writes/op")
 		b.ReportMetric(float64(self.Microseconds())/n, "loadgen-cpu-µs/op")
 	} else {
 		b.ReportMetric(float64(self.Microseconds())/n, "process-cpu-µs/op")
+	}
+	if redisPid != 0 {
+		b.ReportMetric(float64((procCPU(b, redisPid)-redisBefore).Microseconds())/n, "redis-cpu-µs/op")
 	}
 	slices.Sort(lat)
 	if len(lat) > 0 {
@@ -356,14 +394,14 @@ func BenchmarkShouldRateLimit(b *testing.B) {
 		b.Run(tc.name, func(b *testing.B) {
 			srv := redistest.Start(b)
 			client, pid := startBenchServer(b, srv.URL(), "")
-			runLoad(b, client, tc.reqs, pid, tc.want)
+			runLoad(b, client, tc.reqs, pid, srv.Pid(), tc.want)
 		})
 	}
 	// The same load on a server that decides nothing: what the gRPC stack
 	// alone costs per call here, to read the figures above against.
 	b.Run("noop_server", func(b *testing.B) {
 		client, pid := startBenchServer(b, benchNoop, "")
-		runLoad(b, client, benchRequests(false), pid, rlsv3.RateLimitResponse_OK)
+		runLoad(b, client, benchRequests(false), pid, 0, rlsv3.RateLimitResponse_OK)
 	})
 }
 
@@ -405,7 +443,7 @@ func BenchmarkShouldRateLimitVariants(b *testing.B) {
 				for i, v := range variants {
 					var last benchResult
 					b.Run(v, func(b *testing.B) {
-						last = runLoad(b, targets[i].client, tc.reqs, targets[i].pid, rlsv3.RateLimitResponse_OK)
+						last = runLoad(b, targets[i].client, tc.reqs, targets[i].pid, srv.Pid(), rlsv3.RateLimitResponse_OK)
 					})
 					perSec[i] = append(perSec[i], last.perSec)
 					cpu[i] = append(cpu[i], last.cpuPerOp)
@@ -441,7 +479,7 @@ func BenchmarkShouldRateLimitInProcess(b *testing.B) {
 	}{{"hot1k", false}, {"two_desc", true}} {
 		b.Run(tc.name, func(b *testing.B) {
 			srv := redistest.Start(b)
-			runLoad(b, startInProcessServer(b, srv.URL()), benchRequests(tc.twoDesc), 0, rlsv3.RateLimitResponse_OK)
+			runLoad(b, startInProcessServer(b, srv.URL()), benchRequests(tc.twoDesc), 0, srv.Pid(), rlsv3.RateLimitResponse_OK)
 		})
 	}
 }

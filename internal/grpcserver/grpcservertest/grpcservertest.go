@@ -5,6 +5,7 @@ package grpcservertest
 
 import (
 	"fmt"
+	"os"
 	"runtime"
 	"runtime/debug"
 	"strconv"
@@ -27,6 +28,22 @@ func Variants(getenv func(string) string) []string {
 	return strings.Fields(getenv(VariantsEnv))
 }
 
+// Executable splits "bin=PATH" off variant: the benchmark serves that
+// variant from the test binary at PATH (built with other flags, e.g. -pgo)
+// instead of from its own. bin is os.Args[0] when variant names none.
+func Executable(variant string) (bin, rest string) {
+	bin = os.Args[0]
+	var kept []string
+	for _, o := range strings.Split(variant, ",") {
+		if p, ok := strings.CutPrefix(o, "bin="); ok {
+			bin = p
+			continue
+		}
+		kept = append(kept, o)
+	}
+	return bin, strings.Join(kept, ",")
+}
+
 // Options returns the production server options with metrics registered in
 // reg, followed by the overrides in variant: "prod" (or "") for none, else a
 // comma-separated list of
@@ -38,6 +55,8 @@ func Variants(getenv func(string) string) []string {
 //	procs=N     runtime.GOMAXPROCS(N) in the serving process
 //	gogc=N      debug.SetGCPercent(N) in the serving process
 //	codec=std   gRPC's default proto codec instead of grpcserver.Codec
+//
+// and "bin=PATH", which the benchmark strips with Executable first.
 func Options(reg prometheus.Registerer, variant string) ([]grpc.ServerOption, error) {
 	opts := append(grpcserver.Options(grpcserver.DefaultLimits()), grpcserver.NewMetrics(reg).ServerOptions()...)
 	if variant == "" || variant == "prod" {
