@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	rtmetrics "runtime/metrics"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -137,6 +138,19 @@ func serveBench(kind, variant string) error {
 	authv3.RegisterAuthorizationServer(gs, srv)
 	go gs.Serve(lis)
 	defer gs.Stop()
+	// A CPU profile of the server, e.g. for cmd/meshguard/default.pgo; "%p"
+	// in the path becomes the server's pid.
+	if path := os.Getenv("MESHGUARD_EXTAUTHZ_BENCH_CPUPROFILE"); path != "" && kind == "meshguard" {
+		f, err := os.Create(strings.ReplaceAll(path, "%p", strconv.Itoa(os.Getpid())))
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
 	fmt.Printf("addr %s\n", lis.Addr())
 	sample := []rtmetrics.Sample{{Name: "/gc/heap/allocs:objects"}}
 	in := bufio.NewScanner(os.Stdin)

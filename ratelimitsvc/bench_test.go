@@ -193,6 +193,25 @@ func procCPU(b *testing.B, pid int) time.Duration {
 	return time.Duration(ut+st) * 10 * time.Millisecond
 }
 
+// machineSteal returns the machine's CPU time stolen by the hypervisor and
+// its total CPU time so far (/proc/stat, in clock ticks): the share stolen
+// during a run tells how busy the host was, which moves every figure.
+func machineSteal() (steal, total int64) {
+	data, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, 0
+	}
+	line, _, _ := strings.Cut(string(data), "\n")
+	for i, f := range strings.Fields(line)[1:] {
+		v, _ := strconv.ParseInt(f, 10, 64)
+		total += v
+		if i == 7 {
+			steal = v
+		}
+	}
+	return steal, total
+}
+
 // procSyscalls is how many read and write system calls process pid has
 // made (/proc/pid/io: syscr, syscw).
 func procSyscalls(b *testing.B, pid int) (reads, writes int64) {
@@ -309,6 +328,7 @@ func runLoad(b *testing.B, client rlsv3.RateLimitServiceClient, reqs []*rlsv3.Ra
 		srvBefore = procCPU(b, serverPid)
 		readsBefore, writesBefore = procSyscalls(b, serverPid)
 	}
+	stealBefore, totalBefore := machineSteal()
 	var redisBefore time.Duration
 	if redisPid != 0 {
 		redisBefore = procCPU(b, redisPid)
@@ -347,6 +367,9 @@ func runLoad(b *testing.B, client rlsv3.RateLimitServiceClient, reqs []*rlsv3.Ra
 		b.ReportMetric(float64(self.Microseconds())/n, "loadgen-cpu-µs/op")
 	} else {
 		b.ReportMetric(float64(self.Microseconds())/n, "process-cpu-µs/op")
+	}
+	if steal, total := machineSteal(); total > totalBefore {
+		b.ReportMetric(100*float64(steal-stealBefore)/float64(total-totalBefore), "steal-%")
 	}
 	if redisPid != 0 {
 		b.ReportMetric(float64((procCPU(b, redisPid)-redisBefore).Microseconds())/n, "redis-cpu-µs/op")
@@ -402,6 +425,10 @@ func BenchmarkShouldRateLimit(b *testing.B) {
 	b.Run("noop_server", func(b *testing.B) {
 		client, pid := startBenchServer(b, benchNoop, "")
 		runLoad(b, client, benchRequests(false), pid, 0, rlsv3.RateLimitResponse_OK)
+	})
+	b.Run("noop_server_two_desc", func(b *testing.B) {
+		client, pid := startBenchServer(b, benchNoop, "")
+		runLoad(b, client, benchRequests(true), pid, 0, rlsv3.RateLimitResponse_OK)
 	})
 }
 

@@ -16,12 +16,24 @@ import (
 )
 
 // pipeline sends the decisions of every concurrent request to one Redis
-// server over one connection. Callers queue an encoded command and wait; a
-// writer goroutine writes all queued commands with one system call; a
-// reader goroutine takes the replies in order and hands each to its caller.
-// One batch is in flight at a time: the next accumulates while Redis
-// answers the last, so under load a write and a read carry many decisions,
-// and a lone decision goes out at once.
+// server over one connection. Callers queue an encoded command and wait;
+// all queued commands go out with one system call; a reader goroutine
+// takes the replies in order and hands each to its caller. One batch is in
+// flight at a time: the next accumulates while Redis answers the last, so
+// under load a write and a read carry many decisions, and a lone decision
+// goes out at once.
+//
+// No goroutine exists just to write: a caller that finds no batch in
+// flight writes the queue itself, and the reader, when a batch's last reply
+// is in, writes the next. Under load that is the reader, which is awake
+// anyway, so a batch costs no goroutine wake-up beyond the reader's own.
+// Callers wait on their call and their context; one expiry goroutine
+// answers calls that reach the timeout, oldest first, instead of a timer
+// per call. Against a writer goroutine and a timer per call, interleaved
+// (BenchmarkShouldRateLimitVariants with bin=, 10 rounds): median server
+// CPU per decision 43.1 → 40.3 µs for one descriptor, 46.7 → 43.0 µs for
+// two; medians of the per-round ratios 0.93x and 0.95x; throughput 1.04x
+// and 1.07x.
 //
 // Redis runs commands one at a time, so one connection carries all a server
 // can take, and a decision costs a share of two system calls instead of two
@@ -34,22 +46,29 @@ import (
 // Faults: a caller never waits longer than the store timeout; a connection
 // whose oldest unanswered command is older than staleAfter, or that fails a
 // read or write, is closed and its callers get the error at once; the next
-// batch dials again. A command whose caller has given up before it was
-// written is not written.
+// batch dials again, from a goroutine of its own so that no caller waits on
+// a dial. A command whose caller has been answered (timed out) before it
+// was written is not written.
 type pipeline struct {
 	dial       func(ctx context.Context) (net.Conn, error) // connected and authenticated
 	timeout    time.Duration                               // per call, and per dial
 	staleAfter time.Duration
 
-	mu      sync.Mutex
-	queue   []*pcall // waiting for the writer
-	conn    *pconn   // nil: dial with the next batch
+	mu       sync.Mutex
+	queue    []*pcall // waiting to be written, oldest first
+	spare    []*pcall // the last batch's slice, for the next queue
+	qExpired int      // queue[:qExpired] have been answered by expiry
+	// writing: someone is responsible for writing the queue: a goroutine
+	// in writeNext, or the connection whose batch is in flight (its reader
+	// calls writeNext when the batch is answered). Whoever holds it and
+	// finds the queue empty clears it.
+	writing bool
+	conn    *pconn // nil: dial with the next batch
 	retryAt time.Time
 	closed  bool
 
-	wake chan struct{} // capacity 1: the writer has work
 	quit chan struct{} // closed by close
-	done chan struct{} // closed when the writer has stopped
+	done chan struct{} // closed when the expiry goroutine has stopped
 
 	dials, dialErrors, stale atomic.Uint64
 }
@@ -83,37 +102,35 @@ func newPipeline(dial func(ctx context.Context) (net.Conn, error), timeout time.
 		dial:       dial,
 		timeout:    timeout,
 		staleAfter: max(4*timeout, 500*time.Millisecond),
-		wake:       make(chan struct{}, 1),
 		quit:       make(chan struct{}),
 		done:       make(chan struct{}),
 	}
-	go p.writeLoop()
+	go p.expireLoop()
 	return p
 }
 
-// pcall is one command and its reply. Whoever finishes last with it puts it
-// back in callPool: the caller after reading the reply, or the pipeline
-// when the caller gave up first.
+// pcall is one command and its reply. Until it is answered, the caller and
+// the pipeline (queue or connection) both hold it; whoever lets go last
+// puts it back in callPool (see release).
 type pcall struct {
-	cmd    []byte  // RESP-encoded command
-	vals   []int64 // the reply: an array of integers
-	err    error
-	sentAt time.Time
-	state  atomic.Int32  // callWaiting, callDone or callAbandoned
-	done   chan struct{} // capacity 1
-	timer  *time.Timer
+	cmd      []byte  // RESP-encoded command
+	vals     []int64 // the reply: an array of integers
+	err      error   // written by whoever answers, before the send on done
+	queuedAt time.Time
+	sentAt   time.Time
+	state    atomic.Int32  // callWaiting, callDone, callExpired or callReleased
+	done     chan struct{} // capacity 1; exactly one send per use
 }
 
 const (
-	callWaiting int32 = iota
-	callDone
-	callAbandoned
+	callWaiting  int32 = iota
+	callDone           // answered by the pipeline: the caller owns the call
+	callExpired        // answered by expiry: caller and pipeline both hold it
+	callReleased       // expired, and one of the two has let go
 )
 
 var callPool = sync.Pool{New: func() any {
-	t := time.NewTimer(time.Hour)
-	t.Stop()
-	return &pcall{done: make(chan struct{}, 1), timer: t, cmd: make([]byte, 0, 512)}
+	return &pcall{done: make(chan struct{}, 1), cmd: make([]byte, 0, 512)}
 }}
 
 func getCall() *pcall {
@@ -125,21 +142,40 @@ func getCall() *pcall {
 
 func putCall(c *pcall) { callPool.Put(c) }
 
-// finish hands the result to the caller, or recycles the call if the caller
-// has given up.
+// finish answers the caller with err (the reply is in c.vals), or, if
+// expiry answered it first, lets go of it.
 func finish(c *pcall, err error) {
-	c.err = err
 	if c.state.CompareAndSwap(callWaiting, callDone) {
+		c.err = err
 		c.done <- struct{}{}
 		return
 	}
-	putCall(c)
+	c.release()
 }
 
-// do sends c.cmd and waits for the reply within the timeout or ctx. On
-// success or a Redis error reply the caller owns c again (and puts it back);
-// on a timeout it does not.
+// expire answers the caller with a timeout if nobody has answered yet.
+func (c *pcall) expire() {
+	if c.state.CompareAndSwap(callWaiting, callExpired) {
+		c.err = errCallTimeout
+		c.done <- struct{}{}
+	}
+}
+
+// release lets go of an expired call; the second of caller and pipeline to
+// let go puts it back.
+func (c *pcall) release() {
+	if !c.state.CompareAndSwap(callExpired, callReleased) {
+		putCall(c)
+	}
+}
+
+// do sends c.cmd and waits for the reply, at most the timeout or until ctx
+// ends. On success or a Redis error reply the caller owns c again (and puts
+// it back); on a timeout it does not.
 func (p *pipeline) do(ctx context.Context, c *pcall) (owned bool, err error) {
+	if err := ctx.Err(); err != nil {
+		return true, err
+	}
 	p.mu.Lock()
 	switch {
 	case p.closed:
@@ -149,31 +185,32 @@ func (p *pipeline) do(ctx context.Context, c *pcall) (owned bool, err error) {
 		p.mu.Unlock()
 		return true, errPipelineFull
 	}
+	c.queuedAt = time.Now() // under mu: the queue is in deadline order
 	p.queue = append(p.queue, c)
+	write := !p.writing
+	p.writing = true
 	p.mu.Unlock()
-	select {
-	case p.wake <- struct{}{}:
-	default:
+	if write {
+		p.writeNext(false)
 	}
-	c.timer.Reset(p.timeout)
 	select {
 	case <-c.done:
-		c.timer.Stop()
-		return true, c.err
-	case <-c.timer.C:
-		err = errCallTimeout
 	case <-ctx.Done():
-		c.timer.Stop()
-		err = ctx.Err()
+		if c.state.CompareAndSwap(callWaiting, callExpired) {
+			c.release() // the pipeline puts it back
+			return false, ctx.Err()
+		}
+		<-c.done // answered meanwhile
 	}
-	if c.state.CompareAndSwap(callWaiting, callAbandoned) {
-		return false, err
+	if c.state.Load() == callDone {
+		return true, c.err
 	}
-	<-c.done // answered meanwhile
-	return true, c.err
+	err = c.err // expired
+	c.release()
+	return false, err
 }
 
-// close fails queued and unanswered calls and stops the goroutines.
+// close fails queued and unanswered calls and stops the expiry goroutine.
 func (p *pipeline) close() {
 	p.mu.Lock()
 	if p.closed {
@@ -186,90 +223,80 @@ func (p *pipeline) close() {
 	<-p.done
 }
 
-func (p *pipeline) writeLoop() {
-	defer close(p.done)
-	tick := time.NewTicker(p.staleAfter / 4)
-	defer tick.Stop()
-	var batch []*pcall
+// writeNext writes the queue, batch after batch, until a batch is in flight
+// (its connection's reader continues from there) or the queue is empty. The
+// caller holds p.writing. A dial happens only when mayDial; otherwise it is
+// handed to a new goroutine.
+func (p *pipeline) writeNext(mayDial bool) {
 	for {
-		select {
-		case <-p.wake:
-		case <-tick.C:
-			p.checkStale()
-			continue
-		case <-p.quit:
-			p.shutdown()
-			return
-		}
 		// A small batch waits for the goroutines that are runnable now
 		// (decisions about to queue): one yield, free when none are.
 		p.mu.Lock()
-		small := len(p.queue) < yieldBelow
+		n := len(p.queue)
 		p.mu.Unlock()
-		if small {
+		if n > 0 && n < yieldBelow {
 			runtime.Gosched()
 		}
 		p.mu.Lock()
-		batch, p.queue = p.queue, batch[:0]
+		if p.closed {
+			p.writing = false // the expiry goroutine fails what is queued
+			p.mu.Unlock()
+			return
+		}
+		batch := p.queue
+		p.queue, p.spare, p.qExpired = p.spare[:0], nil, 0
+		if len(batch) == 0 {
+			p.writing = false
+			p.queue = batch
+			p.mu.Unlock()
+			return
+		}
+		pc := p.conn
+		if pc != nil && pc.failed() {
+			pc, p.conn = nil, nil
+		}
+		if pc == nil && !mayDial {
+			// Put the batch back; a goroutine of its own dials.
+			p.queue = append(batch, p.queue...)
+			p.mu.Unlock()
+			go p.writeNext(true)
+			return
+		}
 		p.mu.Unlock()
-		pc := p.write(batch)
+		sent := p.write(batch)
 		clear(batch)
-		if pc == nil {
-			continue
+		p.mu.Lock()
+		if p.spare == nil {
+			p.spare = batch[:0]
 		}
-		// Until Redis has answered the batch, callers queue behind it.
-	wait:
-		for {
-			select {
-			case <-pc.idle:
-				break wait
-			case <-tick.C:
-				p.checkStale()
-			case <-p.quit:
-				p.shutdown()
-				return
-			}
+		p.mu.Unlock()
+		if sent {
+			return
 		}
-	}
-}
-
-// shutdown fails what is queued and closes the connection (failing what
-// is in flight).
-func (p *pipeline) shutdown() {
-	p.mu.Lock()
-	queued := p.queue
-	p.queue = nil
-	pc := p.conn
-	p.mu.Unlock()
-	for _, c := range queued {
-		finish(c, errPipelineClosed)
-	}
-	if pc != nil {
-		pc.fail(errPipelineClosed)
 	}
 }
 
 // write sends one batch: the calls whose callers still wait, in one write.
-// It returns the connection the batch went out on, or nil if nothing was
-// sent.
-func (p *pipeline) write(batch []*pcall) *pconn {
+// It reports whether a batch is now in flight, its connection holding
+// p.writing.
+func (p *pipeline) write(batch []*pcall) bool {
 	live := batch[:0]
 	for _, c := range batch {
-		if c.state.Load() == callAbandoned {
-			putCall(c)
+		if c.state.Load() != callWaiting {
+			c.release() // expired in the queue: never sent
 			continue
 		}
 		live = append(live, c)
 	}
 	if len(live) == 0 {
-		return nil
+		return false
 	}
 	pc, err := p.connection()
 	if err != nil {
 		for _, c := range live {
 			finish(c, err)
 		}
-		return nil
+		return false
 	}
 	now := time.Now()
 	pc.mu.Lock()
@@ -279,7 +306,7 @@ func (p *pipeline) write(batch []*pcall) *pconn {
 		for _, c := range live {
 			finish(c, err)
 		}
-		return nil
+		return false
 	}
 	for _, c := range live {
 		c.sentAt = now
@@ -292,8 +319,19 @@ func (p *pipeline) write(batch []*pcall) *pconn {
 	pc.c.SetWriteDeadline(now.Add(p.timeout))
 	if err := pc.bw.Flush(); err != nil {
 		pc.fail(fmt.Errorf("writing to redis: %w", err))
+		return false
 	}
-	return pc
+	// The batch is in flight: its reader writes the next when the last
+	// reply is in, or fail hands the queue on if the connection dies.
+	pc.mu.Lock()
+	if pc.err != nil || pc.head == len(pc.inflight) {
+		// Failed, or answered already: the writing is still ours.
+		pc.mu.Unlock()
+		return false
+	}
+	pc.writer = true
+	pc.mu.Unlock()
+	return true
 }
 
 // connection returns the open connection, or dials one. After a failed dial
@@ -307,6 +345,10 @@ func (p *pipeline) connection() (*pconn, error) {
 		return pc, nil
 	}
 	p.conn = nil
+	if p.closed {
+		p.mu.Unlock()
+		return nil, errPipelineClosed
+	}
 	if time.Now().Before(p.retryAt) {
 		p.mu.Unlock()
 		return nil, errors.New("redis unreachable; retrying shortly")
@@ -325,29 +367,94 @@ func (p *pipeline) connection() (*pconn, error) {
 		return nil, err
 	}
 	c.SetDeadline(time.Time{})
-	pc = &pconn{c: c, br: bufio.NewReaderSize(c, 16<<10), bw: bufio.NewWriterSize(c, 16<<10), idle: make(chan struct{}, 1)}
-	go pc.readLoop()
+	pc = &pconn{p: p, c: c, br: bufio.NewReaderSize(c, 16<<10), bw: bufio.NewWriterSize(c, 16<<10)}
 	p.mu.Lock()
+	if p.closed { // closed while dialling
+		p.mu.Unlock()
+		c.Close()
+		return nil, errPipelineClosed
+	}
 	p.conn = pc
 	p.mu.Unlock()
+	go pc.readLoop()
 	return pc, nil
 }
 
-// checkStale closes the connection if its oldest unanswered command has
-// waited longer than staleAfter (Redis hung, or the network black-holed).
-func (p *pipeline) checkStale() {
+// expireLoop answers calls that have waited the timeout, oldest first, and
+// closes the connection when its oldest unanswered command has waited
+// staleAfter (Redis hung, or the network black-holed). It sleeps until the
+// oldest waiting call is due, and at most the timeout.
+func (p *pipeline) expireLoop() {
+	defer close(p.done)
+	t := time.NewTimer(p.timeout)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+		case <-p.quit:
+			p.shutdown()
+			return
+		}
+		t.Reset(p.expire(time.Now()))
+	}
+}
+
+// expire answers the calls queued before now-timeout and returns how long
+// until the next is due (at most the timeout).
+func (p *pipeline) expire(now time.Time) time.Duration {
+	due := now.Add(-p.timeout)
+	next := p.timeout
+	wait := func(c *pcall) { next = min(next, c.queuedAt.Sub(due)) }
 	p.mu.Lock()
 	pc := p.conn
 	p.mu.Unlock()
-	if pc == nil {
-		return
+	if pc != nil {
+		pc.mu.Lock()
+		i := max(pc.expired, pc.head)
+		for ; i < len(pc.inflight); i++ {
+			c := pc.inflight[i]
+			if c.queuedAt.After(due) {
+				wait(c)
+				break
+			}
+			c.expire()
+		}
+		pc.expired = i
+		stale := pc.head < len(pc.inflight) && now.Sub(pc.inflight[pc.head].sentAt) > p.staleAfter
+		pc.mu.Unlock()
+		if stale {
+			p.stale.Add(1)
+			pc.fail(errStale)
+		}
 	}
-	pc.mu.Lock()
-	stale := pc.head < len(pc.inflight) && time.Since(pc.inflight[pc.head].sentAt) > p.staleAfter
-	pc.mu.Unlock()
-	if stale {
-		p.stale.Add(1)
-		pc.fail(errStale)
+	p.mu.Lock()
+	i := p.qExpired
+	for ; i < len(p.queue); i++ {
+		c := p.queue[i]
+		if c.queuedAt.After(due) {
+			wait(c)
+			break
+		}
+		c.expire()
+	}
+	p.qExpired = i
+	p.mu.Unlock()
+	return max(next, time.Millisecond)
+}
+
+// shutdown fails what is queued and closes the connection (failing what
+// is in flight).
+func (p *pipeline) shutdown() {
+	p.mu.Lock()
+	queued := p.queue
+	p.queue = nil
+	pc := p.conn
+	p.mu.Unlock()
+	for _, c := range queued {
+		finish(c, errPipelineClosed)
+	}
+	if pc != nil {
+		pc.fail(errPipelineClosed)
 	}
 }
 
@@ -375,18 +482,20 @@ func (p *pipeline) status() pipelineStatus {
 	return st
 }
 
-// pconn is one connection: the writer appends to inflight and writes, the
-// reader answers inflight in order.
+// pconn is one connection: write appends a batch to inflight and writes
+// it, the reader answers inflight in order.
 type pconn struct {
+	p  *pipeline
 	c  net.Conn
 	br *bufio.Reader
-	bw *bufio.Writer // the writer goroutine's
+	bw *bufio.Writer // written by whoever holds p.writing
 
 	mu       sync.Mutex
 	inflight []*pcall // written, unanswered from head on
 	head     int
-	err      error         // set once: the connection is closed
-	idle     chan struct{} // capacity 1: all answered; closed by fail
+	expired  int   // inflight[head:expired] have been answered by expiry
+	writer   bool  // the batch in flight holds p.writing
+	err      error // set once: the connection is closed
 }
 
 func (pc *pconn) failed() bool {
@@ -395,7 +504,9 @@ func (pc *pconn) failed() bool {
 	return pc.err != nil
 }
 
-// fail closes the connection and fails every unanswered call with err.
+// fail closes the connection and fails every unanswered call with err. If
+// the batch in flight held p.writing, a new goroutine takes it on (and
+// dials).
 func (pc *pconn) fail(err error) {
 	pc.mu.Lock()
 	if pc.err != nil {
@@ -404,12 +515,16 @@ func (pc *pconn) fail(err error) {
 	}
 	pc.err = err
 	calls := pc.inflight[pc.head:]
-	pc.inflight, pc.head = nil, 0
-	close(pc.idle)
+	pc.inflight, pc.head, pc.expired = nil, 0, 0
+	writer := pc.writer
+	pc.writer = false
 	pc.mu.Unlock()
 	pc.c.Close()
 	for _, c := range calls {
 		finish(c, err)
+	}
+	if writer {
+		go pc.p.writeNext(true)
 	}
 }
 
@@ -433,20 +548,19 @@ func (pc *pconn) readLoop() {
 		c := pc.inflight[pc.head]
 		pc.inflight[pc.head] = nil
 		pc.head++
+		next := false
 		if pc.head == len(pc.inflight) {
-			pc.inflight, pc.head = pc.inflight[:0], 0
-			if pc.err == nil {
-				select {
-				case pc.idle <- struct{}{}:
-				default:
-				}
-			}
+			pc.inflight, pc.head, pc.expired = pc.inflight[:0], 0, 0
+			next, pc.writer = pc.writer, false
 		}
 		pc.mu.Unlock()
 		vals, replyErr, err := readIntArray(pc.br, c.vals[:0])
 		if err != nil {
 			finish(c, err)
 			pc.fail(err)
+			if next {
+				go pc.p.writeNext(true)
+			}
 			return
 		}
 		c.vals = vals
@@ -454,7 +568,14 @@ func (pc *pconn) readLoop() {
 		if re, ok := replyErr.(redisError); ok && len(re) >= 8 && re[:8] == "READONLY" {
 			// A replica now (Sentinel failover): dial the new master.
 			pc.fail(replyErr)
+			if next {
+				go pc.p.writeNext(true)
+			}
 			return
+		}
+		if next {
+			// The batch is answered: send the next one from here.
+			pc.p.writeNext(false)
 		}
 	}
 }

@@ -433,3 +433,113 @@ func TestClusterPipelines(t *testing.T) {
 		t.Errorf("the new master holds %q keys of the slot (%v)", n, err)
 	}
 }
+
+// TestPipelineCallersGivingUp: callers whose contexts end at random points
+// (before queueing, while queued, while in flight) and calls that time out
+// while Redis is paused never get another caller's reply, and the calls
+// they leave behind are recycled only once both sides are done with them
+// (the race detector watches the pool).
+func TestPipelineCallersGivingUp(t *testing.T) {
+	skipShort(t)
+	srv := redistest.Start(t)
+	t.Cleanup(srv.Resume)
+	const timeout = 100 * time.Millisecond
+	rs := newTestRedis(t, RedisConfig{URL: secret.URL(srv.URL()), Timeout: timeout, Autopipeline: true})
+	const callers, each, span = 16, 150, 1_000_000
+	stop := make(chan struct{})
+	pauses := make(chan struct{})
+	go func() {
+		defer close(pauses)
+		for range 2 {
+			select {
+			case <-stop:
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+			srv.Pause()
+			time.Sleep(timeout + 50*time.Millisecond)
+			srv.Resume()
+		}
+	}()
+	var wg sync.WaitGroup
+	errs := make(chan error, callers)
+	var timeouts, gaveUp, answered sync.Map
+	for g := range callers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			name := "giving-up-" + strconv.Itoa(g)
+			// Each caller's counter lives in its own range of values, so a
+			// reply meant for another caller cannot pass for its own.
+			base := int64(g+1) * span
+			c := testCounter(name, 1<<50, base)
+			for {
+				if _, _, err := decide(t, rs, c); err == nil {
+					break
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			c.hits = 1
+			last := base - 1
+			for i := range each {
+				// Up to 1.5 ms, or (one call in seven) longer than the
+				// store's timeout, which then answers while Redis is paused.
+				wait := time.Duration(i%7) * 300 * time.Microsecond
+				if i%7 == 6 {
+					wait = 10 * timeout
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), wait)
+				res := make([]counterRes, 1)
+				_, err := rs.evaluate(ctx, time.Now().UnixMilli(), []counterReq{c}, res)
+				cancel()
+				switch {
+				case err == nil:
+					answered.Store(name+strconv.Itoa(i), true)
+					if res[0].cur <= last || res[0].cur > base+each {
+						errs <- errors.New(name + ": reply " + strconv.FormatInt(res[0].cur, 10) + " outside its own range after " + strconv.FormatInt(last, 10))
+						return
+					}
+					last = res[0].cur
+				case errors.Is(err, errCallTimeout):
+					timeouts.Store(name+strconv.Itoa(i), true)
+				case errors.Is(err, context.DeadlineExceeded):
+					gaveUp.Store(name+strconv.Itoa(i), true)
+				default:
+					errs <- errors.New(name + ": " + err.Error())
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(stop)
+	<-pauses
+	srv.Resume()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	count := func(m *sync.Map) (n int) {
+		m.Range(func(any, any) bool { n++; return true })
+		return n
+	}
+	t.Logf("answered %d, gave up %d, timed out %d", count(&answered), count(&gaveUp), count(&timeouts))
+	if count(&answered) == 0 || count(&gaveUp) == 0 || count(&timeouts) == 0 {
+		t.Errorf("the test did not exercise every path: answered %d, gave up %d, timed out %d", count(&answered), count(&gaveUp), count(&timeouts))
+	}
+	// Whatever was left behind drains: nothing queued or in flight.
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		st := rs.pipe.status()
+		if st.Inflight == 0 && st.Queued == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pipeline did not drain: %+v", st)
+		}
+		if _, _, err := decide(t, rs, testCounter("drain", 1<<50, 1)); err != nil {
+			t.Logf("drain call: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
