@@ -27,20 +27,30 @@ import (
 // parts per million (-1: fixed window), TTL in ms, flags (1 shadow, 2 quota).
 // It returns the counts seen before the hits, pairwise, then 1 when the
 // hits were added (admitted) or 0. The admission rule mirrors admit().
+//
+// All counts are read with one MGET and each counter is written with one
+// SET ... PX (the count read plus the hits, carried over when a request
+// names a counter twice) instead of GET, GET, INCRBY and PEXPIRE per
+// counter: the script runs atomically, so nothing changes the count in
+// between. Interleaved (BenchmarkShouldRateLimitVariants, 10 rounds):
+// redis-server CPU per two-descriptor decision 32.1 → 29.2 µs, and
+// meshguard's 41.9 → 39.0 µs (per-round ratios' median 0.94x; 1.07x
+// throughput), one descriptor unchanged (0.99x); an earlier run gave 0.95x.
 const evaluateScript = `
 local n = #KEYS / 2
 local out = {}
 local over = false
 local quotas, quotasOver = 0, 0
+local got = redis.call('MGET', unpack(KEYS))
 for i = 1, n do
   local a = 2 + (i - 1) * 5
   local limit = tonumber(ARGV[a])
   local hits = tonumber(ARGV[a + 1])
   local w = tonumber(ARGV[a + 2])
   local flags = tonumber(ARGV[a + 4])
-  local cur = tonumber(redis.call('GET', KEYS[2 * i - 1]) or '0')
+  local cur = tonumber(got[2 * i - 1] or '0')
   local prev = 0
-  if w >= 0 then prev = tonumber(redis.call('GET', KEYS[2 * i]) or '0') end
+  if w >= 0 then prev = tonumber(got[2 * i] or '0') end
   out[2 * i - 1] = cur
   out[2 * i] = prev
   if hits >= 0 and flags % 2 == 0 then
@@ -62,13 +72,16 @@ if over then
   out[2 * n + 1] = 0
   return out
 end
+local now = {}
 for i = 1, n do
   local a = 2 + (i - 1) * 5
   local hits = tonumber(ARGV[a + 1])
   if hits ~= 0 then
-    local v = redis.call('INCRBY', KEYS[2 * i - 1], hits)
-    if v < 0 then redis.call('SET', KEYS[2 * i - 1], 0) end
-    redis.call('PEXPIRE', KEYS[2 * i - 1], ARGV[a + 3])
+    local k = KEYS[2 * i - 1]
+    local v = (now[k] or out[2 * i - 1]) + hits
+    if v < 0 then v = 0 end
+    now[k] = v
+    redis.call('SET', k, string.format('%d', v), 'PX', ARGV[a + 3])
   end
 end
 out[2 * n + 1] = 1
