@@ -404,22 +404,12 @@ func (p *pipeline) expireLoop() {
 func (p *pipeline) expire(now time.Time) time.Duration {
 	due := now.Add(-p.timeout)
 	next := p.timeout
-	wait := func(c *pcall) { next = min(next, c.queuedAt.Sub(due)) }
 	p.mu.Lock()
 	pc := p.conn
 	p.mu.Unlock()
 	if pc != nil {
 		pc.mu.Lock()
-		i := max(pc.expired, pc.head)
-		for ; i < len(pc.inflight); i++ {
-			c := pc.inflight[i]
-			if c.queuedAt.After(due) {
-				wait(c)
-				break
-			}
-			c.expire()
-		}
-		pc.expired = i
+		pc.expired, next = expireDue(pc.inflight, max(pc.expired, pc.head), due, next)
 		stale := pc.head < len(pc.inflight) && now.Sub(pc.inflight[pc.head].sentAt) > p.staleAfter
 		pc.mu.Unlock()
 		if stale {
@@ -428,18 +418,23 @@ func (p *pipeline) expire(now time.Time) time.Duration {
 		}
 	}
 	p.mu.Lock()
-	i := p.qExpired
-	for ; i < len(p.queue); i++ {
-		c := p.queue[i]
+	p.qExpired, next = expireDue(p.queue, p.qExpired, due, next)
+	p.mu.Unlock()
+	return max(next, time.Millisecond)
+}
+
+// expireDue answers calls[from:] queued before due, in order, up to the
+// first that is not due yet. It returns where it stopped and the shorter of
+// next and the time until that call is due.
+func expireDue(calls []*pcall, from int, due time.Time, next time.Duration) (int, time.Duration) {
+	for i := from; i < len(calls); i++ {
+		c := calls[i]
 		if c.queuedAt.After(due) {
-			wait(c)
-			break
+			return i, min(next, c.queuedAt.Sub(due))
 		}
 		c.expire()
 	}
-	p.qExpired = i
-	p.mu.Unlock()
-	return max(next, time.Millisecond)
+	return len(calls), next
 }
 
 // shutdown fails what is queued and closes the connection (failing what
