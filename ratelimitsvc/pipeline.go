@@ -243,11 +243,8 @@ func (p *pipeline) writeNext(mayDial bool) {
 			p.mu.Unlock()
 			return
 		}
-		batch := p.queue
-		p.queue, p.spare, p.qExpired = p.spare[:0], nil, 0
-		if len(batch) == 0 {
+		if len(p.queue) == 0 {
 			p.writing = false
-			p.queue = batch
 			p.mu.Unlock()
 			return
 		}
@@ -256,14 +253,15 @@ func (p *pipeline) writeNext(mayDial bool) {
 			pc, p.conn = nil, nil
 		}
 		if pc == nil && !mayDial {
-			// Put the batch back; a goroutine of its own dials.
-			p.queue = append(batch, p.queue...)
+			// A goroutine of its own dials and writes the queue.
 			p.mu.Unlock()
 			go p.writeNext(true)
 			return
 		}
+		batch := p.queue
+		p.queue, p.spare, p.qExpired = p.spare[:0], nil, 0
 		p.mu.Unlock()
-		sent := p.write(batch)
+		sent := p.write(pc, batch)
 		clear(batch)
 		p.mu.Lock()
 		if p.spare == nil {
@@ -276,10 +274,11 @@ func (p *pipeline) writeNext(mayDial bool) {
 	}
 }
 
-// write sends one batch: the calls whose callers still wait, in one write.
-// It reports whether a batch is now in flight, its connection holding
-// p.writing.
-func (p *pipeline) write(batch []*pcall) bool {
+// write sends one batch on pc (nil: dial one): the calls whose callers
+// still wait, in one write. It reports whether a batch is now in flight,
+// its connection holding p.writing. If pc fails meanwhile, the batch's
+// callers get its error.
+func (p *pipeline) write(pc *pconn, batch []*pcall) bool {
 	live := batch[:0]
 	for _, c := range batch {
 		if c.state.Load() != callWaiting {
@@ -291,12 +290,14 @@ func (p *pipeline) write(batch []*pcall) bool {
 	if len(live) == 0 {
 		return false
 	}
-	pc, err := p.connection()
-	if err != nil {
-		for _, c := range live {
-			finish(c, err)
+	if pc == nil {
+		var err error
+		if pc, err = p.connection(); err != nil {
+			for _, c := range live {
+				finish(c, err)
+			}
+			return false
 		}
-		return false
 	}
 	now := time.Now()
 	pc.mu.Lock()
