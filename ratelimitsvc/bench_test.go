@@ -24,6 +24,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/meshguard/meshguard/internal/gctune"
+	"github.com/meshguard/meshguard/internal/grpcserver"
 	"github.com/meshguard/meshguard/internal/grpcserver/grpcservertest"
 	"github.com/meshguard/meshguard/internal/redistest"
 	"github.com/meshguard/meshguard/internal/secret"
@@ -123,14 +124,25 @@ func benchServe(url string) error {
 			rs.pipe = nil
 		}
 	}
-	// The production stack: cmd/meshguard's options and interceptors.
-	opts, err := grpcservertest.Options(prometheus.NewRegistry(), variant)
-	if err != nil {
-		return err
+	var stop func()
+	if v, ok := strings.CutPrefix(variant, "h2"); ok {
+		// The lean unary server of cmd/meshguard's ratelimit listener.
+		us := grpcserver.UnaryServer(grpcserver.DefaultLimits(), grpcserver.NewMetrics(prometheus.NewRegistry()))
+		register(us)
+		go us.Serve(lis)
+		stop = us.Stop
+		variant = strings.TrimPrefix(v, ",")
+	} else {
+		// The production stack: cmd/meshguard's options and interceptors.
+		opts, err := grpcservertest.Options(prometheus.NewRegistry(), variant)
+		if err != nil {
+			return err
+		}
+		gs := grpc.NewServer(opts...)
+		register(gs)
+		go gs.Serve(lis)
+		stop = gs.Stop
 	}
-	gs := grpc.NewServer(opts...)
-	register(gs)
-	go gs.Serve(lis)
 	// A CPU profile of the server, e.g. for cmd/meshguard/default.pgo;
 	// "%p" in the path becomes the server's pid, so that every case's
 	// server keeps its own.
@@ -146,7 +158,7 @@ func benchServe(url string) error {
 	fmt.Println(lis.Addr().String())
 	buf := make([]byte, 1)
 	os.Stdin.Read(buf) // EOF when the benchmark ends
-	gs.Stop()
+	stop()
 	if rs == nil {
 		return nil
 	}

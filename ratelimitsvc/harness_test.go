@@ -14,6 +14,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/meshguard/meshguard/internal/grpcserver"
+
 	"github.com/meshguard/meshguard/internal/redistest"
 	"github.com/meshguard/meshguard/internal/secret"
 )
@@ -35,10 +37,25 @@ func (c *fakeClock) Advance(d time.Duration) { c.ms.Add(d.Milliseconds()) }
 // harness is one Server behind a real gRPC listener on 127.0.0.1:0 and a
 // go-control-plane client, as Envoy calls it.
 type harness struct {
-	srv    *Server
-	client rlsv3.RateLimitServiceClient
-	clock  *fakeClock
-	reg    *prometheus.Registry
+	srv *Server
+	// client calls the lean unary server of the rate limit listener, as the
+	// shipped Envoy configs do; grpcClient calls grpc-go's server with
+	// meshguard's options, as the main gRPC listener serves it.
+	client     rlsv3.RateLimitServiceClient
+	grpcClient rlsv3.RateLimitServiceClient
+	clock      *fakeClock
+	reg        *prometheus.Registry
+}
+
+// transports are the two servers a harness serves on.
+var transports = []string{"h2unary", "grpc-go"}
+
+// via returns the client of transport tr.
+func (h *harness) via(tr string) rlsv3.RateLimitServiceClient {
+	if tr == "grpc-go" {
+		return h.grpcClient
+	}
+	return h.client
 }
 
 func discardLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
@@ -53,20 +70,26 @@ func startServer(tb testing.TB, cfg Config, st store, clock *fakeClock) *harness
 	if clock != nil {
 		srv.now = clock.Now
 	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	gs := grpc.NewServer()
+	metrics := grpcserver.NewMetrics(prometheus.NewRegistry())
+	gs := grpc.NewServer(append(grpcserver.Options(grpcserver.DefaultLimits()), metrics.ServerOptions()...)...)
 	srv.Register(gs)
-	go gs.Serve(lis)
-	tb.Cleanup(gs.Stop)
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		tb.Fatal(err)
+	us := grpcserver.UnaryServer(grpcserver.DefaultLimits(), metrics)
+	srv.Register(us)
+	dial := func(serve func(net.Listener) error, stop func()) rlsv3.RateLimitServiceClient {
+		lis, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			tb.Fatal(err)
+		}
+		go serve(lis)
+		tb.Cleanup(stop)
+		conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			tb.Fatal(err)
+		}
+		tb.Cleanup(func() { conn.Close() })
+		return rlsv3.NewRateLimitServiceClient(conn)
 	}
-	tb.Cleanup(func() { conn.Close() })
-	return &harness{srv: srv, client: rlsv3.NewRateLimitServiceClient(conn), clock: clock, reg: reg}
+	return &harness{srv: srv, client: dial(us.Serve, us.Stop), grpcClient: dial(gs.Serve, gs.Stop), clock: clock, reg: reg}
 }
 
 // storeKind makes fresh, empty stores of one kind for a test.

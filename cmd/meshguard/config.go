@@ -40,10 +40,14 @@ type Config struct {
 	Audit       auditsink.Config         `yaml:"audit"`
 }
 
-// ListenConfig holds the two listener addresses.
+// ListenConfig holds the listener addresses.
 type ListenConfig struct {
 	GRPC string `yaml:"grpc"`
 	HTTP string `yaml:"http"`
+	// RateLimit serves ShouldRateLimit (and grpc.health.v1 Check) alone,
+	// on the lean unary server (internal/h2unary) instead of grpc-go's:
+	// point Envoy's rate limit cluster here. Empty: not served apart.
+	RateLimit string `yaml:"ratelimit"`
 }
 
 // LogConfig sets the log level and format.
@@ -63,7 +67,7 @@ type ShutdownConfig struct {
 func DefaultConfig() Config {
 	return Config{
 		Environment: "production",
-		Listen:      ListenConfig{GRPC: "127.0.0.1:8081", HTTP: "127.0.0.1:8080"},
+		Listen:      ListenConfig{GRPC: "127.0.0.1:8081", HTTP: "127.0.0.1:8080", RateLimit: "127.0.0.1:8082"},
 		Log:         LogConfig{Level: "info"},
 		GRPC:        grpcserver.DefaultLimits(),
 		Shutdown:    ShutdownConfig{Timeout: 8 * time.Second},
@@ -176,6 +180,7 @@ func applyEnv(c *Config, getenv func(string) string) error {
 	str("MESHGUARD_ENV", &c.Environment)
 	str("MESHGUARD_GRPC_ADDR", &c.Listen.GRPC)
 	str("MESHGUARD_HTTP_ADDR", &c.Listen.HTTP)
+	str("MESHGUARD_RATELIMIT_ADDR", &c.Listen.RateLimit)
 	str("MESHGUARD_LOG_LEVEL", &c.Log.Level)
 	if v := getenv("REDIS_URL"); v != "" {
 		c.Redis.URL = secret.URL(v)
@@ -204,7 +209,10 @@ func (c Config) Validate() error {
 	if c.Environment != "production" && c.Environment != "development" {
 		errs = append(errs, fmt.Errorf("environment: must be production or development, got %q", c.Environment))
 	}
-	for name, addr := range map[string]string{"listen.grpc": c.Listen.GRPC, "listen.http": c.Listen.HTTP} {
+	for name, addr := range map[string]string{"listen.grpc": c.Listen.GRPC, "listen.http": c.Listen.HTTP, "listen.ratelimit": c.Listen.RateLimit} {
+		if name == "listen.ratelimit" && addr == "" {
+			continue // off
+		}
 		if _, _, err := net.SplitHostPort(addr); err != nil {
 			errs = append(errs, fmt.Errorf("%s: not a host:port address: %q", name, addr))
 		}

@@ -17,6 +17,9 @@ import (
 	"testing"
 	"time"
 
+	rlcommon "github.com/envoyproxy/go-control-plane/envoy/extensions/common/ratelimit/v3"
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -65,7 +68,7 @@ func testConfig(t *testing.T, extra string) string {
 	t.Helper()
 	dir := t.TempDir()
 	path := filepath.Join(dir, "meshguard.yaml")
-	cfg := fmt.Sprintf(`listen: {grpc: "127.0.0.1:0", http: "127.0.0.1:0"}
+	cfg := fmt.Sprintf(`listen: {grpc: "127.0.0.1:0", http: "127.0.0.1:0", ratelimit: "127.0.0.1:0"}
 log: {format: json, level: info}
 audit:
   sqlite_path: %q
@@ -119,6 +122,34 @@ func TestRunServesAndStops(t *testing.T) {
 		t.Errorf("5 MiB message: got %v, want ResourceExhausted", err)
 	}
 
+	// The rate limit listener answers ShouldRateLimit and health checks,
+	// with the same message limit, and nothing else.
+	rlConn, err := grpc.NewClient(line["ratelimit_addr"].(string), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rlConn.Close()
+	rlsResp, err := rlsv3.NewRateLimitServiceClient(rlConn).ShouldRateLimit(ctx, &rlsv3.RateLimitRequest{
+		Domain: "unconfigured", Descriptors: []*rlcommon.RateLimitDescriptor{{
+			Entries: []*rlcommon.RateLimitDescriptor_Entry{{Key: "client", Value: "a"}}}}})
+	if err != nil || rlsResp.GetOverallCode() != rlsv3.RateLimitResponse_OK || len(rlsResp.GetStatuses()) != 1 {
+		t.Errorf("ShouldRateLimit on the rate limit listener = %v, %v", rlsResp, err)
+	}
+	_, err = rlsv3.NewRateLimitServiceClient(rlConn).ShouldRateLimit(ctx, &rlsv3.RateLimitRequest{Domain: "x"})
+	if status.Code(err) != codes.InvalidArgument {
+		t.Errorf("ShouldRateLimit without descriptors on the rate limit listener: %v, want InvalidArgument", err)
+	}
+	rlHealth := healthpb.NewHealthClient(rlConn)
+	if resp, err := rlHealth.Check(ctx, &healthpb.HealthCheckRequest{Service: "envoy.service.ratelimit.v3.RateLimitService"}); err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Errorf("health on the rate limit listener = %v, %v", resp.GetStatus(), err)
+	}
+	if _, err = rlHealth.Check(ctx, &healthpb.HealthCheckRequest{Service: strings.Repeat("x", 5<<20)}); status.Code(err) != codes.ResourceExhausted {
+		t.Errorf("5 MiB message on the rate limit listener: got %v, want ResourceExhausted", err)
+	}
+	if _, err = authv3.NewAuthorizationClient(rlConn).Check(ctx, &authv3.CheckRequest{}); status.Code(err) != codes.Unimplemented {
+		t.Errorf("ext_authz Check on the rate limit listener: got %v, want Unimplemented", err)
+	}
+
 	get := func(path string) (int, string) {
 		resp, err := http.Get("http://" + httpAddr + path)
 		if err != nil {
@@ -143,6 +174,8 @@ func TestRunServesAndStops(t *testing.T) {
 	for _, want := range []string{
 		"go_goroutines", "process_cpu_seconds_total", "meshguard_build_info",
 		`meshguard_grpc_server_handled_total{code="OK",method="/grpc.health.v1.Health/Check"}`,
+		`meshguard_grpc_server_handled_total{code="OK",method="/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"}`,
+		`meshguard_grpc_server_handled_total{code="InvalidArgument",method="/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"}`,
 	} {
 		if !strings.Contains(metrics, want) {
 			t.Errorf("/metrics lacks %s", want)

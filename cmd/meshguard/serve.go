@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -22,6 +23,7 @@ import (
 
 	"github.com/meshguard/meshguard/internal/gctune"
 	"github.com/meshguard/meshguard/internal/grpcserver"
+	"github.com/meshguard/meshguard/internal/h2unary"
 )
 
 // app is what every component's setup function gets: the process-wide
@@ -63,6 +65,7 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 	configPath := fs.String("config", "", "config file (YAML); absent: embedded defaults")
 	grpcAddr := fs.String("grpc-addr", "", "gRPC listen address (overrides config and MESHGUARD_GRPC_ADDR)")
 	httpAddr := fs.String("http-addr", "", "HTTP listen address (overrides config and MESHGUARD_HTTP_ADDR)")
+	rlAddr := fs.String("ratelimit-addr", "", "rate limit listen address (overrides config and MESHGUARD_RATELIMIT_ADDR)")
 	logLevel := fs.String("log-level", "", "debug, info, warn or error")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -76,6 +79,8 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 			return *grpcAddr
 		case k == "MESHGUARD_HTTP_ADDR" && *httpAddr != "":
 			return *httpAddr
+		case k == "MESHGUARD_RATELIMIT_ADDR" && *rlAddr != "":
+			return *rlAddr
 		case k == "MESHGUARD_LOG_LEVEL" && *logLevel != "":
 			return *logLevel
 		}
@@ -129,10 +134,19 @@ func serve(ctx context.Context, cfg Config, gc gctune.Settings, logw io.Writer) 
 		comps = append(comps, c)
 	}
 
-	gs := grpc.NewServer(append(grpcserver.Options(cfg.GRPC), grpcserver.NewMetrics(reg).ServerOptions()...)...)
+	metrics := grpcserver.NewMetrics(reg)
+	gs := grpc.NewServer(append(grpcserver.Options(cfg.GRPC), metrics.ServerOptions()...)...)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
 	reflection.Register(gs)
+	// The rate limit listener: ShouldRateLimit on the lean unary server,
+	// which spends less CPU per call than grpc-go's (see package h2unary),
+	// plus health checks for Envoy's cluster.
+	var us *h2unary.Server
+	if cfg.Listen.RateLimit != "" {
+		us = grpcserver.UnaryServer(cfg.GRPC, metrics)
+		healthpb.RegisterHealthServer(us, hs)
+	}
 
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
@@ -143,6 +157,9 @@ func serve(ctx context.Context, cfg Config, gc gctune.Settings, logw io.Writer) 
 	for _, c := range comps {
 		if c.grpc != nil {
 			c.grpc(gs)
+			if us != nil {
+				c.grpc(only{us, rlsv3.RateLimitService_ServiceDesc.ServiceName})
+			}
 		}
 		if c.http != nil {
 			c.http(mux)
@@ -170,6 +187,15 @@ func serve(ctx context.Context, cfg Config, gc gctune.Settings, logw io.Writer) 
 		closeAll(ctx)
 		return fmt.Errorf("listening for HTTP on %s: %w", cfg.Listen.HTTP, err)
 	}
+	var rl net.Listener
+	if us != nil {
+		if rl, err = net.Listen("tcp", cfg.Listen.RateLimit); err != nil {
+			gl.Close()
+			hl.Close()
+			closeAll(ctx)
+			return fmt.Errorf("listening for rate limit calls on %s: %w", cfg.Listen.RateLimit, err)
+		}
+	}
 	httpSrv := &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: 5 * time.Second,
@@ -183,7 +209,16 @@ func serve(ctx context.Context, cfg Config, gc gctune.Settings, logw io.Writer) 
 	bg, stopBG := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopBG()
 	var wg sync.WaitGroup
-	errc := make(chan error, 2+len(comps))
+	errc := make(chan error, 3+len(comps))
+	if rl != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := us.Serve(rl); err != nil && !errors.Is(err, h2unary.ErrServerStopped) {
+				errc <- fmt.Errorf("rate limit server: %w", err)
+			}
+		}()
+	}
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
@@ -211,7 +246,7 @@ func serve(ctx context.Context, cfg Config, gc gctune.Settings, logw io.Writer) 
 		}()
 	}
 	log.Info("meshguard serving", "version", version, "environment", cfg.Environment,
-		"grpc_addr", gl.Addr().String(), "http_addr", hl.Addr().String(),
+		"grpc_addr", gl.Addr().String(), "http_addr", hl.Addr().String(), "ratelimit_addr", addrOf(rl),
 		"gogc", gc.GCPercent, "gomemlimit_bytes", gc.MemoryLimit)
 
 	var runErr error
@@ -227,7 +262,16 @@ func serve(ctx context.Context, cfg Config, gc gctune.Settings, logw io.Writer) 
 	hs.Shutdown() // health answers NOT_SERVING while we drain
 	stopped := make(chan struct{})
 	go func() {
+		var drain sync.WaitGroup
+		if us != nil {
+			drain.Add(1)
+			go func() {
+				defer drain.Done()
+				us.GracefulStop()
+			}()
+		}
 		gs.GracefulStop()
+		drain.Wait()
 		close(stopped)
 	}()
 	if err := httpSrv.Shutdown(sctx); err != nil {
@@ -237,6 +281,9 @@ func serve(ctx context.Context, cfg Config, gc gctune.Settings, logw io.Writer) 
 	case <-stopped:
 	case <-sctx.Done():
 		log.Warn("gRPC drain deadline passed; closing remaining streams")
+		if us != nil {
+			us.Stop()
+		}
 		gs.Stop()
 		<-stopped
 	}
@@ -246,6 +293,27 @@ func serve(ctx context.Context, cfg Config, gc gctune.Settings, logw io.Writer) 
 	closeAll(sctx)
 	log.Info("meshguard stopped")
 	return runErr
+}
+
+// only registers the named services and drops the rest: the rate limit
+// listener serves the rate limit service of the component that has it.
+type only struct {
+	r        grpc.ServiceRegistrar
+	services string
+}
+
+func (o only) RegisterService(desc *grpc.ServiceDesc, impl any) {
+	if desc.ServiceName == o.services {
+		o.r.RegisterService(desc, impl)
+	}
+}
+
+// addrOf is l's address, or "" for no listener.
+func addrOf(l net.Listener) string {
+	if l == nil {
+		return ""
+	}
+	return l.Addr().String()
 }
 
 // newBuildInfo exports meshguard_build_info{version,goversion} = 1.

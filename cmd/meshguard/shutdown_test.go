@@ -37,7 +37,7 @@ func TestShutdownKeepsAcceptedAuditRecords(t *testing.T) {
 			// A long batch interval keeps accepted records queued in memory
 			// until shutdown forces them out.
 			os.WriteFile(cfgPath, []byte(fmt.Sprintf(`
-listen: {grpc: "127.0.0.1:0", http: "127.0.0.1:0"}
+listen: {grpc: "127.0.0.1:0", http: "127.0.0.1:0", ratelimit: "127.0.0.1:0"}
 log: {format: json}
 shutdown: {timeout: 5s}
 audit:

@@ -47,7 +47,7 @@ func TestFullStack(t *testing.T) {
 	dir := t.TempDir()
 	cfgPath := filepath.Join(dir, "meshguard.yaml")
 	os.WriteFile(cfgPath, []byte(fmt.Sprintf(`
-listen: {grpc: "127.0.0.1:0", http: "127.0.0.1:0"}
+listen: {grpc: "127.0.0.1:0", http: "127.0.0.1:0", ratelimit: "127.0.0.1:0"}
 log: {format: json}
 cors:
   public_origin: "https://app.example.com"
@@ -140,8 +140,14 @@ audit:
 		t.Fatalf("disallowed origin: %v, %v", denied, err)
 	}
 
-	// 2. RLS: the auth preset admits 5 requests per client, in Redis.
-	rls := rlsv3.NewRateLimitServiceClient(conn)
+	// 2. RLS, on the rate limit listener as Envoy calls it: the auth preset
+	// admits 5 requests per client, in Redis.
+	rlConn, err := grpc.NewClient(line["ratelimit_addr"].(string), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rlConn.Close()
+	rls := rlsv3.NewRateLimitServiceClient(rlConn)
 	req := &rlsv3.RateLimitRequest{Domain: "api", HitsAddend: 1, Descriptors: []*rlcommon.RateLimitDescriptor{{
 		Entries: []*rlcommon.RateLimitDescriptor_Entry{{Key: "preset", Value: "auth"}, {Key: "client", Value: client}},
 	}}}

@@ -15,6 +15,8 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/keepalive"
+
+	"github.com/meshguard/meshguard/internal/h2unary"
 )
 
 // Limits bounds what one client can make the server hold. The fields mirror
@@ -126,3 +128,19 @@ var serverCodec = Codec()
 // Read/WriteBufferSize (within noise, ±10%, for messages of about 1 KiB; the
 // defaults keep BDP window estimation).
 const streamWorkers = 64
+
+// UnaryServer returns the lean unary server (see package h2unary) with
+// cfg's limits, the codec and the metrics interceptor grpc-go's server has,
+// so that a method answers the same on either.
+func UnaryServer(cfg Limits, m *Metrics) *h2unary.Server {
+	return h2unary.NewServer(h2unary.Options{
+		MaxRecvMsgSize:       cfg.MaxRecvMsgSize,
+		MaxConcurrentStreams: cfg.MaxConcurrentStreams,
+		KeepaliveMinTime:     cfg.KeepaliveMinTime,
+		MaxConnectionIdle:    cfg.MaxConnectionIdle,
+		ConnectionTimeout:    cfg.ConnectionTimeout,
+		Codec:                serverCodec,
+		Interceptor:          m.Unary,
+		Workers:              streamWorkers,
+	})
+}
