@@ -125,16 +125,10 @@ func benchServe(url string) error {
 		}
 	}
 	var stop func()
-	if v, ok := strings.CutPrefix(variant, "h2"); ok {
-		// The lean unary server of cmd/meshguard's ratelimit listener.
-		us := grpcserver.UnaryServer(grpcserver.DefaultLimits(), grpcserver.NewMetrics(prometheus.NewRegistry()))
-		register(us)
-		go us.Serve(lis)
-		stop = us.Stop
-		variant = strings.TrimPrefix(v, ",")
-	} else {
-		// The production stack: cmd/meshguard's options and interceptors.
-		opts, err := grpcservertest.Options(prometheus.NewRegistry(), variant)
+	if v, ok := strings.CutPrefix(variant, "grpc"); ok {
+		// grpc-go's server as cmd/meshguard's gRPC listener runs it: its
+		// options and interceptors, and the tuning variant that follows.
+		opts, err := grpcservertest.Options(prometheus.NewRegistry(), strings.TrimPrefix(v, ","))
 		if err != nil {
 			return err
 		}
@@ -142,6 +136,16 @@ func benchServe(url string) error {
 		register(gs)
 		go gs.Serve(lis)
 		stop = gs.Stop
+	} else {
+		// The lean unary server of cmd/meshguard's rate limit listener,
+		// which the shipped Envoy configs call.
+		if variant != "" && variant != "prod" {
+			return fmt.Errorf("variant %q: the rate limit listener's server has no tuning variants", variant)
+		}
+		us := grpcserver.UnaryServer(grpcserver.DefaultLimits(), grpcserver.NewMetrics(prometheus.NewRegistry()))
+		register(us)
+		go us.Serve(lis)
+		stop = us.Stop
 	}
 	// A CPU profile of the server, e.g. for cmd/meshguard/default.pgo;
 	// "%p" in the path becomes the server's pid, so that every case's
@@ -244,9 +248,11 @@ func procSyscalls(b *testing.B, pid int) (reads, writes int64) {
 	return reads, writes
 }
 
-// startBenchServer runs the RLS in a child process against url, on the
-// production gRPC stack with tuning variant ("": none), and returns a client
-// and the child's pid.
+// startBenchServer runs the RLS in a child process against url and returns
+// a client and the child's pid. variant "" (or "prod") serves it as the rate
+// limit listener does, on the lean unary server; "grpc" as the gRPC
+// listener does, on grpc-go's server, optionally followed by a tuning
+// variant ("grpc,workers=0", see grpcservertest.Options).
 func startBenchServer(b *testing.B, url, variant string) (rlsv3.RateLimitServiceClient, int) {
 	bin, variant := grpcservertest.Executable(variant)
 	cmd := exec.Command(bin, "-test.run=^$")
@@ -410,7 +416,8 @@ type benchResult struct {
 }
 
 // BenchmarkShouldRateLimit measures meshguard as deployed: a separate
-// process serving gRPC, real redis-server, 50 concurrent streams.
+// process serving the rate limit listener (the lean unary server the
+// shipped Envoy configs call), real redis-server, 50 concurrent streams.
 // meshguard-cpu-µs/op is the server process's CPU per decision (redis-server
 // and the load generator excluded). Its allocations are not in allocs/op,
 // which counts the load generator; BenchmarkShouldRateLimitInProcess shows
@@ -442,6 +449,15 @@ func BenchmarkShouldRateLimit(b *testing.B) {
 		client, pid := startBenchServer(b, benchNoop, "")
 		runLoad(b, client, benchRequests(true), pid, 0, rlsv3.RateLimitResponse_OK)
 	})
+	// The same decisions on the gRPC listener (grpc-go's server), for an
+	// Envoy that calls that one.
+	for _, twoDesc := range []bool{false, true} {
+		b.Run(map[bool]string{false: "grpc_listener_hot1k", true: "grpc_listener_two_desc"}[twoDesc], func(b *testing.B) {
+			srv := redistest.Start(b)
+			client, pid := startBenchServer(b, srv.URL(), "grpc")
+			runLoad(b, client, benchRequests(twoDesc), pid, srv.Pid(), rlsv3.RateLimitResponse_OK)
+		})
+	}
 }
 
 // BenchmarkShouldRateLimitVariants compares gRPC server tuning variants

@@ -86,8 +86,8 @@ type conn struct {
 	goAwayID   uint32 // the last stream ID it admits
 	closed     bool
 	idleSince  time.Time // when active last became 0
-	wake       chan struct{}
-	writerDone chan struct{}
+	writing    bool      // a goroutine is in flush's write loop
+	closeErr   error     // set: close once the queue is sent
 }
 
 // wbufWriter lets the write framer append to c.wbuf.
@@ -137,8 +137,6 @@ func newConn(s *Server, nc net.Conn) *conn {
 		peerWindow: 65535,
 		peerFrame:  16384,
 		idleSince:  time.Now(),
-		wake:       make(chan struct{}, 1),
-		writerDone: make(chan struct{}),
 	}
 	c.fr = http2.NewFramer(io.Discard, c.br)
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
@@ -151,14 +149,10 @@ func newConn(s *Server, nc net.Conn) *conn {
 
 // serve reads the connection until it fails or closes.
 func (c *conn) serve() {
-	defer func() {
-		c.close(errors.New("connection done"))
-		<-c.writerDone
-	}()
+	defer c.close(errors.New("connection done"))
 	c.nc.SetReadDeadline(time.Now().Add(c.s.opts.ConnectionTimeout))
 	preface := make([]byte, len(http2.ClientPreface))
 	if _, err := io.ReadFull(c.br, preface); err != nil || string(preface) != http2.ClientPreface {
-		close(c.writerDone)
 		return
 	}
 	c.wmu.Lock()
@@ -169,14 +163,17 @@ func (c *conn) serve() {
 	)
 	c.wfr.WriteWindowUpdate(0, recvWindow-65535)
 	c.wmu.Unlock()
-	go c.writeLoop()
-	c.signal()
 	if c.s.opts.MaxConnectionIdle > 0 {
 		go c.idleLoop(c.s.opts.MaxConnectionIdle)
 	}
 
 	first := true
 	for {
+		if c.br.Buffered() == 0 {
+			// About to wait for the client: send what its frames asked
+			// for (acknowledgements, window updates, early answers).
+			c.flush()
+		}
 		f, err := c.fr.ReadFrame()
 		if err != nil {
 			if !c.readError(err) {
@@ -264,21 +261,14 @@ func (c *conn) connError(code http2.ErrCode, detail any) {
 	c.flushAndClose(fmt.Errorf("h2unary: connection error %v: %v", code, detail))
 }
 
-// flushAndClose lets the writer send what is queued, then closes.
+// flushAndClose sends what is queued, then closes the connection.
 func (c *conn) flushAndClose(err error) {
 	c.wmu.Lock()
-	if c.closed {
-		c.wmu.Unlock()
-		return
+	if c.closeErr == nil {
+		c.closeErr = err
 	}
-	buf := c.wbuf
-	c.wbuf = nil
 	c.wmu.Unlock()
-	if len(buf) > 0 {
-		c.nc.SetWriteDeadline(time.Now().Add(time.Second))
-		c.nc.Write(buf)
-	}
-	c.close(err)
+	c.flush()
 }
 
 // close closes the connection at once and cancels every call's context.
@@ -297,54 +287,57 @@ func (c *conn) close(err error) {
 	c.nc.Close()
 }
 
-func (c *conn) signal() {
-	select {
-	case c.wake <- struct{}{}:
-	default:
+// flush sends what is queued unless another goroutine is sending it
+// already. There is no writer goroutine: the first to find the connection
+// idle writes (a worker with its response, the reader with its answers to
+// the client's frames), and keeps writing while others queue more, so that
+// one write carries what a burst of responses produced.
+func (c *conn) flush() {
+	c.wmu.Lock()
+	if c.writing || c.closed || len(c.wbuf) == 0 && !c.closingLocked() {
+		c.wmu.Unlock()
+		return
 	}
-}
-
-// writeLoop sends what the reader and the workers queue, a batch at a
-// time: whatever accumulated while the previous write was in the kernel.
-func (c *conn) writeLoop() {
-	defer close(c.writerDone)
-	for {
-		select {
-		case <-c.wake:
-		case <-c.ctx.Done():
-			return
-		}
+	c.writing = true
+	if len(c.wbuf) < minBatch {
+		// Responses come in bursts (one Redis batch's replies wake many
+		// handlers at once): let the others queue theirs first.
+		c.wmu.Unlock()
+		runtime.Gosched()
 		c.wmu.Lock()
-		if len(c.wbuf) < minBatch {
-			// Responses come in bursts (a Redis batch's replies wake many
-			// handlers at once): let the others append theirs so that one
-			// write carries them all.
-			c.wmu.Unlock()
-			runtime.Gosched()
-			c.wmu.Lock()
-		}
+	}
+	for len(c.wbuf) > 0 && !c.closed {
 		buf := c.wbuf
 		c.wbuf = c.spare[:0]
 		c.spare = nil
 		c.wmu.Unlock()
-		if len(buf) > 0 {
-			c.nc.SetWriteDeadline(time.Now().Add(writeTimeout))
-			if _, err := c.nc.Write(buf); err != nil {
-				c.close(err)
-				return
-			}
+		c.nc.SetWriteDeadline(time.Now().Add(writeTimeout))
+		if _, err := c.nc.Write(buf); err != nil {
+			c.close(err)
+			return
 		}
 		c.wmu.Lock()
 		if cap(buf) <= 64<<10 {
 			c.spare = buf[:0]
 		}
-		drained := c.goingAway && c.active == 0 && len(c.wbuf) == 0 && !c.closed
-		c.wmu.Unlock()
-		if drained {
-			c.close(errors.New("drained after GOAWAY"))
-			return
-		}
 	}
+	c.writing = false
+	closing := c.closingLocked() && !c.closed
+	err := c.closeErr
+	c.wmu.Unlock()
+	if closing {
+		if err == nil {
+			err = errors.New("drained after GOAWAY")
+		}
+		c.close(err)
+	}
+}
+
+// closingLocked reports whether the connection is to close once its
+// queue is sent: after a connection error, or after GOAWAY with no calls
+// left.
+func (c *conn) closingLocked() bool {
+	return c.closeErr != nil || c.goingAway && c.active == 0
 }
 
 // idleLoop sends GOAWAY once the connection has had no calls for idle.
@@ -383,7 +376,7 @@ func (c *conn) goAway() {
 	c.goAwayID = c.lastID
 	c.wfr.WriteGoAway(c.lastID, http2.ErrCodeNo, nil)
 	c.wmu.Unlock()
-	c.signal()
+	c.flush()
 }
 
 // controlBacklogLocked reports whether so much is queued that a client
@@ -426,7 +419,6 @@ func (c *conn) onSettings(f *http2.SettingsFrame) *connErr {
 	}
 	c.wfr.WriteSettingsAck()
 	c.sendPendingLocked()
-	c.signal()
 	return nil
 }
 
@@ -456,7 +448,6 @@ func (c *conn) onPing(f *http2.PingFrame) *connErr {
 		return &connErr{http2.ErrCodeEnhanceYourCalm, "PINGs not acknowledged by a client that does not read"}
 	}
 	c.wfr.WritePing(true, f.Data)
-	c.signal()
 	return nil
 }
 
@@ -559,7 +550,6 @@ func (c *conn) answerEarly(st *stream, httpStatus int, code codes.Code, msg stri
 		c.wfr.WriteRSTStream(st.id, http2.ErrCodeNo)
 	}
 	c.wmu.Unlock()
-	c.signal()
 }
 
 // release forgets the request bytes st holds.
@@ -608,7 +598,6 @@ func (c *conn) onData(f *http2.DataFrame) *connErr {
 			c.wmu.Unlock()
 			st.recvLeft += int64(st.unacked)
 			st.unacked = 0
-			c.signal()
 		}
 	}
 	if cerr != nil {
@@ -620,7 +609,6 @@ func (c *conn) onData(f *http2.DataFrame) *connErr {
 		c.wmu.Unlock()
 		c.recvLeft += int64(c.connUnacked)
 		c.connUnacked = 0
-		c.signal()
 	}
 	return nil
 }
@@ -725,7 +713,7 @@ func (st *stream) run() {
 	}
 	c.wmu.Unlock()
 	out.Free()
-	c.signal()
+	c.flush()
 }
 
 // writeStatusLocked writes a trailers-only response (headersOnly) or the
@@ -867,7 +855,6 @@ func (c *conn) onReset(id uint32) {
 		c.release(st) // the request was still arriving
 	}
 	st.answering = true
-	c.signal()
 }
 
 // resetStream sends RST_STREAM with code and forgets the stream.
@@ -899,7 +886,6 @@ func (c *conn) onWindowUpdate(f *http2.WindowUpdateFrame) *connErr {
 	}
 	if len(c.pending) > 0 {
 		c.sendPendingLocked()
-		c.signal()
 	}
 	return nil
 }
