@@ -108,11 +108,12 @@ type stream struct {
 	cancel context.CancelFunc
 
 	// Reader-only while the request arrives.
-	data      []byte // the request body so far
-	unacked   uint32 // stream bytes not yet returned by WINDOW_UPDATE
-	recvLeft  int64  // stream receive window left
-	reqEnded  bool   // END_STREAM received
-	answering bool   // handed to a handler or answered
+	data      []byte  // the request body so far
+	buf       *[]byte // data's pooled buffer
+	unacked   uint32  // stream bytes not yet returned by WINDOW_UPDATE
+	recvLeft  int64   // stream receive window left
+	reqEnded  bool    // END_STREAM received
+	answering bool    // handed to a handler or answered
 
 	// Guarded by c.wmu.
 	sendWindow int64
@@ -479,7 +480,7 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) *connErr {
 		c.resetStream(id, http2.ErrCodeRefusedStream)
 		return nil
 	}
-	st := &stream{c: c, id: id, recvLeft: streamWindow, sendWindow: c.peerWindow, counted: true}
+	st := &stream{c: c, id: id, recvLeft: streamWindow, sendWindow: c.peerWindow, counted: true, reqEnded: f.StreamEnded()}
 	c.streams[id] = st
 	c.active++
 	c.wmu.Unlock()
@@ -505,34 +506,34 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) *connErr {
 	}
 	switch {
 	case method != "POST":
-		c.answerEarly(st, 405, codes.Internal, fmt.Sprintf("invalid :method %q", method))
+		c.answerEarly(st, 405, codes.Internal, fmt.Sprintf("invalid :method %q", clip(method)))
 		return nil
 	case !grpcContentType(ct):
-		c.answerEarly(st, 415, codes.Internal, fmt.Sprintf("invalid content-type %q", ct))
+		c.answerEarly(st, 415, codes.Internal, fmt.Sprintf("invalid content-type %q", clip(ct)))
 		return nil
 	case !contentSubtypeOK(ct):
-		c.answerEarly(st, 200, codes.Internal, fmt.Sprintf("no codec for content-type %q", ct))
+		c.answerEarly(st, 200, codes.Internal, fmt.Sprintf("no codec for content-type %q", clip(ct)))
 		return nil
 	case enc != "" && enc != "identity":
-		c.answerEarly(st, 200, codes.Unimplemented, fmt.Sprintf("grpc: Decompressor is not installed for grpc-encoding %q", enc))
+		c.answerEarly(st, 200, codes.Unimplemented, fmt.Sprintf("grpc: Decompressor is not installed for grpc-encoding %q", clip(enc)))
 		return nil
 	}
 	st.m = c.s.methods[path]
 	if st.m == nil {
-		c.answerEarly(st, 200, codes.Unimplemented, fmt.Sprintf("unknown method %s", path))
+		c.answerEarly(st, 200, codes.Unimplemented, fmt.Sprintf("unknown method %s", clip(path)))
 		return nil
 	}
 	if timeout != "" {
 		d, ok := parseTimeout(timeout)
 		if !ok {
-			c.answerEarly(st, 200, codes.Internal, fmt.Sprintf("malformed grpc-timeout %q", timeout))
+			c.answerEarly(st, 200, codes.Internal, fmt.Sprintf("malformed grpc-timeout %q", clip(timeout)))
 			return nil
 		}
 		st.ctx, st.cancel = context.WithTimeout(c.ctx, d)
 	} else {
 		st.ctx, st.cancel = context.WithCancel(c.ctx)
 	}
-	if f.StreamEnded() {
+	if st.reqEnded {
 		c.endRequest(st)
 	}
 	return nil
@@ -557,10 +558,11 @@ func (c *conn) release(st *stream) {
 	if n := len(st.data); n > 0 {
 		c.buffered.Add(-int64(n))
 	}
-	if st.data != nil {
-		putBuf(st.data)
-		st.data = nil
+	if st.buf != nil && cap(st.data) <= maxPooledBuf {
+		*st.buf = st.data[:0]
+		bufPool.Put(st.buf)
 	}
+	st.buf, st.data = nil, nil
 }
 
 func (c *conn) onData(f *http2.DataFrame) *connErr {
@@ -623,8 +625,9 @@ func (c *conn) appendData(st *stream, p []byte) *connErr {
 		c.buffered.Add(-int64(len(p)))
 		return &connErr{http2.ErrCodeEnhanceYourCalm, "too many request bytes buffered"}
 	}
-	if st.data == nil {
-		st.data = getBuf()
+	if st.buf == nil {
+		st.buf = bufPool.Get().(*[]byte)
+		st.data = (*st.buf)[:0]
 	}
 	st.data = append(st.data, p...)
 	if len(st.data) >= 5 {

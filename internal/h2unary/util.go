@@ -93,13 +93,14 @@ func encodeGRPCMessage(msg string) string {
 // bufPool holds request buffers: most requests are a few hundred bytes.
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 1024); return &b }}
 
-func getBuf() []byte { return (*bufPool.Get().(*[]byte))[:0] }
+// maxPooledBuf: larger buffers are left to the garbage collector.
+const maxPooledBuf = 64 << 10
 
-// putBuf keeps b for a later request unless it grew large.
-func putBuf(b []byte) {
-	if cap(b) > 64<<10 {
-		return
+// clip shortens a client's value quoted in an error message.
+func clip(v string) string {
+	const limit = 128
+	if len(v) <= limit {
+		return v
 	}
-	b = b[:0]
-	bufPool.Put(&b)
+	return v[:limit] + "..."
 }
