@@ -26,6 +26,7 @@ import (
 	ratelimitv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ratelimit/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 
 	"github.com/meshguard/meshguard/extauthz"
@@ -163,11 +164,6 @@ func forEach(t *testing.T, f func(t *testing.T, fp *frontProxy)) {
 	for _, b := range bootstraps {
 		t.Run(b.name, func(t *testing.T) { f(t, load(t, b.data)) })
 	}
-}
-
-func loadFrontProxy(t *testing.T) *frontProxy {
-	t.Helper()
-	return load(t, FrontProxy)
 }
 
 func load(t *testing.T, data []byte) *frontProxy {
@@ -333,8 +329,12 @@ func TestJWTMetadataMatchesExtauthz(t *testing.T) {
 func TestExtAuthz(t *testing.T) {
 	forEach(t, func(t *testing.T, fp *frontProxy) {
 		a := fp.authz
+		// The gRPC listener (:8081): the rate limit listener serves
+		// ShouldRateLimit alone and would answer Check with UNIMPLEMENTED.
 		if got := a.GetGrpcService().GetEnvoyGrpc().GetClusterName(); got != "meshguard" {
 			t.Errorf("ext_authz cluster = %q, want meshguard", got)
+		} else if port := clusterPort(fp.clusters[got]); port != 8081 {
+			t.Errorf("ext_authz cluster %s reaches port %d, want 8081 (listen.grpc)", got, port)
 		}
 		if d := a.GetGrpcService().GetTimeout().AsDuration(); d <= 0 || d > 1e9 {
 			t.Errorf("ext_authz timeout = %v, want (0, 1s]", d)
@@ -390,8 +390,12 @@ func TestRateLimitFilter(t *testing.T) {
 		if r.GetDomain() != "api" {
 			t.Errorf("domain = %q, want api (the domain of meshguard's presets)", r.GetDomain())
 		}
-		if got := r.GetRateLimitService().GetGrpcService().GetEnvoyGrpc().GetClusterName(); got != "meshguard" {
-			t.Errorf("rate limit service cluster = %q", got)
+		// meshguard's rate limit listener (listen.ratelimit, :8082), whose
+		// lean server spends less CPU per decision than the gRPC listener's.
+		if got := r.GetRateLimitService().GetGrpcService().GetEnvoyGrpc().GetClusterName(); got != "meshguard_ratelimit" {
+			t.Errorf("rate limit service cluster = %q, want meshguard_ratelimit (meshguard's rate limit listener)", got)
+		} else if port := clusterPort(fp.clusters[got]); port != 8082 {
+			t.Errorf("rate limit service cluster %s reaches port %d, want 8082 (listen.ratelimit)", got, port)
 		}
 		if r.GetRateLimitService().GetTransportApiVersion() != corev3.ApiVersion_V3 {
 			t.Error("rate limit service must use the v3 API")
@@ -637,8 +641,12 @@ func TestAccessLog(t *testing.T) {
 		if c.GetLogName() != "meshguard_audit" {
 			t.Errorf("log_name = %q, want meshguard_audit", c.GetLogName())
 		}
+		// The gRPC listener (:8081): ALS is a streaming API, which the rate
+		// limit listener does not serve.
 		if got := c.GetGrpcService().GetEnvoyGrpc().GetClusterName(); got != "meshguard" {
-			t.Errorf("access log cluster = %q", got)
+			t.Errorf("access log cluster = %q, want meshguard", got)
+		} else if port := clusterPort(fp.clusters[got]); port != 8081 {
+			t.Errorf("access log cluster %s reaches port %d, want 8081 (listen.grpc)", got, port)
 		}
 		if c.GetTransportApiVersion() != corev3.ApiVersion_V3 {
 			t.Error("access log must use the v3 API")
@@ -659,40 +667,77 @@ func TestAccessLog(t *testing.T) {
 
 func TestClusters(t *testing.T) {
 	forEach(t, func(t *testing.T, fp *frontProxy) {
-		mg := fp.clusters["meshguard"]
-		if mg == nil {
-			t.Fatal("no meshguard cluster")
-		}
-		if !explicitHTTP2(t, mg) {
-			t.Error("meshguard cluster must speak HTTP/2 (gRPC)")
-		}
-		if port := mg.GetLoadAssignment().GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress().GetPortValue(); port != 8081 {
-			t.Errorf("meshguard gRPC port = %d, want 8081", port)
-		}
-		if len(mg.GetHealthChecks()) == 0 || mg.GetHealthChecks()[0].GetGrpcHealthCheck() == nil {
-			t.Error("meshguard cluster needs a gRPC health check (grpc.health.v1)")
-		}
-		if !mg.GetCommonLbConfig().GetIgnoreNewHostsUntilFirstHc() {
-			t.Error("meshguard cluster must not send calls to a new pod before its first health check")
-		}
-		if len(mg.GetCircuitBreakers().GetThresholds()) == 0 || mg.GetOutlierDetection() == nil {
-			t.Error("meshguard cluster needs circuit breakers and outlier detection")
-		}
-		switch addr := mg.GetLoadAssignment().GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress().GetAddress(); {
-		case addr == "127.0.0.1":
-			if mg.GetType() != clusterv3.Cluster_STATIC {
-				t.Errorf("meshguard on loopback: cluster type = %v, want STATIC", mg.GetType())
+		// meshguard's two gRPC listeners: listen.grpc (ext_authz, ALS) and
+		// listen.ratelimit (ShouldRateLimit and grpc.health.v1 only). The
+		// health check names a service the listener answers SERVING for:
+		// "" (the whole server) or, on the rate limit listener, the rate
+		// limit service itself.
+		rlsName := rlsv3.RateLimitService_ServiceDesc.ServiceName
+		for _, want := range []struct {
+			name   string
+			port   uint32
+			health []string
+		}{
+			{"meshguard", 8081, []string{""}},
+			{"meshguard_ratelimit", 8082, []string{"", rlsName}},
+		} {
+			mg := fp.clusters[want.name]
+			if mg == nil {
+				t.Errorf("no %s cluster", want.name)
+				continue
 			}
-		case mg.GetClusterType().GetName() != "envoy.clusters.dns":
-			t.Errorf("meshguard cluster type = %v, want the envoy.clusters.dns extension", mg.GetClusterType())
-		default:
-			d := unpack[*dnsv3.DnsCluster](t, mg.GetClusterType().GetTypedConfig())
-			if d.GetAllAddressesInSingleEndpoint() || d.GetDnsRefreshRate().AsDuration() > 10e9 {
-				t.Errorf("meshguard DNS cluster %v: want one host per address (strict DNS) refreshed at least every 10s", d)
+			if !explicitHTTP2(t, mg) {
+				t.Errorf("%s cluster must speak HTTP/2 (gRPC)", want.name)
+			}
+			if port := clusterPort(mg); port != want.port {
+				t.Errorf("%s port = %d, want %d", want.name, port, want.port)
+			}
+			if len(mg.GetHealthChecks()) == 0 || mg.GetHealthChecks()[0].GetGrpcHealthCheck() == nil {
+				t.Errorf("%s cluster needs a gRPC health check (grpc.health.v1)", want.name)
+			} else if svc := mg.GetHealthChecks()[0].GetGrpcHealthCheck().GetServiceName(); !slices.Contains(want.health, svc) {
+				t.Errorf("%s health check asks for service %q, want one of %q", want.name, svc, want.health)
+			}
+			if !mg.GetCommonLbConfig().GetIgnoreNewHostsUntilFirstHc() {
+				t.Errorf("%s cluster must not send calls to a new pod before its first health check", want.name)
+			}
+			if len(mg.GetCircuitBreakers().GetThresholds()) == 0 || mg.GetOutlierDetection() == nil {
+				t.Errorf("%s cluster needs circuit breakers and outlier detection", want.name)
+			}
+			switch addr := clusterAddress(mg); {
+			case addr == "127.0.0.1":
+				if mg.GetType() != clusterv3.Cluster_STATIC {
+					t.Errorf("%s on loopback: cluster type = %v, want STATIC", want.name, mg.GetType())
+				}
+			case mg.GetClusterType().GetName() != "envoy.clusters.dns":
+				t.Errorf("%s cluster type = %v, want the envoy.clusters.dns extension", want.name, mg.GetClusterType())
+			default:
+				d := unpack[*dnsv3.DnsCluster](t, mg.GetClusterType().GetTypedConfig())
+				if d.GetAllAddressesInSingleEndpoint() || d.GetDnsRefreshRate().AsDuration() > 10e9 {
+					t.Errorf("%s DNS cluster %v: want one host per address (strict DNS) refreshed at least every 10s", want.name, d)
+				}
+			}
+		}
+		// The rate limit cluster is the meshguard cluster on the other port,
+		// same host, protocol options, timeouts, balancing, health checking,
+		// outlier detection and circuit breakers.
+		if mg, rl := fp.clusters["meshguard"], fp.clusters["meshguard_ratelimit"]; mg != nil && rl != nil {
+			n := proto.Clone(rl).(*clusterv3.Cluster)
+			n.Name = mg.GetName()
+			if la := n.GetLoadAssignment(); la != nil {
+				la.ClusterName = mg.GetLoadAssignment().GetClusterName()
+			}
+			if sa := clusterSocket(n); sa != nil {
+				sa.PortSpecifier = &corev3.SocketAddress_PortValue{PortValue: clusterPort(mg)}
+			}
+			if hc := n.GetHealthChecks(); len(hc) > 0 && hc[0].GetGrpcHealthCheck() != nil && len(mg.GetHealthChecks()) > 0 && mg.GetHealthChecks()[0].GetGrpcHealthCheck() != nil {
+				hc[0].GetGrpcHealthCheck().ServiceName = mg.GetHealthChecks()[0].GetGrpcHealthCheck().GetServiceName()
+			}
+			if diff := cmp.Diff(mg, n, protocmp.Transform()); diff != "" {
+				t.Errorf("meshguard_ratelimit differs from meshguard beyond name, port and health check service (-meshguard +meshguard_ratelimit):\n%s", diff)
 			}
 		}
 		h := fp.clusters["meshguard_http"]
-		if h == nil || h.GetLoadAssignment().GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress().GetPortValue() != 8080 {
+		if h == nil || clusterPort(h) != 8080 {
 			t.Error("meshguard_http must reach meshguard's HTTP listener on 8080")
 		}
 		// /healthz, not /readyz: /readyz is 503 while PostgreSQL or Redis is
@@ -746,7 +791,7 @@ func TestSidecarMatchesFrontProxy(t *testing.T) {
 	}
 	for i, c := range side.GetStaticResources().GetClusters() {
 		switch c.GetName() {
-		case "meshguard", "meshguard_http", "app":
+		case "meshguard", "meshguard_ratelimit", "meshguard_http", "app":
 		default:
 			continue
 		}
@@ -770,6 +815,20 @@ func TestSidecarMatchesFrontProxy(t *testing.T) {
 		t.Errorf("sidecar.yaml differs from envoy.yaml beyond topology (-front +sidecar):\n%s", diff)
 	}
 }
+
+// clusterSocket is the socket address of c's first endpoint (every cluster
+// here has one); nil for a nil cluster or one without endpoints.
+func clusterSocket(c *clusterv3.Cluster) *corev3.SocketAddress {
+	eps := c.GetLoadAssignment().GetEndpoints()
+	if len(eps) == 0 || len(eps[0].GetLbEndpoints()) == 0 {
+		return nil
+	}
+	return eps[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress()
+}
+
+func clusterAddress(c *clusterv3.Cluster) string { return clusterSocket(c).GetAddress() }
+
+func clusterPort(c *clusterv3.Cluster) uint32 { return clusterSocket(c).GetPortValue() }
 
 func explicitHTTP2(t *testing.T, c *clusterv3.Cluster) bool {
 	t.Helper()

@@ -11,6 +11,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/protobuf/types/known/structpb"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -21,19 +23,27 @@ import (
 	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
 
 	"github.com/meshguard/meshguard/extauthz"
+	"github.com/meshguard/meshguard/internal/grpcserver"
 	"github.com/meshguard/meshguard/ratelimitsvc"
 )
 
 // This file plays Envoy: it walks a request through the front proxy's
 // configuration (header_mutation, jwt_authn metadata, ext_authz, the rate
 // limit filter with the route's actions) and calls real meshguard servers
-// (extauthz, ratelimitsvc with its in-process store) over gRPC on
-// 127.0.0.1:0 through go-control-plane's generated clients. It checks that
-// the configuration and meshguard agree: descriptors hit meshguard's preset
-// rules, context_extensions turn the nonce off where they should, client
-// headers cannot choose a quota bucket, preflights never reach the rate
-// limit service. It does not replace running Envoy; it only interprets the
-// parts of the configuration listed above, as Envoy documents them.
+// (extauthz, ratelimitsvc with its in-process store) through
+// go-control-plane's generated clients. meshguard's two gRPC listeners run
+// as serve.go builds them, on 127.0.0.1:0: grpc-go's server for listen.grpc
+// (:8081; extauthz, ratelimitsvc, health) and the lean unary server for
+// listen.ratelimit (:8082; ratelimitsvc and health only). Each gRPC service
+// of the configuration is called on the listener whose port its cluster
+// names, so a filter pointed at the wrong cluster calls the wrong server. It
+// checks that the configuration and meshguard agree: descriptors hit
+// meshguard's preset rules, context_extensions turn the nonce off where they
+// should, client headers cannot choose a quota bucket, preflights never reach
+// the rate limit service, every gRPC cluster's health check is answered
+// SERVING, and rate limit calls reach the rate limit listener, never the gRPC
+// one. It does not replace running Envoy; it only interprets the parts of
+// the configuration listed above, as Envoy documents them.
 
 const (
 	lbAddr     = "10.0.0.1"    // the load balancer: the connection peer
@@ -41,13 +51,26 @@ const (
 	host       = "app.example.com"
 )
 
+// meshguard's gRPC listener ports, as the Envoy clusters name them
+// (listen.grpc and listen.ratelimit: meshguard's defaults and
+// k8s/base/meshguard.yaml).
+const (
+	grpcPort      = 8081
+	ratelimitPort = 8082
+)
+
 type simEnvoy struct {
 	fp    *frontProxy
 	authz authv3.AuthorizationClient
 	rls   rlsv3.RateLimitServiceClient
+	// conns reach meshguard's listeners by port (grpcPort, ratelimitPort).
+	conns map[uint32]*grpc.ClientConn
+	// grpcReg and rlReg hold the gRPC server metrics of listen.grpc and of
+	// listen.ratelimit: which listener handled which calls.
+	grpcReg, rlReg *prometheus.Registry
 }
 
-func newSimEnvoy(t *testing.T) *simEnvoy {
+func newSimEnvoy(t *testing.T, bootstrap []byte) *simEnvoy {
 	t.Helper()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	reg := prometheus.NewRegistry()
@@ -66,22 +89,87 @@ func newSimEnvoy(t *testing.T) *simEnvoy {
 	if err != nil {
 		t.Fatalf("ratelimitsvc.New: %v", err)
 	}
+	e := &simEnvoy{fp: load(t, bootstrap), conns: map[uint32]*grpc.ClientConn{}, grpcReg: prometheus.NewRegistry(), rlReg: prometheus.NewRegistry()}
 
+	// listen.grpc: every service, on grpc-go's server.
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	gs := grpc.NewServer()
+	limits := grpcserver.DefaultLimits()
+	gs := grpc.NewServer(append(grpcserver.Options(limits), grpcserver.NewMetrics(e.grpcReg).ServerOptions()...)...)
+	hs := health.NewServer()
+	healthpb.RegisterHealthServer(gs, hs)
 	az.Register(gs)
 	rl.Register(gs)
+	for svc := range gs.GetServiceInfo() {
+		hs.SetServingStatus(svc, healthpb.HealthCheckResponse_SERVING)
+	}
+	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	go gs.Serve(lis)
 	t.Cleanup(gs.Stop)
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+
+	// listen.ratelimit: ShouldRateLimit and health only, on the lean server.
+	rlis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { conn.Close() })
-	return &simEnvoy{fp: loadFrontProxy(t), authz: authv3.NewAuthorizationClient(conn), rls: rlsv3.NewRateLimitServiceClient(conn)}
+	us := grpcserver.UnaryServer(limits, grpcserver.NewMetrics(e.rlReg))
+	healthpb.RegisterHealthServer(us, hs)
+	rl.Register(us)
+	go us.Serve(rlis)
+	t.Cleanup(us.Stop)
+
+	for port, addr := range map[uint32]string{grpcPort: lis.Addr().String(), ratelimitPort: rlis.Addr().String()} {
+		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		e.conns[port] = conn
+	}
+	e.authz = authv3.NewAuthorizationClient(e.dial(t, "ext_authz", e.fp.authz.GetGrpcService().GetEnvoyGrpc().GetClusterName()))
+	e.rls = rlsv3.NewRateLimitServiceClient(e.dial(t, "the rate limit filter", e.fp.rl.GetRateLimitService().GetGrpcService().GetEnvoyGrpc().GetClusterName()))
+	return e
+}
+
+// dial returns the connection to the meshguard listener that cluster (named
+// by what) reaches: the one on the cluster's port.
+func (e *simEnvoy) dial(t *testing.T, what, cluster string) *grpc.ClientConn {
+	t.Helper()
+	c := e.fp.clusters[cluster]
+	if c == nil {
+		t.Fatalf("%s calls cluster %q, which is not defined", what, cluster)
+	}
+	conn := e.conns[clusterPort(c)]
+	if conn == nil {
+		t.Fatalf("%s calls cluster %s on port %d, which is no meshguard gRPC listener (listen.grpc %d, listen.ratelimit %d)", what, cluster, clusterPort(c), grpcPort, ratelimitPort)
+	}
+	return conn
+}
+
+// handled is how many calls of method (a full method name) the server
+// whose metrics reg holds has completed.
+func handled(t *testing.T, reg *prometheus.Registry, method string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n float64
+	for _, mf := range mfs {
+		if mf.GetName() != "meshguard_grpc_server_handled_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "method" && l.GetValue() == method {
+					n += m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return n
 }
 
 type simRequest struct {
@@ -256,7 +344,33 @@ func respHeader(opts []*corev3.HeaderValueOption, name string) (*corev3.HeaderVa
 }
 
 func TestEnvoyAndMeshguardAgree(t *testing.T) {
-	e := newSimEnvoy(t)
+	for _, b := range bootstraps {
+		t.Run(b.name, func(t *testing.T) { testEnvoyAndMeshguardAgree(t, newSimEnvoy(t, b.data)) })
+	}
+}
+
+func testEnvoyAndMeshguardAgree(t *testing.T, e *simEnvoy) {
+	// Envoy's gRPC health checks: each meshguard gRPC cluster asks its
+	// listener for a service that listener answers SERVING.
+	t.Run("every gRPC cluster's health check passes", func(t *testing.T) {
+		n := 0
+		for name, c := range e.fp.clusters {
+			for _, hc := range c.GetHealthChecks() {
+				g := hc.GetGrpcHealthCheck()
+				if g == nil {
+					continue
+				}
+				n++
+				resp, err := healthpb.NewHealthClient(e.dial(t, "health check", name)).Check(t.Context(), &healthpb.HealthCheckRequest{Service: g.GetServiceName()})
+				if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+					t.Errorf("cluster %s: health check of service %q = %v, %v; want SERVING", name, g.GetServiceName(), resp.GetStatus(), err)
+				}
+			}
+		}
+		if n < 2 {
+			t.Errorf("%d clusters with a gRPC health check, want meshguard and meshguard_ratelimit", n)
+		}
+	})
 
 	t.Run("page gets a nonce CSP that overwrites the static one", func(t *testing.T) {
 		r := e.do(t, simRequest{method: "GET", path: "/", headers: map[string]string{"x-csp-nonce": "attacker"}})
@@ -365,6 +479,22 @@ func TestEnvoyAndMeshguardAgree(t *testing.T) {
 	t.Run("meshguard's admin API is not exposed", func(t *testing.T) {
 		if r := e.do(t, simRequest{method: "GET", path: "/v1/audit/logs"}); r.status != 404 || r.check != nil {
 			t.Errorf("status %d, checked %v; want 404 without reaching meshguard", r.status, r.check != nil)
+		}
+	})
+
+	// Rate limit decisions went to the lean rate limit listener, Checks to
+	// the gRPC listener (the rate limit listener cannot serve them).
+	t.Run("each call reached the listener meant for it", func(t *testing.T) {
+		rls := "/" + rlsv3.RateLimitService_ServiceDesc.ServiceName + "/ShouldRateLimit"
+		check := "/" + authv3.Authorization_ServiceDesc.ServiceName + "/Check"
+		if n := handled(t, e.rlReg, rls); n == 0 {
+			t.Errorf("the rate limit listener (:%d) handled no ShouldRateLimit", ratelimitPort)
+		}
+		if n := handled(t, e.grpcReg, rls); n != 0 {
+			t.Errorf("the gRPC listener (:%d) handled %v ShouldRateLimit calls; the rate limit filter must use the rate limit listener (:%d)", grpcPort, n, ratelimitPort)
+		}
+		if n := handled(t, e.grpcReg, check); n == 0 {
+			t.Errorf("the gRPC listener (:%d) handled no Check", grpcPort)
 		}
 	})
 }

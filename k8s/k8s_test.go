@@ -15,6 +15,7 @@ import (
 	"go/parser"
 	"go/token"
 	"io/fs"
+	"net"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -28,6 +29,8 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/google/go-cmp/cmp/cmpopts"
 	"go.yaml.in/yaml/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
 	appsv1 "k8s.io/api/apps/v1"
 	autoscalingv2 "k8s.io/api/autoscaling/v2"
 	batchv1 "k8s.io/api/batch/v1"
@@ -43,7 +46,11 @@ import (
 	"sigs.k8s.io/kustomize/api/types"
 	"sigs.k8s.io/kustomize/kyaml/filesys"
 
+	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	grpcalsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/grpc/v3"
+	extauthzv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_authz/v3"
+	ratelimitv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ratelimit/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 
 	"github.com/meshguard/meshguard/auditsink"
@@ -512,7 +519,7 @@ func TestWorkloadsHardened(t *testing.T) {
 // depend on; the full file is parsed by cmd/meshguard's own parser (see
 // README.md).
 type meshguardConfig struct {
-	Listen    struct{ GRPC, HTTP string }
+	Listen    struct{ GRPC, HTTP, RateLimit string }
 	Shutdown  struct{ Timeout string }
 	Ratelimit struct {
 		ConfigDir string `yaml:"config_dir"`
@@ -539,8 +546,9 @@ func TestMeshguardDeployment(t *testing.T) {
 			ps := &d.Spec.Template.Spec
 			c := container(t, ps, "meshguard")
 
-			// Ports and probes.
-			wantPorts := map[string]int32{"grpc": 8081, "http": 8080}
+			// Ports and probes. ratelimit is listen.ratelimit, the lean
+			// listener Envoy's meshguard_ratelimit cluster calls.
+			wantPorts := map[string]int32{"grpc": 8081, "ratelimit": 8082, "http": 8080}
 			for name, port := range wantPorts {
 				if p := containerPort(c, name); p == nil || p.ContainerPort != port {
 					t.Errorf("port %s: want containerPort %d", name, port)
@@ -562,7 +570,7 @@ func TestMeshguardDeployment(t *testing.T) {
 			if err := yaml.Unmarshal([]byte(cm.Data[key]), &cfg); err != nil {
 				t.Fatalf("meshguard config: %v", err)
 			}
-			for name, addr := range map[string]string{"grpc": cfg.Listen.GRPC, "http": cfg.Listen.HTTP} {
+			for name, addr := range map[string]string{"grpc": cfg.Listen.GRPC, "ratelimit": cfg.Listen.RateLimit, "http": cfg.Listen.HTTP} {
 				if want := fmt.Sprintf("0.0.0.0:%d", wantPorts[name]); addr != want && envValue(c, "MESHGUARD_"+strings.ToUpper(name)+"_ADDR") != want {
 					t.Errorf("listen.%s = %q, want %s (the container port, on every interface)", name, addr, want)
 				}
@@ -640,6 +648,22 @@ func TestMeshguardDeployment(t *testing.T) {
 				t.Error("meshguard Service must publish not-ready addresses: /readyz is 503 during a database outage, and Envoy must keep reaching meshguard (its gRPC health checks decide)")
 			}
 			checkServiceTargets(t, s, d)
+			// Every listener is a Service port of the same number and name,
+			// targeting its container port; the gRPC ones speak h2c.
+			for name, port := range wantPorts {
+				i := slices.IndexFunc(s.Spec.Ports, func(p corev1.ServicePort) bool { return p.Name == name })
+				if i < 0 {
+					t.Errorf("Service meshguard has no port %s", name)
+					continue
+				}
+				sp := s.Spec.Ports[i]
+				if cp := serviceTarget(d, sp); sp.Port != port || cp == nil || cp.ContainerPort != port || cp.Name != name {
+					t.Errorf("Service port %s: %d -> %s, want %d -> container port %s (%d)", name, sp.Port, sp.TargetPort.String(), port, name, port)
+				}
+				if name != "http" && (sp.AppProtocol == nil || *sp.AppProtocol != "kubernetes.io/h2c") {
+					t.Errorf("Service port %s: appProtocol %v, want kubernetes.io/h2c (cleartext gRPC)", name, sp.AppProtocol)
+				}
+			}
 
 			// Migration Job runs `meshguard migrate` with the same config.
 			j := o.jobs["meshguard-migrate"]
@@ -706,10 +730,20 @@ func TestSelectorsAndTargets(t *testing.T) {
 					}
 				}
 			}
-			// Envoy may reach meshguard on the ports the Service exposes.
+			// Envoy may reach meshguard on the ports the Service exposes:
+			// meshguard admits it, and Envoy's own policy lets it out.
 			if np := o.netpols["meshguard"]; np != nil {
-				if !ingressAllowsFrom(np, o.deployments["envoy"].Spec.Template.Labels, "grpc") {
-					t.Error("meshguard NetworkPolicy does not admit Envoy on the grpc port")
+				for _, port := range []string{"grpc", "ratelimit", "http"} {
+					if !ingressAllowsFrom(np, o.deployments["envoy"].Spec.Template.Labels, port) {
+						t.Errorf("meshguard NetworkPolicy does not admit Envoy on the %s port", port)
+					}
+				}
+			}
+			if np, md := o.netpols["envoy"], o.deployments["meshguard"]; np != nil && md != nil {
+				for _, sp := range o.services["meshguard"].Spec.Ports {
+					if cp := serviceTarget(md, sp); cp == nil || !egressAllowsTo(np, md.Spec.Template.Labels, *cp) {
+						t.Errorf("envoy NetworkPolicy does not let Envoy reach meshguard's %s port (%d)", sp.Name, sp.Port)
+					}
 				}
 			}
 			for name, sm := range o.serviceMonitors {
@@ -804,6 +838,85 @@ func TestEnvoyDeployment(t *testing.T) {
 	}
 }
 
+// TestEnvoyReachesMeshguard follows each meshguard gRPC API Envoy calls,
+// in every kustomization, from the filter to the meshguard listener that
+// serves it: the filter's cluster, the cluster's port, the meshguard Service
+// port of that number, its target container port, and the listen address
+// of that port in meshguard's config. ext_authz and the access log must
+// land on listen.grpc (the gRPC listener); the rate limit service on
+// listen.ratelimit (the lean listener that serves only ShouldRateLimit and
+// health). Both NetworkPolicies must let each of those connections through.
+func TestEnvoyReachesMeshguard(t *testing.T) {
+	for _, dir := range []string{"base", "overlays/production", "overlays/development"} {
+		t.Run(dir, func(t *testing.T) {
+			o := build(t, dir)
+			ed, md, svc := o.deployments["envoy"], o.deployments["meshguard"], o.services["meshguard"]
+			if ed == nil || md == nil || svc == nil {
+				t.Fatal("want Deployments envoy and meshguard and Service meshguard")
+			}
+			ec := container(t, &ed.Spec.Template.Spec, "envoy")
+			ecm, ekey := mountedConfigMap(t, o, &ed.Spec.Template.Spec, ec, argAfter(ec.Args, "--config-path"))
+			mc := container(t, &md.Spec.Template.Spec, "meshguard")
+			mcm, mkey := mountedConfigMap(t, o, &md.Spec.Template.Spec, mc, argAfter(mc.Args, "--config"))
+			if ecm == nil || mcm == nil {
+				t.Fatal("the Envoy bootstrap or the meshguard config is not a mounted ConfigMap key")
+			}
+			b, err := envoy.ParseBootstrap([]byte(ecm.Data[ekey]))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var cfg meshguardConfig
+			if err := yaml.Unmarshal([]byte(mcm.Data[mkey]), &cfg); err != nil {
+				t.Fatal(err)
+			}
+			clusters := map[string]*clusterv3.Cluster{}
+			for _, c := range b.GetStaticResources().GetClusters() {
+				clusters[c.GetName()] = c
+			}
+			callers := envoyCallers(t, b)
+			for _, want := range []struct {
+				api, cluster, listen, addr string
+			}{
+				{"ext_authz", "meshguard", "listen.grpc", cfg.Listen.GRPC},
+				{"access log", "meshguard", "listen.grpc", cfg.Listen.GRPC},
+				{"rate limit service", "meshguard_ratelimit", "listen.ratelimit", cfg.Listen.RateLimit},
+			} {
+				name := callers[want.api]
+				if name != want.cluster {
+					t.Errorf("Envoy's %s calls cluster %q, want %s (meshguard's %s)", want.api, name, want.cluster, want.listen)
+				}
+				c := clusters[name]
+				eps := c.GetLoadAssignment().GetEndpoints()
+				if c == nil || len(eps) == 0 || len(eps[0].GetLbEndpoints()) == 0 {
+					t.Errorf("%s: cluster %q is missing or has no endpoint", want.api, name)
+					continue
+				}
+				sa := eps[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress()
+				i := slices.IndexFunc(svc.Spec.Ports, func(p corev1.ServicePort) bool { return uint32(p.Port) == sa.GetPortValue() })
+				if sa.GetAddress() != svc.Name || i < 0 {
+					t.Errorf("%s: cluster %s reaches %s:%d, not a port of Service %s", want.api, name, sa.GetAddress(), sa.GetPortValue(), svc.Name)
+					continue
+				}
+				cp := serviceTarget(md, svc.Spec.Ports[i])
+				if cp == nil {
+					t.Errorf("%s: Service port %s targets no container port", want.api, svc.Spec.Ports[i].Name)
+					continue
+				}
+				_, port, err := net.SplitHostPort(want.addr)
+				if err != nil || port != strconv.Itoa(int(cp.ContainerPort)) {
+					t.Errorf("%s: cluster %s reaches container port %s (%d), but meshguard's %s is %q", want.api, name, cp.Name, cp.ContainerPort, want.listen, want.addr)
+				}
+				if np := o.netpols["meshguard"]; np == nil || !ingressAdmits(np, ed.Spec.Template.Labels, *cp) {
+					t.Errorf("%s: meshguard's NetworkPolicy does not admit Envoy on %s (%d)", want.api, cp.Name, cp.ContainerPort)
+				}
+				if np := o.netpols["envoy"]; np == nil || !egressAllowsTo(np, md.Spec.Template.Labels, *cp) {
+					t.Errorf("%s: Envoy's NetworkPolicy does not let it reach meshguard on %s (%d)", want.api, cp.Name, cp.ContainerPort)
+				}
+			}
+		})
+	}
+}
+
 // TestRatelimitDomainFile: the domain file shipped for ratelimit.config_dir
 // parses and validates with meshguard's own code, and is the "api" domain
 // envoy.yaml's routes send descriptors for (the same rules as meshguard's
@@ -850,8 +963,9 @@ func TestMeshguardConfigSections(t *testing.T) {
 	cfg := struct {
 		Environment string `yaml:"environment"`
 		Listen      struct {
-			GRPC string `yaml:"grpc"`
-			HTTP string `yaml:"http"`
+			GRPC      string `yaml:"grpc"`
+			HTTP      string `yaml:"http"`
+			RateLimit string `yaml:"ratelimit"`
 		} `yaml:"listen"`
 		Log struct {
 			Level  string `yaml:"level"`
@@ -879,6 +993,18 @@ func TestMeshguardConfigSections(t *testing.T) {
 	}
 	if cfg.Environment != "production" || cfg.Shutdown.Timeout <= 0 {
 		t.Errorf("environment %q, shutdown.timeout %s", cfg.Environment, cfg.Shutdown.Timeout)
+	}
+	// All three listeners on every interface, on the container ports; the
+	// rate limit listener must be on ("" turns it off), since Envoy's rate
+	// limit cluster calls it.
+	for key, want := range map[string][2]string{
+		"listen.grpc":      {cfg.Listen.GRPC, "0.0.0.0:8081"},
+		"listen.ratelimit": {cfg.Listen.RateLimit, "0.0.0.0:8082"},
+		"listen.http":      {cfg.Listen.HTTP, "0.0.0.0:8080"},
+	} {
+		if want[0] != want[1] {
+			t.Errorf("%s = %q, want %q", key, want[0], want[1])
+		}
 	}
 	const mounted = "/etc/meshguard/ratelimit"
 	if cfg.Ratelimit.ConfigDir != mounted {
@@ -1310,4 +1436,137 @@ func secretByPrefix(o *objects, prefix string) *corev1.Secret {
 		}
 	}
 	return nil
+}
+
+// serviceTarget is the container port of d that Service port sp sends to:
+// by name for a named targetPort, by number otherwise; nil if none.
+func serviceTarget(d *appsv1.Deployment, sp corev1.ServicePort) *corev1.ContainerPort {
+	for _, c := range d.Spec.Template.Spec.Containers {
+		for i, cp := range c.Ports {
+			switch {
+			case sp.TargetPort.Type == intstr.String && cp.Name == sp.TargetPort.StrVal,
+				sp.TargetPort.Type == intstr.Int && sp.TargetPort.IntVal != 0 && cp.ContainerPort == sp.TargetPort.IntVal,
+				sp.TargetPort.Type == intstr.Int && sp.TargetPort.IntVal == 0 && cp.ContainerPort == sp.Port:
+				return &c.Ports[i]
+			}
+		}
+	}
+	return nil
+}
+
+// policyPortCovers reports whether a NetworkPolicy port entry covers
+// container port cp: by number (or range), by name, or every port.
+func policyPortCovers(p networkingv1.NetworkPolicyPort, cp corev1.ContainerPort) bool {
+	proto := corev1.ProtocolTCP
+	if p.Protocol != nil {
+		proto = *p.Protocol
+	}
+	cproto := cp.Protocol
+	if cproto == "" {
+		cproto = corev1.ProtocolTCP
+	}
+	if proto != cproto {
+		return false
+	}
+	switch {
+	case p.Port == nil:
+		return true
+	case p.Port.Type == intstr.String:
+		return p.Port.StrVal == cp.Name
+	case p.EndPort != nil:
+		return p.Port.IntVal <= cp.ContainerPort && cp.ContainerPort <= *p.EndPort
+	default:
+		return p.Port.IntVal == cp.ContainerPort
+	}
+}
+
+// egressAllowsTo reports whether np lets its pods open connections to pods
+// labelled podLabels (in the same namespace) on container port cp.
+func egressAllowsTo(np *networkingv1.NetworkPolicy, podLabels map[string]string, cp corev1.ContainerPort) bool {
+	for _, rule := range np.Spec.Egress {
+		to := len(rule.To) == 0
+		for _, peer := range rule.To {
+			if peer.PodSelector != nil && peer.NamespaceSelector == nil &&
+				labels.SelectorFromSet(peer.PodSelector.MatchLabels).Matches(labels.Set(podLabels)) {
+				to = true
+			}
+		}
+		if !to {
+			continue
+		}
+		if len(rule.Ports) == 0 {
+			return true
+		}
+		for _, p := range rule.Ports {
+			if policyPortCovers(p, cp) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// ingressAdmits reports whether np admits pods labelled podLabels (in the
+// same namespace) on container port cp.
+func ingressAdmits(np *networkingv1.NetworkPolicy, podLabels map[string]string, cp corev1.ContainerPort) bool {
+	for _, rule := range np.Spec.Ingress {
+		from := len(rule.From) == 0
+		for _, peer := range rule.From {
+			if peer.PodSelector != nil && peer.NamespaceSelector == nil &&
+				labels.SelectorFromSet(peer.PodSelector.MatchLabels).Matches(labels.Set(podLabels)) {
+				from = true
+			}
+		}
+		if !from {
+			continue
+		}
+		if len(rule.Ports) == 0 {
+			return true
+		}
+		for _, p := range rule.Ports {
+			if policyPortCovers(p, cp) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// envoyCallers returns the cluster on which Envoy's bootstrap b calls each
+// of meshguard's gRPC APIs: "ext_authz", "rate limit service" and
+// "access log".
+func envoyCallers(t *testing.T, b *bootstrapv3.Bootstrap) map[string]string {
+	t.Helper()
+	unpack := func(a *anypb.Any) proto.Message {
+		m, err := a.UnmarshalNew()
+		if err != nil {
+			t.Fatalf("unpacking %s: %v", a.GetTypeUrl(), err)
+		}
+		return m
+	}
+	out := map[string]string{}
+	for _, l := range b.GetStaticResources().GetListeners() {
+		for _, fc := range l.GetFilterChains() {
+			for _, f := range fc.GetFilters() {
+				hcm, ok := unpack(f.GetTypedConfig()).(*hcmv3.HttpConnectionManager)
+				if !ok {
+					continue
+				}
+				for _, hf := range hcm.GetHttpFilters() {
+					switch c := unpack(hf.GetTypedConfig()).(type) {
+					case *extauthzv3.ExtAuthz:
+						out["ext_authz"] = c.GetGrpcService().GetEnvoyGrpc().GetClusterName()
+					case *ratelimitv3.RateLimit:
+						out["rate limit service"] = c.GetRateLimitService().GetGrpcService().GetEnvoyGrpc().GetClusterName()
+					}
+				}
+				for _, al := range hcm.GetAccessLog() {
+					if c, ok := unpack(al.GetTypedConfig()).(*grpcalsv3.HttpGrpcAccessLogConfig); ok {
+						out["access log"] = c.GetCommonConfig().GetGrpcService().GetEnvoyGrpc().GetClusterName()
+					}
+				}
+			}
+		}
+	}
+	return out
 }
