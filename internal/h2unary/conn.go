@@ -87,6 +87,8 @@ type conn struct {
 	closed     bool
 	idleSince  time.Time // when active last became 0
 	writing    bool      // a goroutine is in flush's write loop
+	ctrlQueued int       // bytes of answers to the client's frames in wbuf
+	started    bool      // the server's SETTINGS are queued: other frames may follow
 	closeErr   error     // set: close once the queue is sent
 }
 
@@ -143,6 +145,8 @@ func newConn(s *Server, nc net.Conn) *conn {
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	c.fr.MaxHeaderListSize = maxHeaderList
 	c.fr.SetReuseFrames()
+	// The SETTINGS sent leave SETTINGS_MAX_FRAME_SIZE at its default.
+	c.fr.SetMaxReadFrameSize(16384)
 	c.wfr = http2.NewFramer((*wbufWriter)(c), nil)
 	c.henc = hpack.NewEncoder(&c.hbuf)
 	return c
@@ -163,6 +167,7 @@ func (c *conn) serve() {
 		http2.Setting{ID: http2.SettingMaxHeaderListSize, Val: maxHeaderList},
 	)
 	c.wfr.WriteWindowUpdate(0, recvWindow-65535)
+	c.started = true
 	c.wmu.Unlock()
 	if c.s.opts.MaxConnectionIdle > 0 {
 		go c.idleLoop(c.s.opts.MaxConnectionIdle)
@@ -311,6 +316,7 @@ func (c *conn) flush() {
 		buf := c.wbuf
 		c.wbuf = c.spare[:0]
 		c.spare = nil
+		c.ctrlQueued = 0
 		c.wmu.Unlock()
 		c.nc.SetWriteDeadline(time.Now().Add(writeTimeout))
 		if _, err := c.nc.Write(buf); err != nil {
@@ -373,6 +379,13 @@ func (c *conn) goAway() {
 		c.wmu.Unlock()
 		return
 	}
+	if !c.started {
+		// No preface yet: a server's first frame must be SETTINGS, and
+		// there is nothing to drain.
+		c.wmu.Unlock()
+		c.close(errors.New("server stopping before the client's preface"))
+		return
+	}
 	c.goingAway = true
 	c.goAwayID = c.lastID
 	c.wfr.WriteGoAway(c.lastID, http2.ErrCodeNo, nil)
@@ -380,10 +393,11 @@ func (c *conn) goAway() {
 	c.flush()
 }
 
-// controlBacklogLocked reports whether so much is queued that a client
-// asking for more answers (PING, SETTINGS) is not reading them.
+// controlBacklogLocked reports whether so many answers to the client's
+// frames (SETTINGS and PING acknowledgements, RST_STREAM) wait unsent that
+// the client is asking for them without reading them.
 func (c *conn) controlBacklogLocked() bool {
-	return len(c.wbuf) > maxControlBacklog
+	return c.ctrlQueued > maxControlBacklog
 }
 
 func (c *conn) onSettings(f *http2.SettingsFrame) *connErr {
@@ -419,6 +433,7 @@ func (c *conn) onSettings(f *http2.SettingsFrame) *connErr {
 		return cerr
 	}
 	c.wfr.WriteSettingsAck()
+	c.ctrlQueued += 9
 	c.sendPendingLocked()
 	return nil
 }
@@ -449,6 +464,7 @@ func (c *conn) onPing(f *http2.PingFrame) *connErr {
 		return &connErr{http2.ErrCodeEnhanceYourCalm, "PINGs not acknowledged by a client that does not read"}
 	}
 	c.wfr.WritePing(true, f.Data)
+	c.ctrlQueued += 17
 	return nil
 }
 
@@ -796,6 +812,7 @@ func (c *conn) sendDataLocked(st *stream) bool {
 			return false
 		}
 		c.wfr.WriteData(st.id, false, st.out[:n])
+		c.sentSince.Store(true) // as grpc-go: every DATA frame sent forgives PINGs
 		st.out = st.out[n:]
 		c.sendWindow -= n
 		st.sendWindow -= n
@@ -865,6 +882,7 @@ func (c *conn) resetStream(id uint32, code http2.ErrCode) {
 	c.wmu.Lock()
 	if !c.closed {
 		c.wfr.WriteRSTStream(id, code)
+		c.ctrlQueued += 13
 	}
 	c.wmu.Unlock()
 	c.onReset(id)
