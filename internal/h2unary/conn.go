@@ -154,7 +154,7 @@ func newConn(s *Server, nc net.Conn) *conn {
 
 // serve reads the connection until it fails or closes.
 func (c *conn) serve() {
-	defer c.close(errors.New("connection done"))
+	defer c.shutdown()
 	c.nc.SetReadDeadline(time.Now().Add(c.s.opts.ConnectionTimeout))
 	preface := make([]byte, len(http2.ClientPreface))
 	if _, err := io.ReadFull(c.br, preface); err != nil || string(preface) != http2.ClientPreface {
@@ -178,7 +178,7 @@ func (c *conn) serve() {
 		if c.br.Buffered() == 0 {
 			// About to wait for the client: send what its frames asked
 			// for (acknowledgements, window updates, early answers).
-			c.flush()
+			c.flushSoon()
 		}
 		f, err := c.fr.ReadFrame()
 		if err != nil {
@@ -191,7 +191,7 @@ func (c *conn) serve() {
 			// The client's preface ends with a SETTINGS frame (RFC 9113 §3.4).
 			c.nc.SetReadDeadline(time.Time{})
 			if _, ok := f.(*http2.SettingsFrame); !ok {
-				c.connError(http2.ErrCodeProtocol, "first frame is not SETTINGS")
+				c.connError(http2.ErrCodeProtocol, "first frame is not SETTINGS", nil)
 				return
 			}
 			first = false
@@ -211,14 +211,14 @@ func (c *conn) serve() {
 		case *http2.WindowUpdateFrame:
 			cerr = c.onWindowUpdate(f)
 		case *http2.PushPromiseFrame:
-			cerr = &connErr{http2.ErrCodeProtocol, "PUSH_PROMISE from a client"}
+			cerr = &connErr{code: http2.ErrCodeProtocol, msg: "PUSH_PROMISE from a client"}
 		case *http2.GoAwayFrame:
 			// The client opens no more streams; those open are answered.
 		default:
 			// PRIORITY and unknown frame types are ignored (RFC 9113 §5.5).
 		}
 		if cerr != nil {
-			c.connError(cerr.code, cerr.msg)
+			c.connError(cerr.code, cerr.msg, cerr.debug)
 			return
 		}
 	}
@@ -226,8 +226,9 @@ func (c *conn) serve() {
 
 // connErr is a connection error: GOAWAY with code, then close.
 type connErr struct {
-	code http2.ErrCode
-	msg  string
+	code  http2.ErrCode
+	msg   string
+	debug []byte // GOAWAY's debug data
 }
 
 // readError handles an error from ReadFrame: a stream error resets that
@@ -245,36 +246,60 @@ func (c *conn) readError(err error) bool {
 	}
 	var ce http2.ConnectionError
 	if errors.As(err, &ce) {
-		c.connError(http2.ErrCode(ce), c.fr.ErrorDetail())
+		c.connError(http2.ErrCode(ce), c.fr.ErrorDetail(), nil)
 		return false
 	}
 	if errors.Is(err, http2.ErrFrameTooLarge) {
-		c.connError(http2.ErrCodeFrameSize, err)
+		c.connError(http2.ErrCodeFrameSize, err, nil)
 		return false
 	}
 	c.close(err)
 	return false
 }
 
-// connError sends GOAWAY and closes the connection.
-func (c *conn) connError(code http2.ErrCode, detail any) {
+// connError queues GOAWAY with code; the reader then stops, and shutdown
+// sends it and closes the connection.
+func (c *conn) connError(code http2.ErrCode, detail any, debug []byte) {
 	c.wmu.Lock()
 	if !c.closed {
-		c.wfr.WriteGoAway(c.lastID, code, nil)
+		c.wfr.WriteGoAway(c.lastID, code, debug)
 		c.goingAway = true
 	}
-	c.wmu.Unlock()
-	c.flushAndClose(fmt.Errorf("h2unary: connection error %v: %v", code, detail))
-}
-
-// flushAndClose sends what is queued, then closes the connection.
-func (c *conn) flushAndClose(err error) {
-	c.wmu.Lock()
 	if c.closeErr == nil {
-		c.closeErr = err
+		c.closeErr = fmt.Errorf("h2unary: connection error %v: %v", code, detail)
 	}
 	c.wmu.Unlock()
-	c.flush()
+}
+
+// shutdown ends the connection once its reader stops. After a connection
+// error it lets the GOAWAY out first: it sends the queue (waiting up to a
+// second for a goroutine still writing), then half-closes and reads what
+// the client still sends for up to a second, so that the client reads the
+// GOAWAY instead of a TCP reset.
+func (c *conn) shutdown() {
+	c.wmu.Lock()
+	err := c.closeErr
+	c.wmu.Unlock()
+	if err == nil {
+		c.close(errors.New("connection done"))
+		return
+	}
+	deadline := time.Now().Add(time.Second)
+	for {
+		c.flush()
+		c.wmu.Lock()
+		sent := c.closed || !c.writing && len(c.wbuf) == 0
+		c.wmu.Unlock()
+		if sent || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if hc, ok := c.nc.(interface{ CloseWrite() error }); ok && hc.CloseWrite() == nil {
+		c.nc.SetReadDeadline(time.Now().Add(time.Second))
+		io.Copy(io.Discard, io.LimitReader(c.nc, 1<<20))
+	}
+	c.close(err)
 }
 
 // close closes the connection at once and cancels every call's context.
@@ -300,7 +325,7 @@ func (c *conn) close(err error) {
 // one write carries what a burst of responses produced.
 func (c *conn) flush() {
 	c.wmu.Lock()
-	if c.writing || c.closed || len(c.wbuf) == 0 && !c.closingLocked() {
+	if c.writing || c.closed || len(c.wbuf) == 0 && !c.drainedLocked() {
 		c.wmu.Unlock()
 		return
 	}
@@ -329,22 +354,29 @@ func (c *conn) flush() {
 		}
 	}
 	c.writing = false
-	closing := c.closingLocked() && !c.closed
-	err := c.closeErr
+	drained := c.drainedLocked() && !c.closed
 	c.wmu.Unlock()
-	if closing {
-		if err == nil {
-			err = errors.New("drained after GOAWAY")
-		}
-		c.close(err)
+	if drained {
+		c.close(errors.New("drained after GOAWAY"))
 	}
 }
 
-// closingLocked reports whether the connection is to close once its
-// queue is sent: after a connection error, or after GOAWAY with no calls
-// left.
-func (c *conn) closingLocked() bool {
-	return c.closeErr != nil || c.goingAway && c.active == 0
+// flushSoon has a goroutine of its own send what the reader queued, so
+// that the reader goes on reading while a slow client takes its time.
+func (c *conn) flushSoon() {
+	c.wmu.Lock()
+	need := !c.writing && !c.closed && (len(c.wbuf) > 0 || c.drainedLocked())
+	c.wmu.Unlock()
+	if need {
+		go c.flush()
+	}
+}
+
+// drainedLocked reports whether a graceful GOAWAY has no calls left to
+// answer: the connection closes once its queue is sent. (After a
+// connection error shutdown closes it.)
+func (c *conn) drainedLocked() bool {
+	return c.goingAway && c.active == 0 && c.closeErr == nil
 }
 
 // idleLoop sends GOAWAY once the connection has had no calls for idle.
@@ -390,7 +422,7 @@ func (c *conn) goAway() {
 	c.goAwayID = c.lastID
 	c.wfr.WriteGoAway(c.lastID, http2.ErrCodeNo, nil)
 	c.wmu.Unlock()
-	c.flush()
+	go c.flush() // GracefulStop goes on to the next connection
 }
 
 // controlBacklogLocked reports whether so many answers to the client's
@@ -407,7 +439,7 @@ func (c *conn) onSettings(f *http2.SettingsFrame) *connErr {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	if c.controlBacklogLocked() {
-		return &connErr{http2.ErrCodeEnhanceYourCalm, "SETTINGS not acknowledged by a client that does not read"}
+		return &connErr{code: http2.ErrCodeEnhanceYourCalm, msg: "SETTINGS not acknowledged by a client that does not read"}
 	}
 	var cerr *connErr
 	f.ForeachSetting(func(s http2.Setting) error {
@@ -419,7 +451,7 @@ func (c *conn) onSettings(f *http2.SettingsFrame) *connErr {
 			for _, st := range c.streams {
 				st.sendWindow += delta
 				if st.sendWindow > 1<<31-1 {
-					cerr = &connErr{http2.ErrCodeFlowControl, "stream send window above 2^31-1"}
+					cerr = &connErr{code: http2.ErrCodeFlowControl, msg: "stream send window above 2^31-1"}
 				}
 			}
 		case http2.SettingMaxFrameSize:
@@ -448,20 +480,14 @@ func (c *conn) onPing(f *http2.PingFrame) *connErr {
 	} else if now.Sub(c.lastPing) < c.s.opts.KeepaliveMinTime {
 		c.pingStrikes++
 		if c.pingStrikes > maxPingStrikes {
-			c.wmu.Lock()
-			if !c.closed {
-				c.wfr.WriteGoAway(c.lastID, http2.ErrCodeEnhanceYourCalm, []byte("too_many_pings"))
-			}
-			c.wmu.Unlock()
-			c.flushAndClose(errors.New("h2unary: too many pings"))
-			return nil
+			return &connErr{code: http2.ErrCodeEnhanceYourCalm, msg: "too many pings", debug: []byte("too_many_pings")}
 		}
 	}
 	c.lastPing = now
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	if c.controlBacklogLocked() {
-		return &connErr{http2.ErrCodeEnhanceYourCalm, "PINGs not acknowledged by a client that does not read"}
+		return &connErr{code: http2.ErrCodeEnhanceYourCalm, msg: "PINGs not acknowledged by a client that does not read"}
 	}
 	c.wfr.WritePing(true, f.Data)
 	c.ctrlQueued += 17
@@ -483,7 +509,7 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) *connErr {
 	}
 	if id%2 == 0 || id <= c.lastID {
 		c.wmu.Unlock()
-		return &connErr{http2.ErrCodeProtocol, fmt.Sprintf("HEADERS on stream %d after %d", id, c.lastID)}
+		return &connErr{code: http2.ErrCodeProtocol, msg: fmt.Sprintf("HEADERS on stream %d after %d", id, c.lastID)}
 	}
 	c.lastID = id
 	if c.goingAway {
@@ -585,7 +611,7 @@ func (c *conn) onData(f *http2.DataFrame) *connErr {
 	id := f.StreamID
 	n := f.Length // padding counts against flow control
 	if int64(n) > c.recvLeft {
-		return &connErr{http2.ErrCodeFlowControl, "DATA beyond the connection window"}
+		return &connErr{code: http2.ErrCodeFlowControl, msg: "DATA beyond the connection window"}
 	}
 	c.recvLeft -= int64(n)
 	c.connUnacked += n
@@ -596,7 +622,7 @@ func (c *conn) onData(f *http2.DataFrame) *connErr {
 	var cerr *connErr
 	switch {
 	case idle:
-		cerr = &connErr{http2.ErrCodeProtocol, fmt.Sprintf("DATA on idle stream %d", id)}
+		cerr = &connErr{code: http2.ErrCodeProtocol, msg: fmt.Sprintf("DATA on idle stream %d", id)}
 	case st == nil || st.answering:
 		// A stream already answered or reset: the bytes count against the
 		// connection window only.
@@ -639,7 +665,7 @@ func (c *conn) appendData(st *stream, p []byte) *connErr {
 	}
 	if c.buffered.Add(int64(len(p))) > c.budget {
 		c.buffered.Add(-int64(len(p)))
-		return &connErr{http2.ErrCodeEnhanceYourCalm, "too many request bytes buffered"}
+		return &connErr{code: http2.ErrCodeEnhanceYourCalm, msg: "too many request bytes buffered"}
 	}
 	if st.buf == nil {
 		st.buf = bufPool.Get().(*[]byte)
@@ -895,7 +921,7 @@ func (c *conn) onWindowUpdate(f *http2.WindowUpdateFrame) *connErr {
 	if f.StreamID == 0 {
 		c.sendWindow += inc
 		if c.sendWindow > 1<<31-1 {
-			return &connErr{http2.ErrCodeFlowControl, "connection send window above 2^31-1"}
+			return &connErr{code: http2.ErrCodeFlowControl, msg: "connection send window above 2^31-1"}
 		}
 	} else if st := c.streams[f.StreamID]; st != nil {
 		st.sendWindow += inc
