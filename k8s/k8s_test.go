@@ -1484,23 +1484,8 @@ func policyPortCovers(p networkingv1.NetworkPolicyPort, cp corev1.ContainerPort)
 // labelled podLabels (in the same namespace) on container port cp.
 func egressAllowsTo(np *networkingv1.NetworkPolicy, podLabels map[string]string, cp corev1.ContainerPort) bool {
 	for _, rule := range np.Spec.Egress {
-		to := len(rule.To) == 0
-		for _, peer := range rule.To {
-			if peer.PodSelector != nil && peer.NamespaceSelector == nil &&
-				labels.SelectorFromSet(peer.PodSelector.MatchLabels).Matches(labels.Set(podLabels)) {
-				to = true
-			}
-		}
-		if !to {
-			continue
-		}
-		if len(rule.Ports) == 0 {
+		if ruleAllows(rule.To, rule.Ports, podLabels, cp) {
 			return true
-		}
-		for _, p := range rule.Ports {
-			if policyPortCovers(p, cp) {
-				return true
-			}
 		}
 	}
 	return false
@@ -1510,23 +1495,32 @@ func egressAllowsTo(np *networkingv1.NetworkPolicy, podLabels map[string]string,
 // same namespace) on container port cp.
 func ingressAdmits(np *networkingv1.NetworkPolicy, podLabels map[string]string, cp corev1.ContainerPort) bool {
 	for _, rule := range np.Spec.Ingress {
-		from := len(rule.From) == 0
-		for _, peer := range rule.From {
-			if peer.PodSelector != nil && peer.NamespaceSelector == nil &&
-				labels.SelectorFromSet(peer.PodSelector.MatchLabels).Matches(labels.Set(podLabels)) {
-				from = true
-			}
-		}
-		if !from {
-			continue
-		}
-		if len(rule.Ports) == 0 {
+		if ruleAllows(rule.From, rule.Ports, podLabels, cp) {
 			return true
 		}
-		for _, p := range rule.Ports {
-			if policyPortCovers(p, cp) {
-				return true
-			}
+	}
+	return false
+}
+
+// ruleAllows reports whether one policy rule, with its peers and ports,
+// covers pods labelled podLabels (in the same namespace) on port cp.
+func ruleAllows(peers []networkingv1.NetworkPolicyPeer, ports []networkingv1.NetworkPolicyPort, podLabels map[string]string, cp corev1.ContainerPort) bool {
+	matched := len(peers) == 0
+	for _, peer := range peers {
+		if peer.PodSelector != nil && peer.NamespaceSelector == nil &&
+			labels.SelectorFromSet(peer.PodSelector.MatchLabels).Matches(labels.Set(podLabels)) {
+			matched = true
+		}
+	}
+	if !matched {
+		return false
+	}
+	if len(ports) == 0 {
+		return true
+	}
+	for _, p := range ports {
+		if policyPortCovers(p, cp) {
+			return true
 		}
 	}
 	return false
