@@ -295,15 +295,15 @@ func serve(ctx context.Context, cfg Config, gc gctune.Settings, logw io.Writer) 
 	return runErr
 }
 
-// only registers the named services and drops the rest: the rate limit
+// only registers the named service and drops the rest: the rate limit
 // listener serves the rate limit service of the component that has it.
 type only struct {
-	r        grpc.ServiceRegistrar
-	services string
+	r       grpc.ServiceRegistrar
+	service string
 }
 
 func (o only) RegisterService(desc *grpc.ServiceDesc, impl any) {
-	if desc.ServiceName == o.services {
+	if desc.ServiceName == o.service {
 		o.r.RegisterService(desc, impl)
 	}
 }
