@@ -319,10 +319,10 @@ func (c *conn) close(err error) {
 }
 
 // flush sends what is queued unless another goroutine is sending it
-// already. There is no writer goroutine: the first to find the connection
-// idle writes (a worker with its response, the reader with its answers to
-// the client's frames), and keeps writing while others queue more, so that
-// one write carries what a burst of responses produced.
+// already. There is no writer goroutine: the first worker to find the
+// connection idle writes its response, and keeps writing while others
+// queue more, so that one write carries what a burst of responses
+// produced. (The reader hands its own frames to flushSoon.)
 func (c *conn) flush() {
 	c.wmu.Lock()
 	if c.writing || c.closed || len(c.wbuf) == 0 && !c.drainedLocked() {
