@@ -120,6 +120,10 @@ type pcall struct {
 	sentAt   time.Time
 	state    atomic.Int32  // callWaiting, callDone, callExpired or callReleased
 	done     chan struct{} // capacity 1; exactly one send per use
+	// onDone, when set, answers instead of done: it is called once, on the
+	// goroutine that answers, reads c.err (and c.vals when c.err is nil)
+	// and returns without blocking; the pipeline then recycles the call.
+	onDone func(c *pcall)
 }
 
 const (
@@ -136,7 +140,7 @@ var callPool = sync.Pool{New: func() any {
 func getCall() *pcall {
 	c := callPool.Get().(*pcall)
 	c.state.Store(callWaiting)
-	c.cmd, c.vals, c.err = c.cmd[:0], c.vals[:0], nil
+	c.cmd, c.vals, c.err, c.onDone = c.cmd[:0], c.vals[:0], nil, nil
 	return c
 }
 
@@ -147,6 +151,11 @@ func putCall(c *pcall) { callPool.Put(c) }
 func finish(c *pcall, err error) {
 	if c.state.CompareAndSwap(callWaiting, callDone) {
 		c.err = err
+		if c.onDone != nil {
+			c.onDone(c)
+			putCall(c)
+			return
+		}
 		c.done <- struct{}{}
 		return
 	}
@@ -157,6 +166,12 @@ func finish(c *pcall, err error) {
 func (c *pcall) expire() {
 	if c.state.CompareAndSwap(callWaiting, callExpired) {
 		c.err = errCallTimeout
+		if c.onDone != nil {
+			// The reply may still come: the reader then lets go too.
+			c.onDone(c)
+			c.release()
+			return
+		}
 		c.done <- struct{}{}
 	}
 }
@@ -176,22 +191,8 @@ func (p *pipeline) do(ctx context.Context, c *pcall) (owned bool, err error) {
 	if err := ctx.Err(); err != nil {
 		return true, err
 	}
-	p.mu.Lock()
-	switch {
-	case p.closed:
-		p.mu.Unlock()
-		return true, errPipelineClosed
-	case len(p.queue) >= maxQueued:
-		p.mu.Unlock()
-		return true, errPipelineFull
-	}
-	c.queuedAt = time.Now() // under mu: the queue is in deadline order
-	p.queue = append(p.queue, c)
-	write := !p.writing
-	p.writing = true
-	p.mu.Unlock()
-	if write {
-		p.writeNext(false)
+	if err := p.enqueue(c); err != nil {
+		return true, err
 	}
 	select {
 	case <-c.done:
@@ -208,6 +209,32 @@ func (p *pipeline) do(ctx context.Context, c *pcall) (owned bool, err error) {
 	err = c.err // expired
 	c.release()
 	return false, err
+}
+
+// doAsync sends c.cmd and returns: c.onDone gets the reply, or the
+// timeout, later. On an error c was not queued and the caller still owns it.
+func (p *pipeline) doAsync(c *pcall) error { return p.enqueue(c) }
+
+// enqueue queues c, and writes the queue when no batch is being written.
+func (p *pipeline) enqueue(c *pcall) error {
+	p.mu.Lock()
+	switch {
+	case p.closed:
+		p.mu.Unlock()
+		return errPipelineClosed
+	case len(p.queue) >= maxQueued:
+		p.mu.Unlock()
+		return errPipelineFull
+	}
+	c.queuedAt = time.Now() // under mu: the queue is in deadline order
+	p.queue = append(p.queue, c)
+	write := !p.writing
+	p.writing = true
+	p.mu.Unlock()
+	if write {
+		p.writeNext(false)
+	}
+	return nil
 }
 
 // close fails queued and unanswered calls and stops the expiry goroutine.

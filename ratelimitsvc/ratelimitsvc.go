@@ -56,6 +56,8 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/meshguard/meshguard/internal/h2unary"
 )
 
 // Bounds on what one request may ask for; beyond them it is InvalidArgument.
@@ -188,8 +190,40 @@ func walk(n *node, f func(*rule)) {
 	}
 }
 
-// Register registers the RateLimitService on r.
-func (s *Server) Register(r grpc.ServiceRegistrar) { rlsv3.RegisterRateLimitServiceServer(r, s) }
+// Register registers the RateLimitService on r: on a server that takes
+// asynchronous handlers (h2unary's, on the rate limit listener) as one that
+// does not hold a goroutine while Redis answers.
+func (s *Server) Register(r grpc.ServiceRegistrar) {
+	if ar, ok := r.(AsyncRegistrar); ok {
+		ar.RegisterAsync(shouldRateLimitMethod, s.handleAsync)
+		return
+	}
+	rlsv3.RegisterRateLimitServiceServer(r, s)
+}
+
+// AsyncRegistrar is a server that takes asynchronous unary handlers.
+type AsyncRegistrar interface {
+	RegisterAsync(fullMethod string, h h2unary.AsyncHandler)
+}
+
+// shouldRateLimitMethod is ShouldRateLimit's full method name.
+var shouldRateLimitMethod = "/" + rlsv3.RateLimitService_ServiceDesc.ServiceName + "/ShouldRateLimit"
+
+// handleAsync is ShouldRateLimit as an h2unary.AsyncHandler.
+func (s *Server) handleAsync(ctx context.Context, dec func(any) error, reply func(any, error)) {
+	req := new(rlsv3.RateLimitRequest)
+	if err := dec(req); err != nil {
+		reply(nil, err)
+		return
+	}
+	s.shouldRateLimitAsync(ctx, req, func(resp *rlsv3.RateLimitResponse, err error) {
+		if err != nil {
+			reply(nil, err)
+			return
+		}
+		reply(resp, nil)
+	})
+}
 
 // plan is what the decision knows about one request descriptor.
 type plan struct {
@@ -204,6 +238,15 @@ type scratch struct {
 	ids      []byte
 	offs     []int
 	shareBuf []string
+
+	// A request waiting for the store, between begin and complete.
+	inst  *installed
+	dom   *domain
+	req   *rlsv3.RateLimitRequest
+	resp  *rlsv3.RateLimitResponse
+	durs  []durationpb.Duration
+	nowMs int64
+	start time.Time
 }
 
 var requestScratch = syncPool(func() *scratch { return &scratch{ids: make([]byte, 0, 256)} })
@@ -220,9 +263,53 @@ func (p *typedPool[T]) Put(x *T) { p.p.Put(x) }
 // ShouldRateLimit decides one request. Malformed requests get
 // InvalidArgument; everything else, store failures included, is an answer.
 func (s *Server) ShouldRateLimit(ctx context.Context, req *rlsv3.RateLimitRequest) (*rlsv3.RateLimitResponse, error) {
+	sc, resp, err := s.begin(req)
+	if sc == nil {
+		return resp, err
+	}
+	admitted, err := s.store.evaluate(ctx, sc.nowMs, sc.reqs, sc.res)
+	return s.complete(sc, admitted, err), nil
+}
+
+// asyncStore is a store that can answer without blocking its caller.
+type asyncStore interface {
+	// evaluateAsync is evaluate with the outcome passed to done, later and
+	// on another goroutine; false when it cannot, having done nothing.
+	evaluateAsync(nowMs int64, reqs []counterReq, res []counterRes, done func(admitted bool, err error)) bool
+}
+
+// shouldRateLimitAsync decides like ShouldRateLimit and passes the answer
+// to reply instead of returning it. It does not block: on the Redis
+// pipeline the answer comes from the pipeline's reader; a store that would
+// block runs on a goroutine of its own; the in-process store answers at
+// once.
+func (s *Server) shouldRateLimitAsync(ctx context.Context, req *rlsv3.RateLimitRequest, reply func(*rlsv3.RateLimitResponse, error)) {
+	sc, resp, err := s.begin(req)
+	if sc == nil {
+		reply(resp, err)
+		return
+	}
+	done := func(admitted bool, err error) { reply(s.complete(sc, admitted, err), nil) }
+	switch st := s.store.(type) {
+	case asyncStore:
+		if st.evaluateAsync(sc.nowMs, sc.reqs, sc.res, done) {
+			return
+		}
+	case *MemoryStore:
+		done(st.evaluate(ctx, sc.nowMs, sc.reqs, sc.res))
+		return
+	}
+	go func() { done(s.store.evaluate(ctx, sc.nowMs, sc.reqs, sc.res)) }()
+}
+
+// begin decides what needs no store: a malformed request (an error), an
+// unknown domain or a counter known to be over its limit (a response). It
+// returns the scratch of a request that needs the store instead; complete
+// finishes it and puts the scratch back.
+func (s *Server) begin(req *rlsv3.RateLimitRequest) (*scratch, *rlsv3.RateLimitResponse, error) {
 	if err := validateRequest(req); err != nil {
 		s.m.invalid.Inc()
-		return nil, status.Error(codes.InvalidArgument, err.Error())
+		return nil, nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	inst := s.current.Load()
 	dom := inst.limits.domains[req.Domain]
@@ -230,15 +317,10 @@ func (s *Server) ShouldRateLimit(ctx context.Context, req *rlsv3.RateLimitReques
 	if dom == nil {
 		s.m.domainNotFound.Inc()
 		inst.unknown[0].Inc()
-		return resp, nil
+		return nil, resp, nil
 	}
 
 	sc := requestScratch.Get()
-	defer func() {
-		if cap(sc.ids) <= maxPooledIDBytes { // a huge request's buffer is not kept
-			requestScratch.Put(sc)
-		}
-	}()
 	nowMs := s.now().UnixMilli()
 	s.plan(sc, dom, req)
 
@@ -250,21 +332,44 @@ func (s *Server) ShouldRateLimit(ctx context.Context, req *rlsv3.RateLimitReques
 		}
 		if until, ok := inst.cache.lookup(r.id, r.hash, nowMs); ok {
 			dom.localCache.Inc()
-			return s.cachedOver(resp, durs, dom, sc, req, i, until-nowMs), nil
+			resp = s.cachedOver(resp, durs, dom, sc, req, i, until-nowMs)
+			putScratch(sc)
+			return nil, resp, nil
 		}
 	}
-
-	admitted := true
-	if len(sc.reqs) > 0 {
-		start := time.Now()
-		var err error
-		admitted, err = s.store.evaluate(ctx, nowMs, sc.reqs, sc.res)
-		s.m.storeDuration.Observe(time.Since(start).Seconds())
-		if err != nil {
-			return s.failed(resp, dom, sc, err), nil
-		}
+	if len(sc.reqs) == 0 {
+		resp = s.finishResponse(inst, dom, sc, req, resp, durs, nowMs, true)
+		putScratch(sc)
+		return nil, resp, nil
 	}
+	sc.inst, sc.dom, sc.req, sc.resp, sc.durs, sc.nowMs, sc.start = inst, dom, req, resp, durs, nowMs, time.Now()
+	return sc, nil, nil
+}
 
+// complete finishes a request begin handed to the store, with the store's
+// outcome, and puts its scratch back.
+func (s *Server) complete(sc *scratch, admitted bool, err error) *rlsv3.RateLimitResponse {
+	s.m.storeDuration.Observe(time.Since(sc.start).Seconds())
+	var resp *rlsv3.RateLimitResponse
+	if err != nil {
+		resp = s.failed(sc.resp, sc.dom, sc, err)
+	} else {
+		resp = s.finishResponse(sc.inst, sc.dom, sc, sc.req, sc.resp, sc.durs, sc.nowMs, admitted)
+	}
+	sc.inst, sc.dom, sc.req, sc.resp, sc.durs = nil, nil, nil, nil, nil
+	putScratch(sc)
+	return resp
+}
+
+func putScratch(sc *scratch) {
+	if cap(sc.ids) <= maxPooledIDBytes { // a huge request's buffer is not kept
+		requestScratch.Put(sc)
+	}
+}
+
+// finishResponse fills in each descriptor's status from the counts in
+// sc.res and the verdict.
+func (s *Server) finishResponse(inst *installed, dom *domain, sc *scratch, req *rlsv3.RateLimitRequest, resp *rlsv3.RateLimitResponse, durs []durationpb.Duration, nowMs int64, admitted bool) *rlsv3.RateLimitResponse {
 	var worst *counterReq // the over-limit counter with the longest wait
 	var worstWait time.Duration
 	for i, p := range sc.plans {
@@ -319,7 +424,7 @@ func (s *Server) ShouldRateLimit(ctx context.Context, req *rlsv3.RateLimitReques
 	} else {
 		dom.decisions[0].Inc()
 	}
-	return resp, nil
+	return resp
 }
 
 // inlineStatuses is how many descriptor statuses newResponse allocates in

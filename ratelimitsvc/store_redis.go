@@ -476,6 +476,39 @@ func (s *RedisStore) evaluate(ctx context.Context, nowMs int64, reqs []counterRe
 		// the script again with EVAL, follows the redirect and refreshes
 		// its slot map.
 	}
+	return s.evaluateDirect(ctx, nowMs, reqs, res)
+}
+
+// evaluateAsync starts the evaluation on the pipeline that carries reqs and
+// returns true; done gets its outcome later, on the pipeline's goroutines
+// (or on a goroutine of its own when go-redis has to take over). It returns
+// false, having done nothing, without the store's own pipeline (go-redis
+// mode, or Cluster, whose slot lookup may wait on the network).
+func (s *RedisStore) evaluateAsync(nowMs int64, reqs []counterReq, res []counterRes, done func(admitted bool, err error)) bool {
+	p := s.pipe
+	if p == nil {
+		return false
+	}
+	c := getCall()
+	c.cmd = s.appendEvalsha(c.cmd, reqs, nowMs)
+	c.onDone = func(c *pcall) {
+		admitted, err := pipelinedResult(c, reqs, res)
+		if err != nil && (isNoScript(err) || isRedirect(err)) {
+			go func() { done(s.evaluateDirect(context.Background(), nowMs, reqs, res)) }()
+			return
+		}
+		done(admitted, err)
+	}
+	if err := p.doAsync(c); err != nil {
+		putCall(c)
+		done(false, err)
+	}
+	return true
+}
+
+// evaluateDirect evaluates through go-redis, one round trip (per slot in
+// Cluster mode), within the store's timeout.
+func (s *RedisStore) evaluateDirect(ctx context.Context, nowMs int64, reqs []counterReq, res []counterRes) (bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	sc := scratchPool.Get()
@@ -562,6 +595,14 @@ func (s *RedisStore) evaluatePipelined(ctx context.Context, p *pipeline, nowMs i
 	defer putCall(c)
 	if err != nil {
 		return false, err
+	}
+	return pipelinedResult(c, reqs, res)
+}
+
+// pipelinedResult reads an answered call's reply into res.
+func pipelinedResult(c *pcall, reqs []counterReq, res []counterRes) (bool, error) {
+	if c.err != nil {
+		return false, c.err
 	}
 	if len(c.vals) != 2*len(reqs)+1 {
 		return false, fmt.Errorf("script returned %d values for %d counters", len(c.vals), len(reqs))

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"time"
 
@@ -305,6 +306,17 @@ type only struct {
 func (o only) RegisterService(desc *grpc.ServiceDesc, impl any) {
 	if desc.ServiceName == o.service {
 		o.r.RegisterService(desc, impl)
+	}
+}
+
+// RegisterAsync passes on the service's asynchronous handlers, when the
+// server takes them.
+func (o only) RegisterAsync(fullMethod string, h h2unary.AsyncHandler) {
+	ar, ok := o.r.(interface {
+		RegisterAsync(string, h2unary.AsyncHandler)
+	})
+	if ok && strings.HasPrefix(fullMethod, "/"+o.service+"/") {
+		ar.RegisterAsync(fullMethod, h)
 	}
 }
 

@@ -141,6 +141,7 @@ func UnaryServer(cfg Limits, m *Metrics) *h2unary.Server {
 		ConnectionTimeout:    cfg.ConnectionTimeout,
 		Codec:                serverCodec,
 		Interceptor:          m.Unary,
+		Track:                m.Track,
 		Workers:              streamWorkers,
 	})
 }

@@ -68,28 +68,29 @@ type conn struct {
 	// that do not count against the client.
 	sentSince atomic.Bool
 
-	wmu        sync.Mutex
-	streams    map[uint32]*stream // open streams
-	active     int                // streams counted against MaxConcurrentStreams
-	lastID     uint32             // highest client stream ID seen
-	wbuf       []byte             // frames to send
-	spare      []byte
-	wfr        *http2.Framer // writes into wbuf
-	henc       *hpack.Encoder
-	hbuf       bytes.Buffer
-	scratch    []byte
-	sendWindow int64  // connection send window
-	peerWindow int64  // the client's SETTINGS_INITIAL_WINDOW_SIZE
-	peerFrame  uint32 // the client's SETTINGS_MAX_FRAME_SIZE
-	pending    []*stream
-	goingAway  bool   // GOAWAY sent: no new streams
-	goAwayID   uint32 // the last stream ID it admits
-	closed     bool
-	idleSince  time.Time // when active last became 0
-	writing    bool      // a goroutine is in flush's write loop
-	ctrlQueued int       // bytes of answers to the client's frames in wbuf
-	started    bool      // the server's SETTINGS are queued: other frames may follow
-	closeErr   error     // set: close once the queue is sent
+	wmu         sync.Mutex
+	streams     map[uint32]*stream // open streams
+	active      int                // streams counted against MaxConcurrentStreams
+	lastID      uint32             // highest client stream ID seen
+	wbuf        []byte             // frames to send
+	spare       []byte
+	wfr         *http2.Framer // writes into wbuf
+	henc        *hpack.Encoder
+	hbuf        bytes.Buffer
+	scratch     []byte
+	sendWindow  int64  // connection send window
+	peerWindow  int64  // the client's SETTINGS_INITIAL_WINDOW_SIZE
+	peerFrame   uint32 // the client's SETTINGS_MAX_FRAME_SIZE
+	pending     []*stream
+	goingAway   bool   // GOAWAY sent: no new streams
+	goAwayID    uint32 // the last stream ID it admits
+	closed      bool
+	idleSince   time.Time // when active last became 0
+	writing     bool      // a goroutine is in flush's write loop
+	ctrlQueued  int       // bytes of answers to the client's frames in wbuf
+	flushQueued bool      // flushSoon started a goroutine that has not begun
+	started     bool      // the server's SETTINGS are queued: other frames may follow
+	closeErr    error     // set: close once the queue is sent
 }
 
 // wbufWriter lets the write framer append to c.wbuf.
@@ -110,12 +111,13 @@ type stream struct {
 	cancel context.CancelFunc
 
 	// Reader-only while the request arrives.
-	data      []byte  // the request body so far
-	buf       *[]byte // data's pooled buffer
-	unacked   uint32  // stream bytes not yet returned by WINDOW_UPDATE
-	recvLeft  int64   // stream receive window left
-	reqEnded  bool    // END_STREAM received
-	answering bool    // handed to a handler or answered
+	data      []byte    // the request body so far
+	buf       *[]byte   // data's pooled buffer
+	unacked   uint32    // stream bytes not yet returned by WINDOW_UPDATE
+	start     time.Time // when an asynchronous call began, for its Tracker
+	recvLeft  int64     // stream receive window left
+	reqEnded  bool      // END_STREAM received
+	answering bool      // handed to a handler or answered
 
 	// Guarded by c.wmu.
 	sendWindow int64
@@ -325,6 +327,7 @@ func (c *conn) close(err error) {
 // produced. (The reader hands its own frames to flushSoon.)
 func (c *conn) flush() {
 	c.wmu.Lock()
+	c.flushQueued = false
 	if c.writing || c.closed || len(c.wbuf) == 0 && !c.drainedLocked() {
 		c.wmu.Unlock()
 		return
@@ -365,7 +368,10 @@ func (c *conn) flush() {
 // that the reader goes on reading while a slow client takes its time.
 func (c *conn) flushSoon() {
 	c.wmu.Lock()
-	need := !c.writing && !c.closed && (len(c.wbuf) > 0 || c.drainedLocked())
+	need := !c.writing && !c.flushQueued && !c.closed && (len(c.wbuf) > 0 || c.drainedLocked())
+	if need {
+		c.flushQueued = true
+	}
 	c.wmu.Unlock()
 	if need {
 		go c.flush()
@@ -716,7 +722,42 @@ func (c *conn) endRequest(st *stream) {
 	}
 	st.running = true
 	c.wmu.Unlock()
+	if st.m.async != nil {
+		st.runAsync()
+		return
+	}
 	c.s.dispatch(st)
+}
+
+// runAsync calls an asynchronous handler on the reader goroutine.
+func (st *stream) runAsync() {
+	m := st.m
+	if m.track != nil {
+		m.track.Begin()
+		st.start = time.Now()
+	}
+	msg := st.data[5:]
+	codec := st.c.s.opts.Codec
+	m.async(st.ctx, func(v any) error {
+		if err := codec.Unmarshal(mem.BufferSlice{mem.SliceBuffer(msg)}, v); err != nil {
+			return status.Errorf(codes.Internal, "grpc: error unmarshalling request: %v", err)
+		}
+		return nil
+	}, st.reply)
+	// The request is decoded (reply may even have run): its bytes can go.
+	st.c.release(st)
+}
+
+// reply answers an asynchronous call; it may run on any goroutine, and
+// hands the write to flushSoon so that it never waits for the client.
+func (st *stream) reply(resp any, err error) {
+	c := st.c
+	if st.m.track != nil {
+		st.m.track.End(st.start, err)
+	}
+	st.cancel()
+	c.answer(st, resp, err)
+	c.flushSoon()
 }
 
 // run calls the handler and answers.
@@ -733,9 +774,15 @@ func (st *stream) run() {
 	resp, err := st.m.handler(st.m.impl, st.ctx, dec, s.opts.Interceptor)
 	st.cancel()
 	c.release(st)
+	c.answer(st, resp, err)
+	c.flush()
+}
+
+// answer queues the response to st: resp, or err's status.
+func (c *conn) answer(st *stream, resp any, err error) {
 	var out mem.BufferSlice
 	if err == nil {
-		if out, err = s.opts.Codec.Marshal(resp); err != nil {
+		if out, err = c.s.opts.Codec.Marshal(resp); err != nil {
 			err = status.Errorf(codes.Internal, "grpc: error while marshaling: %v", err)
 		}
 	}
@@ -758,7 +805,6 @@ func (st *stream) run() {
 	}
 	c.wmu.Unlock()
 	out.Free()
-	c.flush()
 }
 
 // writeStatusLocked writes a trailers-only response (headersOnly) or the

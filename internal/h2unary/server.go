@@ -65,7 +65,23 @@ type Options struct {
 	// Workers is how many long-lived goroutines run handlers (64); when all
 	// are busy a call gets a goroutine of its own.
 	Workers int
+	// Track, when set, is asked once per asynchronous method for what
+	// counts its calls (the interceptor cannot wrap them).
+	Track func(fullMethod string) Tracker
 }
+
+// Tracker counts the calls of one asynchronous method.
+type Tracker interface {
+	Begin()                         // a call starts
+	End(start time.Time, err error) // it is answered, with err's status
+}
+
+// AsyncHandler answers a call without a goroutine of its own. It runs on
+// the connection's reader goroutine, so it must not block: it decodes the
+// request with dec (before returning) and calls reply exactly once, before
+// returning or later from any goroutine. reply(nil, err) answers with err's
+// status.
+type AsyncHandler func(ctx context.Context, dec func(any) error, reply func(resp any, err error))
 
 func (o *Options) setDefaults() {
 	if o.MaxRecvMsgSize <= 0 {
@@ -94,6 +110,8 @@ type method struct {
 	impl    any
 	handler func(srv any, ctx context.Context, dec func(any) error, interceptor grpc.UnaryServerInterceptor) (any, error)
 	info    *grpc.UnaryServerInfo
+	async   AsyncHandler // instead of handler
+	track   Tracker      // for async; may be nil
 }
 
 // Server serves registered unary methods. Register services before Serve.
@@ -138,6 +156,16 @@ func (s *Server) RegisterService(desc *grpc.ServiceDesc, impl any) {
 			info:    &grpc.UnaryServerInfo{Server: impl, FullMethod: name},
 		}
 	}
+}
+
+// RegisterAsync registers h as fullMethod ("/pkg.Service/Method"),
+// replacing a method of that name. Register before Serve.
+func (s *Server) RegisterAsync(fullMethod string, h AsyncHandler) {
+	m := &method{name: fullMethod, async: h}
+	if s.opts.Track != nil {
+		m.track = s.opts.Track(fullMethod)
+	}
+	s.methods[fullMethod] = m
 }
 
 // Methods lists the full names of the methods served.
