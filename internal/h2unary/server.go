@@ -6,9 +6,12 @@
 // stream, a context, a metadata map and a control-buffer round trip per RPC;
 // on BenchmarkShouldRateLimit those cost about 25 µs of CPU per call, more
 // than meshguard's own work and Redis' together. This server reads frames on
-// one goroutine per connection, hands each complete request to a worker, and
-// writes responses from one goroutine per connection that batches whatever
-// the workers produced while it was busy.
+// one goroutine per connection and hands each complete request to a worker,
+// or, for a method registered with RegisterAsync, to a handler that answers
+// later without holding a goroutine (ShouldRateLimit's, which queues its
+// Redis call and is answered by the Redis pipeline's reader). Whichever
+// goroutine finds the connection idle writes every response queued
+// meanwhile, in one write.
 //
 // It implements what a unary gRPC server needs and nothing more:
 //   - HTTP/2 framing, HPACK (golang.org/x/net/http2's Framer and hpack),
@@ -17,7 +20,8 @@
 //   - gRPC's length-prefixed messages, grpc-timeout deadlines, trailers and
 //     trailers-only error responses, percent-encoded grpc-message;
 //   - unary methods registered through grpc.ServiceRegistrar (the generated
-//     Register…Server functions), run through one unary interceptor.
+//     Register…Server functions), run through one unary interceptor, and
+//     asynchronous ones (RegisterAsync), counted through Options.Track.
 //
 // Streaming methods, compression, TLS and metadata are not served: a
 // streaming method or unknown method gets UNIMPLEMENTED, a compressed
