@@ -609,3 +609,45 @@ func BenchmarkDecideRedis(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkDecideRedisAsync is BenchmarkDecideRedis on the asynchronous
+// path the rate limit listener takes: allocs/op are the decision's own.
+func BenchmarkDecideRedisAsync(b *testing.B) {
+	for _, tc := range []struct {
+		name    string
+		twoDesc bool
+	}{{"hot1k", false}, {"two_desc", true}} {
+		b.Run(tc.name, func(b *testing.B) {
+			srv := redistest.Start(b)
+			rs, err := newBenchRedis(srv.URL())
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.Cleanup(func() { rs.Close() })
+			s, err := New(discardLogger(), prometheus.NewRegistry(), benchConfig(), rs)
+			if err != nil {
+				b.Fatal(err)
+			}
+			reqs := benchRequests(tc.twoDesc)
+			ctx := b.Context()
+			var next atomic.Int64
+			b.SetParallelism((50 + runtime.GOMAXPROCS(0) - 1) / runtime.GOMAXPROCS(0))
+			b.ReportAllocs()
+			before := procCPU(b, 0)
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				answered := make(chan error, 1)
+				reply := func(_ any, err error) { answered <- err }
+				for pb.Next() {
+					s.shouldRateLimitAsync(ctx, reqs[next.Add(1)%int64(len(reqs))], reply)
+					if err := <-answered; err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+			b.StopTimer()
+			b.ReportMetric(float64((procCPU(b, 0)-before).Microseconds())/float64(b.N), "cpu-µs/op")
+		})
+	}
+}

@@ -216,13 +216,7 @@ func (s *Server) handleAsync(ctx context.Context, dec func(any) error, reply fun
 		reply(nil, err)
 		return
 	}
-	s.shouldRateLimitAsync(ctx, req, func(resp *rlsv3.RateLimitResponse, err error) {
-		if err != nil {
-			reply(nil, err)
-			return
-		}
-		reply(resp, nil)
-	})
+	s.shouldRateLimitAsync(ctx, req, reply)
 }
 
 // plan is what the decision knows about one request descriptor.
@@ -247,6 +241,11 @@ type scratch struct {
 	durs  []durationpb.Duration
 	nowMs int64
 	start time.Time
+	// The asynchronous path's: who replies, and the store's callback,
+	// bound once per scratch.
+	srv     *Server
+	reply   func(any, error)
+	onStore func(admitted bool, err error)
 }
 
 var requestScratch = syncPool(func() *scratch { return &scratch{ids: make([]byte, 0, 256)} })
@@ -283,23 +282,38 @@ type asyncStore interface {
 // pipeline the answer comes from the pipeline's reader; a store that would
 // block runs on a goroutine of its own; the in-process store answers at
 // once.
-func (s *Server) shouldRateLimitAsync(ctx context.Context, req *rlsv3.RateLimitRequest, reply func(*rlsv3.RateLimitResponse, error)) {
+func (s *Server) shouldRateLimitAsync(ctx context.Context, req *rlsv3.RateLimitRequest, reply func(any, error)) {
 	sc, resp, err := s.begin(req)
-	if sc == nil {
-		reply(resp, err)
+	switch {
+	case err != nil:
+		reply(nil, err)
+		return
+	case sc == nil:
+		reply(resp, nil)
 		return
 	}
-	done := func(admitted bool, err error) { reply(s.complete(sc, admitted, err), nil) }
+	sc.srv, sc.reply = s, reply
+	if sc.onStore == nil { // bound once per scratch, which the pool keeps
+		sc.onStore = sc.storeDone
+	}
 	switch st := s.store.(type) {
 	case asyncStore:
-		if st.evaluateAsync(sc.nowMs, sc.reqs, sc.res, done) {
+		if st.evaluateAsync(sc.nowMs, sc.reqs, sc.res, sc.onStore) {
 			return
 		}
 	case *MemoryStore:
-		done(st.evaluate(ctx, sc.nowMs, sc.reqs, sc.res))
+		sc.onStore(st.evaluate(ctx, sc.nowMs, sc.reqs, sc.res))
 		return
 	}
-	go func() { done(s.store.evaluate(ctx, sc.nowMs, sc.reqs, sc.res)) }()
+	go func() { sc.onStore(s.store.evaluate(ctx, sc.nowMs, sc.reqs, sc.res)) }()
+}
+
+// storeDone is sc.onStore: it completes the request with the store's
+// outcome and replies.
+func (sc *scratch) storeDone(admitted bool, err error) {
+	s, reply := sc.srv, sc.reply
+	sc.srv, sc.reply = nil, nil
+	reply(s.complete(sc, admitted, err), nil) // complete puts sc back
 }
 
 // begin decides what needs no store: a malformed request (an error), an
