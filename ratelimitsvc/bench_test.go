@@ -574,45 +574,31 @@ func BenchmarkDecide(b *testing.B) {
 // BenchmarkDecideRedis calls the handler directly against a real Redis,
 // 50 goroutines: meshguard's decision path without gRPC.
 func BenchmarkDecideRedis(b *testing.B) {
-	for _, tc := range []struct {
-		name    string
-		twoDesc bool
-	}{{"hot1k", false}, {"two_desc", true}} {
-		b.Run(tc.name, func(b *testing.B) {
-			srv := redistest.Start(b)
-			rs, err := newBenchRedis(srv.URL())
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.Cleanup(func() { rs.Close() })
-			s, err := New(discardLogger(), prometheus.NewRegistry(), benchConfig(), rs)
-			if err != nil {
-				b.Fatal(err)
-			}
-			reqs := benchRequests(tc.twoDesc)
-			ctx := b.Context()
-			var next atomic.Int64
-			b.SetParallelism((50 + runtime.GOMAXPROCS(0) - 1) / runtime.GOMAXPROCS(0))
-			b.ReportAllocs()
-			before := procCPU(b, 0)
-			b.ResetTimer()
-			b.RunParallel(func(pb *testing.PB) {
-				for pb.Next() {
-					if _, err := s.ShouldRateLimit(ctx, reqs[next.Add(1)%int64(len(reqs))]); err != nil {
-						b.Error(err)
-						return
-					}
-				}
-			})
-			b.StopTimer()
-			b.ReportMetric(float64((procCPU(b, 0)-before).Microseconds())/float64(b.N), "cpu-µs/op")
-		})
-	}
+	benchDecideRedis(b, func(s *Server) func(context.Context, *rlsv3.RateLimitRequest) error {
+		return func(ctx context.Context, req *rlsv3.RateLimitRequest) error {
+			_, err := s.ShouldRateLimit(ctx, req)
+			return err
+		}
+	})
 }
 
 // BenchmarkDecideRedisAsync is BenchmarkDecideRedis on the asynchronous
 // path the rate limit listener takes: allocs/op are the decision's own.
 func BenchmarkDecideRedisAsync(b *testing.B) {
+	benchDecideRedis(b, func(s *Server) func(context.Context, *rlsv3.RateLimitRequest) error {
+		// One reply func and channel per goroutine, as a connection has.
+		answered := make(chan error, 1)
+		reply := func(_ any, err error) { answered <- err }
+		return func(ctx context.Context, req *rlsv3.RateLimitRequest) error {
+			s.shouldRateLimitAsync(ctx, req, reply)
+			return <-answered
+		}
+	})
+}
+
+// benchDecideRedis runs decisions against a real Redis from 50 goroutines,
+// each deciding with what decider returns for it.
+func benchDecideRedis(b *testing.B, decider func(*Server) func(context.Context, *rlsv3.RateLimitRequest) error) {
 	for _, tc := range []struct {
 		name    string
 		twoDesc bool
@@ -636,11 +622,9 @@ func BenchmarkDecideRedisAsync(b *testing.B) {
 			before := procCPU(b, 0)
 			b.ResetTimer()
 			b.RunParallel(func(pb *testing.PB) {
-				answered := make(chan error, 1)
-				reply := func(_ any, err error) { answered <- err }
+				decide := decider(s)
 				for pb.Next() {
-					s.shouldRateLimitAsync(ctx, reqs[next.Add(1)%int64(len(reqs))], reply)
-					if err := <-answered; err != nil {
+					if err := decide(ctx, reqs[next.Add(1)%int64(len(reqs))]); err != nil {
 						b.Error(err)
 						return
 					}
