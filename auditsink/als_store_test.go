@@ -75,7 +75,7 @@ func TestIngestIntoStores(t *testing.T) {
 		slices.SortFunc(want, byID)
 		slices.SortFunc(got, byID)
 		opts := cmp.Options{
-			cmpopts.IgnoreFields(Record{}, "ID", "ChainID", "Seq", "PrevHash", "Hash"),
+			cmpopts.IgnoreFields(Record{}, "ID", "ChainID", "Seq", "KeyID", "PrevHash", "Hash"),
 			cmpopts.EquateEmpty(),
 		}
 		// jsonb reorders keys; compare metadata in a canonical form.

@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -20,31 +21,21 @@ import (
 
 // The admin API: GET /v1/audit/... queries and exports the audit trail.
 //
-// Who may call it (see authorize in api_auth.go):
+// Who may call it (see authorize in api_auth.go): a bearer token equal to
+// MESHGUARD_ADMIN_TOKEN (Config.AdminToken) or to the content of
+// audit.admin_token_file (re-read when it changes), compared in constant
+// time. Anything else gets 401 with a Bearer challenge. Client headers such
+// as x-meshguard-role or x-meshguard-user admit nobody and name nobody:
+// anyone reaching the listener directly could set them.
 //
-//   - a bearer token equal to MESHGUARD_ADMIN_TOKEN (Config.AdminToken) or to
-//     the content of audit.admin_token_file (re-read when it changes), compared
-//     in constant time;
-//   - when audit.admin_role is set (opt-in), a request whose
-//     x-meshguard-role header lists that role. Trust assumption: meshguard's
-//     ext_authz overwrites x-meshguard-role (and x-meshguard-user) on every
-//     request Envoy forwards, with the role it verified from the JWT, so a
-//     client cannot forge it through Envoy. It CAN forge it by reaching
-//     meshguard's HTTP listener directly, so enable the role only when that
-//     listener is reachable solely through an Envoy that runs meshguard's
-//     ext_authz on the /v1/audit routes (loopback listener, or a
-//     NetworkPolicy that admits only the Envoy pods).
-//
-// A matching admin token admits; otherwise, with the role enabled, the role
-// header decides (200 or 403) even beside a non-admin bearer token, since
-// requests through Envoy carry the application's JWT in Authorization;
-// otherwise 401 with a Bearer challenge.
-//
-// With neither a token nor a role configured the API is disabled and answers
-// 503; it is never open. Every read and export is itself recorded through
-// the sink (READ / EXPORT, entity_type "audit_log", by the admin); when that
-// record cannot be accepted the request fails with 503 rather than go
-// unrecorded.
+// With no token configured the API is disabled and answers 503; it is never
+// open. Every read and export is itself recorded through the sink (READ /
+// EXPORT, entity_type "audit_log", by the token's actor); when that record
+// cannot be accepted the request fails with 503 rather than go unrecorded.
+// Failed authentications are recorded too (LOGIN_FAILURE, entity_type
+// "audit_api"), at most authFailBurst at once and authFailRate per second
+// after that, so a flood of bad tokens cannot flood the trail: the first
+// row after a quiet spell says how many were left out.
 
 // Bounds on what an admin request may ask for.
 const (
@@ -58,13 +49,6 @@ const (
 	apiMaxRawQuery  = 8 << 10
 	// apiMaxExports bounds exports running at once; more get 429.
 	apiMaxExports = 2
-)
-
-// Header names the trusted-role path reads. meshguard's ext_authz sets both,
-// overwriting whatever the client sent.
-const (
-	apiRoleHeader = "x-meshguard-role"
-	apiUserHeader = "x-meshguard-user"
 )
 
 // Audit actions and severities of the API's own records.
@@ -94,7 +78,16 @@ type API struct {
 	m       *apiMetrics
 	now     func() time.Time
 	exports chan struct{} // one token per running export
+
+	fails      *cspLimiter // admits failed authentications into the trail
+	suppressed atomic.Int64
 }
+
+// Failed authentications recorded in the trail: a burst, then a trickle.
+const (
+	authFailRate  = 1 // per second
+	authFailBurst = 20
+)
 
 // NewAPI returns the admin API. It reads audit.admin_token_file once now
 // (an unreadable file is an error) and again whenever it changes.
@@ -109,17 +102,14 @@ func NewAPI(log *slog.Logger, reg prometheus.Registerer, cfg Config, reader reco
 	if err != nil {
 		return nil, fmt.Errorf("audit API: registering metrics: %w", err)
 	}
-	a := &API{log: log, reader: reader, sink: sink, m: m, now: time.Now, exports: make(chan struct{}, apiMaxExports)}
+	a := &API{log: log, reader: reader, sink: sink, m: m, now: time.Now, exports: make(chan struct{}, apiMaxExports),
+		fails: newCSPLimiter(authFailRate, authFailBurst)}
 	a.auth, err = newAuthorizer(log, cfg, func() time.Time { return a.now() })
 	if err != nil {
 		return nil, err
 	}
-	switch {
-	case !a.auth.enabled():
-		log.Warn("audit admin API disabled: set MESHGUARD_ADMIN_TOKEN, audit.admin_token_file or audit.admin_role")
-	case cfg.AdminRole != "":
-		log.Info("audit admin API admits the trusted role from ext_authz; the HTTP listener must be reachable only through Envoy",
-			"role", cfg.AdminRole, "header", apiRoleHeader)
+	if !a.auth.enabled() {
+		log.Warn("audit admin API disabled: set MESHGUARD_ADMIN_TOKEN or audit.admin_token_file")
 	}
 	if t := cfg.AdminToken.Reveal(); t != "" && len(t) < 16 {
 		log.Warn("MESHGUARD_ADMIN_TOKEN is shorter than 16 characters; use a long random token")
@@ -138,8 +128,9 @@ func (a *API) Register(mux *http.ServeMux) {
 
 // principal is who an authorized request comes from.
 type principal struct {
-	user string // recorded as the audit row's user_id
-	via  string // "token" or "role"
+	user  string // recorded as the audit row's user_id: which credential
+	via   string // "token" (an mTLS peer would be "mtls")
+	token string // the token's fingerprint, recorded in metadata
 }
 
 // apiError is a client error: the status, a message and the parameter at
@@ -172,6 +163,9 @@ func (a *API) handle(endpoint string, fn func(w http.ResponseWriter, r *http.Req
 		p, denied := a.auth.authorize(r)
 		if denied != nil {
 			a.m.authFailures.WithLabelValues(denied.reason).Inc()
+			if denied.reason != "disabled" {
+				a.recordAuthFailure(r, endpoint, denied.reason)
+			}
 			if denied.challenge != "" {
 				h.Set("WWW-Authenticate", denied.challenge)
 			}
@@ -276,7 +270,7 @@ func (a *API) list(w http.ResponseWriter, r *http.Request, p principal, endpoint
 		recs = []Record{}
 	}
 	n := len(recs)
-	meta := accessMeta{Endpoint: endpoint, Auth: p.via, Filter: filterDoc(q.filter), Limit: q.limit, Returned: &n, Paged: q.cursor != (Cursor{})}
+	meta := accessMeta{Endpoint: endpoint, Auth: p.via, Token: p.token, Filter: filterDoc(q.filter), Limit: q.limit, Returned: &n, Paged: q.cursor != (Cursor{})}
 	if err := a.record(r, p, apiActionRead, apiReadSeverity, meta); err != nil {
 		return 0, err
 	}
@@ -299,11 +293,52 @@ var errNotRecorded = errors.New("recording the access failed")
 type accessMeta struct {
 	Endpoint string         `json:"endpoint"`
 	Auth     string         `json:"auth"`
+	Token    string         `json:"token,omitempty"` // fingerprint of the admitting token
 	Filter   map[string]any `json:"filter,omitempty"`
 	Limit    int            `json:"limit,omitempty"`
 	Returned *int           `json:"returned,omitempty"` // rows answered (reads only)
 	Paged    bool           `json:"paged,omitempty"`
 	Format   string         `json:"format,omitempty"`
+}
+
+// recordAuthFailure records a refused request, rate-limited: a flood of
+// bad credentials costs the trail at most authFailBurst rows and then
+// authFailRate per second, and the next row recorded counts the ones left
+// out. It never holds the answer long: the row is enqueued with a short
+// timeout and a failure is counted, not retried.
+func (a *API) recordAuthFailure(r *http.Request, endpoint, reason string) {
+	if !a.fails.allow(a.now()) {
+		a.suppressed.Add(1)
+		a.m.authFailuresUnrecorded.Inc()
+		return
+	}
+	md := []byte(`{"endpoint":`)
+	md = appendJSONString(md, endpoint)
+	md = append(md, `,"reason":`...)
+	md = appendJSONString(md, reason)
+	if n := a.suppressed.Swap(0); n > 0 {
+		md = append(md, `,"failures_not_recorded_before":`...)
+		md = strconv.AppendInt(md, n, 10)
+	}
+	md = append(md, '}')
+	rec := Record{
+		CreatedAt:  a.now().UTC(),
+		Action:     "LOGIN_FAILURE",
+		Severity:   SeverityMedium,
+		EntityType: "audit_api",
+		IPAddress:  remoteIP(r.RemoteAddr),
+		UserAgent:  apiTruncate(r.UserAgent(), 512),
+		Method:     r.Method,
+		Path:       apiTruncate(r.URL.Path, 2048),
+		Status:     http.StatusUnauthorized,
+		RequestID:  apiTruncate(r.Header.Get("X-Request-Id"), 128),
+		Metadata:   md,
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), time.Second)
+	defer cancel()
+	if err := a.sink.Enqueue(ctx, []Record{rec}); err != nil {
+		a.m.authFailuresUnrecorded.Inc()
+	}
 }
 
 // record enqueues the audit row of one access by the admin.
@@ -536,8 +571,8 @@ func decodeCursor(s string) (Cursor, error) {
 // quoted in a message.
 func (c Config) validateAdmin() error {
 	var errs []error
-	if r := c.AdminRole; r != "" && !validRole(r) {
-		errs = append(errs, fmt.Errorf("audit.admin_role: must be 1-64 characters of A-Z a-z 0-9 _ . : -, got %q", r))
+	if c.AdminRole != "" {
+		errs = append(errs, errors.New("audit.admin_role: removed: any caller reaching the listener could forge the role header; use MESHGUARD_ADMIN_TOKEN or audit.admin_token_file"))
 	}
 	if strings.ContainsAny(c.AdminTokenFile, "\x00\n") {
 		errs = append(errs, fmt.Errorf("audit.admin_token_file: not a file path, got %q", c.AdminTokenFile))
@@ -548,19 +583,6 @@ func (c Config) validateAdmin() error {
 		}
 	}
 	return errors.Join(errs...)
-}
-
-func validRole(r string) bool {
-	if len(r) > 64 {
-		return false
-	}
-	for i := 0; i < len(r); i++ {
-		c := r[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.IndexByte("_.:-", c) >= 0) {
-			return false
-		}
-	}
-	return r != ""
 }
 
 // checkToken accepts what can travel in a bearer Authorization header.
@@ -584,6 +606,8 @@ type apiMetrics struct {
 	authFailures *prometheus.CounterVec
 	exportRows   *prometheus.CounterVec
 	unrecorded   prometheus.Counter
+
+	authFailuresUnrecorded prometheus.Counter
 }
 
 func newAPIMetrics(reg prometheus.Registerer) (*apiMetrics, error) {
@@ -594,7 +618,7 @@ func newAPIMetrics(reg prometheus.Registerer) (*apiMetrics, error) {
 		}, []string{"endpoint", "code"}),
 		authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "meshguard_auditsink_api_auth_failures_total",
-			Help: "Admin audit API requests refused, by reason (disabled, missing, invalid_token, forbidden_role).",
+			Help: "Admin audit API requests refused, by reason (disabled, missing, invalid_token).",
 		}, []string{"reason"}),
 		exportRows: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "meshguard_auditsink_export_rows_total",
@@ -604,8 +628,12 @@ func newAPIMetrics(reg prometheus.Registerer) (*apiMetrics, error) {
 			Name: "meshguard_auditsink_api_unrecorded_total",
 			Help: "Admin API reads and exports refused because their own audit record could not be enqueued.",
 		}),
+		authFailuresUnrecorded: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "meshguard_auditsink_api_auth_failures_unrecorded_total",
+			Help: "Failed admin authentications not recorded in the trail (over the recording rate, or refused by the writer); the next recorded one counts them.",
+		}),
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.authFailures, m.exportRows, m.unrecorded} {
+	for _, c := range []prometheus.Collector{m.requests, m.authFailures, m.exportRows, m.unrecorded, m.authFailuresUnrecorded} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

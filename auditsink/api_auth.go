@@ -3,6 +3,7 @@ package auditsink
 import (
 	"crypto/sha256"
 	"crypto/subtle"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"log/slog"
@@ -21,9 +22,14 @@ const bearerChallenge = `Bearer realm="meshguard-audit"`
 
 // authorizer decides who may call the admin API. It is safe for concurrent
 // use.
+//
+// The caller is whoever holds a configured admin token; the actor recorded
+// for its reads is derived from which token matched (never from a client
+// header: a header reaching meshguard's listener directly can say anything).
+// A verified mTLS peer identity would be one more credential here, checked
+// in authorize before the bearer token and named in principal the same way.
 type authorizer struct {
 	log       *slog.Logger
-	role      string
 	envToken  *[sha256.Size]byte // nil: MESHGUARD_ADMIN_TOKEN unset
 	tokenFile string
 	now       func() time.Time
@@ -50,7 +56,7 @@ type denial struct {
 }
 
 func newAuthorizer(log *slog.Logger, cfg Config, now func() time.Time) (*authorizer, error) {
-	z := &authorizer{log: log, role: cfg.AdminRole, tokenFile: cfg.AdminTokenFile, now: now}
+	z := &authorizer{log: log, tokenFile: cfg.AdminTokenFile, now: now}
 	if t := cfg.AdminToken.Reveal(); t != "" {
 		h := sha256.Sum256([]byte(t))
 		z.envToken = &h
@@ -68,38 +74,24 @@ func newAuthorizer(log *slog.Logger, cfg Config, now func() time.Time) (*authori
 // enabled reports whether any credential could be accepted. A configured
 // token file counts even while it is empty, since it may be filled later.
 func (z *authorizer) enabled() bool {
-	return z.envToken != nil || z.tokenFile != "" || z.role != ""
+	return z.envToken != nil || z.tokenFile != ""
 }
 
-// authorize returns the caller, or why it is refused. A matching admin
-// token admits. Otherwise, when the trusted role is enabled and ext_authz
-// set the role header, the role decides (a request through Envoy usually
-// carries the application's own JWT in Authorization, which is not an admin
-// token and must not hide the role). Otherwise a presented token is
-// invalid, and no credentials at all get the challenge.
+// authorize returns the caller, or why it is refused: a matching admin
+// token admits; a presented token that matches none is invalid; no
+// credentials at all get the challenge.
 func (z *authorizer) authorize(r *http.Request) (principal, *denial) {
 	if !z.enabled() {
 		return principal{}, &denial{status: http.StatusServiceUnavailable, reason: "disabled",
-			msg: "audit admin API disabled: configure MESHGUARD_ADMIN_TOKEN, audit.admin_token_file or audit.admin_role"}
+			msg: "audit admin API disabled: configure MESHGUARD_ADMIN_TOKEN or audit.admin_token_file"}
 	}
 	authz := r.Header.Get("Authorization")
 	scheme, tok, _ := strings.Cut(authz, " ")
 	tok = strings.TrimSpace(tok)
 	bearer := strings.EqualFold(scheme, "Bearer") && tok != ""
-	if bearer && z.tokenMatches(tok) {
-		return principal{user: "admin-token", via: "token"}, nil
-	}
-	if z.role != "" {
-		if roles := r.Header.Values(apiRoleHeader); len(roles) > 0 {
-			if !hasRole(roles, z.role) {
-				return principal{}, &denial{status: http.StatusForbidden, reason: "forbidden_role",
-					msg: "the caller's role may not use the audit admin API"}
-			}
-			user := r.Header.Get(apiUserHeader)
-			if user == "" || len(user) > apiMaxUserLen {
-				user = "role:" + z.role
-			}
-			return principal{user: user, via: "role"}, nil
+	if bearer {
+		if p, ok := z.tokenPrincipal(tok); ok {
+			return p, nil
 		}
 	}
 	switch {
@@ -114,38 +106,38 @@ func (z *authorizer) authorize(r *http.Request) (principal, *denial) {
 		msg: "authentication required: send Authorization: Bearer <admin token>"}
 }
 
-// hasRole reports whether any of the header values, each a comma-separated
-// list, is exactly want.
-func hasRole(values []string, want string) bool {
-	for _, v := range values {
-		if len(v) > 1024 {
-			continue
-		}
-		for r := range strings.SplitSeq(v, ",") {
-			if strings.TrimSpace(r) == want {
-				return true
-			}
-		}
-	}
-	return false
-}
+// Actors recorded for the two token sources.
+const (
+	actorEnvToken  = "admin:env-token"
+	actorFileToken = "admin:file-token"
+)
 
-// tokenMatches compares SHA-256 hashes of the presented and configured
+// tokenPrincipal compares SHA-256 hashes of the presented and configured
 // tokens in constant time, so neither content nor length leaks through
-// timing. Every configured token is compared, match or not.
-func (z *authorizer) tokenMatches(tok string) bool {
+// timing, and every configured token is compared, match or not. The actor
+// is the matching token's source; its fingerprint (the first 48 bits of its
+// hash, which reveal nothing usable of a long random token) tells rotated
+// tokens apart in the trail.
+func (z *authorizer) tokenPrincipal(tok string) (principal, bool) {
 	if len(tok) > maxTokenLen {
-		return false
+		return principal{}, false
 	}
 	got := sha256.Sum256([]byte(tok))
-	ok := 0
+	env, file := 0, 0
 	if z.envToken != nil {
-		ok |= subtle.ConstantTimeCompare(got[:], z.envToken[:])
+		env = subtle.ConstantTimeCompare(got[:], z.envToken[:])
 	}
 	if ft := z.currentFileToken(); ft != nil {
-		ok |= subtle.ConstantTimeCompare(got[:], ft[:])
+		file = subtle.ConstantTimeCompare(got[:], ft[:])
 	}
-	return ok == 1
+	fp := "sha256:" + hex.EncodeToString(got[:6])
+	switch {
+	case env == 1:
+		return principal{user: actorEnvToken, via: "token", token: fp}, true
+	case file == 1:
+		return principal{user: actorFileToken, via: "token", token: fp}, true
+	}
+	return principal{}, false
 }
 
 // currentFileToken returns the token file's hash, re-reading the file when

@@ -2,6 +2,8 @@ package auditsink
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -81,7 +83,7 @@ type storeSink struct {
 
 // newStoreSink starts a chain of its own, as every writer start does.
 func newStoreSink(s batchStore) *storeSink {
-	return &storeSink{store: s, chain: newChain(chainIDFor("api-test", time.Now()))}
+	return &storeSink{store: s, chain: newChain(chainIDFor("api-test", time.Now()), testKey)}
 }
 
 func (s *storeSink) Enqueue(ctx context.Context, recs []Record) error {
@@ -129,7 +131,7 @@ func apiSeed(t testing.TB, s batchStore, n int, start time.Time) []Record {
 			Metadata:   json.RawMessage(fmt.Sprintf(`{"i":%d}`, i)),
 		}
 	}
-	c := newChain("seed")
+	c := newChain("seed", testKey)
 	for off := 0; off < n; off += 500 {
 		batch := recs[off:min(off+500, n)]
 		c.link(batch)
@@ -182,10 +184,6 @@ func TestAPIAuthz(t *testing.T) {
 	withToken := tokenConfig()
 	withFile := DefaultConfig()
 	withFile.AdminTokenFile = tokenFile
-	withRole := tokenConfig()
-	withRole.AdminRole = "auditor"
-	roleOnly := DefaultConfig()
-	roleOnly.AdminRole = "auditor"
 
 	cases := []struct {
 		name      string
@@ -204,21 +202,14 @@ func TestAPIAuthz(t *testing.T) {
 		{"token with suffix", withToken, []string{"Authorization", "Bearer " + apiTestToken + "x"}, 401, `Bearer realm="meshguard-audit", error="invalid_token"`, ""},
 		{"basic scheme", withToken, []string{"Authorization", "Basic " + apiTestToken}, 401, `Bearer realm="meshguard-audit", error="invalid_request"`, ""},
 		{"empty bearer", withToken, []string{"Authorization", "Bearer "}, 401, `Bearer realm="meshguard-audit", error="invalid_request"`, ""},
-		{"right token", withToken, bearer, 200, "", "admin-token"},
-		{"right token, lower-case scheme", withToken, []string{"Authorization", "bearer " + apiTestToken}, 200, "", "admin-token"},
-		{"role header ignored without admin_role", withToken, []string{"x-meshguard-role", "auditor"}, 401, `Bearer realm="meshguard-audit"`, ""},
-		{"file token", withFile, []string{"Authorization", "Bearer file-token-abcdefghijklmnop"}, 200, "", "admin-token"},
+		{"right token", withToken, bearer, 200, "", actorEnvToken},
+		{"right token, lower-case scheme", withToken, []string{"Authorization", "bearer " + apiTestToken}, 200, "", actorEnvToken},
+		{"file token", withFile, []string{"Authorization", "Bearer file-token-abcdefghijklmnop"}, 200, "", actorFileToken},
 		{"env token when only a file is configured", withFile, bearer, 401, `Bearer realm="meshguard-audit", error="invalid_token"`, ""},
-		{"role admitted", withRole, []string{"x-meshguard-role", "auditor", "x-meshguard-user", "alice"}, 200, "", "alice"},
-		{"role among several", roleOnly, []string{"x-meshguard-role", "viewer, auditor"}, 200, "", "role:auditor"},
-		{"wrong role", withRole, []string{"x-meshguard-role", "viewer"}, 403, "", ""},
-		{"role prefix is not the role", withRole, []string{"x-meshguard-role", "auditors"}, 403, "", ""},
-		{"role mode, no credentials", roleOnly, nil, 401, `Bearer realm="meshguard-audit"`, ""},
-		{"role mode, the app's JWT beside the right role", withRole, []string{"Authorization", "Bearer eyJhbGciOi.jwt.sig", "x-meshguard-role", "auditor", "x-meshguard-user", "bob"}, 200, "", "bob"},
-		{"role mode, the app's JWT beside a wrong role", withRole, []string{"Authorization", "Bearer eyJhbGciOi.jwt.sig", "x-meshguard-role", "viewer"}, 403, "", ""},
-		{"role mode, a wrong token and no role", withRole, []string{"Authorization", "Bearer nope"}, 401, `Bearer realm="meshguard-audit", error="invalid_token"`, ""},
-		{"role mode, the admin token beside a wrong role", withRole, append([]string{"x-meshguard-role", "viewer"}, bearer...), 200, "", "admin-token"},
-		{"role mode, token still works", withRole, bearer, 200, "", "admin-token"},
+		// Headers a direct caller can forge admit nobody and name nobody.
+		{"forged role header", withToken, []string{"x-meshguard-role", "admin", "x-meshguard-user", "alice"}, 401, `Bearer realm="meshguard-audit"`, ""},
+		{"forged role header beside the app's JWT", withToken, []string{"Authorization", "Bearer eyJhbGciOi.jwt.sig", "x-meshguard-role", "admin"}, 401, `Bearer realm="meshguard-audit", error="invalid_token"`, ""},
+		{"forged user header beside the token", withToken, append([]string{"x-meshguard-user", "alice", "x-meshguard-role", "admin"}, bearer...), 200, "", actorEnvToken},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -243,9 +234,15 @@ func TestAPIAuthz(t *testing.T) {
 				}
 			}
 			got := sink.recorded()
-			if tc.want != 200 {
+			switch tc.want {
+			case 503: // disabled: nothing to authenticate against
 				if len(got) != 0 {
 					t.Fatalf("refused requests recorded %d rows", len(got))
+				}
+				return
+			case 401: // each failed authentication is in the trail, without a user
+				if len(got) != 2 || got[0].Action != "LOGIN_FAILURE" || got[0].UserID != "" || got[0].EntityType != "audit_api" {
+					t.Fatalf("recorded %+v, want two LOGIN_FAILURE rows", got)
 				}
 				return
 			}
@@ -340,9 +337,7 @@ func TestValidateAdmin(t *testing.T) {
 		want string // "" means valid
 	}{
 		{"defaults", func(*Config) {}, ""},
-		{"role", func(c *Config) { c.AdminRole = "audit:admin" }, ""},
-		{"role with comma", func(c *Config) { c.AdminRole = "a,b" }, `audit.admin_role: must be 1-64 characters of A-Z a-z 0-9 _ . : -, got "a,b"`},
-		{"role with space", func(c *Config) { c.AdminRole = "a b" }, `audit.admin_role: must be 1-64 characters of A-Z a-z 0-9 _ . : -, got "a b"`},
+		{"role", func(c *Config) { c.AdminRole = "audit:admin" }, "audit.admin_role: removed: any caller reaching the listener could forge the role header; use MESHGUARD_ADMIN_TOKEN or audit.admin_token_file"},
 		{"token with space", func(c *Config) { c.AdminToken = "abc def" }, "MESHGUARD_ADMIN_TOKEN: must be visible ASCII without spaces"},
 		{"token file with newline", func(c *Config) { c.AdminTokenFile = "a\nb" }, `audit.admin_token_file: not a file path, got "a\nb"`},
 	}
@@ -611,14 +606,13 @@ func TestAPIRecordsEveryAccess(t *testing.T) {
 	apiSeed(t, store, 30, time.Date(2026, 4, 1, 0, 0, 0, 0, time.UTC))
 	sink := newStoreSink(store)
 	cfg := tokenConfig()
-	cfg.AdminRole = "auditor"
 	api, mux := newTestAPI(t, cfg, store, sink)
 	fixed := time.Date(2026, 4, 2, 9, 0, 0, 0, time.UTC)
 	api.now = func() time.Time { return fixed }
 
 	req := httptest.NewRequest(http.MethodGet, "/v1/audit/entities/invoice/3?limit=2", nil)
-	req.Header.Set("x-meshguard-role", "auditor")
-	req.Header.Set("x-meshguard-user", "alice")
+	req.Header.Set("Authorization", "Bearer "+apiTestToken)
+	req.Header.Set("x-meshguard-user", "alice") // forgeable: never recorded as the actor
 	req.Header.Set("X-Request-Id", "rid-1")
 	req.Header.Set("User-Agent", "auditor-cli/1")
 	req.RemoteAddr = "198.51.100.4:5555"
@@ -644,19 +638,21 @@ func TestAPIRecordsEveryAccess(t *testing.T) {
 		t.Fatalf("%d access rows, want 3: %+v", len(got), got)
 	}
 	for i := range got {
-		got[i].ID, got[i].ChainID, got[i].Seq, got[i].PrevHash, got[i].Hash = 0, "", 0, nil, nil
+		got[i].ID, got[i].ChainID, got[i].Seq, got[i].KeyID, got[i].PrevHash, got[i].Hash = 0, "", 0, "", nil, nil
 	}
+	sum := sha256.Sum256([]byte(apiTestToken))
+	fp := "sha256:" + hex.EncodeToString(sum[:6])
 	want := []Record{
-		{CreatedAt: fixed, Action: "READ", Severity: SeverityLow, EntityType: "audit_log", UserID: "alice",
+		{CreatedAt: fixed, Action: "READ", Severity: SeverityLow, EntityType: "audit_log", UserID: actorEnvToken,
 			IPAddress: "198.51.100.4", UserAgent: "auditor-cli/1", Method: "GET", Path: "/v1/audit/entities/invoice/3",
 			Status: 200, RequestID: "rid-1",
-			Metadata: json.RawMessage(`{"auth":"role","endpoint":"entity","filter":{"entity_id":"3","entity_type":"invoice"},"limit":2,"returned":2}`)},
-		{CreatedAt: fixed, Action: "EXPORT", Severity: SeverityMedium, EntityType: "audit_log", UserID: "admin-token",
+			Metadata: json.RawMessage(`{"auth":"token","token":"` + fp + `","endpoint":"entity","filter":{"entity_id":"3","entity_type":"invoice"},"limit":2,"returned":2}`)},
+		{CreatedAt: fixed, Action: "EXPORT", Severity: SeverityMedium, EntityType: "audit_log", UserID: actorEnvToken,
 			IPAddress: "192.0.2.1", Method: "GET", Path: "/v1/audit/export", Status: 200,
-			Metadata: json.RawMessage(`{"auth":"token","endpoint":"export","filter":{"action":["CREATE"],"from":"2026-04-01T00:00:00Z","to":"2026-04-02T00:00:00Z"},"format":"csv"}`)},
-		{CreatedAt: fixed, Action: "READ", Severity: SeverityLow, EntityType: "audit_log", UserID: "admin-token",
+			Metadata: json.RawMessage(`{"auth":"token","token":"` + fp + `","endpoint":"export","filter":{"action":["CREATE"],"from":"2026-04-01T00:00:00Z","to":"2026-04-02T00:00:00Z"},"format":"csv"}`)},
+		{CreatedAt: fixed, Action: "READ", Severity: SeverityLow, EntityType: "audit_log", UserID: actorEnvToken,
 			IPAddress: "192.0.2.1", Method: "GET", Path: "/v1/audit/logs", Status: 200,
-			Metadata: json.RawMessage(`{"auth":"token","endpoint":"logs","filter":{"entity_type":"audit_log"},"limit":100,"returned":2}`)},
+			Metadata: json.RawMessage(`{"auth":"token","token":"` + fp + `","endpoint":"logs","filter":{"entity_type":"audit_log"},"limit":100,"returned":2}`)},
 	}
 	if d := cmp.Diff(want, got, cmp.Comparer(jsonEqual)); d != "" {
 		t.Fatalf("access rows (-want +got):\n%s", d)
@@ -829,4 +825,49 @@ func counterValue(t *testing.T, reg *prometheus.Registry, name string, labels ma
 		}
 	}
 	return -1
+}
+
+// TestAPIAuthFailuresRecordedRateLimited: failed authentications are in
+// the trail, but a flood of them costs it a bounded number of rows, and the
+// first row after the flood counts those left out.
+func TestAPIAuthFailuresRecordedRateLimited(t *testing.T) {
+	store := apiOpenSQLite(t)
+	sink := newStoreSink(store)
+	api, mux := newTestAPI(t, tokenConfig(), store, sink)
+	clock := time.Date(2026, 5, 1, 0, 0, 0, 0, time.UTC)
+	api.now = func() time.Time { return clock }
+
+	const flood = 5000
+	for i := range flood {
+		hdr := []string{"Authorization", fmt.Sprintf("Bearer guess-%d", i)}
+		if rec := get(t, mux, "/v1/audit/logs", hdr...); rec.Code != 401 {
+			t.Fatalf("guess %d: %d", i, rec.Code)
+		}
+	}
+	got := sink.recorded()
+	if len(got) != authFailBurst {
+		t.Fatalf("a flood of %d bad tokens recorded %d rows, want the burst of %d", flood, len(got), authFailBurst)
+	}
+	for _, r := range got {
+		if r.Action != "LOGIN_FAILURE" || r.Status != 401 || r.UserID != "" || strings.Contains(string(r.Metadata), "guess") {
+			t.Fatalf("failure row %+v: want LOGIN_FAILURE without the presented token", r)
+		}
+	}
+	// Ten seconds later: ten more may be recorded, and the first counts the
+	// ones the limit left out.
+	clock = clock.Add(10 * time.Second)
+	for range 50 {
+		get(t, mux, "/v1/audit/logs", "Authorization", "Bearer nope")
+	}
+	got = sink.recorded()
+	if len(got) != authFailBurst+10 {
+		t.Fatalf("after 10 s: %d rows, want %d", len(got), authFailBurst+10)
+	}
+	var meta struct {
+		Reason     string `json:"reason"`
+		NotRecords int64  `json:"failures_not_recorded_before"`
+	}
+	if err := json.Unmarshal(got[authFailBurst].Metadata, &meta); err != nil || meta.NotRecords != flood-authFailBurst || meta.Reason != "invalid_token" {
+		t.Fatalf("first row after the flood: %s, want failures_not_recorded_before %d", got[authFailBurst].Metadata, flood-authFailBurst)
+	}
 }

@@ -1,9 +1,11 @@
 package auditsink
 
 import (
+	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/json"
+	"hash"
 	"os"
 	"strconv"
 	"strings"
@@ -11,36 +13,60 @@ import (
 	"unicode/utf8"
 )
 
-// The hash chain. Each writer owns one chain (ChainID); rows get Seq 1, 2, …
-// and Hash = SHA-256(canonical(row) ‖ PrevHash) where canonical is a
-// versioned, length-prefixed encoding of every stored column, computed in Go
-// (never from the database's text forms, which depend on server settings).
-// The first row of a chain has PrevHash = 32 zero bytes.
+// The chain. Each writer owns one chain (ChainID); rows get Seq 1, 2, … and
+// are bound by the trail's key (see keys.go), which the database never
+// holds:
+//
+//	leaf = SHA-256(0x00 ‖ canonical(row))        the row's RFC 6962 leaf hash
+//	hash = HMAC-SHA256(macKey, leaf)             stored in the hash column
+//
+// canonical is a versioned, length-prefixed encoding of every stored column
+// but id (which the store derives from the chain and seq, see rowID), the
+// key id, and PrevHash, the previous row's hash (32 zero bytes for seq 1).
+// It is computed in Go, never from the database's text forms, which depend
+// on server settings. The leaves also build the chain's Merkle tree, whose
+// signed roots are the checkpoints (checkpoint.go).
 
-const hashVersion = "meshguard-audit-v1"
+const hashVersion = "meshguard-audit-v2"
 
 // zeroHash is the PrevHash of the first row of every chain.
 var zeroHash = make([]byte, sha256.Size)
 
-// ChainHead is the latest row of one chain: what is published outside the
-// database and what Verify can be checked against.
+// ChainHead is the latest row of one chain: what a checkpoint signs.
 type ChainHead struct {
 	ChainID string    `json:"chain_id"`
-	Seq     int64     `json:"seq"`
-	Hash    []byte    `json:"hash"`
-	At      time.Time `json:"at"`
+	Seq     int64     `json:"seq"`  // rows in the chain: its tree size
+	Root    []byte    `json:"root"` // Merkle tree hash of rows 1..Seq
+	Hash    []byte    `json:"hash"` // the hash (MAC) of row Seq
+	KeyID   string    `json:"key_id,omitempty"`
+	At      time.Time `json:"at,omitzero"`
 }
+
+// Row ids: a row's id is its chain's number (audit_chains, assigned by the
+// store on the chain's first write) in the high bits and its seq in the low
+// 32, so an id names exactly one (chain, seq) and Verify catches ids moved
+// between rows. Ids stay below 2^53 (exact in JSON numbers) up to chain
+// number 2^21.
+const (
+	idSeqBits   = 32
+	maxChainSeq = 1<<idSeqBits - 1
+)
+
+func rowID(chainNo, seq int64) int64 { return chainNo<<idSeqBits | seq }
 
 // chain assigns the chain columns. Only the writer goroutine uses it.
 type chain struct {
 	id   string
+	key  *Key
 	seq  int64
 	prev []byte
+	tree merkleRange
 	buf  []byte
+	mac  hash.Hash
 }
 
-func newChain(id string) *chain {
-	return &chain{id: id, prev: zeroHash}
+func newChain(id string, key *Key) *chain {
+	return &chain{id: id, key: key, prev: zeroHash, mac: hmac.New(sha256.New, key.mac)}
 }
 
 // chainIDFor is <prefix>/<start time in ns> (prefix: audit.chain_id, else
@@ -49,7 +75,7 @@ func newChain(id string) *chain {
 func chainIDFor(prefix string, now time.Time) string {
 	if prefix == "" {
 		host, err := os.Hostname()
-		if err != nil || host == "" {
+		if err != nil || !validKeyName(host) {
 			host = "meshguard"
 		}
 		prefix = host
@@ -58,7 +84,7 @@ func chainIDFor(prefix string, now time.Time) string {
 }
 
 // link normalises recs into their stored form and assigns ChainID, Seq,
-// PrevHash and Hash, advancing the chain head.
+// KeyID, PrevHash and Hash, advancing the chain head.
 func (c *chain) link(recs []Record) {
 	for i := range recs {
 		normalize(&recs[i])
@@ -68,22 +94,40 @@ func (c *chain) link(recs []Record) {
 
 // linkNormalized is link for records normalize already saw.
 func (c *chain) linkNormalized(recs []Record) {
+	hashes := make([]byte, sha256.Size*len(recs)) // one allocation per batch
 	for i := range recs {
 		r := &recs[i]
 		c.seq++
-		r.ChainID, r.Seq, r.PrevHash = c.id, c.seq, c.prev
-		c.buf = appendCanonical(c.buf[:0], r)
-		sum := sha256.Sum256(c.buf)
-		r.Hash = sum[:]
+		r.ChainID, r.Seq, r.KeyID, r.PrevHash = c.id, c.seq, c.key.id, c.prev
+		var leaf [sha256.Size]byte
+		leaf, c.buf = rowLeaf(r, c.buf)
+		c.tree.appendLeaf(leaf)
+		c.mac.Reset()
+		c.mac.Write(leaf[:])
+		r.Hash = c.mac.Sum(hashes[i*sha256.Size : i*sha256.Size : (i+1)*sha256.Size])
 		c.prev = r.Hash
 	}
 }
 
-// rowHash recomputes the hash of a stored row.
-func rowHash(r *Record, buf []byte) ([]byte, []byte) {
-	buf = appendCanonical(buf[:0], r)
-	sum := sha256.Sum256(buf)
-	return sum[:], buf
+// head is the chain's current head.
+func (c *chain) head() ChainHead {
+	root := c.tree.root()
+	return ChainHead{ChainID: c.id, Seq: c.seq, Root: root[:], Hash: c.prev, KeyID: c.key.id}
+}
+
+// rowLeaf returns the leaf hash of a stored row, using buf as scratch.
+func rowLeaf(r *Record, buf []byte) ([sha256.Size]byte, []byte) {
+	buf = append(buf[:0], 0)
+	buf = appendCanonical(buf, r)
+	return leafHash(buf), buf
+}
+
+// rowMAC is the hash column of a row whose leaf hash is leaf, under mac
+// (hmac.New(sha256.New, key.mac)).
+func rowMAC(mac hash.Hash, leaf [sha256.Size]byte) []byte {
+	mac.Reset()
+	mac.Write(leaf[:])
+	return mac.Sum(nil)
 }
 
 // normalize brings a record into the exact form both stores keep and read
@@ -171,6 +215,7 @@ func appendCanonical(b []byte, r *Record) []byte {
 		b = append(b, p...)
 	}
 	str(hashVersion)
+	str(r.KeyID)
 	str(r.ChainID)
 	b = binary.BigEndian.AppendUint64(b, uint64(r.Seq))
 	b = binary.BigEndian.AppendUint64(b, uint64(r.CreatedAt.UnixMicro()))

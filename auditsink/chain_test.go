@@ -93,7 +93,7 @@ func TestJSONBRoundTrip(t *testing.T) {
 			recs[i].Metadata = json.RawMessage(d)
 			recs[i].NewValues = json.RawMessage(d)
 		}
-		mustWrite(t, s, newChain("j"), recs)
+		mustWrite(t, s, newChain("j", testKey), recs)
 		i := 0
 		err := s.Scan(t.Context(), Filter{}, func(r *Record) error {
 			if !bytes.Equal(r.Metadata, recs[i].Metadata) {

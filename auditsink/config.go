@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"golang.org/x/mod/sumdb/note"
+
 	"github.com/meshguard/meshguard/internal/secret"
 )
 
@@ -47,17 +49,29 @@ type Config struct {
 	// goes to the spool.
 	WriteTimeout time.Duration `yaml:"write_timeout"`
 
-	// ChainHeadInterval is how often the hash-chain head is published (log
-	// line, metric and ChainHeadFile).
-	ChainHeadInterval time.Duration `yaml:"chain_head_interval"`
-	// ChainHeadFile, when set, gets one JSON line per publication
-	// ({"chain_id","seq","hash","at"}), fsynced; keep it somewhere the
-	// database administrator cannot rewrite. Empty: log line and metric only.
-	ChainHeadFile string `yaml:"chain_head_file"`
+	// CheckpointInterval is how often a growing chain's signed checkpoint is
+	// published to WitnessDir (besides its first write and shutdown).
+	CheckpointInterval time.Duration `yaml:"checkpoint_interval"`
+	// WitnessDir receives each chain's latest signed checkpoint. Keep it
+	// where the database administrator cannot write (a volume of its own,
+	// shipped off the host by a collector). Empty: <spool_dir>/witness.
+	WitnessDir string `yaml:"witness_dir"`
 	// ChainID prefixes this writer's chain ids: each start begins the chain
 	// <chain_id>/<start time in ns>, so a restart never reuses seqs. Empty:
 	// the hostname.
 	ChainID string `yaml:"chain_id"`
+
+	// KeyFile holds the signing key (note format, PRIVATE+KEY+...). Empty
+	// (and MESHGUARD_AUDIT_KEY unset): serve generates one in SpoolDir.
+	KeyFile string `yaml:"key_file"`
+	// Key comes from MESHGUARD_AUDIT_KEY, never from the file; it wins over KeyFile.
+	Key secret.String `yaml:"-"`
+	// PreviousKeyFiles are the keys of earlier rotations: their rows' MACs
+	// still verify.
+	PreviousKeyFiles []string `yaml:"previous_key_files"`
+	// TrustedKeys are public keys (name+hash+base64) whose checkpoints are
+	// accepted, for a verifier that holds no private key.
+	TrustedKeys []string `yaml:"trusted_keys"`
 
 	// Rules classify access-log entries; empty means DefaultRules().
 	Rules []RuleConfig `yaml:"rules"`
@@ -70,7 +84,8 @@ type Config struct {
 	AdminTokenFile string `yaml:"admin_token_file"`
 	// AdminToken comes from MESHGUARD_ADMIN_TOKEN, never from the file.
 	AdminToken secret.String `yaml:"-"`
-	// AdminRole, when set, admits requests whose ext_authz-verified role is this.
+	// AdminRole is removed (any direct caller could forge the role header);
+	// a config that still sets it is refused with a message that says so.
 	AdminRole string `yaml:"admin_role"`
 }
 
@@ -83,18 +98,18 @@ const (
 // DefaultConfig returns the defaults for the audit section.
 func DefaultConfig() Config {
 	return Config{
-		Retention:         8760 * time.Hour,
-		RetentionInterval: time.Hour,
-		PartitionsAhead:   3,
-		SpoolDir:          "./meshguard-spool",
-		SpoolMaxBytes:     1 << 30,
-		SpoolFullPolicy:   SpoolFullBlock,
-		SQLitePath:        "./meshguard-audit.db",
-		BatchSize:         10000,
-		BatchInterval:     200 * time.Millisecond,
-		QueueSize:         100000,
-		WriteTimeout:      10 * time.Second,
-		ChainHeadInterval: time.Minute,
+		Retention:          8760 * time.Hour,
+		RetentionInterval:  time.Hour,
+		PartitionsAhead:    3,
+		SpoolDir:           "./meshguard-spool",
+		SpoolMaxBytes:      1 << 30,
+		SpoolFullPolicy:    SpoolFullBlock,
+		SQLitePath:         "./meshguard-audit.db",
+		BatchSize:          10000,
+		BatchInterval:      200 * time.Millisecond,
+		QueueSize:          100000,
+		WriteTimeout:       10 * time.Second,
+		CheckpointInterval: time.Minute,
 	}
 }
 
@@ -138,14 +153,33 @@ func (c Config) validateStore() error {
 	if c.WriteTimeout <= 0 {
 		add("audit.write_timeout: must be positive, got %q", c.WriteTimeout)
 	}
-	if c.ChainHeadInterval <= 0 {
-		add("audit.chain_head_interval: must be positive, got %q", c.ChainHeadInterval)
+	if c.CheckpointInterval <= 0 {
+		add("audit.checkpoint_interval: must be positive, got %q", c.CheckpointInterval)
 	}
-	if c.ChainHeadFile != "" && filepath.Clean(c.ChainHeadFile) == "." {
-		add("audit.chain_head_file: must be a file path, got %q", c.ChainHeadFile)
+	if c.WitnessDir != "" && filepath.Clean(c.WitnessDir) == filepath.Clean(c.SpoolDir) {
+		add("audit.witness_dir: must not be audit.spool_dir itself, got %q", c.WitnessDir)
 	}
-	if len(c.ChainID) > 200 {
-		add("audit.chain_id: must be at most 200 bytes, got %q", c.ChainID)
+	if c.ChainID != "" && (len(c.ChainID) > 200 || !validKeyName(c.ChainID)) {
+		add("audit.chain_id: must be at most 200 printable bytes without spaces or '+', got %q", c.ChainID)
+	}
+	for i, vk := range c.TrustedKeys {
+		if _, err := note.NewVerifier(vk); err != nil {
+			add("audit.trusted_keys[%d]: not a public key (name+hash+base64), got %q", i, vk)
+		}
 	}
 	return errors.Join(errs...)
+}
+
+// WitnessDirectory is audit.witness_dir, or <spool_dir>/witness when unset.
+func (c Config) WitnessDirectory() string {
+	if c.WitnessDir != "" {
+		return c.WitnessDir
+	}
+	return filepath.Join(c.SpoolDir, "witness")
+}
+
+// KeySource is where LoadKeyring finds this config's keys.
+func (c Config) KeySource() KeySource {
+	return KeySource{Key: c.Key.Reveal(), KeyFile: c.KeyFile, PreviousKeyFiles: c.PreviousKeyFiles,
+		TrustedKeys: c.TrustedKeys, SpoolDir: c.SpoolDir}
 }

@@ -187,7 +187,7 @@ func (a *API) serveExport(w http.ResponseWriter, r *http.Request, p principal) (
 		w.Header().Set("Retry-After", "30")
 		return 0, &apiError{status: http.StatusTooManyRequests, msg: fmt.Sprintf("%d exports already running; try again later", apiMaxExports)}
 	}
-	meta := accessMeta{Endpoint: "export", Auth: p.via, Filter: filterDoc(q.filter), Format: q.format}
+	meta := accessMeta{Endpoint: "export", Auth: p.via, Token: p.token, Filter: filterDoc(q.filter), Format: q.format}
 	if err := a.record(r, p, apiActionExport, apiExportSeverity, meta); err != nil {
 		return 0, err
 	}

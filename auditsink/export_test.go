@@ -64,7 +64,7 @@ func seedHostile(t *testing.T, store apiStore) []Record {
 			OldValues: json.RawMessage(`{"v": -1}`), NewValues: json.RawMessage(`[1, "=2"]`),
 		}
 	}
-	c := newChain("hostile")
+	c := newChain("hostile", testKey)
 	c.link(recs)
 	if _, err := store.writeBatch(t.Context(), recs); err != nil {
 		t.Fatal(err)
@@ -235,13 +235,10 @@ func TestExportJSONLRoundTrip(t *testing.T) {
 	if d := cmp.Diff(stored, got); d != "" {
 		t.Fatalf("JSONL round trip (-stored +exported):\n%s", d)
 	}
-	// The exported rows still verify: each hash is the hash of its content
+	// The exported rows still verify: each hash is the MAC of its content
 	// and links to the previous one.
-	var buf []byte
 	for i := range got {
-		var sum []byte
-		sum, buf = rowHash(&got[i], buf)
-		if !bytes.Equal(sum, got[i].Hash) {
+		if sum := macOf(testKey, &got[i]); !bytes.Equal(sum, got[i].Hash) {
 			t.Fatalf("row %d: exported content does not hash to its stored hash", i)
 		}
 		if i > 0 && !bytes.Equal(got[i].PrevHash, got[i-1].Hash) {

@@ -33,8 +33,9 @@ type Record struct {
 	// Tamper evidence, set by the single writer of each chain.
 	ChainID  string `json:"chain_id,omitempty"` // which chain the row belongs to
 	Seq      int64  `json:"seq,omitempty"`      // position in its chain, from 1
+	KeyID    string `json:"key_id,omitempty"`   // the key that MACs the row (and signs its chain's checkpoints)
 	PrevHash []byte `json:"prev_hash,omitempty"`
-	Hash     []byte `json:"hash,omitempty"`
+	Hash     []byte `json:"hash,omitempty"` // HMAC-SHA256 of the row's leaf hash, see chain.go
 }
 
 // Severities.

@@ -2,149 +2,250 @@ package auditsink
 
 import (
 	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/base64"
+	"errors"
 	"fmt"
+	"hash"
 	"log/slog"
+	"strconv"
 	"strings"
 	"time"
 
-	"github.com/jackc/pgx/v5"
+	"golang.org/x/mod/sumdb/note"
+	"golang.org/x/mod/sumdb/tlog"
 )
 
 // Retention drops whole months older than audit.retention. Before rows go,
-// every run of consecutive seqs they hold per chain is recorded in
-// audit_chain_checkpoints (first seq and its prev_hash, last seq and its
-// hash), so Verify can still check the links across the gap.
+// the pruner checks every one of them against its MAC and, for every run of
+// consecutive seqs they hold per chain, records a signed retention
+// checkpoint (a signed note, in audit_chain_checkpoints):
+//
+//	meshguard-audit-retention v1
+//	chain <chain id>
+//	seqs <first> <last>
+//	prev <base64 prev_hash of the first row>
+//	last <base64 hash of the last row>
+//	node <level> <index> <base64>   one per subtree covering the run, left to right
+//	partition <name>
+//	time <RFC 3339 UTC>
+//
+// Verify bridges a gap in a chain only with such a note signed by a known
+// key: the nodes stand in for the dropped leaves in the chain's Merkle tree,
+// prev and last keep the MAC links. A note an insider writes has no valid
+// signature, so rows deleted by hand stay a gap.
+
+// retentionHeader is the first line of a retention note.
+const retentionHeader = "meshguard-audit-retention v1"
+
+// RetentionCheckpoint vouches for one run of a chain's rows that retention
+// dropped.
+type RetentionCheckpoint struct {
+	ChainID       string
+	FirstSeq      int64
+	LastSeq       int64
+	FirstPrevHash []byte
+	LastHash      []byte
+	Nodes         []treeNode
+	Partition     string
+	Time          time.Time
+	KeyID         string // the signer
+	Note          string // the signed note
+}
+
+func (rc *RetentionCheckpoint) text() string {
+	var b strings.Builder
+	enc := base64.StdEncoding.EncodeToString
+	fmt.Fprintf(&b, "%s\nchain %s\nseqs %d %d\nprev %s\nlast %s\n", retentionHeader, rc.ChainID, rc.FirstSeq, rc.LastSeq, enc(rc.FirstPrevHash), enc(rc.LastHash))
+	for _, n := range rc.Nodes {
+		fmt.Fprintf(&b, "node %d %d %s\n", n.Level, n.Index, enc(n.Hash[:]))
+	}
+	fmt.Fprintf(&b, "partition %s\ntime %s\n", rc.Partition, rc.Time.UTC().Format(time.RFC3339Nano))
+	return b.String()
+}
+
+// openRetention checks a retention note's signature and parses it.
+func openRetention(msg string, verifiers note.Verifiers) (RetentionCheckpoint, error) {
+	if len(msg) > maxNote {
+		return RetentionCheckpoint{}, fmt.Errorf("note larger than %d bytes", maxNote)
+	}
+	text, kid, err := openNote([]byte(msg), verifiers)
+	if err != nil {
+		return RetentionCheckpoint{}, err
+	}
+	bad := func(why string) (RetentionCheckpoint, error) {
+		return RetentionCheckpoint{}, fmt.Errorf("not a retention checkpoint: %s", why)
+	}
+	lines := strings.Split(strings.TrimSuffix(text, "\n"), "\n")
+	if len(lines) < 5 || lines[0] != retentionHeader {
+		return bad("bad header")
+	}
+	rc := RetentionCheckpoint{KeyID: kid, Note: msg}
+	hash32 := func(s string) ([]byte, bool) {
+		b, err := base64.StdEncoding.DecodeString(s)
+		return b, err == nil && len(b) == sha256.Size
+	}
+	var ok bool
+	for _, l := range lines[1:] {
+		k, v, _ := strings.Cut(l, " ")
+		f := strings.Fields(v)
+		switch k {
+		case "chain":
+			rc.ChainID = v
+		case "seqs":
+			if len(f) != 2 {
+				return bad("bad seqs line")
+			}
+			a, err1 := strconv.ParseInt(f[0], 10, 64)
+			z, err2 := strconv.ParseInt(f[1], 10, 64)
+			if err1 != nil || err2 != nil || a < 1 || z < a {
+				return bad("bad seqs line")
+			}
+			rc.FirstSeq, rc.LastSeq = a, z
+		case "prev":
+			if rc.FirstPrevHash, ok = hash32(v); !ok {
+				return bad("bad prev line")
+			}
+		case "last":
+			if rc.LastHash, ok = hash32(v); !ok {
+				return bad("bad last line")
+			}
+		case "node":
+			if len(f) != 3 {
+				return bad("bad node line")
+			}
+			lvl, err1 := strconv.Atoi(f[0])
+			idx, err2 := strconv.ParseInt(f[1], 10, 64)
+			h, ok := hash32(f[2])
+			if err1 != nil || err2 != nil || !ok || lvl < 0 || lvl > 62 || idx < 0 {
+				return bad("bad node line")
+			}
+			n := treeNode{Level: lvl, Index: idx}
+			copy(n.Hash[:], h)
+			rc.Nodes = append(rc.Nodes, n)
+		case "partition":
+			rc.Partition = v
+		case "time":
+			if rc.Time, err = time.Parse(time.RFC3339Nano, v); err != nil {
+				return bad("bad time line")
+			}
+		}
+	}
+	if rc.ChainID == "" || rc.FirstSeq == 0 || rc.FirstPrevHash == nil || rc.LastHash == nil {
+		return bad("missing fields")
+	}
+	// The nodes must be exactly the subtrees covering the run.
+	want := coverRange(rc.FirstSeq-1, rc.LastSeq)
+	if len(want) != len(rc.Nodes) {
+		return bad("nodes do not cover the run")
+	}
+	for i, n := range want {
+		if rc.Nodes[i].Level != n.Level || rc.Nodes[i].Index != n.Index {
+			return bad("nodes do not cover the run")
+		}
+	}
+	return rc, nil
+}
+
+// rangeBuilder folds the leaves of a run starting at any position into the
+// subtrees that cover it (merging two nodes only when they are siblings).
+type rangeBuilder struct {
+	next  int64 // index of the next leaf
+	nodes []treeNode
+}
+
+func (b *rangeBuilder) append(h tlog.Hash) {
+	n := treeNode{Level: 0, Index: b.next, Hash: h}
+	b.next++
+	for len(b.nodes) > 0 {
+		top := b.nodes[len(b.nodes)-1]
+		if n.Index%2 != 1 || top.Level != n.Level || top.Index != n.Index-1 {
+			break
+		}
+		n = treeNode{Level: n.Level + 1, Index: n.Index / 2, Hash: tlog.NodeHash(top.Hash, n.Hash)}
+		b.nodes = b.nodes[:len(b.nodes)-1]
+	}
+	b.nodes = append(b.nodes, n)
+}
+
+// retentionBuilder turns the rows about to be dropped, in (chain, seq)
+// order, into retention checkpoints, checking each row's MAC on the way: a
+// pruner signs only what its keys vouch for.
+type retentionBuilder struct {
+	keys      *Keyring
+	partition string
+	now       time.Time
+	macs      map[string]hash.Hash
+	buf       []byte
+	out       []RetentionCheckpoint
+	cur       *RetentionCheckpoint
+	rb        rangeBuilder
+	rows      int64
+}
+
+func newRetentionBuilder(keys *Keyring, partition string, now time.Time) *retentionBuilder {
+	return &retentionBuilder{keys: keys, partition: partition, now: now, macs: map[string]hash.Hash{}}
+}
+
+func (b *retentionBuilder) add(r *Record) error {
+	k := b.keys.privateKey(r.KeyID)
+	if k == nil {
+		return fmt.Errorf("chain %q seq %d: cannot vouch for a row MAC'd with key %q, which is not configured (audit.key_file, audit.previous_key_files); not pruned", r.ChainID, r.Seq, r.KeyID)
+	}
+	mac, ok := b.macs[k.id]
+	if !ok {
+		mac = hmac.New(sha256.New, k.mac)
+		b.macs[k.id] = mac
+	}
+	var leaf tlog.Hash
+	leaf, b.buf = rowLeaf(r, b.buf)
+	if !hmac.Equal(rowMAC(mac, leaf), r.Hash) {
+		return fmt.Errorf("chain %q seq %d (id %d): MAC does not verify (row modified); not pruned: run `meshguard audit verify`", r.ChainID, r.Seq, r.ID)
+	}
+	if c := b.cur; c == nil || c.ChainID != r.ChainID || r.Seq != c.LastSeq+1 {
+		b.flush()
+		b.cur = &RetentionCheckpoint{ChainID: r.ChainID, FirstSeq: r.Seq, FirstPrevHash: r.PrevHash}
+		b.rb = rangeBuilder{next: r.Seq - 1}
+	}
+	b.cur.LastSeq, b.cur.LastHash = r.Seq, r.Hash
+	b.rb.append(leaf)
+	b.rows++
+	return nil
+}
+
+func (b *retentionBuilder) flush() {
+	if b.cur == nil {
+		return
+	}
+	b.cur.Nodes = b.rb.nodes
+	b.out = append(b.out, *b.cur)
+	b.cur = nil
+}
+
+// finish signs the checkpoints with the current key.
+func (b *retentionBuilder) finish() ([]RetentionCheckpoint, error) {
+	b.flush()
+	if len(b.out) > 0 && b.keys.Current == nil {
+		return nil, errors.New("no signing key to sign retention checkpoints with")
+	}
+	for i := range b.out {
+		rc := &b.out[i]
+		rc.Partition, rc.Time, rc.KeyID = b.partition, b.now.UTC(), b.keys.Current.id
+		msg, err := note.Sign(&note.Note{Text: rc.text()}, b.keys.Current.signer)
+		if err != nil {
+			return nil, fmt.Errorf("signing a retention checkpoint: %w", err)
+		}
+		rc.Note = string(msg)
+	}
+	return b.out, nil
+}
 
 // pruner is what `meshguard audit prune` and the retention loop call.
 type pruner interface {
 	// Prune drops the months that ended at or before now-retention and
 	// returns their partition names (audit_logs_pYYYYMM), oldest first.
-	Prune(ctx context.Context, now time.Time) ([]string, error)
-}
-
-// checkpointSQL records the runs of the rows in relation src (a partition,
-// or a subquery for SQLite). $1/?1 is the partition name; now is the
-// recorded_at expression.
-func checkpointSQL(src, nameArg, now string) string {
-	return `INSERT INTO audit_chain_checkpoints
-		(chain_id, first_seq, last_seq, first_prev_hash, last_hash, row_count, partition_name, recorded_at)
-	SELECT r.chain_id, r.first_seq, r.last_seq,
-		(SELECT x.prev_hash FROM ` + src + ` x WHERE x.chain_id = r.chain_id AND x.seq = r.first_seq LIMIT 1),
-		(SELECT x.hash FROM ` + src + ` x WHERE x.chain_id = r.chain_id AND x.seq = r.last_seq LIMIT 1),
-		r.n, ` + nameArg + `, ` + now + `
-	FROM (SELECT chain_id, min(seq) AS first_seq, max(seq) AS last_seq, count(*) AS n
-		FROM (SELECT chain_id, seq, seq - row_number() OVER (PARTITION BY chain_id ORDER BY seq) AS grp FROM ` + src + `) t
-		GROUP BY chain_id, grp) r
-	WHERE true -- SQLite needs a WHERE before ON CONFLICT in INSERT … SELECT
-	ON CONFLICT (chain_id, first_seq) DO NOTHING`
-}
-
-// Prune implements pruner: for each partition wholly older than the
-// retention, in one transaction, record the checkpoints, detach and drop.
-func (s *PGStore) Prune(ctx context.Context, now time.Time) ([]string, error) {
-	cutoff := pruneCutoff(now, s.cfg.Retention)
-	rows, err := s.pool.Query(ctx, `SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-		WHERE i.inhparent = 'audit_logs'::regclass ORDER BY c.relname`)
-	if err != nil {
-		return nil, fmt.Errorf("listing audit partitions: %w", err)
-	}
-	names, err := pgx.CollectRows(rows, pgx.RowTo[string])
-	if err != nil {
-		return nil, fmt.Errorf("listing audit partitions: %w", err)
-	}
-	var dropped []string
-	for _, name := range names {
-		m, ok := partitionMonth(name)
-		if !ok || m.AddDate(0, 1, 0).After(cutoff) {
-			continue
-		}
-		ident := pgx.Identifier{name}.Sanitize()
-		err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-			if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1)", int64(pgLockKey)); err != nil {
-				return err
-			}
-			if _, err := tx.Exec(ctx, checkpointSQL(ident, "$1", "now()"), name); err != nil {
-				return fmt.Errorf("recording chain checkpoints: %w", err)
-			}
-			if _, err := tx.Exec(ctx, "ALTER TABLE audit_logs DETACH PARTITION "+ident); err != nil {
-				return fmt.Errorf("detaching: %w", err)
-			}
-			if _, err := tx.Exec(ctx, "DROP TABLE "+ident); err != nil {
-				return fmt.Errorf("dropping: %w", err)
-			}
-			return nil
-		})
-		if err != nil {
-			return dropped, fmt.Errorf("pruning audit partition %s: %w", name, err)
-		}
-		s.mu.Lock()
-		delete(s.months, m)
-		s.mu.Unlock()
-		s.log.Info("dropped audit partition", "partition", name, "cutoff", cutoff)
-		dropped = append(dropped, name)
-	}
-	return dropped, nil
-}
-
-// RunRetention keeps partitions created ahead and prunes every
-// audit.retention_interval until ctx is done. Zero interval: it only waits.
-func (s *PGStore) RunRetention(ctx context.Context) error {
-	return retentionLoop(ctx, s.log, s.cfg.RetentionInterval, func(ctx context.Context, now time.Time) error {
-		if err := s.EnsurePartitions(ctx, now); err != nil {
-			return err
-		}
-		_, err := s.Prune(ctx, now)
-		return err
-	})
-}
-
-// Prune implements pruner for SQLite: the rows of every month wholly older
-// than the retention are deleted in one transaction after their checkpoints.
-func (s *SQLiteStore) Prune(ctx context.Context, now time.Time) ([]string, error) {
-	cutoff := pruneCutoff(now, s.cfg.Retention).UnixMicro()
-	tx, err := s.db.BeginTx(ctx, nil)
-	if err != nil {
-		return nil, fmt.Errorf("pruning audit rows: %w", err)
-	}
-	defer tx.Rollback()
-	rows, err := tx.QueryContext(ctx, `SELECT DISTINCT strftime('%Y%m', created_at / 1000000, 'unixepoch') AS m
-		FROM audit_logs WHERE created_at < ? ORDER BY m`, cutoff)
-	if err != nil {
-		return nil, fmt.Errorf("listing audit months: %w", err)
-	}
-	var names []string
-	for rows.Next() {
-		var m string
-		if err := rows.Scan(&m); err != nil {
-			rows.Close()
-			return nil, fmt.Errorf("listing audit months: %w", err)
-		}
-		names = append(names, "audit_logs_p"+m)
-	}
-	rows.Close()
-	if len(names) == 0 {
-		return nil, nil
-	}
-	src := fmt.Sprintf("(SELECT * FROM audit_logs WHERE created_at < %d)", cutoff)
-	if _, err := tx.ExecContext(ctx, checkpointSQL(src, "?", "?"), strings.Join(names, ","), time.Now().UnixMicro()); err != nil {
-		return nil, fmt.Errorf("recording chain checkpoints: %w", err)
-	}
-	if _, err := tx.ExecContext(ctx, "DELETE FROM audit_logs WHERE created_at < ?", cutoff); err != nil {
-		return nil, fmt.Errorf("deleting old audit rows: %w", err)
-	}
-	if err := tx.Commit(); err != nil {
-		return nil, fmt.Errorf("pruning audit rows: %w", err)
-	}
-	s.log.Info("pruned audit months", "months", names)
-	return names, nil
-}
-
-// RunRetention prunes every audit.retention_interval until ctx is done.
-func (s *SQLiteStore) RunRetention(ctx context.Context) error {
-	return retentionLoop(ctx, s.log, s.cfg.RetentionInterval, func(ctx context.Context, now time.Time) error {
-		_, err := s.Prune(ctx, now)
-		return err
-	})
+	Prune(ctx context.Context, now time.Time, keys *Keyring) ([]string, error)
 }
 
 // retentionLoop runs step now and then every interval; failures are logged

@@ -28,13 +28,13 @@ func TestPrune(t *testing.T) {
 			}
 			recs = append(recs, r)
 		}
-		c := newChain("p")
+		c := newChain("p", testKey)
 		for b := range slices.Chunk(recs, 1000) {
 			mustWrite(t, s, c, b)
 		}
 		before := checkVerifies(t, s)
 
-		dropped, err := s.Prune(t.Context(), now)
+		dropped, err := s.Prune(t.Context(), now, testKeyring)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -50,21 +50,22 @@ func TestPrune(t *testing.T) {
 			}
 		}
 		after := checkVerifies(t, s)
-		if after.Rows != int64(kept) || after.Bridged != before.Rows-int64(kept) {
-			t.Fatalf("after prune: %d rows, %d bridged; want %d rows, %d bridged", after.Rows, after.Bridged, kept, before.Rows-int64(kept))
+		if after.Rows != int64(kept) || after.Pruned != before.Rows-int64(kept) {
+			t.Fatalf("after prune: %d rows, %d pruned; want %d rows, %d pruned", after.Rows, after.Pruned, kept, before.Rows-int64(kept))
 		}
-		if again, err := s.Prune(t.Context(), now); err != nil || len(again) != 0 {
+		if again, err := s.Prune(t.Context(), now, testKeyring); err != nil || len(again) != 0 {
 			t.Fatalf("second Prune = %v, %v; want nothing", again, err)
 		}
 
-		// The checkpoints are evidence too: forging one breaks verification.
-		exec(t, "UPDATE audit_chain_checkpoints SET last_hash = first_prev_hash WHERE first_seq = (SELECT max(first_seq) FROM audit_chain_checkpoints)")
-		rep, err := Verify(t.Context(), s, time.Time{}, time.Time{})
+		// The checkpoints are evidence too: altering one's note breaks
+		// verification.
+		exec(t, "UPDATE audit_chain_checkpoints SET note = replace(note, 'partition', 'partitioN') WHERE first_seq = (SELECT max(first_seq) FROM audit_chain_checkpoints)")
+		rep, err := Verify(t.Context(), s, VerifyOptions{Keys: testKeyring})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if rep.OK || !strings.Contains(rep.Break.Reason, "missing") {
-			t.Fatalf("Verify after forging a checkpoint = %+v, want a break", rep)
+		if rep.OK || !strings.Contains(rep.Break.Reason, "retention checkpoint does not verify") {
+			t.Fatalf("Verify after altering a checkpoint = %+v, want a break", rep.Break)
 		}
 	})
 }

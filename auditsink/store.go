@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -56,8 +57,9 @@ type chainReader interface {
 	// scanChain calls fn for the rows of chain with seq in (after, last], in
 	// seq order, streaming (keyset pages).
 	scanChain(ctx context.Context, chain string, after, last int64, fn func(*Record) error) error
-	// checkpoints returns the chain runs recorded before partitions were dropped.
-	checkpoints(ctx context.Context) ([]Checkpoint, error)
+	// retentionNotes returns the signed notes of the retention checkpoints,
+	// with the chain and first seq of their rows.
+	retentionNotes(ctx context.Context) ([]storedRetention, error)
 }
 
 // chainRange is the span of one chain inside a time window.
@@ -66,16 +68,12 @@ type chainRange struct {
 	FirstSeq, LastSeq int64
 }
 
-// Checkpoint is one run of consecutive rows of a chain (first..last seq)
-// that retention dropped, recorded just before the drop.
-type Checkpoint struct {
-	ChainID       string
-	FirstSeq      int64
-	LastSeq       int64
-	FirstPrevHash []byte
-	LastHash      []byte
-	Rows          int64
-	Partition     string
+// storedRetention is a row of audit_chain_checkpoints: the signed note
+// and the keys it is stored under.
+type storedRetention struct {
+	ChainID  string
+	FirstSeq int64
+	Note     string // empty for a row that carries none
 }
 
 // scanPageSize is how many rows one keyset page of Scan and scanChains reads.
@@ -86,10 +84,13 @@ const scanPageSize = 1000
 var recordColumns = []string{
 	"created_at", "action", "severity", "entity_type", "entity_id", "user_id", "ip_address", "user_agent",
 	"method", "path", "status", "request_id", "origin", "tenant", "metadata", "old_values", "new_values",
-	"chain_id", "seq", "prev_hash", "hash",
+	"chain_id", "seq", "key_id", "prev_hash", "hash",
 }
 
-var selectColumns = "id, " + strings.Join(recordColumns, ", ")
+var (
+	selectColumns = "id, " + strings.Join(recordColumns, ", ")
+	insertColumns = append([]string{"id"}, recordColumns...)
+)
 
 // dialect is the little that differs between the two SQL dialects here.
 type dialect struct {
@@ -243,17 +244,35 @@ func pruneCutoff(now time.Time, retention time.Duration) time.Time {
 	return monthStart(now.Add(-retention))
 }
 
-// rowQuerier runs a SELECT of audit rows in one store's SQL dialect, calling
-// fn for each row when fn is set, else collecting them.
-type rowQuerier interface {
+// driver is what differs between the two stores' database handles: how a
+// query runs and how an audit row is scanned. Everything else a store does
+// is written once, on sqlStore.
+type driver interface {
+	// query runs a SELECT of audit rows (selectColumns), calling fn for each
+	// row when fn is set, else collecting them.
 	query(ctx context.Context, sql string, args []any, fn func(*Record) error) ([]Record, error)
+	// eachRow runs sql and scans each row into dest, then calls fn.
+	eachRow(ctx context.Context, sql string, args []any, dest []any, fn func() error) error
 }
 
-// listRecords is List for either store: one keyset page, newest first.
-func listRecords(ctx context.Context, q rowQuerier, d dialect, f Filter, cur Cursor, limit int) ([]Record, Cursor, error) {
+// sqlStore is the part of both stores that only differs by dialect.
+type sqlStore struct {
+	d   dialect
+	drv driver
+
+	nosMu    sync.Mutex
+	chainNos map[string]int64
+}
+
+func newSQLStore(d dialect, drv driver) sqlStore {
+	return sqlStore{d: d, drv: drv, chainNos: map[string]int64{}}
+}
+
+// List implements recordReader: one keyset page, newest first.
+func (s *sqlStore) List(ctx context.Context, f Filter, cur Cursor, limit int) ([]Record, Cursor, error) {
 	limit = clampLimit(limit)
-	sql, args := listSQL(d, f, cur, limit)
-	recs, err := q.query(ctx, sql, args, nil)
+	sql, args := listSQL(s.d, f, cur, limit)
+	recs, err := s.drv.query(ctx, sql, args, nil)
 	if err != nil {
 		return nil, Cursor{}, fmt.Errorf("listing audit rows: %w", err)
 	}
@@ -261,15 +280,15 @@ func listRecords(ctx context.Context, q rowQuerier, d dialect, f Filter, cur Cur
 	return recs, next, nil
 }
 
-// scanRecords is Scan for either store: ascending keyset pages of
-// scanPageSize rows, so memory stays bounded by one page.
-func scanRecords(ctx context.Context, q rowQuerier, d dialect, f Filter, fn func(*Record) error) error {
+// Scan implements recordReader: ascending keyset pages of scanPageSize
+// rows, so memory stays bounded by one page whatever the range.
+func (s *sqlStore) Scan(ctx context.Context, f Filter, fn func(*Record) error) error {
 	var cur Cursor
 	started := false
 	for {
-		sql, args := scanSQL(d, f, cur, started)
+		sql, args := scanSQL(s.d, f, cur, started)
 		n := 0
-		_, err := q.query(ctx, sql, args, func(r *Record) error {
+		_, err := s.drv.query(ctx, sql, args, func(r *Record) error {
 			n++
 			cur = Cursor{CreatedAt: r.CreatedAt, ID: r.ID}
 			return fn(r)
@@ -284,13 +303,13 @@ func scanRecords(ctx context.Context, q rowQuerier, d dialect, f Filter, fn func
 	}
 }
 
-// scanChainRecords is scanChain for either store: the rows of one chain with
-// after < seq <= last, in seq order, a page at a time.
-func scanChainRecords(ctx context.Context, q rowQuerier, d dialect, chain string, after, last int64, fn func(*Record) error) error {
+// scanChain implements chainReader: the rows of one chain with after < seq
+// <= last, in seq order, a page at a time.
+func (s *sqlStore) scanChain(ctx context.Context, chain string, after, last int64, fn func(*Record) error) error {
 	for after < last {
-		sql, args := chainPageSQL(d, chain, after, last)
+		sql, args := chainPageSQL(s.d, chain, after, last)
 		n := 0
-		_, err := q.query(ctx, sql, args, func(r *Record) error {
+		_, err := s.drv.query(ctx, sql, args, func(r *Record) error {
 			n++
 			after = r.Seq
 			return fn(r)
@@ -303,4 +322,127 @@ func scanChainRecords(ctx context.Context, q rowQuerier, d dialect, chain string
 		}
 	}
 	return nil
+}
+
+// chainRanges implements chainReader.
+func (s *sqlStore) chainRanges(ctx context.Context, from, to time.Time) ([]chainRange, error) {
+	q, args := chainRangesSQL(s.d, from, to)
+	var out []chainRange
+	var c chainRange
+	err := s.drv.eachRow(ctx, q, args, []any{&c.ChainID, &c.FirstSeq, &c.LastSeq}, func() error {
+		out = append(out, c)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("reading audit chains: %w", err)
+	}
+	return out, nil
+}
+
+// retentionNotes implements chainReader.
+func (s *sqlStore) retentionNotes(ctx context.Context) ([]storedRetention, error) {
+	var out []storedRetention
+	var r storedRetention
+	var noteText *string
+	err := s.drv.eachRow(ctx, "SELECT chain_id, first_seq, note FROM audit_chain_checkpoints ORDER BY chain_id, first_seq", nil,
+		[]any{&r.ChainID, &r.FirstSeq, &noteText}, func() error {
+			r.Note = ""
+			if noteText != nil {
+				r.Note = *noteText
+			}
+			out = append(out, r)
+			return nil
+		})
+	if err != nil {
+		return nil, fmt.Errorf("reading retention checkpoints: %w", err)
+	}
+	return out, nil
+}
+
+// chainNo returns the number of chain in audit_chains, registering the
+// chain on first use. Numbers are cached: they never change.
+func (s *sqlStore) chainNo(ctx context.Context, exec func(ctx context.Context, sql string, args ...any) error, chain string) (int64, error) {
+	s.nosMu.Lock()
+	no, ok := s.chainNos[chain]
+	s.nosMu.Unlock()
+	if ok {
+		return no, nil
+	}
+	q := &query{d: s.d}
+	ins := "INSERT INTO audit_chains (chain_id) VALUES (" + q.arg(chain) + ") ON CONFLICT (chain_id) DO NOTHING"
+	if err := exec(ctx, ins, q.args...); err != nil {
+		return 0, fmt.Errorf("registering audit chain %q: %w", chain, err)
+	}
+	q = &query{d: s.d}
+	sel := "SELECT chain_no FROM audit_chains WHERE chain_id = " + q.arg(chain)
+	err := s.drv.eachRow(ctx, sel, q.args, []any{&no}, func() error { return nil })
+	if err != nil || no == 0 {
+		return 0, fmt.Errorf("reading the number of audit chain %q: %v", chain, err)
+	}
+	if no >= 1<<(63-idSeqBits) {
+		return 0, fmt.Errorf("audit chain %q: chain number %d out of range", chain, no)
+	}
+	s.nosMu.Lock()
+	s.chainNos[chain] = no
+	s.nosMu.Unlock()
+	return no, nil
+}
+
+// assignIDs gives every record its id from its chain's number and seq.
+func (s *sqlStore) assignIDs(ctx context.Context, exec func(ctx context.Context, sql string, args ...any) error, recs []Record) error {
+	var chain string
+	var no int64
+	for i := range recs {
+		r := &recs[i]
+		if r.ChainID != chain || no == 0 {
+			var err error
+			if no, err = s.chainNo(ctx, exec, r.ChainID); err != nil {
+				return err
+			}
+			chain = r.ChainID
+		}
+		r.ID = rowID(no, r.Seq)
+	}
+	return nil
+}
+
+// confirmDuplicate checks that a batch refused as a duplicate is really
+// stored already (a replay), not a different batch claiming its keys.
+func (s *sqlStore) confirmDuplicate(ctx context.Context, recs []Record) (bool, error) {
+	q, args := sameBatchSQL(s.d, recs)
+	stored := map[int64][]byte{}
+	var seq int64
+	var hash []byte
+	err := s.drv.eachRow(ctx, q, args, []any{&seq, &hash}, func() error {
+		stored[seq] = append([]byte(nil), hash...)
+		return nil
+	})
+	if err != nil {
+		return false, fmt.Errorf("checking a duplicate audit batch: %w", err)
+	}
+	if !sameBatch(recs, stored) {
+		return false, fmt.Errorf("chain %q seq %d..%d: %w", recs[0].ChainID, recs[0].Seq, recs[len(recs)-1].Seq, errChainConflict)
+	}
+	return true, nil
+}
+
+// pruneRows streams the rows of q (in chain, seq order) into a retention
+// builder and returns the signed checkpoints of their runs.
+func (s *sqlStore) pruneRows(ctx context.Context, drv driver, sql string, args []any, keys *Keyring, partition string, now time.Time) ([]RetentionCheckpoint, int64, error) {
+	b := newRetentionBuilder(keys, partition, now)
+	if _, err := drv.query(ctx, sql, args, b.add); err != nil {
+		return nil, 0, err
+	}
+	rcs, err := b.finish()
+	return rcs, b.rows, err
+}
+
+// insertRetentionSQL stores one retention checkpoint.
+func insertRetentionSQL(d dialect, rc *RetentionCheckpoint) (string, []any) {
+	q := &query{d: d}
+	vals := []string{q.arg(rc.ChainID), q.arg(rc.FirstSeq), q.arg(rc.LastSeq), q.arg(rc.FirstPrevHash), q.arg(rc.LastHash),
+		q.arg(rc.LastSeq - rc.FirstSeq + 1), q.arg(rc.Partition), q.arg(d.timeArg(rc.Time)), q.arg(rc.Note)}
+	return `INSERT INTO audit_chain_checkpoints
+		(chain_id, first_seq, last_seq, first_prev_hash, last_hash, row_count, partition_name, recorded_at, note)
+		VALUES (` + strings.Join(vals, ", ") + `) ON CONFLICT (chain_id, first_seq) DO NOTHING`, q.args
 }

@@ -52,7 +52,9 @@ func TestStoreConfig(t *testing.T) {
 		`audit.batch_interval: must be positive, got "0s"`,
 		`audit.queue_size: must be at least audit.batch_size (0), got -1`,
 		`audit.write_timeout: must be positive, got "0s"`,
-		`audit.chain_head_interval: must be positive, got "0s"`,
+		`audit.checkpoint_interval: must be positive, got "0s"`,
+		`audit.chain_id: must be at most 200 printable bytes without spaces or '+', got "a b"`,
+		`audit.trusted_keys[0]: not a public key (name+hash+base64), got "nope"`,
 	} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error lacks %q; got:\n%v", want, err)

@@ -24,6 +24,7 @@ import (
 // sends COPY as a simple query, so it works through PgBouncer's transaction
 // mode too.
 type PGStore struct {
+	sqlStore
 	log  *slog.Logger
 	pool *pgxpool.Pool
 	cfg  Config
@@ -42,7 +43,9 @@ func OpenPostgres(ctx context.Context, log *slog.Logger, pool *pgxpool.Pool, cfg
 	if pool == nil {
 		return nil, errors.New("opening audit store: nil pool")
 	}
-	return &PGStore{log: log, pool: pool, cfg: cfg, months: map[time.Time]bool{}}, nil
+	s := &PGStore{log: log, pool: pool, cfg: cfg, months: map[time.Time]bool{}}
+	s.sqlStore = newSQLStore(pgDialect, pgDriver{pool})
+	return s, nil
 }
 
 // Close releases nothing of its own: the pool belongs to the caller.
@@ -51,6 +54,8 @@ func (s *PGStore) Close() {}
 // Migrate applies the schema steps not applied yet, in one transaction
 // under an advisory lock (so replicas starting together do not race), then
 // creates the partitions from last month to PartitionsAhead months ahead.
+// When every step is applied already it runs no DDL, so serve's
+// least-privileged writer role (meshguard_audit_writer) can call it.
 func (s *PGStore) Migrate(ctx context.Context) error {
 	ms, err := migrations("postgres")
 	if err != nil {
@@ -60,28 +65,33 @@ func (s *PGStore) Migrate(ctx context.Context) error {
 		if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1)", int64(pgLockKey)); err != nil {
 			return fmt.Errorf("taking the migration lock: %w", err)
 		}
-		if _, err := tx.Exec(ctx, `CREATE TABLE IF NOT EXISTS audit_schema_migrations (
-			version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())`); err != nil {
-			return fmt.Errorf("creating audit_schema_migrations: %w", err)
-		}
 		applied := map[int]bool{}
-		rows, err := tx.Query(ctx, "SELECT version FROM audit_schema_migrations")
-		if err != nil {
+		var exists bool
+		if err := tx.QueryRow(ctx, "SELECT to_regclass('audit_schema_migrations') IS NOT NULL").Scan(&exists); err != nil {
 			return fmt.Errorf("reading applied migrations: %w", err)
 		}
-		vs, err := pgx.CollectRows(rows, pgx.RowTo[int32])
-		if err != nil {
-			return fmt.Errorf("reading applied migrations: %w", err)
-		}
-		for _, v := range vs {
-			applied[int(v)] = true
+		if exists {
+			rows, err := tx.Query(ctx, "SELECT version FROM audit_schema_migrations")
+			if err != nil {
+				return fmt.Errorf("reading applied migrations: %w", err)
+			}
+			vs, err := pgx.CollectRows(rows, pgx.RowTo[int32])
+			if err != nil {
+				return fmt.Errorf("reading applied migrations: %w", err)
+			}
+			for _, v := range vs {
+				applied[int(v)] = true
+			}
+		} else if _, err := tx.Exec(ctx, `CREATE TABLE audit_schema_migrations (
+			version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())`); err != nil {
+			return fmt.Errorf("creating audit_schema_migrations (run `meshguard migrate` with the schema owner's DATABASE_URL): %w", err)
 		}
 		for _, m := range ms {
 			if applied[m.version] {
 				continue
 			}
 			if _, err := tx.Exec(ctx, m.sql); err != nil {
-				return fmt.Errorf("applying migration %s: %w", m.name, err)
+				return fmt.Errorf("applying migration %s (run `meshguard migrate` with the schema owner's DATABASE_URL): %w", m.name, err)
 			}
 			if _, err := tx.Exec(ctx, "INSERT INTO audit_schema_migrations (version, name) VALUES ($1, $2)", m.version, m.name); err != nil {
 				return fmt.Errorf("recording migration %s: %w", m.name, err)
@@ -128,11 +138,10 @@ func (s *PGStore) ensureMonths(ctx context.Context, months []time.Time) error {
 			return err
 		}
 		for _, m := range missing {
-			name := partitionName(m)
-			sql := fmt.Sprintf("CREATE TABLE IF NOT EXISTS %s PARTITION OF audit_logs FOR VALUES FROM ('%s') TO ('%s')",
-				pgx.Identifier{name}.Sanitize(), m.Format(time.RFC3339), m.AddDate(0, 1, 0).Format(time.RFC3339))
-			if _, err := tx.Exec(ctx, sql); err != nil {
-				return fmt.Errorf("creating partition %s: %w", name, err)
+			// A SECURITY DEFINER function of the schema owner: the writer
+			// role creates partitions without any DDL privilege.
+			if _, err := tx.Exec(ctx, "SELECT audit_ensure_partition($1::date)", m.Format(time.DateOnly)); err != nil {
+				return fmt.Errorf("creating partition %s: %w", partitionName(m), err)
 			}
 		}
 		return nil
@@ -168,6 +177,9 @@ func (s *PGStore) writeBatch(ctx context.Context, recs []Record) (bool, error) {
 	if err := s.ensureMonths(ctx, months); err != nil {
 		return false, err
 	}
+	if err := s.assignIDs(ctx, s.exec, recs); err != nil {
+		return false, err
+	}
 	dup, err := s.copyBatch(ctx, recs)
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) && pgErr.Code == "23514" {
@@ -187,14 +199,14 @@ func (s *PGStore) writeBatch(ctx context.Context, recs []Record) (bool, error) {
 
 // copyBatch is one attempt of writeBatch.
 func (s *PGStore) copyBatch(ctx context.Context, recs []Record) (bool, error) {
-	row := make([]any, len(recordColumns))
+	row := make([]any, len(insertColumns))
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		// An audit batch is acknowledged (and its spool segment deleted)
 		// only once it is on disk, whatever the server's default.
 		if _, err := tx.Exec(ctx, "SET LOCAL synchronous_commit TO on"); err != nil {
 			return err
 		}
-		_, err := tx.CopyFrom(ctx, pgx.Identifier{"audit_logs"}, recordColumns, pgx.CopyFromSlice(len(recs), func(i int) ([]any, error) {
+		_, err := tx.CopyFrom(ctx, pgx.Identifier{"audit_logs"}, insertColumns, pgx.CopyFromSlice(len(recs), func(i int) ([]any, error) {
 			pgRow(row, &recs[i])
 			return row, nil
 		}))
@@ -210,29 +222,15 @@ func (s *PGStore) copyBatch(ctx context.Context, recs []Record) (bool, error) {
 	return false, nil
 }
 
-// confirmDuplicate checks that a batch refused as a duplicate is really
-// stored already (a replay), not a different batch claiming its keys.
-func (s *PGStore) confirmDuplicate(ctx context.Context, recs []Record) (bool, error) {
-	q, args := sameBatchSQL(pgDialect, recs)
-	rows, err := s.pool.Query(ctx, q, args...)
-	if err != nil {
-		return false, fmt.Errorf("checking a duplicate audit batch: %w", err)
-	}
-	stored := map[int64][]byte{}
-	var seq int64
-	var hash []byte
-	_, err = pgx.ForEachRow(rows, []any{&seq, &hash}, func() error { stored[seq] = hash; return nil })
-	if err != nil {
-		return false, fmt.Errorf("checking a duplicate audit batch: %w", err)
-	}
-	if !sameBatch(recs, stored) {
-		return false, fmt.Errorf("chain %q seq %d..%d: %w", recs[0].ChainID, recs[0].Seq, recs[len(recs)-1].Seq, errChainConflict)
-	}
-	return true, nil
+func (s *PGStore) exec(ctx context.Context, sql string, args ...any) error {
+	_, err := s.pool.Exec(ctx, sql, args...)
+	return err
 }
 
-// pgRow fills row with r's column values in recordColumns order.
+// pgRow fills row with r's column values in insertColumns order.
 func pgRow(row []any, r *Record) {
+	row[0] = r.ID
+	row = row[1:]
 	row[0] = r.CreatedAt
 	row[1] = r.Action
 	row[2] = r.Severity
@@ -256,8 +254,9 @@ func pgRow(row []any, r *Record) {
 	row[16] = nullJSON(r.NewValues)
 	row[17] = r.ChainID
 	row[18] = r.Seq
-	row[19] = r.PrevHash
-	row[20] = r.Hash
+	row[19] = nullString(r.KeyID)
+	row[20] = r.PrevHash
+	row[21] = r.Hash
 }
 
 // nullJSON maps a nil JSON value to SQL NULL (a typed nil would be JSON null).
@@ -268,78 +267,42 @@ func nullJSON(raw json.RawMessage) any {
 	return []byte(raw)
 }
 
-// List implements recordReader.
-func (s *PGStore) List(ctx context.Context, f Filter, cur Cursor, limit int) ([]Record, Cursor, error) {
-	return listRecords(ctx, s, pgDialect, f, cur, limit)
+// pgDriver runs the shared queries on the pool or in a transaction.
+type pgDriver struct {
+	pool interface {
+		Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	}
 }
 
-// Scan implements recordReader: ascending keyset pages, so memory stays
-// bounded by one page whatever the range.
-func (s *PGStore) Scan(ctx context.Context, f Filter, fn func(*Record) error) error {
-	return scanRecords(ctx, s, pgDialect, f, fn)
-}
-
-// chainRanges implements chainReader.
-func (s *PGStore) chainRanges(ctx context.Context, from, to time.Time) ([]chainRange, error) {
-	q, args := chainRangesSQL(pgDialect, from, to)
-	rows, err := s.pool.Query(ctx, q, args...)
+func (d pgDriver) eachRow(ctx context.Context, sql string, args []any, dest []any, fn func() error) error {
+	rows, err := d.pool.Query(ctx, sql, args...)
 	if err != nil {
-		return nil, fmt.Errorf("reading audit chains: %w", err)
+		return err
 	}
-	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (chainRange, error) {
-		var c chainRange
-		err := row.Scan(&c.ChainID, &c.FirstSeq, &c.LastSeq)
-		return c, err
-	})
-	if err != nil {
-		return nil, fmt.Errorf("reading audit chains: %w", err)
-	}
-	return out, nil
-}
-
-// scanChain implements chainReader.
-func (s *PGStore) scanChain(ctx context.Context, chain string, after, last int64, fn func(*Record) error) error {
-	return scanChainRecords(ctx, s, pgDialect, chain, after, last, fn)
-}
-
-// checkpoints implements chainReader.
-func (s *PGStore) checkpoints(ctx context.Context) ([]Checkpoint, error) {
-	rows, err := s.pool.Query(ctx, `SELECT chain_id, first_seq, last_seq, first_prev_hash, last_hash, row_count, partition_name
-		FROM audit_chain_checkpoints ORDER BY chain_id, first_seq`)
-	if err != nil {
-		return nil, fmt.Errorf("reading chain checkpoints: %w", err)
-	}
-	cps, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (Checkpoint, error) {
-		var c Checkpoint
-		err := row.Scan(&c.ChainID, &c.FirstSeq, &c.LastSeq, &c.FirstPrevHash, &c.LastHash, &c.Rows, &c.Partition)
-		return c, err
-	})
-	if err != nil {
-		return nil, fmt.Errorf("reading chain checkpoints: %w", err)
-	}
-	return cps, nil
+	_, err = pgx.ForEachRow(rows, dest, fn)
+	return err
 }
 
 // query runs sql and either collects the rows (fn nil) or streams them to fn.
-func (s *PGStore) query(ctx context.Context, sql string, args []any, fn func(*Record) error) ([]Record, error) {
-	rows, err := s.pool.Query(ctx, sql, args...)
+func (d pgDriver) query(ctx context.Context, sql string, args []any, fn func(*Record) error) ([]Record, error) {
+	rows, err := d.pool.Query(ctx, sql, args...)
 	if err != nil {
 		return nil, err
 	}
 	defer rows.Close()
 	var out []Record
 	var r Record
-	var entityType, entityID, userID, ip, ua, method, path, requestID, origin, tenant pgtype.Text
+	var entityType, entityID, userID, ip, ua, method, path, requestID, origin, tenant, keyID pgtype.Text
 	var status pgtype.Int4
 	var meta, oldV, newV []byte
 	for rows.Next() {
 		r = Record{}
 		if err := rows.Scan(&r.ID, &r.CreatedAt, &r.Action, &r.Severity, &entityType, &entityID, &userID, &ip, &ua,
 			&method, &path, &status, &requestID, &origin, &tenant, &meta, &oldV, &newV,
-			&r.ChainID, &r.Seq, &r.PrevHash, &r.Hash); err != nil {
+			&r.ChainID, &r.Seq, &keyID, &r.PrevHash, &r.Hash); err != nil {
 			return nil, err
 		}
-		r.CreatedAt = r.CreatedAt.UTC()
+		r.CreatedAt, r.KeyID = r.CreatedAt.UTC(), keyID.String
 		r.EntityType, r.EntityID, r.UserID, r.IPAddress = entityType.String, entityID.String, userID.String, ip.String
 		r.UserAgent, r.Method, r.Path, r.RequestID = ua.String, method.String, path.String, requestID.String
 		r.Origin, r.Tenant, r.Status = origin.String, tenant.String, int(status.Int32)
@@ -365,4 +328,91 @@ func jsonOrNil(b []byte) json.RawMessage {
 		return c
 	}
 	return json.RawMessage(append([]byte(nil), b...))
+}
+
+// Prune implements pruner: for each partition wholly older than the
+// retention, in one transaction: check its rows' MACs, record signed
+// retention checkpoints of their runs, then detach and drop it through
+// audit_drop_partition (the retention role's only way to remove rows).
+func (s *PGStore) Prune(ctx context.Context, now time.Time, keys *Keyring) ([]string, error) {
+	cutoff := pruneCutoff(now, s.cfg.Retention)
+	rows, err := s.pool.Query(ctx, `SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+		WHERE i.inhparent = 'audit_logs'::regclass ORDER BY c.relname`)
+	if err != nil {
+		return nil, fmt.Errorf("listing audit partitions: %w", err)
+	}
+	names, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, fmt.Errorf("listing audit partitions: %w", err)
+	}
+	var dropped []string
+	for _, name := range names {
+		m, ok := partitionMonth(name)
+		if !ok || m.AddDate(0, 1, 0).After(cutoff) {
+			continue
+		}
+		var n int64
+		err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1)", int64(pgLockKey)); err != nil {
+				return err
+			}
+			// Through the parent: the retention role reads audit_logs, not
+			// its partitions.
+			q := "SELECT " + selectColumns + " FROM audit_logs WHERE created_at >= $1 AND created_at < $2 ORDER BY chain_id, seq"
+			rcs, rows, err := s.pruneRows(ctx, pgDriver{tx}, q, []any{m, m.AddDate(0, 1, 0)}, keys, name, now)
+			if err != nil {
+				return err
+			}
+			n = rows
+			for i := range rcs {
+				sql, args := insertRetentionSQL(pgDialect, &rcs[i])
+				if _, err := tx.Exec(ctx, sql, args...); err != nil {
+					return fmt.Errorf("recording retention checkpoints: %w", err)
+				}
+			}
+			if _, err := tx.Exec(ctx, "SELECT audit_drop_partition($1)", name); err != nil {
+				return fmt.Errorf("dropping: %w", err)
+			}
+			return nil
+		})
+		if err != nil {
+			return dropped, fmt.Errorf("pruning audit partition %s: %w", name, err)
+		}
+		s.mu.Lock()
+		delete(s.months, m)
+		s.mu.Unlock()
+		s.log.Info("dropped audit partition", "partition", name, "rows", n, "cutoff", cutoff)
+		dropped = append(dropped, name)
+	}
+	return dropped, nil
+}
+
+// RunRetention keeps partitions created ahead and, when keys can sign,
+// prunes every audit.retention_interval until ctx is done. Zero interval:
+// it only waits.
+func (s *PGStore) RunRetention(ctx context.Context, keys *Keyring) error {
+	return retentionLoop(ctx, s.log, s.cfg.RetentionInterval, func(ctx context.Context, now time.Time) error {
+		if err := s.EnsurePartitions(ctx, now); err != nil {
+			return err
+		}
+		_, err := s.Prune(ctx, now, keys)
+		return err
+	})
+}
+
+// Privileges reports what the store's connection role may do to
+// audit_logs beyond INSERT and SELECT: serve's role should be able to do
+// none of it.
+func (s *PGStore) Privileges(ctx context.Context) ([]string, error) {
+	var extra []string
+	for _, p := range []string{"UPDATE", "DELETE", "TRUNCATE"} {
+		var ok bool
+		if err := s.pool.QueryRow(ctx, "SELECT has_table_privilege('audit_logs', $1)", p).Scan(&ok); err != nil {
+			return nil, fmt.Errorf("reading the audit role's privileges: %w", err)
+		}
+		if ok {
+			extra = append(extra, p)
+		}
+	}
+	return extra, nil
 }

@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"modernc.org/sqlite"
@@ -20,6 +21,7 @@ import (
 // modernc.org/sqlite) when no database is configured: the same columns and
 // chain as PGStore in one plain table. It is safe for concurrent use.
 type SQLiteStore struct {
+	sqlStore
 	log *slog.Logger
 	db  *sql.DB
 	cfg Config
@@ -54,7 +56,9 @@ func OpenSQLite(ctx context.Context, log *slog.Logger, path string, cfg Config) 
 		db.Close()
 		return nil, fmt.Errorf("opening audit store %s: %w", path, err)
 	}
-	return &SQLiteStore{log: log, db: db, cfg: cfg}, nil
+	st := &SQLiteStore{log: log, db: db, cfg: cfg}
+	st.sqlStore = newSQLStore(sqliteDialect, sqliteDriver{db})
+	return st, nil
 }
 
 // Close closes the file.
@@ -108,13 +112,16 @@ func (s *SQLiteStore) Migrate(ctx context.Context) error {
 	return nil
 }
 
-var sqliteInsert = "INSERT INTO audit_logs (" + joinCols(recordColumns) + ") VALUES (?" + repeatString(", ?", len(recordColumns)-1) + ")"
+var sqliteInsert = "INSERT INTO audit_logs (" + strings.Join(insertColumns, ", ") + ") VALUES (?" + strings.Repeat(", ?", len(insertColumns)-1) + ")"
 
 // writeBatch inserts recs in one transaction. A UNIQUE (chain_id, seq)
 // violation means the batch was committed before: duplicate, no error.
 func (s *SQLiteStore) writeBatch(ctx context.Context, recs []Record) (bool, error) {
 	if len(recs) == 0 {
 		return false, nil
+	}
+	if err := s.assignIDs(ctx, s.exec, recs); err != nil {
+		return false, err
 	}
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
@@ -126,11 +133,11 @@ func (s *SQLiteStore) writeBatch(ctx context.Context, recs []Record) (bool, erro
 		return false, fmt.Errorf("writing audit rows: %w", err)
 	}
 	defer stmt.Close()
-	row := make([]any, len(recordColumns))
+	row := make([]any, len(insertColumns))
 	for i := range recs {
 		pgRow(row, &recs[i])
-		row[0] = recs[i].CreatedAt.UnixMicro()
-		for j := 14; j <= 16; j++ {
+		row[1] = recs[i].CreatedAt.UnixMicro()
+		for j := 15; j <= 17; j++ {
 			if b, ok := row[j].([]byte); ok {
 				row[j] = string(b)
 			}
@@ -150,89 +157,38 @@ func (s *SQLiteStore) writeBatch(ctx context.Context, recs []Record) (bool, erro
 	return false, nil
 }
 
-// confirmDuplicate checks that a batch refused as a duplicate is really
-// stored already (a replay), not a different batch claiming its keys.
-func (s *SQLiteStore) confirmDuplicate(ctx context.Context, recs []Record) (bool, error) {
-	q, args := sameBatchSQL(sqliteDialect, recs)
-	rows, err := s.db.QueryContext(ctx, q, args...)
+func (s *SQLiteStore) exec(ctx context.Context, q string, args ...any) error {
+	_, err := s.db.ExecContext(ctx, q, args...)
+	return err
+}
+
+// sqliteDriver runs the shared queries on the database or in a transaction.
+type sqliteDriver struct {
+	db interface {
+		QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
+	}
+}
+
+func (d sqliteDriver) eachRow(ctx context.Context, q string, args []any, dest []any, fn func() error) error {
+	rows, err := d.db.QueryContext(ctx, q, args...)
 	if err != nil {
-		return false, fmt.Errorf("checking a duplicate audit batch: %w", err)
+		return err
 	}
 	defer rows.Close()
-	stored := map[int64][]byte{}
 	for rows.Next() {
-		var seq int64
-		var hash []byte
-		if err := rows.Scan(&seq, &hash); err != nil {
-			return false, fmt.Errorf("checking a duplicate audit batch: %w", err)
+		if err := rows.Scan(dest...); err != nil {
+			return err
 		}
-		stored[seq] = hash
-	}
-	if err := rows.Err(); err != nil {
-		return false, fmt.Errorf("checking a duplicate audit batch: %w", err)
-	}
-	if !sameBatch(recs, stored) {
-		return false, fmt.Errorf("chain %q seq %d..%d: %w", recs[0].ChainID, recs[0].Seq, recs[len(recs)-1].Seq, errChainConflict)
-	}
-	return true, nil
-}
-
-// List implements recordReader.
-func (s *SQLiteStore) List(ctx context.Context, f Filter, cur Cursor, limit int) ([]Record, Cursor, error) {
-	return listRecords(ctx, s, sqliteDialect, f, cur, limit)
-}
-
-// Scan implements recordReader: ascending keyset pages.
-func (s *SQLiteStore) Scan(ctx context.Context, f Filter, fn func(*Record) error) error {
-	return scanRecords(ctx, s, sqliteDialect, f, fn)
-}
-
-// chainRanges implements chainReader.
-func (s *SQLiteStore) chainRanges(ctx context.Context, from, to time.Time) ([]chainRange, error) {
-	q, args := chainRangesSQL(sqliteDialect, from, to)
-	rows, err := s.db.QueryContext(ctx, q, args...)
-	if err != nil {
-		return nil, fmt.Errorf("reading audit chains: %w", err)
-	}
-	defer rows.Close()
-	var out []chainRange
-	for rows.Next() {
-		var c chainRange
-		if err := rows.Scan(&c.ChainID, &c.FirstSeq, &c.LastSeq); err != nil {
-			return nil, fmt.Errorf("reading audit chains: %w", err)
+		if err := fn(); err != nil {
+			return err
 		}
-		out = append(out, c)
 	}
-	return out, rows.Err()
-}
-
-// scanChain implements chainReader.
-func (s *SQLiteStore) scanChain(ctx context.Context, chain string, after, last int64, fn func(*Record) error) error {
-	return scanChainRecords(ctx, s, sqliteDialect, chain, after, last, fn)
-}
-
-// checkpoints implements chainReader.
-func (s *SQLiteStore) checkpoints(ctx context.Context) ([]Checkpoint, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT chain_id, first_seq, last_seq, first_prev_hash, last_hash, row_count, partition_name
-		FROM audit_chain_checkpoints ORDER BY chain_id, first_seq`)
-	if err != nil {
-		return nil, fmt.Errorf("reading chain checkpoints: %w", err)
-	}
-	defer rows.Close()
-	var cps []Checkpoint
-	for rows.Next() {
-		var c Checkpoint
-		if err := rows.Scan(&c.ChainID, &c.FirstSeq, &c.LastSeq, &c.FirstPrevHash, &c.LastHash, &c.Rows, &c.Partition); err != nil {
-			return nil, fmt.Errorf("reading chain checkpoints: %w", err)
-		}
-		cps = append(cps, c)
-	}
-	return cps, rows.Err()
+	return rows.Err()
 }
 
 // query runs q and either collects the rows (fn nil) or streams them to fn.
-func (s *SQLiteStore) query(ctx context.Context, q string, args []any, fn func(*Record) error) ([]Record, error) {
-	rows, err := s.db.QueryContext(ctx, q, args...)
+func (d sqliteDriver) query(ctx context.Context, q string, args []any, fn func(*Record) error) ([]Record, error) {
+	rows, err := d.db.QueryContext(ctx, q, args...)
 	if err != nil {
 		return nil, err
 	}
@@ -240,16 +196,16 @@ func (s *SQLiteStore) query(ctx context.Context, q string, args []any, fn func(*
 	var out []Record
 	var r Record
 	var created int64
-	var entityType, entityID, userID, ip, ua, method, path, requestID, origin, tenant, meta, oldV, newV sql.NullString
+	var entityType, entityID, userID, ip, ua, method, path, requestID, origin, tenant, meta, oldV, newV, keyID sql.NullString
 	var status sql.NullInt64
 	for rows.Next() {
 		r = Record{}
 		if err := rows.Scan(&r.ID, &created, &r.Action, &r.Severity, &entityType, &entityID, &userID, &ip, &ua,
 			&method, &path, &status, &requestID, &origin, &tenant, &meta, &oldV, &newV,
-			&r.ChainID, &r.Seq, &r.PrevHash, &r.Hash); err != nil {
+			&r.ChainID, &r.Seq, &keyID, &r.PrevHash, &r.Hash); err != nil {
 			return nil, err
 		}
-		r.CreatedAt = time.UnixMicro(created).UTC()
+		r.CreatedAt, r.KeyID = time.UnixMicro(created).UTC(), keyID.String
 		r.EntityType, r.EntityID, r.UserID, r.IPAddress = entityType.String, entityID.String, userID.String, ip.String
 		r.UserAgent, r.Method, r.Path, r.RequestID = ua.String, method.String, path.String, requestID.String
 		r.Origin, r.Tenant, r.Status = origin.String, tenant.String, int(status.Int64)
@@ -272,21 +228,54 @@ func sqliteJSON(s sql.NullString) json.RawMessage {
 	return json.RawMessage(s.String)
 }
 
-func joinCols(cols []string) string {
-	out := ""
-	for i, c := range cols {
-		if i > 0 {
-			out += ", "
-		}
-		out += c
+// Prune implements pruner for SQLite: the rows of every month wholly older
+// than the retention are checked, vouched for by signed retention
+// checkpoints and deleted, in one transaction.
+func (s *SQLiteStore) Prune(ctx context.Context, now time.Time, keys *Keyring) ([]string, error) {
+	cutoff := pruneCutoff(now, s.cfg.Retention).UnixMicro()
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return nil, fmt.Errorf("pruning audit rows: %w", err)
 	}
-	return out
+	defer tx.Rollback()
+	var names []string
+	var m string
+	err = sqliteDriver{tx}.eachRow(ctx, `SELECT DISTINCT strftime('%Y%m', created_at / 1000000, 'unixepoch') AS m
+		FROM audit_logs WHERE created_at < ? ORDER BY m`, []any{cutoff}, []any{&m}, func() error {
+		names = append(names, "audit_logs_p"+m)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("listing audit months: %w", err)
+	}
+	if len(names) == 0 {
+		return nil, nil
+	}
+	q := "SELECT " + selectColumns + " FROM audit_logs WHERE created_at < ? ORDER BY chain_id, seq"
+	rcs, n, err := s.pruneRows(ctx, sqliteDriver{tx}, q, []any{cutoff}, keys, strings.Join(names, ","), now)
+	if err != nil {
+		return nil, fmt.Errorf("pruning audit rows: %w", err)
+	}
+	for i := range rcs {
+		q, args := insertRetentionSQL(sqliteDialect, &rcs[i])
+		if _, err := tx.ExecContext(ctx, q, args...); err != nil {
+			return nil, fmt.Errorf("recording retention checkpoints: %w", err)
+		}
+	}
+	if _, err := tx.ExecContext(ctx, "DELETE FROM audit_logs WHERE created_at < ?", cutoff); err != nil {
+		return nil, fmt.Errorf("deleting old audit rows: %w", err)
+	}
+	if err := tx.Commit(); err != nil {
+		return nil, fmt.Errorf("pruning audit rows: %w", err)
+	}
+	s.log.Info("pruned audit months", "months", names, "rows", n)
+	return names, nil
 }
 
-func repeatString(s string, n int) string {
-	out := ""
-	for range n {
-		out += s
-	}
-	return out
+// RunRetention prunes every audit.retention_interval until ctx is done.
+func (s *SQLiteStore) RunRetention(ctx context.Context, keys *Keyring) error {
+	return retentionLoop(ctx, s.log, s.cfg.RetentionInterval, func(ctx context.Context, now time.Time) error {
+		_, err := s.Prune(ctx, now, keys)
+		return err
+	})
 }

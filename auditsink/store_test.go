@@ -114,7 +114,7 @@ func TestStoreListScan(t *testing.T) {
 	bothStores(t, DefaultConfig(), func(t *testing.T, s testStore) {
 		start := time.Date(2026, 11, 1, 0, 0, 0, 0, time.UTC)
 		recs := genRecords(2500, start, "r")
-		mustWrite(t, s, newChain("c1"), recs)
+		mustWrite(t, s, newChain("c1", testKey), recs)
 
 		// Scan: everything ascending, exactly what was written.
 		var got []Record
@@ -125,7 +125,9 @@ func TestStoreListScan(t *testing.T) {
 			t.Fatalf("Scan: %d rows, want %d", len(got), len(recs))
 		}
 		for i := range got {
-			got[i].ID = 0
+			if got[i].ID != rowID(got[0].ID>>idSeqBits, got[i].Seq) {
+				t.Fatalf("row %d: id %d is not chain number << 32 | seq", i, got[i].ID)
+			}
 		}
 		if d := cmp.Diff(recs, got); d != "" {
 			t.Fatalf("Scan rows differ from written (-want +got):\n%s", d)
@@ -191,7 +193,7 @@ func TestStoreDuplicateBatch(t *testing.T) {
 	bothStores(t, DefaultConfig(), func(t *testing.T, s testStore) {
 		start := time.Now().Add(-time.Hour)
 		recs := genRecords(50, start, "d")
-		mustWrite(t, s, newChain("dup"), recs)
+		mustWrite(t, s, newChain("dup", testKey), recs)
 		dup, err := s.writeBatch(t.Context(), recs)
 		if err != nil || !dup {
 			t.Fatalf("second writeBatch of the same batch: dup=%v err=%v, want dup=true", dup, err)
@@ -203,7 +205,7 @@ func TestStoreDuplicateBatch(t *testing.T) {
 		// Verify. Chain ids carry the writer's start time, so two writers
 		// never share one.)
 		other := genRecords(50, start, "other")
-		newChain("dup").link(other)
+		newChain("dup", testKey).link(other)
 		if dup, err := s.writeBatch(t.Context(), other); !errors.Is(err, errChainConflict) || dup {
 			t.Fatalf("conflicting batch: dup=%v err=%v, want errChainConflict", dup, err)
 		}
@@ -242,7 +244,7 @@ func TestStorePgBouncerMode(t *testing.T) {
 	if err := s.Migrate(t.Context()); err != nil {
 		t.Fatal(err)
 	}
-	mustWrite(t, s, newChain("b"), genRecords(1000, time.Now().Add(-time.Hour), "b"))
+	mustWrite(t, s, newChain("b", testKey), genRecords(1000, time.Now().Add(-time.Hour), "b"))
 	recs, _, err := s.List(t.Context(), Filter{UserID: "user-1"}, Cursor{}, 10)
 	if err != nil || len(recs) != 10 {
 		t.Fatalf("List: %d rows, %v", len(recs), err)

@@ -1,30 +1,59 @@
 package auditsink
 
 import (
-	"bufio"
 	"bytes"
 	"context"
-	"encoding/hex"
-	"encoding/json"
+	"crypto/hmac"
+	"crypto/sha256"
 	"errors"
 	"fmt"
-	"os"
+	"hash"
+	"slices"
 	"time"
+
+	"golang.org/x/mod/sumdb/tlog"
 )
 
-// VerifyReport is the outcome of Verify. OK is false when a link is broken;
-// Break then describes the first one found (chains are walked in chain id
-// order, rows in seq order).
-type VerifyReport struct {
-	OK      bool        `json:"ok"`
-	Chains  int         `json:"chains"`
-	Rows    int64       `json:"rows"`
-	Bridged int64       `json:"bridged_rows"` // pruned rows vouched for by checkpoints
-	Heads   []ChainHead `json:"heads"`        // the last row seen of each chain
-	Break   *ChainBreak `json:"break,omitempty"`
+// VerifyOptions says what Verify checks the rows against.
+type VerifyOptions struct {
+	// From and To restrict verification to the chains with rows whose
+	// created_at is in [From, To) (zero: unbounded). Those chains are still
+	// checked whole, from seq 1: a checkpoint vouches for a whole prefix.
+	From, To time.Time
+	// Keys: private keys check every row's MAC; public keys (of the private
+	// ones and audit.trusted_keys) check checkpoint and retention
+	// signatures. Required.
+	Keys *Keyring
+	// Witness is the latest signed checkpoint of each chain (ReadWitness).
+	Witness []Checkpoint
 }
 
-// ChainBreak is a broken link: where and why.
+// VerifyReport is the outcome of Verify. OK is false when the trail does
+// not match its keys and witness; Break then describes the first problem
+// found (chains are walked in chain id order, rows in seq order).
+type VerifyReport struct {
+	OK     bool  `json:"ok"`
+	Chains int   `json:"chains"`
+	Rows   int64 `json:"rows"`
+	// MACsChecked: every row's MAC was checked with a private key. Without
+	// one, only what signed checkpoints cover is vouched for.
+	MACsChecked bool `json:"macs_checked"`
+	// Pruned rows are vouched for by signed retention checkpoints.
+	Pruned int64 `json:"pruned_rows"`
+	// Witnessed counts chains whose rows match a signed checkpoint.
+	Witnessed int `json:"witnessed_chains"`
+	// AfterCheckpoint counts rows written after their chain's last
+	// checkpoint: vouched for by their MACs only (when MACsChecked), and
+	// deletable from the end of a chain without a trace.
+	AfterCheckpoint int64 `json:"rows_after_checkpoint"`
+	// Unwitnessed lists chains with no checkpoint at all (a writer killed
+	// between its first write and its first checkpoint): MACs only.
+	Unwitnessed []string    `json:"unwitnessed_chains,omitempty"`
+	Heads       []ChainHead `json:"heads"` // the last row seen of each chain
+	Break       *ChainBreak `json:"break,omitempty"`
+}
+
+// ChainBreak is what is wrong and where.
 type ChainBreak struct {
 	ChainID   string    `json:"chain_id"`
 	Seq       int64     `json:"seq"`
@@ -41,208 +70,267 @@ func (b *ChainBreak) String() string {
 	return s + ": " + b.Reason
 }
 
-// Verify walks every chain with rows whose created_at is in [from, to)
-// (zero: unbounded) and recomputes each row's hash and link. It reports the
-// first modified row (hash mismatch), deleted rows (a seq gap not vouched
-// for by a retention checkpoint), and reordered or inserted rows (prev_hash
-// or seq out of line). Without from, a chain must start at seq 1 (or be
-// bridged from seq 1 by checkpoints); with from, each chain's first row in
-// the window is taken as the anchor. reader must be one of the stores.
-// An error means the walk could not finish; tampering is in the report.
-func Verify(ctx context.Context, reader recordReader, from, to time.Time) (VerifyReport, error) {
-	return VerifyHeads(ctx, reader, from, to, nil)
+// WitnessBreak turns an error of ReadWitness into a report break, so a
+// corrupt or foreign witness file fails verification naming its chain.
+func WitnessBreak(err error) *ChainBreak {
+	var we *WitnessError
+	if !errors.As(err, &we) {
+		return nil
+	}
+	return &ChainBreak{ChainID: we.ChainID, Seq: we.Seq, Reason: fmt.Sprintf("witness file %s: %v", we.File, we.Err)}
 }
 
-// VerifyHeads is Verify that also checks published chain heads (see
-// ReadChainHeads): each head's row must exist with that hash, which catches
-// rows deleted from the end of a chain. Heads of chains with no rows in the
-// window are reported as a break only when from and to are zero.
-func VerifyHeads(ctx context.Context, reader recordReader, from, to time.Time, heads []ChainHead) (VerifyReport, error) {
+// Verify checks the trail in reader (one of the stores) against opts.Keys
+// and opts.Witness. Per chain it recomputes every row's leaf hash and, with
+// a private key, its MAC; checks seqs, prev_hash links and ids; rebuilds the
+// Merkle tree and compares it with the chain's signed checkpoint; bridges
+// gaps only with signed retention checkpoints. Chains in the witness with no
+// rows left, and (without a private key) chains that no checkpoint covers,
+// are breaks. An error means the walk could not finish; tampering is in the
+// report.
+func Verify(ctx context.Context, reader recordReader, opts VerifyOptions) (VerifyReport, error) {
 	cr, ok := reader.(chainReader)
 	if !ok {
-		return VerifyReport{}, fmt.Errorf("verifying the audit chain: %T cannot read chains", reader)
+		return VerifyReport{}, fmt.Errorf("verifying the audit trail: %T cannot read chains", reader)
 	}
-	cps, err := cr.checkpoints(ctx)
+	if opts.Keys == nil {
+		return VerifyReport{}, errors.New("verifying the audit trail: no keys")
+	}
+	rep := VerifyReport{OK: true, MACsChecked: opts.Keys.HasPrivate()}
+	fail := func(b *ChainBreak) (VerifyReport, error) {
+		rep.OK, rep.Break = false, b
+		return rep, nil
+	}
+	verifiers := opts.Keys.Verifiers()
+
+	// Retention checkpoints: each must be signed by a known key and be what
+	// its row claims; an unsigned one is an insider's.
+	stored, err := cr.retentionNotes(ctx)
 	if err != nil {
-		return VerifyReport{}, err
+		return rep, err
 	}
-	byStart := map[string]map[int64]Checkpoint{}
-	for _, c := range cps {
-		if byStart[c.ChainID] == nil {
-			byStart[c.ChainID] = map[int64]Checkpoint{}
+	retention := map[string]map[int64]*RetentionCheckpoint{}
+	for _, sr := range stored {
+		if sr.Note == "" {
+			return fail(&ChainBreak{ChainID: sr.ChainID, Seq: sr.FirstSeq, Reason: "retention checkpoint carries no signed note (forged, or recorded before signed retention)"})
 		}
-		byStart[c.ChainID][c.FirstSeq] = c
+		rc, err := openRetention(sr.Note, verifiers)
+		if err != nil {
+			return fail(&ChainBreak{ChainID: sr.ChainID, Seq: sr.FirstSeq, Reason: fmt.Sprintf("retention checkpoint does not verify: %v (forged)", err)})
+		}
+		if rc.ChainID != sr.ChainID || rc.FirstSeq != sr.FirstSeq {
+			return fail(&ChainBreak{ChainID: sr.ChainID, Seq: sr.FirstSeq, Reason: fmt.Sprintf(
+				"retention checkpoint row holds the signed note of chain %q seq %d (copied)", rc.ChainID, rc.FirstSeq)})
+		}
+		if retention[rc.ChainID] == nil {
+			retention[rc.ChainID] = map[int64]*RetentionCheckpoint{}
+		}
+		retention[rc.ChainID][rc.FirstSeq] = &rc
 	}
-	ranges, err := cr.chainRanges(ctx, from, to)
+
+	witness := map[string]*Checkpoint{}
+	for i := range opts.Witness {
+		cp := &opts.Witness[i]
+		if old, ok := witness[cp.ChainID]; !ok || cp.Size > old.Size {
+			witness[cp.ChainID] = cp
+		}
+	}
+
+	ranges, err := cr.chainRanges(ctx, opts.From, opts.To)
 	if err != nil {
-		return VerifyReport{}, err
+		return rep, err
 	}
-	want := map[string]ChainHead{}
-	for _, h := range heads {
-		if h.Seq > want[h.ChainID].Seq {
-			want[h.ChainID] = h
-		}
-	}
-	rep := VerifyReport{OK: true}
-	windowed := !from.IsZero() || !to.IsZero()
-	var buf []byte
-	seen := map[string]bool{}
+	chains := make([]string, 0, len(ranges))
 	for _, rg := range ranges {
-		rep.Chains++
-		seen[rg.ChainID] = true
-		w := &chainWalk{cps: byStart[rg.ChainID], rep: &rep, chain: rg.ChainID, head: want[rg.ChainID]}
-		after := int64(0)
-		if windowed && rg.FirstSeq > 1 {
-			after = rg.FirstSeq - 1
-			w.anchor = true
+		chains = append(chains, rg.ChainID)
+	}
+	windowed := !opts.From.IsZero() || !opts.To.IsZero()
+	if !windowed {
+		for id := range witness {
+			if !slices.Contains(chains, id) {
+				chains = append(chains, id)
+			}
 		}
-		w.expect, w.prev = after+1, zeroHash
-		last := rg.LastSeq
-		if h, ok := want[rg.ChainID]; ok && !windowed && h.Seq > last {
-			last = h.Seq
+	}
+	slices.Sort(chains)
+
+	macs := map[string]hash.Hash{}
+	var buf []byte
+	for _, id := range chains {
+		rep.Chains++
+		w := &chainWalk{keys: opts.Keys, macs: macs, rep: &rep, chain: id, cp: witness[id], ret: retention[id],
+			expect: 1, prev: zeroHash, buf: buf}
+		if w.cp != nil {
+			w.chainNo = w.cp.ChainNo
 		}
 		errStop := errors.New("stop")
-		err := cr.scanChain(ctx, rg.ChainID, after, last, func(r *Record) error {
+		err := cr.scanChain(ctx, id, 0, 1<<62, func(r *Record) error {
 			rep.Rows++
-			var h []byte
-			h, buf = rowHash(r, buf)
-			if !w.row(r, h) {
+			if !w.row(r) {
 				return errStop
 			}
 			return nil
 		})
+		buf = w.buf
 		if err != nil && !errors.Is(err, errStop) {
 			return rep, err
+		}
+		if rep.Break == nil {
+			w.end()
 		}
 		if rep.Break != nil {
 			rep.OK = false
 			return rep, nil
 		}
-		rep.Heads = append(rep.Heads, ChainHead{ChainID: rg.ChainID, Seq: w.expect - 1, Hash: w.prev})
-		if h := w.head; h.Seq > 0 && !w.headSeen {
-			if h.Seq >= w.expect && !w.bridge(h.Seq+1, nil) {
-				rep.Break = &ChainBreak{ChainID: rg.ChainID, Seq: h.Seq, Reason: fmt.Sprintf(
-					"published head seq %d is missing: rows %d..%d deleted", h.Seq, w.expect, h.Seq)}
-				rep.OK = false
-				return rep, nil
-			}
-		}
-	}
-	if !windowed {
-		for id, h := range want {
-			if !seen[id] {
-				w := &chainWalk{cps: byStart[id], rep: &rep, chain: id, expect: 1, prev: zeroHash}
-				if !w.bridge(h.Seq+1, nil) || !bytes.Equal(w.prev, h.Hash) {
-					rep.Break = &ChainBreak{ChainID: id, Seq: h.Seq, Reason: "published chain has no rows left (deleted)"}
-					rep.OK = false
-					return rep, nil
-				}
-			}
-		}
+		root := w.tree.root()
+		rep.Heads = append(rep.Heads, ChainHead{ChainID: id, Seq: w.expect - 1, Root: root[:], Hash: w.prev, KeyID: w.keyID})
 	}
 	return rep, nil
 }
 
 // chainWalk is the state of one chain during Verify.
 type chainWalk struct {
-	cps      map[int64]Checkpoint
-	rep      *VerifyReport
-	chain    string
-	expect   int64  // next seq
-	prev     []byte // hash the next row must link to
-	anchor   bool   // the next row starts a window: its link is not checked
-	head     ChainHead
-	headSeen bool
+	keys    *Keyring
+	macs    map[string]hash.Hash
+	rep     *VerifyReport
+	chain   string
+	cp      *Checkpoint // latest signed checkpoint, nil when none
+	cpSeen  bool        // the tree reached cp.Size and matched
+	ret     map[int64]*RetentionCheckpoint
+	expect  int64  // next seq
+	prev    []byte // hash the next row must link to
+	tree    merkleRange
+	keyID   string
+	chainNo int64
+	rows    int64 // rows seen (not bridged)
+	buf     []byte
+}
+
+func (w *chainWalk) brk(seq int64, r *Record, format string, args ...any) bool {
+	b := &ChainBreak{ChainID: w.chain, Seq: seq, Reason: fmt.Sprintf(format, args...)}
+	if r != nil {
+		b.ID, b.CreatedAt = r.ID, r.CreatedAt
+	}
+	w.rep.Break = b
+	return false
 }
 
 // row checks one row; false when a break was recorded.
-func (w *chainWalk) row(r *Record, h []byte) bool {
-	fail := func(format string, args ...any) bool {
-		w.rep.Break = &ChainBreak{ChainID: w.chain, Seq: r.Seq, ID: r.ID, CreatedAt: r.CreatedAt, Reason: fmt.Sprintf(format, args...)}
-		return false
+func (w *chainWalk) row(r *Record) bool {
+	if r.KeyID == "" {
+		return w.brk(r.Seq, r, "row names no key (inserted by hand, or written before keyed chains)")
 	}
-	if !bytes.Equal(h, r.Hash) {
-		return fail("row content does not match its hash (row modified)")
+	if w.keyID == "" {
+		w.keyID = r.KeyID
+	} else if r.KeyID != w.keyID {
+		return w.brk(r.Seq, r, "row names key %s but the chain is MAC'd with %s (row forged)", r.KeyID, w.keyID)
+	}
+	var leaf tlog.Hash
+	leaf, w.buf = rowLeaf(r, w.buf)
+	if w.keys.HasPrivate() {
+		k := w.keys.privateKey(r.KeyID)
+		if k == nil {
+			return w.brk(r.Seq, r, "row is MAC'd with key %s, which is not configured (a forged row, or add the key to audit.previous_key_files)", r.KeyID)
+		}
+		mac, ok := w.macs[k.id]
+		if !ok {
+			mac = hmac.New(sha256.New, k.mac)
+			w.macs[k.id] = mac
+		}
+		if !hmac.Equal(rowMAC(mac, leaf), r.Hash) {
+			return w.brk(r.Seq, r, "MAC does not verify with key %s (row modified, forged, or MAC'd with another key)", k.id)
+		}
 	}
 	switch {
 	case r.Seq < w.expect:
-		return fail("seq %d repeats or goes backwards after %d (row inserted or reordered)", r.Seq, w.expect-1)
-	case w.anchor:
-		w.anchor = false
+		return w.brk(r.Seq, r, "seq %d repeats or goes backwards after %d (row duplicated or reordered)", r.Seq, w.expect-1)
 	case r.Seq > w.expect:
-		if !w.bridge(r.Seq, r.PrevHash) {
-			return fail("rows %d..%d are missing (deleted) and no retention checkpoint covers them", w.expect, r.Seq-1)
-		}
-	case !bytes.Equal(r.PrevHash, w.prev):
-		return fail("prev_hash does not match the hash of seq %d (row reordered or replaced)", r.Seq-1)
-	}
-	if w.head.Seq == r.Seq {
-		w.headSeen = true
-		if !bytes.Equal(w.head.Hash, r.Hash) {
-			return fail("hash differs from the published chain head %s (chain rewritten)", hex.EncodeToString(w.head.Hash))
+		if !w.bridge(r.Seq) {
+			return w.brk(r.Seq, r, "rows %d..%d are missing (deleted) and no signed retention checkpoint covers them", w.expect, r.Seq-1)
 		}
 	}
+	if !bytes.Equal(r.PrevHash, w.prev) {
+		return w.brk(r.Seq, r, "prev_hash does not match the hash of seq %d (rows reordered, replaced or rehashed)", r.Seq-1)
+	}
+	no, lo := r.ID>>idSeqBits, r.ID&maxChainSeq
+	if w.chainNo == 0 {
+		w.chainNo = no
+	}
+	if no == 0 || no != w.chainNo || lo != r.Seq {
+		return w.brk(r.Seq, r, "id %d is not this row's (chain number %d, seq %d): ids swapped or rewritten", r.ID, w.chainNo, r.Seq)
+	}
+	w.tree.appendLeaf(leaf)
+	if !w.checkRoot() {
+		return false
+	}
+	w.rows++
 	w.expect, w.prev = r.Seq+1, r.Hash
 	return true
 }
 
-// bridge follows checkpoints from w.expect up to seq until (exclusive),
-// checking every link; linkTo, when set, is the prev_hash of the row at
-// until. It advances w on success.
-func (w *chainWalk) bridge(until int64, linkTo []byte) bool {
-	seq, prev, n := w.expect, w.prev, int64(0)
-	for seq < until {
-		c, ok := w.cps[seq]
-		if !ok || c.LastSeq >= until || !bytes.Equal(c.FirstPrevHash, prev) {
-			return false
-		}
-		n += c.LastSeq - c.FirstSeq + 1
-		if w.head.Seq >= c.FirstSeq && w.head.Seq <= c.LastSeq {
-			if w.head.Seq != c.LastSeq || !bytes.Equal(w.head.Hash, c.LastHash) {
-				return false
-			}
-			w.headSeen = true
-		}
-		seq, prev = c.LastSeq+1, c.LastHash
+// checkRoot compares the tree with the checkpoint once it reaches its size.
+func (w *chainWalk) checkRoot() bool {
+	if w.cp == nil || w.cpSeen || w.tree.n != w.cp.Size {
+		return true
 	}
-	if linkTo != nil && !bytes.Equal(linkTo, prev) {
-		return false
+	w.cpSeen = true
+	if w.tree.root() != w.cp.Root {
+		return w.brk(w.cp.Size, nil, "rows 1..%d do not hash to the root of the chain's signed checkpoint (rows rewritten)", w.cp.Size)
 	}
-	w.rep.Bridged += n
-	w.expect, w.prev = seq, prev
 	return true
 }
 
-// ReadChainHeads reads an audit.chain_head_file and returns the latest
-// head of each chain in it.
-func ReadChainHeads(path string) ([]ChainHead, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("reading chain heads: %w", err)
-	}
-	defer f.Close()
-	latest := map[string]int{}
-	var out []ChainHead
-	sc := bufio.NewScanner(f)
-	for line := 1; sc.Scan(); line++ {
-		if len(bytes.TrimSpace(sc.Bytes())) == 0 {
-			continue
+// bridge follows signed retention checkpoints from w.expect up to seq until
+// (exclusive), checking their links, and adds their subtrees to the tree.
+func (w *chainWalk) bridge(until int64) bool {
+	for w.expect < until {
+		rc, ok := w.ret[w.expect]
+		if !ok || rc.LastSeq >= until || !bytes.Equal(rc.FirstPrevHash, w.prev) {
+			return false
 		}
-		var h ChainHead
-		if err := json.Unmarshal(sc.Bytes(), &h); err != nil || h.ChainID == "" || h.Seq < 1 || len(h.Hash) != len(zeroHash) {
-			return nil, fmt.Errorf("reading chain heads: %s line %d: not a chain head", path, line)
-		}
-		if i, ok := latest[h.ChainID]; ok {
-			if h.Seq > out[i].Seq {
-				out[i] = h
+		for _, n := range rc.Nodes {
+			before := w.tree.n
+			w.tree.appendSubtree(n.Hash, n.Level)
+			if w.cp != nil && !w.cpSeen && w.cp.Size > before && w.cp.Size < w.tree.n {
+				// The checkpoint's size falls inside a pruned subtree: its
+				// root cannot be recomputed, but the pruner, holding the
+				// key, checked those rows' MACs before it signed.
+				w.cpSeen = true
 			}
-			continue
+			if !w.checkRoot() {
+				return false
+			}
 		}
-		latest[h.ChainID] = len(out)
-		out = append(out, h)
+		w.rep.Pruned += rc.LastSeq - rc.FirstSeq + 1
+		w.expect, w.prev = rc.LastSeq+1, rc.LastHash
 	}
-	if err := sc.Err(); err != nil {
-		return nil, fmt.Errorf("reading chain heads: %w", err)
+	return true
+}
+
+// end checks what the chain's rows left unsaid: a checkpoint beyond them
+// (deleted tail or whole chain), no checkpoint at all.
+func (w *chainWalk) end() {
+	for {
+		rc, ok := w.ret[w.expect]
+		if !ok || !w.bridge(rc.LastSeq+1) {
+			break
+		}
 	}
-	return out, nil
+	n := w.expect - 1
+	switch {
+	case w.cp == nil:
+		if !w.keys.HasPrivate() {
+			w.brk(1, nil, "no signed checkpoint covers this chain and no private key is configured to check its MACs (forged chain?)")
+			return
+		}
+		w.rep.Unwitnessed = append(w.rep.Unwitnessed, w.chain)
+		w.rep.AfterCheckpoint += w.rows
+	case n < w.cp.Size && n == 0:
+		w.brk(1, nil, "the chain's signed checkpoint covers %d rows but none is left (whole chain deleted)", w.cp.Size)
+	case n < w.cp.Size:
+		w.brk(n+1, nil, "rows %d..%d are missing: the chain's signed checkpoint covers %d rows (tail deleted, or rows still waiting in a writer's spool)", n+1, w.cp.Size, w.cp.Size)
+	default:
+		w.rep.Witnessed++
+		w.rep.AfterCheckpoint += n - w.cp.Size
+	}
 }

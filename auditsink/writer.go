@@ -2,12 +2,9 @@ package auditsink
 
 import (
 	"context"
-	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -48,8 +45,7 @@ type Writer struct {
 	chain    *chain
 	head     atomic.Pointer[ChainHead] // durable head (database or spool)
 	lastErr  atomic.Pointer[string]
-	pubMu    sync.Mutex
-	lastPub  int64
+	pub      *publisher
 	dropLogs atomic.Int64
 
 	running   atomic.Bool
@@ -68,10 +64,14 @@ var (
 )
 
 // NewWriter opens the spool in cfg.SpoolDir (replaying what a previous run
-// left there once Run starts) and returns a Writer over store.
-func NewWriter(log *slog.Logger, reg prometheus.Registerer, cfg Config, store BatchStore) (*Writer, error) {
+// left there once Run starts) and the witness in cfg.WitnessDir, and returns
+// a Writer over store whose chain keys.Current MACs and signs.
+func NewWriter(log *slog.Logger, reg prometheus.Registerer, cfg Config, store BatchStore, keys *Keyring) (*Writer, error) {
 	if err := cfg.validateStore(); err != nil {
 		return nil, err
+	}
+	if keys == nil || keys.Current == nil {
+		return nil, errors.New("audit writer: no signing key")
 	}
 	sp, err := openSpool(cfg.SpoolDir)
 	if err != nil {
@@ -82,7 +82,11 @@ func NewWriter(log *slog.Logger, reg prometheus.Registerer, cfg Config, store Ba
 		log: log, cfg: cfg, store: store, spool: sp, now: time.Now,
 		space: make(chan struct{}), notify: make(chan struct{}, 1),
 		spoolFreed: make(chan struct{}), replayKick: make(chan struct{}, 1),
-		chain: newChain(id), stop: make(chan struct{}), loopDone: make(chan struct{}),
+		chain: newChain(id, keys.Current), stop: make(chan struct{}), loopDone: make(chan struct{}),
+	}
+	if w.pub, err = newPublisher(log, cfg.WitnessDirectory(), keys, func() time.Time { return w.now() }); err != nil {
+		sp.close()
+		return nil, err
 	}
 	w.m, err = newWriterMetrics(reg, w)
 	if err != nil {
@@ -204,19 +208,19 @@ func (w *Writer) Run(ctx context.Context) error {
 
 	// Linking (in this loop) overlaps with the previous batch's write (in
 	// the committer): one linked batch waits while one is in flight.
-	pending := make(chan []Record, 1)
+	pending := make(chan linkedBatch, 1)
 	committed := make(chan struct{})
 	go func() {
 		defer close(committed)
-		for batch := range pending {
-			w.persist(ctx, batch, true)
+		for lb := range pending {
+			w.persist(ctx, lb, true)
 		}
 	}()
 	defer func() { close(pending); <-committed }()
 
 	tick := time.NewTicker(w.cfg.BatchInterval)
 	defer tick.Stop()
-	heads := time.NewTicker(w.cfg.ChainHeadInterval)
+	heads := time.NewTicker(w.cfg.CheckpointInterval)
 	defer heads.Stop()
 	for {
 		fullOnly := true
@@ -226,7 +230,7 @@ func (w *Writer) Run(ctx context.Context) error {
 		case <-w.stop:
 			return nil
 		case <-heads.C:
-			w.publishHead()
+			w.pub.publish()
 			continue
 		case <-w.notify:
 		case <-tick.C:
@@ -240,8 +244,7 @@ func (w *Writer) Run(ctx context.Context) error {
 			if batch == nil {
 				break
 			}
-			w.link(batch)
-			pending <- batch
+			pending <- w.link(batch)
 		}
 	}
 }
@@ -282,15 +285,27 @@ func (w *Writer) spoolFullWarn() {
 
 // process links batch into the chain and persists it (Close's drain).
 func (w *Writer) process(ctx context.Context, batch []Record, direct bool) {
-	w.link(batch)
-	w.persist(ctx, batch, direct)
+	w.persist(ctx, w.link(batch), direct)
 }
 
-// link assigns the chain columns; one chain, one linker at a time.
-func (w *Writer) link(batch []Record) {
+// linkedBatch is a batch with the chain head it leaves.
+type linkedBatch struct {
+	recs []Record
+	head ChainHead
+}
+
+// link assigns the chain columns; one chain, one linker at a time. A chain
+// that would pass maxChainSeq (the seq bits of row ids) is closed and a new
+// one begun.
+func (w *Writer) link(batch []Record) linkedBatch {
 	w.wmu.Lock()
+	defer w.wmu.Unlock()
+	if w.chain.seq+int64(len(batch)) > maxChainSeq {
+		w.chain = newChain(chainIDFor(w.cfg.ChainID, w.now()), w.chain.key)
+		w.log.Info("audit chain full; a new chain begins", "chain_id", w.chain.id)
+	}
 	w.chain.linkNormalized(batch)
-	w.wmu.Unlock()
+	return linkedBatch{recs: batch, head: w.chain.head()}
 }
 
 // persist makes a linked batch durable, in link order (one persister at a
@@ -299,17 +314,27 @@ func (w *Writer) link(batch []Record) {
 // fails — to the spool, behind the batches already there. It never drops:
 // policy drop refuses records at Enqueue instead, so an accepted record
 // always lands and the chain has no gap.
-func (w *Writer) persist(ctx context.Context, batch []Record, direct bool) {
-	last := batch[len(batch)-1]
-	head := ChainHead{ChainID: last.ChainID, Seq: last.Seq, Hash: last.Hash}
+//
+// Once the batch is durable it is the chain's head; a chain's first durable
+// batch is published to the witness at once, so a chain killed before its
+// first audit.checkpoint_interval is known all the same.
+func (w *Writer) persist(ctx context.Context, lb linkedBatch, direct bool) {
+	batch := lb.recs
+	stored := false
 	if _, segs := w.spool.size(); segs == 0 && direct {
-		if err := w.write(ctx, batch, "direct"); err == nil {
-			w.setHead(head)
-			return
-		}
+		stored = w.write(ctx, batch, "direct") == nil
 	}
-	w.toSpool(batch)
-	w.setHead(head)
+	if !stored {
+		w.toSpool(batch)
+	}
+	w.setHead(lb.head)
+	first := w.pub.update(lb.head)
+	if stored && batch[0].ID != 0 {
+		w.pub.setChainNo(batch[0].ChainID, batch[0].ID>>idSeqBits)
+	}
+	if first {
+		w.pub.publish()
+	}
 }
 
 // write stores one batch within audit.write_timeout.
@@ -327,6 +352,9 @@ func (w *Writer) write(ctx context.Context, batch []Record, path string) error {
 		return err
 	}
 	w.lastErr.Store(nil)
+	if batch[0].ID != 0 {
+		w.pub.setChainNo(batch[0].ChainID, batch[0].ID>>idSeqBits)
+	}
 	if dup {
 		w.m.duplicates.Inc()
 		w.log.Info("audit batch already stored (replay after an unacknowledged commit); skipped", "records", len(batch))
@@ -479,45 +507,6 @@ func (w *Writer) Head() ChainHead {
 	return ChainHead{ChainID: w.chain.id}
 }
 
-// publishHead logs the head and appends it to audit.chain_head_file when it
-// moved since the last publication.
-func (w *Writer) publishHead() {
-	h := w.Head()
-	w.pubMu.Lock()
-	defer w.pubMu.Unlock()
-	if h.Seq == 0 || h.Seq == w.lastPub {
-		return
-	}
-	w.log.Info("audit chain head", "chain_id", h.ChainID, "seq", h.Seq, "hash", hex.EncodeToString(h.Hash))
-	if w.cfg.ChainHeadFile != "" {
-		if err := appendHead(w.cfg.ChainHeadFile, h); err != nil {
-			w.log.Error("publishing audit chain head failed", "file", w.cfg.ChainHeadFile, "err", err)
-			return
-		}
-	}
-	w.lastPub = h.Seq
-}
-
-func appendHead(path string, h ChainHead) error {
-	line, err := json.Marshal(h)
-	if err != nil {
-		return err
-	}
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(append(line, '\n')); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	return f.Close()
-}
-
 // Close stops accepting records, stops Run, and drains the queue: batches
 // go to the database while ctx allows and the spool is empty, otherwise to
 // the spool, so nothing accepted is lost. While the deadline allows it then
@@ -553,7 +542,7 @@ func (w *Writer) close(ctx context.Context) error {
 		w.process(ctx, batch, direct)
 	}
 	w.drainSpool(ctx)
-	w.publishHead()
+	w.pub.publish()
 	b, segs := w.spool.size()
 	w.log.Info("audit writer closed", "drained_records", n, "spool_segments", segs, "spool_bytes", b,
 		"chain_id", w.chain.id, "head_seq", w.Head().Seq)
@@ -596,6 +585,10 @@ type WriterStatus struct {
 	SpoolFull     bool      `json:"spool_full"`
 	LastError     string    `json:"last_error,omitempty"` // last failed database write, cleared by a success
 	Head          ChainHead `json:"head"`
+	// Checkpoints counts checkpoints written to the witness;
+	// CheckpointError is the last publication's failure, cleared by a success.
+	Checkpoints     int64  `json:"checkpoints_published"`
+	CheckpointError string `json:"checkpoint_error,omitempty"`
 }
 
 // Status reports queue depth, spool size and state, and the chain head.
@@ -609,6 +602,7 @@ func (w *Writer) Status() WriterStatus {
 	if e := w.lastErr.Load(); e != nil {
 		st.LastError = *e
 	}
+	st.Checkpoints, st.CheckpointError = w.pub.status()
 	return st
 }
 
@@ -674,7 +668,7 @@ func newWriterMetrics(reg prometheus.Registerer, w *Writer) (*writerMetrics, err
 		}),
 		headSeq: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "meshguard_auditsink_chain_head_seq",
-			Help: "Sequence number of this process's hash-chain head (durable in the store or spool).",
+			Help: "Rows in this process's audit chain that are durable in the store or the spool (its head's seq).",
 		}),
 	}
 	cs := []prometheus.Collector{m.stored, m.spooled, m.dropped, m.duplicates, m.writeErrors, m.corrupt, m.rejected, m.batchSeconds, m.headSeq,

@@ -99,7 +99,7 @@ func BenchmarkWriterVsCopy(b *testing.B) {
 			// B: a plain COPY of the same rows.
 			truncate()
 			plain := slices.Clone(src)
-			c := newChain(fmt.Sprintf("bench-c-%d", round))
+			c := newChain(fmt.Sprintf("bench-c-%d", round), testKey)
 			c.link(plain)
 			row := make([]any, len(recordColumns))
 			t0 = time.Now()
@@ -125,7 +125,7 @@ func BenchmarkWriterVsCopy(b *testing.B) {
 // chain (done once per row by the writer).
 func BenchmarkChainLink(b *testing.B) {
 	recs := benchStoreRows(1000)
-	c := newChain("bench")
+	c := newChain("bench", testKey)
 	b.ReportAllocs()
 	for b.Loop() {
 		c.link(recs)
@@ -140,7 +140,7 @@ func startBenchWriter(b *testing.B, ctx context.Context, s BatchStore, chainID s
 	cfg := DefaultConfig()
 	cfg.SpoolDir = filepath.Join(b.TempDir(), "spool")
 	cfg.ChainID = chainID
-	w, err := NewWriter(discardLog, prometheus.NewRegistry(), cfg, s)
+	w, err := NewWriter(discardLog, prometheus.NewRegistry(), cfg, s, testKeyring)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -24,7 +24,8 @@ func writerConfig(t testing.TB) Config {
 	cfg.BatchInterval = 20 * time.Millisecond
 	cfg.QueueSize = 5000
 	cfg.WriteTimeout = 2 * time.Second
-	cfg.ChainHeadInterval = 50 * time.Millisecond
+	cfg.CheckpointInterval = 50 * time.Millisecond
+	cfg.WitnessDir = filepath.Join(t.TempDir(), "witness")
 	return cfg
 }
 
@@ -33,7 +34,7 @@ func writerConfig(t testing.TB) Config {
 func startWriter(t testing.TB, cfg Config, store BatchStore) (*Writer, *prometheus.Registry, func(ctx context.Context)) {
 	t.Helper()
 	reg := prometheus.NewRegistry()
-	w, err := NewWriter(discardLog, reg, cfg, store)
+	w, err := NewWriter(discardLog, reg, cfg, store, testKeyring)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,9 +119,19 @@ func checkExactlyOnce(t testing.TB, s recordReader, want map[string]bool) {
 	}
 }
 
-func checkVerifies(t testing.TB, s recordReader) VerifyReport {
+// checkVerifies fails unless s verifies with the test key, against the
+// checkpoints in witnessDir when given.
+func checkVerifies(t testing.TB, s recordReader, witnessDir ...string) VerifyReport {
 	t.Helper()
-	rep, err := Verify(context.Background(), s, time.Time{}, time.Time{})
+	opts := VerifyOptions{Keys: testKeyring}
+	for _, dir := range witnessDir {
+		cps, err := ReadWitness(dir, testKeyring.Verifiers())
+		if err != nil {
+			t.Fatal(err)
+		}
+		opts.Witness = append(opts.Witness, cps...)
+	}
+	rep, err := Verify(context.Background(), s, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -142,19 +153,66 @@ func storeWaitUntil(t testing.TB, what string, cond func() bool) {
 	}
 }
 
+// spooledIDs returns the request ids held in the spool segments of dir.
+func spooledIDs(t testing.TB, dir string) map[string]int {
+	t.Helper()
+	sp, err := openSpool(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sp.close()
+	ids := map[string]int{}
+	for _, seg := range sp.segs {
+		recs, err := sp.read(seg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range recs {
+			ids[r.RequestID]++
+		}
+	}
+	return ids
+}
+
+// TestWriterExactlyOnce: every accepted record is, after Close, either in
+// the store or in the spool (on a busy machine a write may time out and its
+// batch, and every one after it, go to the spool, as the contract allows),
+// never both and never twice; a second writer's replay then brings the
+// spool into the store, and the chain matches its checkpoint.
 func TestWriterExactlyOnce(t *testing.T) {
 	bothStores(t, Config{}, func(t *testing.T, s testStore) {
 		cfg := writerConfig(t)
 		w, reg, stop := startWriter(t, cfg, s)
 		want := produce(t, w, 8, 40000, "x", nil)
 		stop(context.Background())
-		checkExactlyOnce(t, s, want)
-		rep := checkVerifies(t, s)
-		if rep.Rows != 40000 || rep.Chains != 1 || rep.Heads[0].Seq != 40000 {
-			t.Errorf("Verify report = %+v, want 40000 rows in 1 chain", rep)
+
+		stored := map[string]int{}
+		if err := s.Scan(t.Context(), Filter{}, func(r *Record) error { stored[r.RequestID]++; return nil }); err != nil {
+			t.Fatal(err)
 		}
-		if got := storeMetric(t, w.m.stored.WithLabelValues("direct")); got != 40000 {
-			t.Errorf("stored{direct} = %v, want 40000", got)
+		spooled := spooledIDs(t, cfg.SpoolDir)
+		for id := range want {
+			if n := stored[id] + spooled[id]; n != 1 {
+				t.Fatalf("record %s is %d times in the store and %d in the spool, want once in all", id, stored[id], spooled[id])
+			}
+		}
+		if len(stored)+len(spooled) != len(want) {
+			t.Fatalf("store %d + spool %d records, want %d", len(stored), len(spooled), len(want))
+		}
+		direct := storeMetric(t, w.m.stored.WithLabelValues("direct")) + storeMetric(t, w.m.stored.WithLabelValues("replay"))
+		if int(direct) != len(stored) || int(storeMetric(t, w.m.spooled)) < len(spooled) {
+			t.Errorf("metrics: stored %v (store holds %d), spooled %v (spool holds %d)", direct, len(stored), storeMetric(t, w.m.spooled), len(spooled))
+		}
+		if len(spooled) > 0 {
+			t.Logf("%d records were left in the spool by Close (busy machine); replaying them", len(spooled))
+			w2, _, stop2 := startWriter(t, cfg, s)
+			storeWaitUntil(t, "the spool to drain", func() bool { _, n := w2.spool.size(); return n == 0 })
+			stop2(context.Background())
+		}
+		checkExactlyOnce(t, s, want)
+		rep := checkVerifies(t, s, cfg.WitnessDir)
+		if rep.Rows != 40000 || rep.Heads[0].Seq != 40000 || rep.Witnessed != rep.Chains {
+			t.Errorf("Verify report = %+v, want 40000 rows in the first chain, every chain witnessed", rep)
 		}
 		if !storeGathered(t, reg, "meshguard_auditsink_spool_segments") {
 			t.Error("meshguard_auditsink_spool_segments not exported")
@@ -191,7 +249,7 @@ func TestWriterPostgresKilled(t *testing.T) {
 			storeMetric(t, w.m.spooled), storeMetric(t, w.m.stored.WithLabelValues("replay")))
 	}
 	checkExactlyOnce(t, s, want)
-	checkVerifies(t, s)
+	checkVerifies(t, s, cfg.WitnessDir)
 }
 
 // TestWriterCloseMidStream: SIGTERM while records are queued and the
@@ -224,7 +282,7 @@ func TestWriterCloseMidStream(t *testing.T) {
 		storeWaitUntil(t, "the spool to drain", func() bool { _, n := w2.spool.size(); return n == 0 })
 		stop2(context.Background())
 		checkExactlyOnce(t, s, want)
-		if rep := checkVerifies(t, s); rep.Chains != 2 {
+		if rep := checkVerifies(t, s, cfg.WitnessDir); rep.Chains != 2 || rep.Witnessed != 2 {
 			t.Errorf("Verify saw %d chains, want 2 (one per writer)", rep.Chains)
 		}
 	})
@@ -236,7 +294,7 @@ func TestWriterReplayDuplicate(t *testing.T) {
 	bothStores(t, Config{}, func(t *testing.T, s testStore) {
 		cfg := writerConfig(t)
 		recs := genRecords(100, time.Now().Add(-time.Minute), "dup")
-		newChain("crashed").link(recs)
+		newChain("crashed", testKey).link(recs)
 		if _, err := s.writeBatch(t.Context(), recs); err != nil {
 			t.Fatal(err)
 		}
@@ -329,7 +387,7 @@ func TestWriterSpoolFull(t *testing.T) {
 			}
 			stop(context.Background())
 			checkExactlyOnce(t, s, want)
-			checkVerifies(t, s)
+			checkVerifies(t, s, cfg.WitnessDir)
 		})
 	}
 }
@@ -343,7 +401,7 @@ func TestSpoolCorruptSegment(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := newChain("c")
+	c := newChain("c", testKey)
 	bad, good := genRecords(10, time.Now(), "bad"), genRecords(10, time.Now(), "good")
 	c.link(bad)
 	c.link(good)
@@ -425,7 +483,7 @@ func TestWriterRejectedSegment(t *testing.T) {
 		t.Errorf("refused segment not kept: %v", m)
 	}
 	checkExactlyOnce(t, s, want)
-	rep, err := Verify(t.Context(), s, time.Time{}, time.Time{})
+	rep, err := Verify(t.Context(), s, VerifyOptions{Keys: testKeyring})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -21,8 +21,9 @@ import (
 // auditCommands are the subcommands of `meshguard audit`.
 var auditCommands = map[string]command{
 	"export": {"write the audit trail for a time range as CSV or JSON Lines", runAuditExport},
-	"verify": {"walk the hash chains and report the first broken link; fails on tampering", runAuditVerify},
-	"prune":  {"drop audit partitions older than audit.retention", runAuditPrune},
+	"verify": {"check every chain against the key and the witness; fails on tampering, naming chain, seq and what is wrong", runAuditVerify},
+	"prune":  {"drop audit partitions older than audit.retention, vouched for by signed retention checkpoints", runAuditPrune},
+	"keygen": {"make a signing key for audit.key_file / MESHGUARD_AUDIT_KEY and print its public key", runAuditKeygen},
 }
 
 // runAudit dispatches `meshguard audit <subcommand>`.
@@ -47,7 +48,7 @@ func runAudit(ctx context.Context, args []string, getenv func(string) string, st
 
 func auditUsage(w io.Writer) {
 	fmt.Fprintln(w, "usage: meshguard audit <command> --config FILE [flags]\n\ncommands:")
-	for _, n := range []string{"export", "verify", "prune"} {
+	for _, n := range []string{"export", "verify", "prune", "keygen"} {
 		fmt.Fprintf(w, "  %-8s %s\n", n, auditCommands[n].summary)
 	}
 }
@@ -218,13 +219,21 @@ func runAuditExport(ctx context.Context, args []string, getenv func(string) stri
 // refused.
 func recordCLIExport(ctx context.Context, env *auditEnv, f auditsink.Filter, format, out string) error {
 	cfg := env.a.cfg.Audit
-	cfg.ChainID = "" // a fresh chain: hostname + start time
+	keys, err := auditsink.LoadKeyring(cfg.KeySource(), false)
+	if err == nil && keys.Current == nil {
+		err = errors.New("no signing key (audit.key_file, MESHGUARD_AUDIT_KEY, or the key serve generated in audit.spool_dir)")
+	}
+	if err != nil {
+		return fmt.Errorf("recording the export: %w", err)
+	}
+	cfg.WitnessDir = cfg.WitnessDirectory() // the configured witness, not the private spool's
+	cfg.ChainID = ""                        // a fresh chain: hostname + start time
 	spoolDir, err := os.MkdirTemp("", "meshguard-cli-spool-*")
 	if err != nil {
 		return fmt.Errorf("recording the export: %w", err)
 	}
 	cfg.SpoolDir = spoolDir
-	w, err := newAuditWriter(env.a.log.With("component", "auditsink"), prometheus.NewRegistry(), cfg, env.store)
+	w, err := newAuditWriter(env.a.log.With("component", "auditsink"), prometheus.NewRegistry(), cfg, env.store, keys)
 	if err != nil {
 		os.RemoveAll(spoolDir)
 		return fmt.Errorf("recording the export: %w", err)
@@ -250,13 +259,15 @@ func recordCLIExport(ctx context.Context, env *auditEnv, f auditsink.Filter, for
 }
 
 // runAuditVerify is `meshguard audit verify --config FILE [--from T] [--to T]
-// [--heads FILE] [--json]`. It returns an error (exit status 1) when any
-// link is broken or a published head is missing.
+// [--witness DIR] [--json]`. It checks every chain against the keys of the
+// config (private keys: every row's MAC; public keys: the signatures) and
+// the witness, and returns an error (exit status 1) naming the chain, the
+// seq and what is wrong when anything does not match.
 func runAuditVerify(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("audit verify", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	configPath := fs.String("config", "", "config file (YAML); absent: embedded defaults")
-	headsPath := fs.String("heads", "", "chain head file to check against; absent: audit.chain_head_file when set")
+	witnessDir := fs.String("witness", "", "witness directory of signed checkpoints; absent: audit.witness_dir")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
 	var from, to timeFlag
 	fs.Var(&from, "from", "start of the range, inclusive (RFC 3339); absent: the whole trail")
@@ -275,22 +286,29 @@ func runAuditVerify(ctx context.Context, args []string, getenv func(string) stri
 		return err
 	}
 	defer env.close()
-	var heads []auditsink.ChainHead
-	hp := *headsPath
-	if hp == "" {
-		hp = env.a.cfg.Audit.ChainHeadFile
-		if _, err := os.Stat(hp); hp != "" && errors.Is(err, os.ErrNotExist) {
-			hp = "" // configured but never written yet
-		}
-	}
-	if hp != "" {
-		if heads, err = auditsink.ReadChainHeads(hp); err != nil {
-			return fmt.Errorf("audit verify: %w", err)
-		}
-	}
-	rep, err := auditsink.VerifyHeads(ctx, env.store, from.t, to.t, heads)
+	cfg := env.a.cfg.Audit
+	keys, err := auditsink.LoadKeyring(cfg.KeySource(), false)
 	if err != nil {
 		return fmt.Errorf("audit verify: %w", err)
+	}
+	if !keys.HasPrivate() && len(cfg.TrustedKeys) == 0 {
+		return errors.New("audit verify: no key: configure audit.key_file or MESHGUARD_AUDIT_KEY (checks every row), or audit.trusted_keys (checks signed checkpoints only)")
+	}
+	dir := *witnessDir
+	if dir == "" {
+		dir = cfg.WitnessDirectory()
+	}
+	var rep auditsink.VerifyReport
+	witness, err := auditsink.ReadWitness(dir, keys.Verifiers())
+	if b := auditsink.WitnessBreak(err); b != nil {
+		rep.Break = b
+	} else if err != nil {
+		return fmt.Errorf("audit verify: %w", err)
+	} else {
+		rep, err = auditsink.Verify(ctx, env.store, auditsink.VerifyOptions{From: from.t, To: to.t, Keys: keys, Witness: witness})
+		if err != nil {
+			return fmt.Errorf("audit verify: %w", err)
+		}
 	}
 	if *asJSON {
 		enc := json.NewEncoder(stdout)
@@ -299,8 +317,17 @@ func runAuditVerify(ctx context.Context, args []string, getenv func(string) stri
 			return err
 		}
 	} else if rep.OK {
-		fmt.Fprintf(stdout, "ok: %d rows in %d chains verified (%d pruned rows vouched for by checkpoints, %d published heads checked)\n",
-			rep.Rows, rep.Chains, rep.Bridged, len(heads))
+		fmt.Fprintf(stdout, "ok: %d rows in %d chains verified; %d chains match their signed checkpoints; %d pruned rows vouched for by signed retention checkpoints\n",
+			rep.Rows, rep.Chains, rep.Witnessed, rep.Pruned)
+		if !rep.MACsChecked {
+			fmt.Fprintln(stdout, "note: no private key: row MACs not checked; rows after a chain's last checkpoint are not vouched for")
+		}
+		if rep.AfterCheckpoint > 0 {
+			fmt.Fprintf(stdout, "note: %d rows were written after their chain's last checkpoint (vouched for by MACs only)\n", rep.AfterCheckpoint)
+		}
+		for _, c := range rep.Unwitnessed {
+			fmt.Fprintf(stdout, "note: chain %q has no checkpoint in the witness (writer killed before its first); its rows are vouched for by MACs only\n", c)
+		}
 	}
 	if !rep.OK {
 		b := "unknown break"
@@ -333,7 +360,14 @@ func runAuditPrune(ctx context.Context, args []string, getenv func(string) strin
 		return err
 	}
 	defer env.close()
-	dropped, err := env.store.Prune(ctx, time.Now())
+	keys, err := auditsink.LoadKeyring(env.a.cfg.Audit.KeySource(), false)
+	if err == nil && keys.Current == nil {
+		err = errors.New("no signing key to sign retention checkpoints with (audit.key_file or MESHGUARD_AUDIT_KEY)")
+	}
+	if err != nil {
+		return fmt.Errorf("audit prune: %w", err)
+	}
+	dropped, err := env.store.Prune(ctx, time.Now(), keys)
 	if err != nil {
 		return fmt.Errorf("audit prune: %w", err)
 	}
@@ -342,5 +376,41 @@ func runAuditPrune(ctx context.Context, args []string, getenv func(string) strin
 		return nil
 	}
 	fmt.Fprintf(stdout, "pruned %d partitions: %s\n", len(dropped), strings.Join(dropped, ", "))
+	return nil
+}
+
+// runAuditKeygen is `meshguard audit keygen [--name NAME] --out FILE`: write
+// a new signing key to FILE (created 0600, never overwritten) and print its
+// public key, for audit.trusted_keys and checkpoint collectors.
+func runAuditKeygen(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("audit keygen", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	name := fs.String("name", auditsink.DefaultKeyName, "key name, shown in every signature")
+	out := fs.String("out", "", "file to write the private key to (required)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() != 0 {
+		return fmt.Errorf("audit keygen: unexpected argument %q", fs.Arg(0))
+	}
+	if *out == "" {
+		return errors.New("audit keygen: --out FILE is required")
+	}
+	skey, vkey, err := auditsink.GenerateKey(*name)
+	if err != nil {
+		return fmt.Errorf("audit keygen: %w", err)
+	}
+	f, err := os.OpenFile(*out, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return fmt.Errorf("audit keygen: %w", err)
+	}
+	if _, err := f.WriteString(skey + "\n"); err != nil {
+		f.Close()
+		return fmt.Errorf("audit keygen: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("audit keygen: %w", err)
+	}
+	fmt.Fprintln(stdout, vkey)
 	return nil
 }

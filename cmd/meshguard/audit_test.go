@@ -33,7 +33,7 @@ func newAuditFixture(t *testing.T, extra string) auditFixture {
 	t.Helper()
 	dir := t.TempDir()
 	f := auditFixture{dir: dir, config: filepath.Join(dir, "meshguard.yaml"), db: filepath.Join(dir, "audit.db")}
-	yaml := fmt.Sprintf("audit:\n  sqlite_path: %q\n  spool_dir: %q\n%s", f.db, filepath.Join(dir, "spool"), extra)
+	yaml := fmt.Sprintf("audit:\n  sqlite_path: %q\n  spool_dir: %q\n  witness_dir: %q\n%s", f.db, filepath.Join(dir, "spool"), filepath.Join(dir, "witness"), extra)
 	if err := os.WriteFile(f.config, []byte(yaml), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -75,7 +75,11 @@ func seedTrail(t *testing.T, configPath string, getenv func(string) string, recs
 		t.Fatal(err)
 	}
 	cfg.Audit.ChainID = "seed"
-	w, err := newAuditWriter(a.log, a.reg, cfg.Audit, store)
+	keys, err := auditsink.LoadKeyring(cfg.Audit.KeySource(), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := newAuditWriter(a.log, a.reg, cfg.Audit, store, keys)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -257,6 +261,48 @@ func TestCLIAuditVerifyDetectsTampering(t *testing.T) {
 	var rep auditsink.VerifyReport
 	if err == nil || json.Unmarshal([]byte(stdout), &rep) != nil || rep.OK || rep.Break == nil || rep.Break.Seq != 8 {
 		t.Fatalf("--json on a tampered trail: %v %+v\n%s", err, rep, stdout)
+	}
+
+	// Rows deleted from the end of the chain: the witness still holds its
+	// signed checkpoint of 30 rows.
+	if _, err := db.ExecContext(t.Context(), "DELETE FROM audit_logs WHERE seq >= 7"); err != nil {
+		t.Fatal(err)
+	}
+	stdout, _, err = runCLI(t, auditNoEnv, "audit", "verify", "--config", f.config)
+	if err == nil || !regexp.MustCompile(`^TAMPERED: chain "seed/\d+" seq 7: rows 7..30 are missing`).MatchString(stdout) {
+		t.Fatalf("truncated trail: %v\n%s", err, stdout)
+	}
+
+	// A witness file someone rewrote fails verification, naming its chain.
+	files, _ := filepath.Glob(filepath.Join(f.dir, "witness", "*.checkpoint"))
+	if len(files) != 1 {
+		t.Fatalf("witness files: %v", files)
+	}
+	if err := os.WriteFile(files[0], []byte("seed/1\n30\nAAAA\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	stdout, _, err = runCLI(t, auditNoEnv, "audit", "verify", "--config", f.config)
+	if err == nil || !regexp.MustCompile(`^TAMPERED: chain "seed/\d+" seq 0: witness file .*: not a signed note`).MatchString(stdout) {
+		t.Fatalf("corrupt witness: %v\n%s", err, stdout)
+	}
+}
+
+func TestCLIAuditKeygen(t *testing.T) {
+	out := filepath.Join(t.TempDir(), "audit.key")
+	stdout, _, err := runCLI(t, auditNoEnv, "audit", "keygen", "--name", "prod-audit", "--out", out)
+	if err != nil || !strings.HasPrefix(stdout, "prod-audit+") {
+		t.Fatalf("keygen: %v %q", err, stdout)
+	}
+	st, err := os.Stat(out)
+	if err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("key file: %v %v", st, err)
+	}
+	k, err := auditsink.ReadKeyFile(out)
+	if err != nil || k.VerifierKey() != strings.TrimSpace(stdout) {
+		t.Fatalf("key file does not hold the printed key's private half: %v", err)
+	}
+	if _, _, err := runCLI(t, auditNoEnv, "audit", "keygen", "--out", out); err == nil {
+		t.Fatal("keygen overwrote an existing key file")
 	}
 }
 

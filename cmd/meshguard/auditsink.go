@@ -20,8 +20,8 @@ type auditStore interface {
 	List(ctx context.Context, f auditsink.Filter, cur auditsink.Cursor, limit int) ([]auditsink.Record, auditsink.Cursor, error)
 	Scan(ctx context.Context, f auditsink.Filter, fn func(*auditsink.Record) error) error
 	Migrate(ctx context.Context) error
-	Prune(ctx context.Context, now time.Time) ([]string, error)
-	RunRetention(ctx context.Context) error
+	Prune(ctx context.Context, now time.Time, keys *auditsink.Keyring) ([]string, error)
+	RunRetention(ctx context.Context, keys *auditsink.Keyring) error
 	Close()
 }
 
@@ -45,12 +45,12 @@ func openAuditStore(ctx context.Context, log *slog.Logger, cfg auditsink.Config,
 
 // newAuditWriter builds the batch writer over store, which must be one of
 // the two stores (the writer needs their unexported batch method).
-func newAuditWriter(log *slog.Logger, reg prometheus.Registerer, cfg auditsink.Config, store auditStore) (*auditsink.Writer, error) {
+func newAuditWriter(log *slog.Logger, reg prometheus.Registerer, cfg auditsink.Config, store auditStore, keys *auditsink.Keyring) (*auditsink.Writer, error) {
 	switch s := store.(type) {
 	case *auditsink.PGStore:
-		return auditsink.NewWriter(log, reg, cfg, s)
+		return auditsink.NewWriter(log, reg, cfg, s, keys)
 	case *auditsink.SQLiteStore:
-		return auditsink.NewWriter(log, reg, cfg, s)
+		return auditsink.NewWriter(log, reg, cfg, s, keys)
 	}
 	return nil, fmt.Errorf("audit store %T has no writer", store)
 }
@@ -87,7 +87,20 @@ func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 		migrated.set()
 	}
 
-	writer, err := newAuditWriter(log, a.reg, cfg, store)
+	keys, err := auditsink.LoadKeyring(cfg.KeySource(), true)
+	if err != nil {
+		store.Close()
+		return nil, fmt.Errorf("loading the audit key: %w", err)
+	}
+	if keys.Generated {
+		// The public half only: it is what verifiers and collectors need.
+		log.Warn("audit trail runs on a key generated in audit.spool_dir; configure audit.key_file or MESHGUARD_AUDIT_KEY from a Secret, and keep this public key to verify checkpoints",
+			"key_id", keys.Current.ID(), "public_key", keys.Current.VerifierKey())
+	} else {
+		log.Info("audit signing key loaded", "key_id", keys.Current.ID(), "public_key", keys.Current.VerifierKey())
+	}
+	privileges := checkWriterPrivileges(ctx, log, store)
+	writer, err := newAuditWriter(log, a.reg, cfg, store, keys)
 	if err != nil {
 		store.Close()
 		return nil, fmt.Errorf("starting the audit writer: %w", err)
@@ -106,11 +119,13 @@ func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 		return fail(err)
 	}
 	csp := srv.CSPReportHandler()
+	checkpoints := auditsink.CheckpointsHandler(log, cfg.WitnessDirectory(), keys)
 	return &component{
 		name: "auditsink",
 		grpc: srv.Register,
 		http: func(mux *http.ServeMux) {
 			mux.Handle("POST /v1/csp-reports", csp)
+			mux.Handle("GET /v1/audit/checkpoints", checkpoints)
 			api.Register(mux)
 		},
 		checks: []readinessCheck{
@@ -118,7 +133,12 @@ func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 			// ridden out in the spool.
 			{name: "audit", required: false, check: func(context.Context) dependencyStatus {
 				st := writer.Status()
-				ds := dependencyStatus{Healthy: st.LastError == "", Error: st.LastError, Details: auditDetails{Store: kind, WriterStatus: st}}
+				ds := dependencyStatus{Healthy: st.LastError == "", Error: st.LastError, Details: auditDetails{
+					Store: kind, WriterStatus: st, KeyID: keys.Current.ID(), PublicKey: keys.Current.VerifierKey(),
+					GeneratedKey: keys.Generated, ExtraPrivileges: privileges}}
+				if keys.Generated {
+					ds.Error = "the audit trail runs on a generated key (configure audit.key_file or MESHGUARD_AUDIT_KEY)"
+				}
 				if !migrated.done() {
 					ds.Healthy, ds.Error = false, "audit schema not migrated yet"
 				}
@@ -143,7 +163,7 @@ func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 					return
 				}
 				migrated.set()
-				if err := store.RunRetention(ctx); err != nil && ctx.Err() == nil {
+				if err := store.RunRetention(ctx, keys); err != nil && ctx.Err() == nil {
 					retErr = fmt.Errorf("audit retention: %w", err)
 				}
 			}()
@@ -163,6 +183,33 @@ func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 type auditDetails struct {
 	Store string `json:"store"`
 	auditsink.WriterStatus
+	KeyID        string `json:"key_id"`
+	PublicKey    string `json:"public_key"`
+	GeneratedKey bool   `json:"generated_key"` // the key serve generated in the spool dir, not a configured one
+	// ExtraPrivileges are what serve's database role may do to audit_logs
+	// beyond INSERT and SELECT (it should be none: use meshguard_audit_writer).
+	ExtraPrivileges []string `json:"extra_privileges,omitempty"`
+}
+
+// checkWriterPrivileges warns when serve's PostgreSQL role could rewrite
+// the trail, and returns what it may do beyond INSERT and SELECT.
+func checkWriterPrivileges(ctx context.Context, log *slog.Logger, store auditStore) []string {
+	pg, ok := store.(*auditsink.PGStore)
+	if !ok {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, migrateAtStartTimeout)
+	defer cancel()
+	extra, err := pg.Privileges(ctx)
+	if err != nil {
+		log.Warn("could not read the audit role's privileges", "err", err)
+		return nil
+	}
+	if len(extra) > 0 {
+		log.Warn("serve's database role can rewrite the audit trail; connect as a role granted meshguard_audit_writer only (see `meshguard migrate`)",
+			"privileges", extra)
+	}
+	return extra
 }
 
 // migrationState records whether the schema is in place.

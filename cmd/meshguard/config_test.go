@@ -26,6 +26,7 @@ func TestBadConfigs(t *testing.T) {
 		"bad_pool.yaml":          {"database.pool.min_conns", "20", "max_conns 5"},
 		"bad_failure_mode.yaml":  {`ratelimit.failure_mode: must be allow or deny, got "maybe"`},
 		"bad_cors_mode.yaml":     {`cors.mode: must be enforce or report, got "block"`},
+		"bad_admin_role.yaml":    {"audit.admin_role: removed: any caller reaching the listener could forge the role header"},
 		"bad_two_documents.yaml": {"a config file holds one YAML document"},
 		"bad_yaml_syntax.yaml":   {"config is not valid YAML", "line 1"},
 		"bad_many_errors.yaml":   {`line 1: unknown key "bogus"`, `line 5: unknown key "nope"`, `environment: must be production or development, got "staging"`, `cors.mode: must be enforce or report, got "block"`},

@@ -206,7 +206,11 @@ func TestAuditPathThroughPgBouncer(t *testing.T) {
 	if !ok {
 		t.Fatalf("store is %T", store)
 	}
-	w, err := auditsink.NewWriter(a.log, a.reg, cfg.Audit, pgStore)
+	keys, err := auditsink.LoadKeyring(cfg.Audit.KeySource(), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := auditsink.NewWriter(a.log, a.reg, cfg.Audit, pgStore, keys)
 	if err != nil {
 		t.Fatal(err)
 	}
