@@ -24,7 +24,7 @@ const (
 var ExportColumns = []string{
 	"id", "created_at", "action", "severity", "entity_type", "entity_id", "user_id", "ip_address",
 	"user_agent", "method", "path", "status", "request_id", "origin", "tenant", "metadata",
-	"old_values", "new_values", "chain_id", "seq", "prev_hash", "hash",
+	"old_values", "new_values", "chain_id", "seq", "key_id", "prev_hash", "hash",
 }
 
 const exportBufSize = 64 << 10
@@ -145,8 +145,9 @@ func csvCells(cells []string, scratch *[]byte, r *Record) {
 	cells[17] = csvSafe(all[off[4]:off[5]])
 	cells[18] = csvSafe(r.ChainID)
 	cells[19] = all[off[5]:off[6]]
-	cells[20] = all[off[6]:off[7]]
-	cells[21] = all[off[7]:off[8]]
+	cells[20] = csvSafe(r.KeyID)
+	cells[21] = all[off[6]:off[7]]
+	cells[22] = all[off[7]:off[8]]
 }
 
 // csvSafe neutralises a cell a spreadsheet would read as a formula (OWASP

@@ -137,7 +137,7 @@ func TestExportCSVRoundTrip(t *testing.T) {
 			"user_id": s.UserID, "ip_address": s.IPAddress, "user_agent": s.UserAgent, "method": s.Method,
 			"path": s.Path, "status": strconv.Itoa(s.Status), "request_id": s.RequestID, "origin": s.Origin,
 			"tenant": s.Tenant, "metadata": string(s.Metadata), "old_values": string(s.OldValues),
-			"new_values": string(s.NewValues), "chain_id": s.ChainID, "seq": strconv.FormatInt(s.Seq, 10),
+			"new_values": string(s.NewValues), "chain_id": s.ChainID, "seq": strconv.FormatInt(s.Seq, 10), "key_id": s.KeyID,
 			"prev_hash": hex.EncodeToString(s.PrevHash), "hash": hex.EncodeToString(s.Hash),
 		}
 		if d := cmp.Diff(want, got); d != "" {
@@ -480,7 +480,7 @@ func TestExportGolden(t *testing.T) {
 		{ID: 1, CreatedAt: at, Action: "LOGIN_FAILURE", Severity: SeverityMedium, EntityType: "session",
 			UserID: "alice", IPAddress: "192.0.2.10", UserAgent: `Mozilla/5.0 ("compatible")`, Method: "POST",
 			Path: "/api/auth/login", Status: 401, RequestID: "req-1", Origin: "https://app.example.com",
-			Tenant: "acme", Metadata: json.RawMessage(`{"rule":"login_failure"}`), ChainID: "host/1", Seq: 1,
+			Tenant: "acme", Metadata: json.RawMessage(`{"rule":"login_failure"}`), ChainID: "host/1", Seq: 1, KeyID: "meshguard-audit+0a1b2c3d",
 			PrevHash: make([]byte, 32), Hash: bytes.Repeat([]byte{0xab}, 32)},
 		{ID: 2, CreatedAt: at.Add(time.Second), Action: "CREATE", Severity: SeverityLow, EntityType: "invoice",
 			EntityID: "=1+2", UserID: "@bob", UserAgent: "-", Method: "POST", Path: "/api/invoices?note=a,b",

@@ -8,13 +8,12 @@ import (
 	"golang.org/x/mod/sumdb/note"
 )
 
-// testKeyring is the tests' signing key, made once per test binary.
+// testSigningKey is the tests' signing key, made once per test binary
+// (and handed to helper processes); testKeyring holds it.
+var testSigningKey, _, _ = GenerateKey("meshguard-test")
+
 var testKeyring, testKey = func() (*Keyring, *Key) {
-	skey, _, err := GenerateKey("meshguard-test")
-	if err != nil {
-		panic(err)
-	}
-	kr, err := LoadKeyring(KeySource{Key: skey}, false)
+	kr, err := LoadKeyring(KeySource{Key: testSigningKey}, false)
 	if err != nil {
 		panic(err)
 	}

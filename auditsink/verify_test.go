@@ -553,3 +553,33 @@ func TestVerifyWindow(t *testing.T) {
 		}
 	})
 }
+
+// TestVerifyKeyRotation: a chain written with the previous key still
+// verifies once that key is listed among the previous ones; without it the
+// verifier says which key is missing.
+func TestVerifyKeyRotation(t *testing.T) {
+	s := openSQLite(t, Config{})
+	start := time.Date(2026, 10, 1, 0, 0, 0, 0, time.UTC)
+	mustWrite(t, s, newChain("before", testKey), genRecords(50, start, "a"))
+	dir := t.TempDir()
+	newKey := filepath.Join(dir, "new.key")
+	skey, _, _ := GenerateKey("meshguard-2027")
+	os.WriteFile(newKey, []byte(skey), 0o600)
+	oldKey := filepath.Join(dir, "old.key")
+	os.WriteFile(oldKey, []byte(testSigningKey), 0o600)
+
+	rotated, err := LoadKeyring(KeySource{KeyFile: newKey, PreviousKeyFiles: []string{oldKey}}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustWrite(t, s, newChain("after", rotated.Current), genRecords(50, start.Add(time.Hour), "b"))
+	rep, err := Verify(t.Context(), s, VerifyOptions{Keys: rotated})
+	if err != nil || !rep.OK || rep.Chains != 2 || rep.Rows != 100 {
+		t.Fatalf("Verify with the rotated keyring = %+v, %v", rep, err)
+	}
+	current, _ := LoadKeyring(KeySource{KeyFile: newKey}, false)
+	rep, err = Verify(t.Context(), s, VerifyOptions{Keys: current})
+	if err != nil || rep.OK || rep.Break.ChainID != "before" || !strings.Contains(rep.Break.Reason, testKey.ID()+", which is not configured") {
+		t.Fatalf("Verify without the previous key = %+v, %v", rep.Break, err)
+	}
+}

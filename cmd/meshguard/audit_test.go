@@ -545,3 +545,61 @@ func TestServeAuditStartsWithPostgresDown(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// TestServeAuditGeneratedKey: with no key configured serve generates one in
+// the spool dir (0600), logs its public half only, and /readyz says the
+// trail runs on a generated key; a configured key is used as it is.
+func TestServeAuditGeneratedKey(t *testing.T) {
+	setup := func(t *testing.T, getenv func(string) string) (auditDetails, dependencyStatus, string, auditFixture) {
+		f := newAuditFixture(t, "")
+		cfg, err := loadConfig(f.config, getenv)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var logs bytes.Buffer
+		a := &app{log: slog.New(slog.NewTextHandler(&logs, nil)), reg: prometheus.NewRegistry(), cfg: cfg}
+		c, err := setupAuditsink(t.Context(), a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.shutdown(context.Background()) })
+		for _, ch := range c.checks {
+			if ch.name == "audit" {
+				st := ch.check(t.Context())
+				return st.Details.(auditDetails), st, logs.String(), f
+			}
+		}
+		t.Fatal("no audit check")
+		return auditDetails{}, dependencyStatus{}, "", f
+	}
+
+	d, st, logs, f := setup(t, auditNoEnv)
+	keyFile := filepath.Join(f.dir, "spool", "audit-signing.key")
+	fi, err := os.Stat(keyFile)
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("generated key file: %v %v", fi, err)
+	}
+	skey, _ := os.ReadFile(keyFile)
+	secretPart := strings.TrimSpace(string(skey))
+	secretPart = secretPart[strings.LastIndexByte(secretPart, '+')+1:]
+	if !d.GeneratedKey || !st.Healthy || !strings.Contains(st.Error, "generated key") || !strings.Contains(logs, d.PublicKey) {
+		t.Fatalf("readyz details %+v / %+v; logs:\n%s", d, st, logs)
+	}
+	if strings.Contains(logs, secretPart) || strings.Contains(logs, "PRIVATE+KEY") {
+		t.Fatal("the private key reached the log")
+	}
+
+	skey2, vkey2, err := auditsink.GenerateKey("configured")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, st, _, _ = setup(t, func(k string) string {
+		if k == "MESHGUARD_AUDIT_KEY" {
+			return skey2
+		}
+		return ""
+	})
+	if d.GeneratedKey || d.PublicKey != vkey2 || st.Error != "" {
+		t.Fatalf("configured key: details %+v / %+v", d, st)
+	}
+}
