@@ -62,6 +62,7 @@ type chain struct {
 	prev []byte
 	tree merkleRange
 	buf  []byte
+	leaf [sha256.Size]byte
 	mac  hash.Hash
 }
 
@@ -99,11 +100,10 @@ func (c *chain) linkNormalized(recs []Record) {
 		r := &recs[i]
 		c.seq++
 		r.ChainID, r.Seq, r.KeyID, r.PrevHash = c.id, c.seq, c.key.id, c.prev
-		var leaf [sha256.Size]byte
-		leaf, c.buf = rowLeaf(r, c.buf)
-		c.tree.appendLeaf(leaf)
+		c.leaf, c.buf = rowLeaf(r, c.buf)
+		c.tree.appendLeaf(c.leaf)
 		c.mac.Reset()
-		c.mac.Write(leaf[:])
+		c.mac.Write(c.leaf[:]) // from the struct: a local would escape through the interface
 		r.Hash = c.mac.Sum(hashes[i*sha256.Size : i*sha256.Size : (i+1)*sha256.Size])
 		c.prev = r.Hash
 	}

@@ -91,9 +91,9 @@ func BenchmarkALSToPostgres(b *testing.B) {
 				b.Fatalf("stored %d rows, want %d", len(rows), total)
 			}
 			truncate()
-			row := make([]any, len(recordColumns))
+			row := make([]any, len(insertColumns))
 			t0 = time.Now()
-			n, err := pool.CopyFrom(ctx, pgx.Identifier{"audit_logs"}, recordColumns, pgx.CopyFromSlice(len(rows), func(i int) ([]any, error) {
+			n, err := pool.CopyFrom(ctx, pgx.Identifier{"audit_logs"}, insertColumns, pgx.CopyFromSlice(len(rows), func(i int) ([]any, error) {
 				pgRow(row, &rows[i])
 				return row, nil
 			}))
