@@ -229,7 +229,7 @@ func (s *PGStore) exec(ctx context.Context, sql string, args ...any) error {
 
 // pgRow fills row with r's column values in insertColumns order.
 func pgRow(row []any, r *Record) {
-	row[0] = r.ID
+	row[0] = &r.ID // pointers: an int64 put in an interface would allocate per row
 	row = row[1:]
 	row[0] = r.CreatedAt
 	row[1] = r.Action
@@ -253,7 +253,7 @@ func pgRow(row []any, r *Record) {
 	row[15] = nullJSON(r.OldValues)
 	row[16] = nullJSON(r.NewValues)
 	row[17] = r.ChainID
-	row[18] = r.Seq
+	row[18] = &r.Seq
 	row[19] = nullString(r.KeyID)
 	row[20] = r.PrevHash
 	row[21] = r.Hash

@@ -671,6 +671,18 @@ func TestMeshguardDeployment(t *testing.T) {
 			if len(jc.Args) == 0 || jc.Args[0] != "migrate" || jc.Image != c.Image {
 				t.Errorf("migration Job runs %s %v, want the meshguard image with `migrate`", jc.Image, jc.Args)
 			}
+			// Least privilege: the Job migrates as the schema owner from a
+			// Secret of its own; serve's Secret holds the writer login.
+			if !slices.ContainsFunc(jc.EnvFrom, func(e corev1.EnvFromSource) bool {
+				return e.SecretRef != nil && strings.HasPrefix(e.SecretRef.Name, "meshguard-migrate-secrets")
+			}) || slices.ContainsFunc(jc.EnvFrom, func(e corev1.EnvFromSource) bool {
+				return e.SecretRef != nil && e.SecretRef.Name == "meshguard-secrets"
+			}) {
+				t.Error("migration Job must read meshguard-migrate-secrets, not the Deployment's meshguard-secrets")
+			}
+			if dir == "overlays/development" && secretByPrefix(o, "meshguard-migrate-secrets") == nil {
+				t.Error("development overlay should generate meshguard-migrate-secrets")
+			}
 			if jcm, _ := mountedConfigMap(t, o, &j.Spec.Template.Spec, jc, argAfter(jc.Args, "--config")); jcm != cm {
 				t.Error("migration Job does not read the same config as the Deployment")
 			}
