@@ -24,7 +24,6 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/meshguard/meshguard/internal/gctune"
-	"github.com/meshguard/meshguard/internal/grpcserver"
 	"github.com/meshguard/meshguard/internal/grpcserver/grpcservertest"
 	"github.com/meshguard/meshguard/internal/redistest"
 	"github.com/meshguard/meshguard/internal/secret"
@@ -124,29 +123,16 @@ func benchServe(url string) error {
 			rs.pipe = nil
 		}
 	}
-	var stop func()
-	if v, ok := strings.CutPrefix(variant, "grpc"); ok {
-		// grpc-go's server as cmd/meshguard's gRPC listener runs it: its
-		// options and interceptors, and the tuning variant that follows.
-		opts, err := grpcservertest.Options(prometheus.NewRegistry(), strings.TrimPrefix(v, ","))
-		if err != nil {
-			return err
-		}
-		gs := grpc.NewServer(opts...)
-		register(gs)
-		go gs.Serve(lis)
-		stop = gs.Stop
-	} else {
-		// The lean unary server of cmd/meshguard's rate limit listener,
-		// which the shipped Envoy configs call.
-		if variant != "" && variant != "prod" {
-			return fmt.Errorf("variant %q: the rate limit listener's server has no tuning variants", variant)
-		}
-		us := grpcserver.UnaryServer(grpcserver.DefaultLimits(), grpcserver.NewMetrics(prometheus.NewRegistry()))
-		register(us)
-		go us.Serve(lis)
-		stop = us.Stop
+	// grpc-go's server as cmd/meshguard's listeners run it: its options and
+	// interceptors, and the tuning variant that follows.
+	opts, err := grpcservertest.Options(prometheus.NewRegistry(), variant)
+	if err != nil {
+		return err
 	}
+	gs := grpc.NewServer(opts...)
+	register(gs)
+	go gs.Serve(lis)
+	stop := gs.Stop
 	// A CPU profile of the server, e.g. for cmd/meshguard/default.pgo;
 	// "%p" in the path becomes the server's pid, so that every case's
 	// server keeps its own.
@@ -249,10 +235,10 @@ func procSyscalls(b *testing.B, pid int) (reads, writes int64) {
 }
 
 // startBenchServer runs the RLS in a child process against url and returns
-// a client and the child's pid. variant "" (or "prod") serves it as the rate
-// limit listener does, on the lean unary server; "grpc" as the gRPC
-// listener does, on grpc-go's server, optionally followed by a tuning
-// variant ("grpc,workers=0", see grpcservertest.Options).
+// a client and the child's pid. variant "" (or "prod") serves it as
+// cmd/meshguard's listeners do; otherwise it names a tuning variant
+// ("workers=0", see grpcservertest.Options), optionally after
+// "store=direct".
 func startBenchServer(b *testing.B, url, variant string) (rlsv3.RateLimitServiceClient, int) {
 	bin, variant := grpcservertest.Executable(variant)
 	cmd := exec.Command(bin, "-test.run=^$")
@@ -421,8 +407,8 @@ type benchResult struct {
 }
 
 // BenchmarkShouldRateLimit measures meshguard as deployed: a separate
-// process serving the rate limit listener (the lean unary server the
-// shipped Envoy configs call), real redis-server, 50 concurrent streams.
+// process serving the rate limit listener's gRPC stack, real
+// redis-server, 50 concurrent streams.
 // meshguard-cpu-µs/op is the server process's CPU per decision (redis-server
 // and the load generator excluded). Its allocations are not in allocs/op,
 // which counts the load generator; BenchmarkShouldRateLimitInProcess shows
@@ -454,15 +440,6 @@ func BenchmarkShouldRateLimit(b *testing.B) {
 		client, pid := startBenchServer(b, benchNoop, "")
 		runLoad(b, client, benchRequests(true), pid, 0, rlsv3.RateLimitResponse_OK)
 	})
-	// The same decisions on the gRPC listener (grpc-go's server), for an
-	// Envoy that calls that one.
-	for _, twoDesc := range []bool{false, true} {
-		b.Run(map[bool]string{false: "grpc_listener_hot1k", true: "grpc_listener_two_desc"}[twoDesc], func(b *testing.B) {
-			srv := redistest.Start(b)
-			client, pid := startBenchServer(b, srv.URL(), "grpc")
-			runLoad(b, client, benchRequests(twoDesc), pid, srv.Pid(), rlsv3.RateLimitResponse_OK)
-		})
-	}
 }
 
 // BenchmarkShouldRateLimitVariants compares gRPC server tuning variants
@@ -578,20 +555,6 @@ func BenchmarkDecideRedis(b *testing.B) {
 		return func(ctx context.Context, req *rlsv3.RateLimitRequest) error {
 			_, err := s.ShouldRateLimit(ctx, req)
 			return err
-		}
-	})
-}
-
-// BenchmarkDecideRedisAsync is BenchmarkDecideRedis on the asynchronous
-// path the rate limit listener takes: allocs/op are the decision's own.
-func BenchmarkDecideRedisAsync(b *testing.B) {
-	benchDecideRedis(b, func(s *Server) func(context.Context, *rlsv3.RateLimitRequest) error {
-		// One reply func and channel per goroutine, as a connection has.
-		answered := make(chan error, 1)
-		reply := func(_ any, err error) { answered <- err }
-		return func(ctx context.Context, req *rlsv3.RateLimitRequest) error {
-			s.shouldRateLimitAsync(ctx, req, reply)
-			return <-answered
 		}
 	})
 }

@@ -120,10 +120,6 @@ type pcall struct {
 	sentAt   time.Time
 	state    atomic.Int32  // callWaiting, callDone, callExpired or callReleased
 	done     chan struct{} // capacity 1; exactly one send per use
-	// onDone, when set, answers instead of done: it is called once, on the
-	// goroutine that answers, reads c.err (and c.vals when c.err is nil)
-	// and returns without blocking; the pipeline then recycles the call.
-	onDone func(c *pcall)
 }
 
 const (
@@ -140,7 +136,7 @@ var callPool = sync.Pool{New: func() any {
 func getCall() *pcall {
 	c := callPool.Get().(*pcall)
 	c.state.Store(callWaiting)
-	c.cmd, c.vals, c.err, c.onDone = c.cmd[:0], c.vals[:0], nil, nil
+	c.cmd, c.vals, c.err = c.cmd[:0], c.vals[:0], nil
 	return c
 }
 
@@ -151,11 +147,6 @@ func putCall(c *pcall) { callPool.Put(c) }
 func finish(c *pcall, err error) {
 	if c.state.CompareAndSwap(callWaiting, callDone) {
 		c.err = err
-		if c.onDone != nil {
-			c.onDone(c)
-			putCall(c)
-			return
-		}
 		c.done <- struct{}{}
 		return
 	}
@@ -166,12 +157,6 @@ func finish(c *pcall, err error) {
 func (c *pcall) expire() {
 	if c.state.CompareAndSwap(callWaiting, callExpired) {
 		c.err = errCallTimeout
-		if c.onDone != nil {
-			// The reply may still come: the reader then lets go too.
-			c.onDone(c)
-			c.release()
-			return
-		}
 		c.done <- struct{}{}
 	}
 }
@@ -210,10 +195,6 @@ func (p *pipeline) do(ctx context.Context, c *pcall) (owned bool, err error) {
 	c.release()
 	return false, err
 }
-
-// doAsync sends c.cmd and returns: c.onDone gets the reply, or the
-// timeout, later. On an error c was not queued and the caller still owns it.
-func (p *pipeline) doAsync(c *pcall) error { return p.enqueue(c) }
 
 // enqueue queues c, and writes the queue when no batch is being written.
 func (p *pipeline) enqueue(c *pcall) error {

@@ -4,12 +4,10 @@ import (
 	"bufio"
 	"context"
 	"errors"
-	"fmt"
 	"hash/fnv"
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -541,93 +539,6 @@ func TestPipelineCallersGivingUp(t *testing.T) {
 		}
 		if _, _, err := decide(t, rs, testCounter("drain", 1<<50, 1)); err != nil {
 			t.Logf("drain call: %v", err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// TestPipelineAsyncAnswersOnce: calls made with evaluateAsync while Redis
-// pauses past the timeout are answered exactly once each, by the reply or
-// by the timeout (a reply that comes late calls nobody), every answer
-// carries the caller's own count, and the pipeline drains.
-func TestPipelineAsyncAnswersOnce(t *testing.T) {
-	skipShort(t)
-	srv := redistest.Start(t)
-	t.Cleanup(srv.Resume)
-	const timeout = 100 * time.Millisecond
-	rs := newTestRedis(t, RedisConfig{URL: secret.URL(srv.URL()), Timeout: timeout, Autopipeline: true})
-	const callers, each, span = 8, 200, 1_000_000
-	var answers, timeouts, replies, twice atomic.Int64
-	var wg sync.WaitGroup
-	errs := make(chan error, callers*each)
-	for g := range callers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			base := int64(g+1) * span
-			c := testCounter("async-"+strconv.Itoa(g), 1<<50, base)
-			if _, _, err := decide(t, rs, c); err != nil {
-				errs <- err
-				return
-			}
-			c.hits = 1
-			for i := range each {
-				if g == 0 && i == each/2 {
-					srv.Pause() // the calls in flight now wait past the timeout
-					time.Sleep(timeout + 50*time.Millisecond)
-					srv.Resume()
-				}
-				var once atomic.Bool
-				res := make([]counterRes, 1)
-				done := make(chan struct{})
-				ok := rs.evaluateAsync(time.Now().UnixMilli(), []counterReq{c}, res, func(_ bool, err error) {
-					if once.Swap(true) {
-						twice.Add(1)
-						return
-					}
-					answers.Add(1)
-					switch {
-					case err == nil:
-						replies.Add(1)
-						if res[0].cur < base || res[0].cur > base+each {
-							errs <- fmt.Errorf("caller %d: count %d outside its own range", g, res[0].cur)
-						}
-					case errors.Is(err, errCallTimeout):
-						timeouts.Add(1)
-					default:
-						errs <- fmt.Errorf("caller %d: %v", g, err)
-					}
-					close(done)
-				})
-				if !ok {
-					errs <- errors.New("evaluateAsync declined a store with a pipeline")
-					return
-				}
-				select {
-				case <-done:
-				case <-time.After(5 * time.Second):
-					errs <- fmt.Errorf("caller %d: call %d never answered", g, i)
-					return
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Error(err)
-	}
-	t.Logf("answered %d: %d replies, %d timeouts", answers.Load(), replies.Load(), timeouts.Load())
-	if n := twice.Load(); n != 0 {
-		t.Errorf("%d calls answered twice", n)
-	}
-	if answers.Load() != callers*each || replies.Load() == 0 || timeouts.Load() == 0 {
-		t.Errorf("answered %d of %d (%d replies, %d timeouts): every call once, both ways", answers.Load(), callers*each, replies.Load(), timeouts.Load())
-	}
-	deadline := time.Now().Add(2 * time.Second)
-	for st := rs.pipe.status(); st.Inflight != 0 || st.Queued != 0; st = rs.pipe.status() {
-		if time.Now().After(deadline) {
-			t.Fatalf("pipeline did not drain: %+v", st)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}

@@ -479,65 +479,6 @@ func (s *RedisStore) evaluate(ctx context.Context, nowMs int64, reqs []counterRe
 	return s.evaluateDirect(ctx, nowMs, reqs, res)
 }
 
-// evaluateAsync starts the evaluation on the pipeline that carries reqs and
-// returns true; done gets its outcome later, on the pipeline's goroutines
-// (or on a goroutine of its own when go-redis has to take over). It returns
-// false, having done nothing, without the store's own pipeline (go-redis
-// mode, or Cluster, whose slot lookup may wait on the network).
-func (s *RedisStore) evaluateAsync(nowMs int64, reqs []counterReq, res []counterRes, done func(admitted bool, err error)) bool {
-	p := s.pipe
-	if p == nil {
-		return false
-	}
-	c := getCall()
-	c.cmd = s.appendEvalsha(c.cmd, reqs, nowMs)
-	ae := asyncEvals.Get().(*asyncEval)
-	ae.s, ae.reqs, ae.res, ae.nowMs, ae.done = s, reqs, res, nowMs, done
-	if ae.fn == nil { // bound once per asyncEval, which the pool keeps
-		ae.fn = ae.answered
-	}
-	c.onDone = ae.fn
-	if err := p.doAsync(c); err != nil {
-		ae.reset()
-		putCall(c)
-		done(false, err)
-	}
-	return true
-}
-
-// asyncEval is what one evaluateAsync call's answer needs. It is pooled
-// with its callback bound once, so that a call allocates nothing for it.
-type asyncEval struct {
-	s     *RedisStore
-	reqs  []counterReq
-	res   []counterRes
-	nowMs int64
-	done  func(admitted bool, err error)
-	fn    func(*pcall) // ae.answered, bound on first use
-}
-
-var asyncEvals = sync.Pool{New: func() any { return new(asyncEval) }}
-
-// reset forgets the call and puts ae back.
-func (ae *asyncEval) reset() {
-	*ae = asyncEval{fn: ae.fn}
-	asyncEvals.Put(ae)
-}
-
-// answered is the pipeline call's onDone: it runs once per call.
-func (ae *asyncEval) answered(c *pcall) {
-	s, reqs, res, nowMs, done := ae.s, ae.reqs, ae.res, ae.nowMs, ae.done
-	ae.reset()
-	admitted, err := pipelinedResult(c, reqs, res)
-	if err != nil && (isNoScript(err) || isRedirect(err)) {
-		// The script cache was flushed, or the slot moved: go-redis takes
-		// over, on a goroutine of its own since it blocks.
-		go func() { done(s.evaluateDirect(context.Background(), nowMs, reqs, res)) }()
-		return
-	}
-	done(admitted, err)
-}
-
 // evaluateDirect evaluates through go-redis, one round trip (per slot in
 // Cluster mode), within the store's timeout.
 func (s *RedisStore) evaluateDirect(ctx context.Context, nowMs int64, reqs []counterReq, res []counterRes) (bool, error) {

@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"strings"
 	"sync"
 	"time"
 
@@ -24,7 +23,6 @@ import (
 
 	"github.com/meshguard/meshguard/internal/gctune"
 	"github.com/meshguard/meshguard/internal/grpcserver"
-	"github.com/meshguard/meshguard/internal/h2unary"
 )
 
 // app is what every component's setup function gets: the process-wide
@@ -136,16 +134,16 @@ func serve(ctx context.Context, cfg Config, gc gctune.Settings, logw io.Writer) 
 	}
 
 	metrics := grpcserver.NewMetrics(reg)
-	gs := grpc.NewServer(append(grpcserver.Options(cfg.GRPC), metrics.ServerOptions()...)...)
+	gs := grpcserver.New(cfg.GRPC, metrics)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
 	reflection.Register(gs)
-	// The rate limit listener: ShouldRateLimit on the lean unary server,
-	// which spends less CPU per call than grpc-go's (see package h2unary),
-	// plus health checks for Envoy's cluster.
-	var us *h2unary.Server
+	// The rate limit listener: a second server with the same options that
+	// serves ShouldRateLimit and health checks alone, so that rate limit
+	// calls do not share connections and stream limits with ext_authz.
+	var us *grpc.Server
 	if cfg.Listen.RateLimit != "" {
-		us = grpcserver.UnaryServer(cfg.GRPC, metrics)
+		us = grpcserver.New(cfg.GRPC, metrics)
 		healthpb.RegisterHealthServer(us, hs)
 	}
 
@@ -215,7 +213,7 @@ func serve(ctx context.Context, cfg Config, gc gctune.Settings, logw io.Writer) 
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := us.Serve(rl); err != nil && !errors.Is(err, h2unary.ErrServerStopped) {
+			if err := us.Serve(rl); err != nil {
 				errc <- fmt.Errorf("rate limit server: %w", err)
 			}
 		}()
@@ -306,17 +304,6 @@ type only struct {
 func (o only) RegisterService(desc *grpc.ServiceDesc, impl any) {
 	if desc.ServiceName == o.service {
 		o.r.RegisterService(desc, impl)
-	}
-}
-
-// RegisterAsync passes on the service's asynchronous handlers, when the
-// server takes them.
-func (o only) RegisterAsync(fullMethod string, h h2unary.AsyncHandler) {
-	ar, ok := o.r.(interface {
-		RegisterAsync(string, h2unary.AsyncHandler)
-	})
-	if ok && strings.HasPrefix(fullMethod, "/"+o.service+"/") {
-		ar.RegisterAsync(fullMethod, h)
 	}
 }
 

@@ -15,8 +15,6 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/keepalive"
-
-	"github.com/meshguard/meshguard/internal/h2unary"
 )
 
 // Limits bounds what one client can make the server hold. The fields mirror
@@ -129,19 +127,10 @@ var serverCodec = Codec()
 // defaults keep BDP window estimation).
 const streamWorkers = 64
 
-// UnaryServer returns the lean unary server (see package h2unary) with
-// cfg's limits, the codec and the metrics interceptor grpc-go's server has,
-// so that a method answers the same on either.
-func UnaryServer(cfg Limits, m *Metrics) *h2unary.Server {
-	return h2unary.NewServer(h2unary.Options{
-		MaxRecvMsgSize:       cfg.MaxRecvMsgSize,
-		MaxConcurrentStreams: cfg.MaxConcurrentStreams,
-		KeepaliveMinTime:     cfg.KeepaliveMinTime,
-		MaxConnectionIdle:    cfg.MaxConnectionIdle,
-		ConnectionTimeout:    cfg.ConnectionTimeout,
-		Codec:                serverCodec,
-		Interceptor:          m.Unary,
-		Track:                m.Track,
-		Workers:              streamWorkers,
-	})
+// New returns a gRPC server with meshguard's options (cfg's limits,
+// keepalive, the per-RPC tuning) and m's interceptors. cmd/meshguard builds
+// every listener's server with it, so that a method answers the same on
+// either.
+func New(cfg Limits, m *Metrics) *grpc.Server {
+	return grpc.NewServer(append(Options(cfg), m.ServerOptions()...)...)
 }

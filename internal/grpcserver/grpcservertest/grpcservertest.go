@@ -1,18 +1,23 @@
-// Package grpcservertest lets benchmarks run the production gRPC server
-// stack (grpcserver.Options and the metrics interceptors) with tuning
-// overrides, so that candidate options can be compared side by side.
+// Package grpcservertest serves gRPC in tests: Serve runs a server on a
+// free loopback port and dials it, and Options lets benchmarks run the
+// production server stack (grpcserver.Options and the metrics
+// interceptors) with tuning overrides, so that candidate options can be
+// compared side by side.
 package grpcservertest
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"runtime"
 	"runtime/debug"
 	"strconv"
 	"strings"
+	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/encoding"
 	encproto "google.golang.org/grpc/encoding/proto"
 
@@ -97,4 +102,37 @@ func Options(reg prometheus.Registerer, variant string) ([]grpc.ServerOption, er
 		}
 	}
 	return opts, nil
+}
+
+// Serve serves gs on a free 127.0.0.1 port until the test ends and returns
+// a client connection to it (plaintext, as Envoy's clusters dial meshguard
+// in the tests).
+func Serve(tb testing.TB, gs *grpc.Server) *grpc.ClientConn {
+	tb.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		gs.Serve(lis)
+	}()
+	tb.Cleanup(func() {
+		gs.Stop()
+		<-served
+	})
+	return Dial(tb, lis.Addr().String())
+}
+
+// Dial returns a plaintext client connection to addr, closed when the test
+// ends.
+func Dial(tb testing.TB, addr string) *grpc.ClientConn {
+	tb.Helper()
+	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { cc.Close() })
+	return cc
 }
