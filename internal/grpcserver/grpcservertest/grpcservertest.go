@@ -19,7 +19,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/encoding"
-	encproto "google.golang.org/grpc/encoding/proto"
 
 	"github.com/meshguard/meshguard/internal/grpcserver"
 )
@@ -59,7 +58,8 @@ func Executable(variant string) (bin, rest string) {
 //	wbuf=N      WriteBufferSize N bytes
 //	procs=N     runtime.GOMAXPROCS(N) in the serving process
 //	gogc=N      debug.SetGCPercent(N) in the serving process
-//	codec=std   gRPC's default proto codec instead of grpcserver.Codec
+//	codec=vt    vtprotobuf marshalers where the message has them (build
+//	            tag vtprotobuf), else gRPC's proto codec
 //
 // and "bin=PATH", which the benchmark strips with Executable first.
 func Options(reg prometheus.Registerer, variant string) ([]grpc.ServerOption, error) {
@@ -70,11 +70,10 @@ func Options(reg prometheus.Registerer, variant string) ([]grpc.ServerOption, er
 	for _, o := range strings.Split(variant, ",") {
 		k, v, _ := strings.Cut(o, "=")
 		if k == "codec" {
-			if v != "std" {
-				return nil, fmt.Errorf("variant %q: %q: codec std is the only alternative", variant, o)
+			if v != "vt" || vtCodec == nil {
+				return nil, fmt.Errorf("variant %q: %q: codec vt is the only alternative, and needs -tags vtprotobuf", variant, o)
 			}
-			// A later ForceServerCodecV2 replaces grpcserver.Options' one.
-			opts = append(opts, grpc.ForceServerCodecV2(encoding.GetCodecV2(encproto.Name)))
+			opts = append(opts, grpc.ForceServerCodecV2(vtCodec))
 			continue
 		}
 		n, err := strconv.Atoi(strings.TrimSuffix(v, "x"))
@@ -136,3 +135,6 @@ func Dial(tb testing.TB, addr string) *grpc.ClientConn {
 	tb.Cleanup(func() { cc.Close() })
 	return cc
 }
+
+// vtCodec is set with build tag vtprotobuf (see vtcodec.go).
+var vtCodec encoding.CodecV2
