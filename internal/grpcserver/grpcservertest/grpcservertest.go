@@ -18,7 +18,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/encoding"
 
 	"github.com/meshguard/meshguard/internal/grpcserver"
 )
@@ -58,8 +57,6 @@ func Executable(variant string) (bin, rest string) {
 //	wbuf=N      WriteBufferSize N bytes
 //	procs=N     runtime.GOMAXPROCS(N) in the serving process
 //	gogc=N      debug.SetGCPercent(N) in the serving process
-//	codec=vt    vtprotobuf marshalers where the message has them (build
-//	            tag vtprotobuf), else gRPC's proto codec
 //
 // and "bin=PATH", which the benchmark strips with Executable first.
 func Options(reg prometheus.Registerer, variant string) ([]grpc.ServerOption, error) {
@@ -69,13 +66,6 @@ func Options(reg prometheus.Registerer, variant string) ([]grpc.ServerOption, er
 	}
 	for _, o := range strings.Split(variant, ",") {
 		k, v, _ := strings.Cut(o, "=")
-		if k == "codec" {
-			if v != "vt" || vtCodec == nil {
-				return nil, fmt.Errorf("variant %q: %q: codec vt is the only alternative, and needs -tags vtprotobuf", variant, o)
-			}
-			opts = append(opts, grpc.ForceServerCodecV2(vtCodec))
-			continue
-		}
 		n, err := strconv.Atoi(strings.TrimSuffix(v, "x"))
 		if err != nil {
 			return nil, fmt.Errorf("variant %q: %q: %w", variant, o, err)
@@ -135,6 +125,3 @@ func Dial(tb testing.TB, addr string) *grpc.ClientConn {
 	tb.Cleanup(func() { cc.Close() })
 	return cc
 }
-
-// vtCodec is set with build tag vtprotobuf (see vtcodec.go).
-var vtCodec encoding.CodecV2
