@@ -6,12 +6,12 @@
 // and from a hot-reloaded directory, with meshguard's extensions: any window
 // length, named presets and a sliding or fixed window. Counters live in a
 // store: in process (MemoryStore) or in Redis (RedisStore: standalone,
-// Sentinel or Cluster), one round trip per request; concurrent requests to
-// one Redis master share a connection and its writes and reads (see
-// pipeline). A refused request does not
-// consume quota. Counters known to be over limit are answered from process
-// memory until they reset. When the store cannot answer within its timeout,
-// the decision follows failure_mode and is never a gRPC error.
+// Sentinel or Cluster, through go-redis), one script call per request;
+// the script calls of concurrent requests share go-redis pipelines (see
+// pipeline). A refused request does not consume quota. Counters known to
+// be over limit are answered from process memory until they reset. When
+// the store cannot answer within its timeout, the decision follows
+// failure_mode and is never a gRPC error.
 //
 // Algorithm: the approximated sliding window. Time is cut into buckets of
 // the window's length aligned to the Unix epoch; the estimate is the previous
@@ -32,8 +32,8 @@
 // _domain_not_found_total, _config_reloads_total{result},
 // _config_last_reload_successful, _config_last_reload_success_timestamp_seconds,
 // and with Redis _redis_pool_* (go-redis' pool: hits, misses, timeouts, waits,
-// connections) and _redis_pipeline_* (connections, pending_commands{state},
-// dials_total, dial_errors_total, stale_closes_total).
+// connections) and _redis_pipeline_* (pending_commands{state}, batches_total,
+// commands_total, batch_errors_total).
 package ratelimitsvc
 
 import (
