@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"go.uber.org/goleak"
 
 	"github.com/meshguard/meshguard/internal/redistest"
 	"github.com/meshguard/meshguard/internal/secret"
@@ -34,6 +35,18 @@ func decide(t *testing.T, rs *RedisStore, c counterReq) (counterRes, bool, error
 	res := make([]counterRes, 1)
 	ok, err := rs.evaluate(t.Context(), time.Now().UnixMilli(), []counterReq{c}, res)
 	return res[0], ok, err
+}
+
+// waitPipeline waits until rs's pipeline has inflight calls in flight and
+// queued calls waiting.
+func waitPipeline(t *testing.T, rs *RedisStore, inflight, queued int) {
+	t.Helper()
+	servertest.WaitFor(t, 10*time.Second, func() error {
+		if st := rs.pipe.status(); st.Inflight != inflight || st.Queued != queued {
+			return fmt.Errorf("pipeline %+v: want %d calls in flight, %d queued", st, inflight, queued)
+		}
+		return nil
+	})
 }
 
 // TestPipelineAuthAndDatabase: a URL's username, password and database
@@ -91,12 +104,7 @@ func TestPipelineSkipsAbandonedCalls(t *testing.T) {
 		_, _, err := decide(t, rs, c)
 		first <- err
 	}()
-	servertest.WaitFor(t, 5*time.Second, func() error {
-		if st := rs.pipe.status(); st.Inflight != 1 {
-			return fmt.Errorf("pipeline %+v: want one call in flight", st)
-		}
-		return nil
-	})
+	waitPipeline(t, rs, 1, 0)
 	ctx, cancel := context.WithCancel(t.Context())
 	gaveUp := make(chan error, 2)
 	for range 2 {
@@ -105,12 +113,7 @@ func TestPipelineSkipsAbandonedCalls(t *testing.T) {
 			gaveUp <- err
 		}()
 	}
-	servertest.WaitFor(t, 5*time.Second, func() error {
-		if st := rs.pipe.status(); st.Queued != 2 {
-			return fmt.Errorf("pipeline %+v: want two calls queued", st)
-		}
-		return nil
-	})
+	waitPipeline(t, rs, 1, 2)
 	cancel()
 	for range 2 {
 		if err := <-gaveUp; !errors.Is(err, context.Canceled) {
@@ -222,12 +225,14 @@ func TestBuildCallMatchesBuildGroup(t *testing.T) {
 	}
 }
 
-// TestPipelineClose: closing the store answers waiting callers at once and
-// refuses later calls.
+// TestPipelineClose: closing the store answers waiting callers at once,
+// refuses later calls, and leaves no goroutine of the pipeline or go-redis
+// behind.
 func TestPipelineClose(t *testing.T) {
 	skipShort(t)
 	srv := redistest.Start(t)
 	t.Cleanup(srv.Resume)
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 	cfg := RedisConfig{URL: secret.URL(srv.URL()), Timeout: 10 * time.Second, Autopipeline: true, KeyPrefix: "mg:rl:"}
 	rs, err := NewRedisStore(discardLogger(), nil, cfg)
 	if err != nil {
@@ -238,18 +243,16 @@ func TestPipelineClose(t *testing.T) {
 	}
 	srv.Pause()
 	errs := make(chan error, 3)
-	for range 3 {
-		go func() {
-			_, _, err := decide(t, rs, testCounter("close", 10, 1))
-			errs <- err
-		}()
+	call := func() {
+		_, _, err := decide(t, rs, testCounter("close", 10, 1))
+		errs <- err
 	}
-	servertest.WaitFor(t, 5*time.Second, func() error {
-		if st := rs.pipe.status(); st.Inflight != 1 || st.Queued != 2 {
-			return fmt.Errorf("pipeline %+v: want one call in flight, two queued", st)
-		}
-		return nil
-	})
+	// One call in flight, then two queued behind it.
+	go call()
+	waitPipeline(t, rs, 1, 0)
+	go call()
+	go call()
+	waitPipeline(t, rs, 1, 2)
 	start := time.Now()
 	rs.Close()
 	for range 3 {
