@@ -390,8 +390,8 @@ func TestRateLimitFilter(t *testing.T) {
 		if r.GetDomain() != "api" {
 			t.Errorf("domain = %q, want api (the domain of meshguard's presets)", r.GetDomain())
 		}
-		// meshguard's rate limit listener (listen.ratelimit, :8082), whose
-		// lean server spends less CPU per decision than the gRPC listener's.
+		// meshguard's rate limit listener (listen.ratelimit, :8082), which
+		// keeps rate limit calls apart from ext_authz and access-log traffic.
 		if got := r.GetRateLimitService().GetGrpcService().GetEnvoyGrpc().GetClusterName(); got != "meshguard_ratelimit" {
 			t.Errorf("rate limit service cluster = %q, want meshguard_ratelimit (meshguard's rate limit listener)", got)
 		} else if port := clusterPort(fp.clusters[got]); port != 8082 {

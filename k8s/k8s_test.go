@@ -546,7 +546,7 @@ func TestMeshguardDeployment(t *testing.T) {
 			ps := &d.Spec.Template.Spec
 			c := container(t, ps, "meshguard")
 
-			// Ports and probes. ratelimit is listen.ratelimit, the lean
+			// Ports and probes. ratelimit is listen.ratelimit, the
 			// listener Envoy's meshguard_ratelimit cluster calls.
 			wantPorts := map[string]int32{"grpc": 8081, "ratelimit": 8082, "http": 8080}
 			for name, port := range wantPorts {
@@ -844,7 +844,7 @@ func TestEnvoyDeployment(t *testing.T) {
 // port of that number, its target container port, and the listen address
 // of that port in meshguard's config. ext_authz and the access log must
 // land on listen.grpc (the gRPC listener); the rate limit service on
-// listen.ratelimit (the lean listener that serves only ShouldRateLimit and
+// listen.ratelimit (the listener that serves only ShouldRateLimit and
 // health). Both NetworkPolicies must let each of those connections through.
 func TestEnvoyReachesMeshguard(t *testing.T) {
 	for _, dir := range []string{"base", "overlays/production", "overlays/development"} {
