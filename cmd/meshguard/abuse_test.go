@@ -301,15 +301,6 @@ func (rc *rawConn) expectEndAfterDrain(t *testing.T) {
 	}
 }
 
-// expectGoAway reads until a GOAWAY and requires code.
-func (rc *rawConn) expectGoAway(t *testing.T, code http2.ErrCode) {
-	t.Helper()
-	rc.expectEnd(t)
-	if rc.goAway == nil || rc.goAway.ErrCode != code {
-		t.Errorf("connection ended with GOAWAY %v, want %v", rc.goAway, code)
-	}
-}
-
 // answeredOrGoAway makes a health check on stream 1 and reads until it is
 // answered or the server ends the connection with GOAWAY code, failing on
 // another code, on a read error, and on an empty CONTINUATION frame or 100
