@@ -50,6 +50,10 @@ func TestFullStack(t *testing.T) {
 	os.WriteFile(cfgPath, []byte(fmt.Sprintf(`
 listen: {grpc: "127.0.0.1:0", http: "127.0.0.1:0", ratelimit: "127.0.0.1:0"}
 log: {format: json}
+# A store timeout would answer by failure_mode (allow) without counting: the
+# 50ms default is too short for the first call (dial, script load) under
+# -race on a busy machine.
+redis: {timeout: 5s}
 cors:
   public_origin: "https://app.example.com"
   allowed_origins: ["https://*.example.com"]
