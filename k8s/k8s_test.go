@@ -651,8 +651,8 @@ const expectedDrainDelay = 10 * time.Second
 // depend on; the full file is parsed by cmd/meshguard's own parser (see
 // README.md).
 type meshguardConfig struct {
-	Listen    struct{ GRPC, HTTP, RateLimit string }
-	Shutdown  struct {
+	Listen   struct{ GRPC, HTTP, RateLimit string }
+	Shutdown struct {
 		Timeout    string
 		DrainDelay string `yaml:"drain_delay"`
 	}

@@ -138,4 +138,3 @@ func checkEnvoyDrain(t *testing.T, o *objects) {
 		t.Error("envoy has no CPU limit to take --concurrency from")
 	}
 }
-
