@@ -40,7 +40,7 @@ func TestSupportedEnvoyVersions(t *testing.T) {
 	}
 	files, _ := filepath.Glob("*.yaml")
 	files = append(files, "../k8s/base/envoy.yaml")
-	out, err := RunCompat(t.Context(), files...)
+	out, err := runCompat(t.Context(), files...)
 	if err != nil {
 		t.Fatalf("the shipped bootstraps do not load on Envoy %s: %v\n%s", oldestEnvoy, err, out)
 	}
@@ -52,9 +52,9 @@ func TestSupportedEnvoyVersions(t *testing.T) {
 	}
 }
 
-// RunCompat runs the compat checker (the oldest supported Envoy API) on
+// runCompat runs the compat checker (the oldest supported Envoy API) on
 // files, paths relative to this directory, and returns its output.
-func RunCompat(ctx context.Context, files ...string) ([]byte, error) {
+func runCompat(ctx context.Context, files ...string) ([]byte, error) {
 	abs := make([]string, len(files))
 	for i, f := range files {
 		a, err := filepath.Abs(f)
