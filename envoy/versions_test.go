@@ -137,3 +137,17 @@ func TestCompatCheckerIsACopy(t *testing.T) {
 		t.Errorf("typed extensions linked differ:\nenvoy.go:              %q\ncompat/extensions.go:  %q", a, b)
 	}
 }
+
+// TestREADMEStatesSupportedVersions: the README's "Supported Envoy
+// versions" names the range these tests check.
+func TestREADMEStatesSupportedVersions(t *testing.T) {
+	readme := string(mustRead(t, "../README.md"))
+	_, sec, ok := strings.Cut(readme, "\n## Supported Envoy versions\n")
+	if !ok {
+		t.Fatal(`README.md has no "## Supported Envoy versions" section`)
+	}
+	sec, _, _ = strings.Cut(sec, "\n## ")
+	if want := "Envoy " + oldestEnvoy + " through " + newestEnvoy; !strings.Contains(sec, want) {
+		t.Errorf("README's Supported Envoy versions does not say %q", want)
+	}
+}
