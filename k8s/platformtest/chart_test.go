@@ -145,7 +145,7 @@ var monitoringAPIs = []string{"monitoring.coreos.com/v1", "monitoring.coreos.com
 
 // renderChart renders the chart with Helm's engine as `helm template`
 // does: values validated against values.schema.json, then every template.
-func renderChart(vals map[string]any, apis ...string) (string, error) {
+func renderChart(ctx context.Context, vals map[string]any, apis ...string) (string, error) {
 	ch, err := loader.Load(chartDir)
 	if err != nil {
 		return "", err
@@ -156,7 +156,7 @@ func renderChart(vals map[string]any, apis ...string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	out, err := engine.Engine{Strict: true}.Render(ch, rv)
+	out, err := engine.Engine{Strict: true}.RenderWithContext(ctx, ch, rv)
 	if err != nil {
 		return "", err
 	}
@@ -176,7 +176,7 @@ func renderChart(vals map[string]any, apis ...string) (string, error) {
 
 func mustRender(t *testing.T, vals map[string]any, apis ...string) *rendered {
 	t.Helper()
-	out, err := renderChart(vals, apis...)
+	out, err := renderChart(t.Context(), vals, apis...)
 	if err != nil {
 		t.Fatalf("rendering the chart: %v", err)
 	}
@@ -554,7 +554,7 @@ func TestChartRejects(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := renderChart(tc.vals)
+			_, err := renderChart(t.Context(), tc.vals)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("render error = %v, want one containing %q", err, tc.want)
 			}
