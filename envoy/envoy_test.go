@@ -708,8 +708,8 @@ func TestClusters(t *testing.T) {
 				if mg.GetType() != clusterv3.Cluster_STATIC {
 					t.Errorf("%s on loopback: cluster type = %v, want STATIC", want.name, mg.GetType())
 				}
-			case mg.GetClusterType().GetName() != "envoy.clusters.dns":
-				t.Errorf("%s cluster type = %v, want the envoy.clusters.dns extension", want.name, mg.GetClusterType())
+			case mg.GetClusterType().GetName() != "envoy.cluster.dns":
+				t.Errorf("%s cluster type = %v, want the envoy.cluster.dns factory (the name Envoy registers)", want.name, mg.GetClusterType())
 			default:
 				d := unpack[*dnsv3.DnsCluster](t, mg.GetClusterType().GetTypedConfig())
 				if d.GetAllAddressesInSingleEndpoint() || d.GetDnsRefreshRate().AsDuration() > 10e9 {
