@@ -53,7 +53,9 @@ import (
 	ratelimitv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ratelimit/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 
+	"github.com/meshguard/meshguard/auditapi"
 	"github.com/meshguard/meshguard/auditsink"
+	"github.com/meshguard/meshguard/audittrail"
 	"github.com/meshguard/meshguard/envoy"
 	"github.com/meshguard/meshguard/extauthz"
 	"github.com/meshguard/meshguard/internal/pgpool"
@@ -1141,12 +1143,16 @@ func TestMeshguardConfigSections(t *testing.T) {
 		CORS      extauthz.CORSConfig      `yaml:"cors"`
 		Identity  extauthz.IdentityConfig  `yaml:"identity"`
 		CSP       extauthz.CSPConfig       `yaml:"csp"`
-		Audit     auditsink.Config         `yaml:"audit"`
+		Audit     struct {
+			audittrail.Config `yaml:",inline"`
+			Ingest            auditsink.Config `yaml:",inline"`
+			API               auditapi.Config  `yaml:",inline"`
+		} `yaml:"audit"`
 	}{
 		Redis: ratelimitsvc.DefaultRedisConfig(), Database: pgpool.DefaultConfig(), Ratelimit: ratelimitsvc.DefaultConfig(),
 		CORS: extauthz.DefaultCORSConfig(), Identity: extauthz.DefaultIdentityConfig(), CSP: extauthz.DefaultCSPConfig(),
-		Audit: auditsink.DefaultConfig(),
 	}
+	cfg.Audit.Config, cfg.Audit.Ingest, cfg.Audit.API = audittrail.DefaultConfig(), auditsink.DefaultConfig(), auditapi.DefaultConfig()
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(&cfg); err != nil {
@@ -1177,7 +1183,7 @@ func TestMeshguardConfigSections(t *testing.T) {
 		"database":               cfg.Database.Validate(),
 		"ratelimit":              cfg.Ratelimit.Validate(),
 		"cors, identity and csp": extauthz.Config{CORS: cfg.CORS, Identity: cfg.Identity, CSP: cfg.CSP}.Validate(),
-		"audit":                  cfg.Audit.Validate(),
+		"audit":                  errors.Join(cfg.Audit.Config.Validate(), cfg.Audit.Ingest.Validate(), cfg.Audit.API.Validate()),
 	} {
 		if err != nil {
 			t.Errorf("%s: %v", name, err)

@@ -15,7 +15,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/meshguard/meshguard/auditsink"
+	"github.com/meshguard/meshguard/auditapi"
+	"github.com/meshguard/meshguard/audittrail"
 )
 
 // auditCommands are the subcommands of `meshguard audit`.
@@ -81,7 +82,7 @@ func openAuditEnv(ctx context.Context, configPath string, getenv func(string) st
 			db.close()
 		}
 	}
-	store, kind, err := openAuditStore(ctx, log.With("component", "auditsink"), cfg.Audit, db)
+	store, kind, err := openAuditStore(ctx, log.With("component", "auditsink"), cfg.Audit.Config, db)
 	if err != nil {
 		closeDB()
 		return nil, err
@@ -150,7 +151,7 @@ func runAuditExport(ctx context.Context, args []string, getenv func(string) stri
 	fs := flag.NewFlagSet("audit export", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	configPath := fs.String("config", "", "config file (YAML); absent: embedded defaults")
-	format := fs.String("format", auditsink.FormatJSONL, "csv or jsonl")
+	format := fs.String("format", auditapi.FormatJSONL, "csv or jsonl")
 	out := fs.String("out", "", "output file; absent: standard output")
 	var from, to timeFlag
 	fs.Var(&from, "from", "start of the range, inclusive (RFC 3339); absent: the oldest row")
@@ -161,7 +162,7 @@ func runAuditExport(ctx context.Context, args []string, getenv func(string) stri
 	if fs.NArg() != 0 {
 		return fmt.Errorf("audit export: unexpected argument %q", fs.Arg(0))
 	}
-	if *format != auditsink.FormatCSV && *format != auditsink.FormatJSONL {
+	if *format != auditapi.FormatCSV && *format != auditapi.FormatJSONL {
 		return fmt.Errorf("audit export: --format must be csv or jsonl, got %q", *format)
 	}
 	if err := checkRange(from, to); err != nil {
@@ -172,7 +173,7 @@ func runAuditExport(ctx context.Context, args []string, getenv func(string) stri
 		return err
 	}
 	defer env.close()
-	f := auditsink.Filter{From: from.t, To: to.t}
+	f := audittrail.Filter{From: from.t, To: to.t}
 	if err := recordCLIExport(ctx, env, f, *format, *out); err != nil {
 		return err
 	}
@@ -192,7 +193,7 @@ func runAuditExport(ctx context.Context, args []string, getenv func(string) stri
 		}()
 		w = tmp
 	}
-	rows, err := auditsink.WriteExport(ctx, w, env.store, f, *format)
+	rows, err := auditapi.WriteExport(ctx, w, env.store, f, *format)
 	if err != nil {
 		return fmt.Errorf("audit export after %d rows: %w", rows, err)
 	}
@@ -217,9 +218,9 @@ func runAuditExport(ctx context.Context, args []string, getenv func(string) stri
 // serve's) and a private spool directory (serve holds the configured one).
 // The row must reach the store: if it only reached the spool, the export is
 // refused.
-func recordCLIExport(ctx context.Context, env *auditEnv, f auditsink.Filter, format, out string) error {
-	cfg := env.a.cfg.Audit
-	keys, err := auditsink.LoadKeyring(cfg.KeySource(), false)
+func recordCLIExport(ctx context.Context, env *auditEnv, f audittrail.Filter, format, out string) error {
+	cfg := env.a.cfg.Audit.Config
+	keys, err := audittrail.LoadKeyring(cfg.KeySource(), false)
 	if err == nil && keys.Current == nil {
 		err = errors.New("no signing key (audit.key_file, MESHGUARD_AUDIT_KEY, or the key serve generated in audit.spool_dir)")
 	}
@@ -242,8 +243,8 @@ func recordCLIExport(ctx context.Context, env *auditEnv, f auditsink.Filter, for
 	if u, err := user.Current(); err == nil {
 		name = u.Username
 	}
-	rec := auditsink.CLIExportRecord(time.Now(), name, f, format, out)
-	err = w.Enqueue(ctx, []auditsink.Record{rec})
+	rec := auditapi.CLIExportRecord(time.Now(), name, f, format, out)
+	err = w.Enqueue(ctx, []audittrail.Record{rec})
 	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*cfg.WriteTimeout)
 	defer cancel()
 	err = errors.Join(err, w.Close(cctx))
@@ -287,7 +288,7 @@ func runAuditVerify(ctx context.Context, args []string, getenv func(string) stri
 	}
 	defer env.close()
 	cfg := env.a.cfg.Audit
-	keys, err := auditsink.LoadKeyring(cfg.KeySource(), false)
+	keys, err := audittrail.LoadKeyring(cfg.KeySource(), false)
 	if err != nil {
 		return fmt.Errorf("audit verify: %w", err)
 	}
@@ -298,14 +299,14 @@ func runAuditVerify(ctx context.Context, args []string, getenv func(string) stri
 	if dir == "" {
 		dir = cfg.WitnessDirectory()
 	}
-	var rep auditsink.VerifyReport
-	witness, err := auditsink.ReadWitness(dir, keys.Verifiers())
-	if b := auditsink.WitnessBreak(err); b != nil {
+	var rep audittrail.VerifyReport
+	witness, err := audittrail.ReadWitness(dir, keys.Verifiers())
+	if b := audittrail.WitnessBreak(err); b != nil {
 		rep.Break = b
 	} else if err != nil {
 		return fmt.Errorf("audit verify: %w", err)
 	} else {
-		rep, err = auditsink.Verify(ctx, env.store, auditsink.VerifyOptions{From: from.t, To: to.t, Keys: keys, Witness: witness})
+		rep, err = audittrail.Verify(ctx, env.store, audittrail.VerifyOptions{From: from.t, To: to.t, Keys: keys, Witness: witness})
 		if err != nil {
 			return fmt.Errorf("audit verify: %w", err)
 		}
@@ -360,7 +361,7 @@ func runAuditPrune(ctx context.Context, args []string, getenv func(string) strin
 		return err
 	}
 	defer env.close()
-	keys, err := auditsink.LoadKeyring(env.a.cfg.Audit.KeySource(), false)
+	keys, err := audittrail.LoadKeyring(env.a.cfg.Audit.KeySource(), false)
 	if err == nil && keys.Current == nil {
 		err = errors.New("no signing key to sign retention checkpoints with (audit.key_file or MESHGUARD_AUDIT_KEY)")
 	}
@@ -385,7 +386,7 @@ func runAuditPrune(ctx context.Context, args []string, getenv func(string) strin
 func runAuditKeygen(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("audit keygen", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	name := fs.String("name", auditsink.DefaultKeyName, "key name, shown in every signature")
+	name := fs.String("name", audittrail.DefaultKeyName, "key name, shown in every signature")
 	out := fs.String("out", "", "file to write the private key to (required)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -396,7 +397,7 @@ func runAuditKeygen(ctx context.Context, args []string, getenv func(string) stri
 	if *out == "" {
 		return errors.New("audit keygen: --out FILE is required")
 	}
-	skey, vkey, err := auditsink.GenerateKey(*name)
+	skey, vkey, err := audittrail.GenerateKey(*name)
 	if err != nil {
 		return fmt.Errorf("audit keygen: %w", err)
 	}

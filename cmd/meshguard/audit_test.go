@@ -20,7 +20,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/meshguard/meshguard/auditsink"
+	"github.com/meshguard/meshguard/audittrail"
 	"github.com/meshguard/meshguard/internal/pgtest"
 )
 
@@ -52,7 +52,7 @@ func runCLI(t *testing.T, getenv func(string) string, args ...string) (string, s
 
 // seedTrail writes recs through the real writer into the store cfg names
 // (SQLite, or PostgreSQL when databaseURL is set).
-func seedTrail(t *testing.T, configPath string, getenv func(string) string, recs []auditsink.Record) {
+func seedTrail(t *testing.T, configPath string, getenv func(string) string, recs []audittrail.Record) {
 	t.Helper()
 	cfg, err := loadConfig(configPath, getenv)
 	if err != nil {
@@ -66,7 +66,7 @@ func seedTrail(t *testing.T, configPath string, getenv func(string) string, recs
 	if db != nil {
 		defer db.close()
 	}
-	store, _, err := openAuditStore(t.Context(), a.log, cfg.Audit, db)
+	store, _, err := openAuditStore(t.Context(), a.log, cfg.Audit.Config, db)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,11 +75,11 @@ func seedTrail(t *testing.T, configPath string, getenv func(string) string, recs
 		t.Fatal(err)
 	}
 	cfg.Audit.ChainID = "seed"
-	keys, err := auditsink.LoadKeyring(cfg.Audit.KeySource(), true)
+	keys, err := audittrail.LoadKeyring(cfg.Audit.KeySource(), true)
 	if err != nil {
 		t.Fatal(err)
 	}
-	w, err := newAuditWriter(a.log, a.reg, cfg.Audit, store, keys)
+	w, err := newAuditWriter(a.log, a.reg, cfg.Audit.Config, store, keys)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -94,12 +94,12 @@ func seedTrail(t *testing.T, configPath string, getenv func(string) string, recs
 	}
 }
 
-func sampleRecords(n int, start time.Time) []auditsink.Record {
-	recs := make([]auditsink.Record, n)
+func sampleRecords(n int, start time.Time) []audittrail.Record {
+	recs := make([]audittrail.Record, n)
 	for i := range recs {
-		recs[i] = auditsink.Record{
+		recs[i] = audittrail.Record{
 			CreatedAt: start.Add(time.Duration(i) * time.Minute), Action: []string{"CREATE", "LOGIN_FAILURE"}[i%2],
-			Severity: auditsink.SeverityLow, UserID: fmt.Sprintf("u%d", i), Method: "POST",
+			Severity: audittrail.SeverityLow, UserID: fmt.Sprintf("u%d", i), Method: "POST",
 			Path: "/api/items", Status: 201, RequestID: fmt.Sprintf("r%d", i),
 			UserAgent: []string{"=cmd|' /C calc'!A0", "curl/8, \"quoted\"\nnext"}[i%2],
 			Metadata:  json.RawMessage(`{"i":` + fmt.Sprint(i) + `}`),
@@ -109,15 +109,15 @@ func sampleRecords(n int, start time.Time) []auditsink.Record {
 }
 
 // exportRows reads the EXPORT rows the CLI recorded.
-func cliExportRows(t *testing.T, configPath string, getenv func(string) string) []auditsink.Record {
+func cliExportRows(t *testing.T, configPath string, getenv func(string) string) []audittrail.Record {
 	t.Helper()
 	out, stderr, err := runCLI(t, getenv, "audit", "export", "--config", configPath, "--format", "jsonl")
 	if err != nil {
 		t.Fatalf("export: %v\n%s", err, stderr)
 	}
-	var got []auditsink.Record
+	var got []audittrail.Record
 	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
-		var r auditsink.Record
+		var r audittrail.Record
 		if err := json.Unmarshal([]byte(line), &r); err != nil {
 			t.Fatalf("line %q: %v", line, err)
 		}
@@ -177,7 +177,7 @@ func TestCLIAuditExport(t *testing.T) {
 		if len(lines) != 5 {
 			t.Fatalf("%d lines, want 5:\n%s", len(lines), stdout)
 		}
-		var r auditsink.Record
+		var r audittrail.Record
 		if err := json.Unmarshal([]byte(lines[1]), &r); err != nil || r.RequestID != "r1" || r.UserAgent != "curl/8, \"quoted\"\nnext" || len(r.Hash) != 32 {
 			t.Fatalf("line 2 = %+v, %v", r, err)
 		}
@@ -189,7 +189,7 @@ func TestCLIAuditExport(t *testing.T) {
 		if len(rows) != 3 {
 			t.Fatalf("%d EXPORT rows, want 3: %+v", len(rows), rows)
 		}
-		if !strings.HasPrefix(rows[0].UserID, "cli:") || rows[0].Severity != auditsink.SeverityMedium {
+		if !strings.HasPrefix(rows[0].UserID, "cli:") || rows[0].Severity != audittrail.SeverityMedium {
 			t.Fatalf("EXPORT row %+v", rows[0])
 		}
 		var meta map[string]any
@@ -258,7 +258,7 @@ func TestCLIAuditVerifyDetectsTampering(t *testing.T) {
 	}
 
 	stdout, _, err = runCLI(t, auditNoEnv, "audit", "verify", "--config", f.config, "--json")
-	var rep auditsink.VerifyReport
+	var rep audittrail.VerifyReport
 	if err == nil || json.Unmarshal([]byte(stdout), &rep) != nil || rep.OK || rep.Break == nil || rep.Break.Seq != 8 {
 		t.Fatalf("--json on a tampered trail: %v %+v\n%s", err, rep, stdout)
 	}
@@ -297,7 +297,7 @@ func TestCLIAuditKeygen(t *testing.T) {
 	if err != nil || st.Mode().Perm() != 0o600 {
 		t.Fatalf("key file: %v %v", st, err)
 	}
-	k, err := auditsink.ReadKeyFile(out)
+	k, err := audittrail.ReadKeyFile(out)
 	if err != nil || k.VerifierKey() != strings.TrimSpace(stdout) {
 		t.Fatalf("key file does not hold the printed key's private half: %v", err)
 	}
@@ -589,7 +589,7 @@ func TestServeAuditGeneratedKey(t *testing.T) {
 		t.Fatal("the private key reached the log")
 	}
 
-	skey2, vkey2, err := auditsink.GenerateKey("configured")
+	skey2, vkey2, err := audittrail.GenerateKey("configured")
 	if err != nil {
 		t.Fatal(err)
 	}

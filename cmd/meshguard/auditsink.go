@@ -11,32 +11,51 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/meshguard/meshguard/auditapi"
 	"github.com/meshguard/meshguard/auditsink"
+	"github.com/meshguard/meshguard/audittrail"
 )
+
+// auditConfig is the `audit:` section: one YAML section, three packages'
+// parts (the trail's, promoted; ingest's rules; the admin API's token).
+type auditConfig struct {
+	audittrail.Config `yaml:",inline"`
+	Ingest            auditsink.Config `yaml:",inline"`
+	API               auditapi.Config  `yaml:",inline"`
+}
+
+func defaultAuditConfig() auditConfig {
+	return auditConfig{Config: audittrail.DefaultConfig(), Ingest: auditsink.DefaultConfig(), API: auditapi.DefaultConfig()}
+}
+
+// Validate reports every invalid field of the section.
+func (c auditConfig) Validate() error {
+	return errors.Join(c.Config.Validate(), c.Ingest.Validate(), c.API.Validate())
+}
 
 // auditStore is what the binary needs of either audit store (PostgreSQL or
 // the embedded SQLite file).
 type auditStore interface {
-	List(ctx context.Context, f auditsink.Filter, cur auditsink.Cursor, limit int) ([]auditsink.Record, auditsink.Cursor, error)
-	Scan(ctx context.Context, f auditsink.Filter, fn func(*auditsink.Record) error) error
+	List(ctx context.Context, f audittrail.Filter, cur audittrail.Cursor, limit int) ([]audittrail.Record, audittrail.Cursor, error)
+	Scan(ctx context.Context, f audittrail.Filter, fn func(*audittrail.Record) error) error
 	Migrate(ctx context.Context) error
-	Prune(ctx context.Context, now time.Time, keys *auditsink.Keyring) ([]string, error)
-	RunRetention(ctx context.Context, keys *auditsink.Keyring) error
+	Prune(ctx context.Context, now time.Time, keys *audittrail.Keyring) ([]string, error)
+	RunRetention(ctx context.Context, keys *audittrail.Keyring) error
 	Close()
 }
 
 // openAuditStore opens the PostgreSQL store on the shared pool when a
 // database is configured, else the SQLite file at audit.sqlite_path, and
 // says which ("postgres" or "sqlite"). It does not migrate.
-func openAuditStore(ctx context.Context, log *slog.Logger, cfg auditsink.Config, db *database) (auditStore, string, error) {
+func openAuditStore(ctx context.Context, log *slog.Logger, cfg audittrail.Config, db *database) (auditStore, string, error) {
 	if db != nil {
-		s, err := auditsink.OpenPostgres(ctx, log, db.pool.Pool(), cfg)
+		s, err := audittrail.OpenPostgres(ctx, log, db.pool.Pool(), cfg)
 		if err != nil {
 			return nil, "", fmt.Errorf("opening the PostgreSQL audit store: %w", err)
 		}
 		return s, "postgres", nil
 	}
-	s, err := auditsink.OpenSQLite(ctx, log, cfg.SQLitePath, cfg)
+	s, err := audittrail.OpenSQLite(ctx, log, cfg.SQLitePath, cfg)
 	if err != nil {
 		return nil, "", fmt.Errorf("opening the SQLite audit store: %w", err)
 	}
@@ -45,12 +64,12 @@ func openAuditStore(ctx context.Context, log *slog.Logger, cfg auditsink.Config,
 
 // newAuditWriter builds the batch writer over store, which must be one of
 // the two stores (the writer needs their unexported batch method).
-func newAuditWriter(log *slog.Logger, reg prometheus.Registerer, cfg auditsink.Config, store auditStore, keys *auditsink.Keyring) (*auditsink.Writer, error) {
+func newAuditWriter(log *slog.Logger, reg prometheus.Registerer, cfg audittrail.Config, store auditStore, keys *audittrail.Keyring) (*audittrail.Writer, error) {
 	switch s := store.(type) {
-	case *auditsink.PGStore:
-		return auditsink.NewWriter(log, reg, cfg, s, keys)
-	case *auditsink.SQLiteStore:
-		return auditsink.NewWriter(log, reg, cfg, s, keys)
+	case *audittrail.PGStore:
+		return audittrail.NewWriter(log, reg, cfg, s, keys)
+	case *audittrail.SQLiteStore:
+		return audittrail.NewWriter(log, reg, cfg, s, keys)
 	}
 	return nil, fmt.Errorf("audit store %T has no writer", store)
 }
@@ -69,7 +88,7 @@ var (
 func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 	log := a.log.With("component", "auditsink")
 	cfg := a.cfg.Audit
-	store, kind, err := openAuditStore(ctx, log, cfg, a.db)
+	store, kind, err := openAuditStore(ctx, log, cfg.Config, a.db)
 	if err != nil {
 		return nil, err
 	}
@@ -87,7 +106,7 @@ func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 		migrated.set()
 	}
 
-	keys, err := auditsink.LoadKeyring(cfg.KeySource(), true)
+	keys, err := audittrail.LoadKeyring(cfg.KeySource(), true)
 	if err != nil {
 		store.Close()
 		return nil, fmt.Errorf("loading the audit key: %w", err)
@@ -100,7 +119,7 @@ func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 		log.Info("audit signing key loaded", "key_id", keys.Current.ID(), "public_key", keys.Current.VerifierKey())
 	}
 	privileges := checkWriterPrivileges(ctx, log, store)
-	writer, err := newAuditWriter(log, a.reg, cfg, store, keys)
+	writer, err := newAuditWriter(log, a.reg, cfg.Config, store, keys)
 	if err != nil {
 		store.Close()
 		return nil, fmt.Errorf("starting the audit writer: %w", err)
@@ -110,16 +129,16 @@ func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 		store.Close()
 		return nil, err
 	}
-	srv, err := auditsink.New(log, a.reg, cfg, writer)
+	srv, err := auditsink.New(log, a.reg, cfg.Ingest, writer)
 	if err != nil {
 		return fail(err)
 	}
-	api, err := auditsink.NewAPI(log.With("api", "admin"), a.reg, cfg, store, writer)
+	api, err := auditapi.NewAPI(log.With("api", "admin"), a.reg, cfg.API, store, writer)
 	if err != nil {
 		return fail(err)
 	}
 	csp := srv.CSPReportHandler()
-	checkpoints := auditsink.CheckpointsHandler(log, cfg.WitnessDirectory(), keys)
+	checkpoints := audittrail.CheckpointsHandler(log, cfg.WitnessDirectory(), keys)
 	return &component{
 		name: "auditsink",
 		grpc: srv.Register,
@@ -182,7 +201,7 @@ func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 // auditDetails is the audit entry's details in /readyz.
 type auditDetails struct {
 	Store string `json:"store"`
-	auditsink.WriterStatus
+	audittrail.WriterStatus
 	KeyID        string `json:"key_id"`
 	PublicKey    string `json:"public_key"`
 	GeneratedKey bool   `json:"generated_key"` // the key serve generated in the spool dir, not a configured one
@@ -194,7 +213,7 @@ type auditDetails struct {
 // checkWriterPrivileges warns when serve's PostgreSQL role could rewrite
 // the trail, and returns what it may do beyond INSERT and SELECT.
 func checkWriterPrivileges(ctx context.Context, log *slog.Logger, store auditStore) []string {
-	pg, ok := store.(*auditsink.PGStore)
+	pg, ok := store.(*audittrail.PGStore)
 	if !ok {
 		return nil
 	}

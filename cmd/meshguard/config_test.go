@@ -128,7 +128,7 @@ cors: {public_origin: "https://file.example.com", allowed_origins: ["https://a.e
 	}
 	got := []any{cfg.Environment, cfg.Listen.GRPC, cfg.Listen.HTTP, cfg.Log.Level, cfg.Redis.URL.Reveal(),
 		cfg.Redis.Timeout, cfg.Database.URL.Reveal(), cfg.Database.Pool.MinConns, cfg.Database.Pool.MaxConns,
-		cfg.CORS.PublicOrigin, cfg.CORS.AllowedOrigins, cfg.Audit.AdminToken.Reveal()}
+		cfg.CORS.PublicOrigin, cfg.CORS.AllowedOrigins, cfg.Audit.API.AdminToken.Reveal()}
 	want := []any{"development", "127.0.0.1:9001", "127.0.0.1:9002", "debug", "redis://:pw@env:6379/1",
 		75 * time.Millisecond, "postgres://env/db", int32(4), int32(40),
 		"https://env.example.com", []string{"https://x.example.com", "https://y.example.com"}, "tok"}
