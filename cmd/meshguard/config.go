@@ -200,6 +200,9 @@ func applyEnv(c *Config, getenv func(string) string) error {
 	if v := getenv("MESHGUARD_ADMIN_TOKEN"); v != "" {
 		c.Audit.AdminToken = secret.String(v)
 	}
+	if v := getenv("MESHGUARD_ACCOUNT_KEY"); v != "" {
+		c.Identity.AccountKey = secret.String(v)
+	}
 	return errors.Join(errs...)
 }
 
