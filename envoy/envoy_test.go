@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+	yamlv3 "go.yaml.in/yaml/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/testing/protocmp"
@@ -334,20 +335,25 @@ func trustedPeer(t *testing.T, x *xffv3.XffConfig, a netip.Addr) bool {
 // trustedHeaders are the headers a meshguard configuration may tell it to
 // believe, with what Envoy must do to each: the client address header is
 // overwritten, identity headers removed. They come from meshguard's
-// defaults, the Kubernetes config and the names the README documents for
+// defaults, the Kubernetes config and the README's example for
 // identity.trusted_user_header / trusted_role_header.
 func trustedHeaders(t *testing.T) map[string]string {
 	t.Helper()
-	ids := []extauthz.IdentityConfig{extauthz.DefaultIdentityConfig(),
-		{TrustedUserHeader: "x-auth-user", TrustedRoleHeader: "x-auth-role"}} // README, Identity
-	var k8s struct {
-		Identity extauthz.IdentityConfig `yaml:"identity"`
+	ids := []extauthz.IdentityConfig{extauthz.DefaultIdentityConfig()}
+	readme := regexp.MustCompile("(?m)^identity: \\{trusted_user_header: .*\\}$").Find(mustRead(t, "../README.md"))
+	if readme == nil {
+		t.Fatal("README.md shows no identity: {trusted_user_header: …} example")
 	}
-	k8s.Identity = extauthz.DefaultIdentityConfig()
-	if err := yaml.Unmarshal(mustRead(t, "../k8s/base/meshguard.yaml"), &k8s); err != nil {
-		t.Fatal(err)
+	for _, doc := range [][]byte{readme, mustRead(t, "../k8s/base/meshguard.yaml")} {
+		var f struct {
+			Identity extauthz.IdentityConfig `yaml:"identity"`
+		}
+		f.Identity = extauthz.DefaultIdentityConfig()
+		if err := yamlv3.Unmarshal(doc, &f); err != nil { // meshguard's decoder, yaml tags
+			t.Fatal(err)
+		}
+		ids = append(ids, f.Identity)
 	}
-	ids = append(ids, k8s.Identity)
 	out := map[string]string{}
 	for _, id := range ids {
 		for h, what := range map[string]string{id.ClientIPHeader: "overwrite", id.TrustedUserHeader: "remove", id.TrustedRoleHeader: "remove"} {
