@@ -56,13 +56,19 @@ func validAccountField(f string) bool {
 }
 
 // account reads the account the body names in field and returns its key,
-// or the reason the request is refused.
-func (s *Server) account(field string, r *request, body []byte) (string, reason) {
-	if len(body) > MaxAccountBodyBytes {
+// or the reason the request is refused. Envoy sends the body as raw (with
+// pack_as_bytes) or as a string; its size is checked before anything is
+// copied or parsed.
+func (s *Server) account(field string, r *request, raw []byte, str string) (string, reason) {
+	switch n := max(len(raw), len(str)); {
+	case n > MaxAccountBodyBytes:
 		return "", reasonBodyTooLarge
-	}
-	if len(body) == 0 {
+	case n == 0:
 		return "", reasonAccountInvalid
+	}
+	body := raw
+	if len(body) == 0 {
+		body = []byte(str)
 	}
 	if r.nContentType != 1 {
 		return "", reasonBodyUnsupported

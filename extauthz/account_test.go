@@ -177,6 +177,11 @@ func TestAccountRefused(t *testing.T) {
 			return r
 		}(), 415, unsupported, "body_unsupported_media_type"},
 		{"larger than meshguard reads", login("application/json", big), 413, tooLarge, "body_too_large"},
+		{"larger than meshguard reads, as a string", func() envoyReq {
+			r := login("application/json", big)
+			r.bodyAsString = true
+			return r
+		}(), 413, tooLarge, "body_too_large"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

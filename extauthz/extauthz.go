@@ -475,11 +475,7 @@ func (s *Server) evaluate(attrs *authv3.AttributeContext, h *authv3.AttributeCon
 		}
 	}
 	if rt.account != "" && accountMethod(r.method) {
-		body := h.GetRawBody()
-		if len(body) == 0 {
-			body = []byte(h.GetBody()) // copies at most what one Check message carried
-		}
-		key, why := s.account(rt.account, &r, body)
+		key, why := s.account(rt.account, &r, h.GetRawBody(), h.GetBody())
 		switch why {
 		case reasonNone:
 			e.account = key
