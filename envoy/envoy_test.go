@@ -340,7 +340,7 @@ func trustedPeer(t *testing.T, x *xffv3.XffConfig, a netip.Addr) bool {
 func trustedHeaders(t *testing.T) map[string]string {
 	t.Helper()
 	ids := []extauthz.IdentityConfig{extauthz.DefaultIdentityConfig()}
-	readme := regexp.MustCompile("(?m)^identity: \\{trusted_user_header: .*\\}$").Find(mustRead(t, "../README.md"))
+	readme := regexp.MustCompile(`(?m)^identity: \{trusted_user_header: .*\}$`).Find(mustRead(t, "../README.md"))
 	if readme == nil {
 		t.Fatal("README.md shows no identity: {trusted_user_header: …} example")
 	}
