@@ -16,21 +16,20 @@ package envoy
 
 import (
 	_ "embed"
-	"errors"
 	"fmt"
 
-	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/descriptorpb"
 	"google.golang.org/protobuf/types/known/anypb"
-	"sigs.k8s.io/yaml"
 
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 
-	// Typed extensions that meshguard's Envoy configurations use. protojson
-	// resolves an Any's "@type" through the global registry, which these
-	// imports fill.
+	// Typed extensions that meshguard's Envoy configurations use or
+	// document (the PROXY protocol and original-IP-detection variants).
+	// protojson resolves an Any's "@type" through the global registry, which
+	// these imports fill. compat/extensions.go links the same list
+	// (TestCompatCheckerIsACopy).
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/grpc/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/clusters/dns/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_authz/v3"
@@ -38,10 +37,13 @@ import (
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/jwt_authn/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ratelimit/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/proxy_protocol/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/http/original_ip_detection/custom_header/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/http/original_ip_detection/xff/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/resource_monitors/downstream_connections/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/resource_monitors/fixed_heap/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/retry/host/previous_hosts/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 )
@@ -58,30 +60,24 @@ var FrontProxy []byte
 var Sidecar []byte
 
 // ParseBootstrap decodes a YAML (or JSON) Envoy bootstrap strictly and
-// validates every message in it. It does no I/O and is safe for concurrent use.
+// validates every message in it; every error names the YAML line and the
+// field path. It does no I/O and is safe for concurrent use.
 func ParseBootstrap(data []byte) (*bootstrapv3.Bootstrap, error) {
-	js, err := yaml.YAMLToJSON(data)
-	if err != nil {
-		return nil, fmt.Errorf("converting YAML to JSON: %w", err)
-	}
 	var b bootstrapv3.Bootstrap
-	if err := protojson.Unmarshal(js, &b); err != nil {
+	src, err := decodeYAML(data, &b)
+	if err != nil {
 		return nil, fmt.Errorf("decoding bootstrap: %w", err)
 	}
-	if err := Validate(&b); err != nil {
+	if err := validate(&b, src); err != nil {
 		return nil, fmt.Errorf("validating bootstrap: %w", err)
 	}
 	return &b, nil
 }
 
 // Validate runs ValidateAll on m and on the message packed in every Any
-// reachable from m, and returns every violation, each prefixed with the
-// field path of its Any.
-func Validate(m proto.Message) error {
-	var errs []error
-	validateTree(m.ProtoReflect(), "", &errs)
-	return errors.Join(errs...)
-}
+// reachable from m, and returns every violation, each prefixed with its
+// field path.
+func Validate(m proto.Message) error { return validate(m, nil) }
 
 // Deprecated lists every field set in m, and every enum value used, that the
 // Envoy API marks deprecated, at any depth (inside Anys too), as field paths.
@@ -139,63 +135,4 @@ func deprecatedIn(m protoreflect.Message, path string, out *[]string) {
 		}
 		return true
 	})
-}
-
-type allValidator interface{ ValidateAll() error }
-
-func validateTree(m protoreflect.Message, path string, errs *[]error) {
-	if v, ok := m.Interface().(allValidator); ok {
-		if err := v.ValidateAll(); err != nil {
-			at := path
-			if at == "" {
-				at = string(m.Descriptor().FullName())
-			}
-			*errs = append(*errs, fmt.Errorf("%s: %w", at, err))
-		}
-	}
-	searchAnys(m, path, errs)
-}
-
-// walkMessage descends into a nested message: an Any is unpacked and
-// validated as a root of its own; anything else is only searched for Anys,
-// because its parent's ValidateAll has covered its own rules.
-func walkMessage(m protoreflect.Message, path string, errs *[]error) {
-	if a, ok := m.Interface().(*anypb.Any); ok {
-		inner, err := a.UnmarshalNew()
-		if err != nil {
-			*errs = append(*errs, fmt.Errorf("%s: unpacking %s: %w", path, a.GetTypeUrl(), err))
-			return
-		}
-		validateTree(inner.ProtoReflect(), path+"("+string(inner.ProtoReflect().Descriptor().FullName())+")", errs)
-		return
-	}
-	searchAnys(m, path, errs)
-}
-
-func searchAnys(m protoreflect.Message, path string, errs *[]error) {
-	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
-		name := joinPath(path, string(fd.Name()))
-		switch {
-		case fd.IsList() && fd.Message() != nil:
-			l := v.List()
-			for i := 0; i < l.Len(); i++ {
-				walkMessage(l.Get(i).Message(), fmt.Sprintf("%s[%d]", name, i), errs)
-			}
-		case fd.IsMap() && fd.MapValue().Message() != nil:
-			v.Map().Range(func(k protoreflect.MapKey, mv protoreflect.Value) bool {
-				walkMessage(mv.Message(), fmt.Sprintf("%s[%q]", name, k.String()), errs)
-				return true
-			})
-		case !fd.IsList() && !fd.IsMap() && fd.Message() != nil:
-			walkMessage(v.Message(), name, errs)
-		}
-		return true
-	})
-}
-
-func joinPath(path, field string) string {
-	if path == "" {
-		return field
-	}
-	return path + "." + field
 }

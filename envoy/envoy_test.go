@@ -506,8 +506,8 @@ func TestRateLimitFilter(t *testing.T) {
 		if r.GetDomain() != "api" {
 			t.Errorf("domain = %q, want api (the domain of meshguard's presets)", r.GetDomain())
 		}
-		// meshguard's rate limit listener (listen.ratelimit, :8082), whose
-		// lean server spends less CPU per decision than the gRPC listener's.
+		// meshguard's rate limit listener (listen.ratelimit, :8082), which
+		// keeps rate limit calls apart from ext_authz and access-log traffic.
 		if got := r.GetRateLimitService().GetGrpcService().GetEnvoyGrpc().GetClusterName(); got != "meshguard_ratelimit" {
 			t.Errorf("rate limit service cluster = %q, want meshguard_ratelimit (meshguard's rate limit listener)", got)
 		} else if port := clusterPort(fp.clusters[got]); port != 8082 {
@@ -947,8 +947,8 @@ func TestClusters(t *testing.T) {
 				if mg.GetType() != clusterv3.Cluster_STATIC {
 					t.Errorf("%s on loopback: cluster type = %v, want STATIC", want.name, mg.GetType())
 				}
-			case mg.GetClusterType().GetName() != "envoy.clusters.dns":
-				t.Errorf("%s cluster type = %v, want the envoy.clusters.dns extension", want.name, mg.GetClusterType())
+			case mg.GetClusterType().GetName() != "envoy.cluster.dns":
+				t.Errorf("%s cluster type = %v, want the envoy.cluster.dns factory (the name Envoy registers)", want.name, mg.GetClusterType())
 			default:
 				d := unpack[*dnsv3.DnsCluster](t, mg.GetClusterType().GetTypedConfig())
 				if d.GetAllAddressesInSingleEndpoint() || d.GetDnsRefreshRate().AsDuration() > 10e9 {

@@ -40,7 +40,7 @@ import (
 // (extauthz, ratelimitsvc with its in-process store) through
 // go-control-plane's generated clients. meshguard's two gRPC listeners run
 // as serve.go builds them, on 127.0.0.1:0: grpc-go's server for listen.grpc
-// (:8081; extauthz, ratelimitsvc, health) and the lean unary server for
+// (:8081; extauthz, ratelimitsvc, health) and a second grpc-go server for
 // listen.ratelimit (:8082; ratelimitsvc and health only). Each gRPC service
 // of the configuration is called on the listener whose port its cluster
 // names, so a filter pointed at the wrong cluster calls the wrong server. It
@@ -122,12 +122,13 @@ func newSimEnvoy(t *testing.T, bootstrap []byte, mod func(*extauthz.Config)) *si
 	go gs.Serve(lis)
 	t.Cleanup(gs.Stop)
 
-	// listen.ratelimit: ShouldRateLimit and health only, on the lean server.
+	// listen.ratelimit: ShouldRateLimit and health only, on a second server
+	// with the same options.
 	rlis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	us := grpcserver.UnaryServer(limits, grpcserver.NewMetrics(e.rlReg))
+	us := grpcserver.New(limits, grpcserver.NewMetrics(e.rlReg))
 	healthpb.RegisterHealthServer(us, hs)
 	rl.Register(us)
 	go us.Serve(rlis)
@@ -712,7 +713,7 @@ func testEnvoyAndMeshguardAgree(t *testing.T, e *simEnvoy) {
 		}
 	})
 
-	// Rate limit decisions went to the lean rate limit listener, Checks to
+	// Rate limit decisions went to the rate limit listener, Checks to
 	// the gRPC listener (the rate limit listener cannot serve them).
 	t.Run("each call reached the listener meant for it", func(t *testing.T) {
 		rls := "/" + rlsv3.RateLimitService_ServiceDesc.ServiceName + "/ShouldRateLimit"

@@ -320,39 +320,165 @@ func decodePrometheusRule(data []byte) (*unstructured.Unstructured, error) {
 	return u, nil
 }
 
-// TestAlerts: every alert queries metrics meshguard registers.
+// TestAlerts: every alert queries metrics that exist: meshguard's as its
+// code registers them, Envoy's as Envoy names its stats, up for a scraped
+// Service; and both meshguard and Envoy have an alert that fires when they
+// export nothing at all.
 func TestAlerts(t *testing.T) {
 	o := build(t, "base")
-	pr := o.prometheusRules["meshguard"]
-	if pr == nil {
-		t.Fatal("no PrometheusRule meshguard")
+	for _, name := range []string{"meshguard", "envoy"} {
+		if o.prometheusRules[name] == nil {
+			t.Fatalf("no PrometheusRule %s", name)
+		}
 	}
 	registered := registeredMetrics(t, "..")
-	groups, _, _ := unstructured.NestedSlice(pr.Object, "spec", "groups")
+	clusters := bootstrapClusters(t)
+	absentOf := map[string]bool{}
 	n := 0
-	for _, g := range groups {
-		for _, r := range g.(map[string]any)["rules"].([]any) {
-			rm := r.(map[string]any)
-			expr := rm["expr"].(string)
-			names := metricRE.FindAllString(expr, -1)
-			if len(names) == 0 {
-				t.Errorf("alert %s: expr names no meshguard_ metric", rm["alert"])
-			}
-			if strings.Count(expr, "(") != strings.Count(expr, ")") {
-				t.Errorf("alert %s: unbalanced expr", rm["alert"])
-			}
-			for _, m := range names {
-				m = strings.TrimSuffix(strings.TrimSuffix(strings.TrimSuffix(m, "_bucket"), "_sum"), "_count")
-				if !registered[m] {
-					t.Errorf("alert %s queries %s, which no meshguard package registers", rm["alert"], m)
+	for _, pr := range o.prometheusRules {
+		groups, _, _ := unstructured.NestedSlice(pr.Object, "spec", "groups")
+		for _, g := range groups {
+			for _, r := range g.(map[string]any)["rules"].([]any) {
+				rm := r.(map[string]any)
+				alert, expr := rm["alert"].(string), rm["expr"].(string)
+				if strings.Count(expr, "(") != strings.Count(expr, ")") || strings.Count(expr, "{") != strings.Count(expr, "}") {
+					t.Errorf("alert %s: unbalanced expr", alert)
 				}
+				names, jobs := queriedMetrics(expr)
+				if len(names) == 0 && len(jobs) == 0 {
+					t.Errorf("alert %s: expr names no meshguard_ or envoy_ metric and no up{job=...}", alert)
+				}
+				for _, m := range names {
+					if err := knownMetric(m, registered); err != nil {
+						t.Errorf("alert %s: %v", alert, err)
+					}
+				}
+				for _, j := range jobs {
+					if o.services[j] == nil || o.serviceMonitors[j] == nil {
+						t.Errorf("alert %s: up{job=%q} names no scraped Service (job is the Service name)", alert, j)
+					}
+					if strings.Contains(expr, "absent(") {
+						absentOf[j] = true
+					}
+				}
+				for _, c := range clusterNamesIn(expr) {
+					if !clusters[c] {
+						t.Errorf("alert %s: envoy_cluster_name %q is no cluster of envoy.yaml", alert, c)
+					}
+				}
+				n++
 			}
-			n++
 		}
 	}
 	if n == 0 {
 		t.Error("no alerts")
 	}
+	for _, job := range []string{"meshguard", "envoy"} {
+		if !absentOf[job] {
+			t.Errorf("no absent(up{job=%q}...) alert: with every %s pod down, nothing would fire", job, job)
+		}
+	}
+}
+
+// envoyStats are the Envoy stats the alerts and the dashboard read, as
+// Envoy names them (shared/reference/envoy-ext-authz-cors-csp.md 1.5 and
+// envoy-access-log-and-postgres.md 1.6; the rate limit filter's and the
+// cluster manager's statistics pages). "<cluster>" is the part Envoy's
+// Prometheus output moves into the envoy_cluster_name label; ext_authz's
+// stat_prefix ("meshguard" in envoy.yaml) may stay in the name.
+var envoyStats = []string{
+	"cluster.<cluster>.ext_authz.ok", "cluster.<cluster>.ext_authz.denied", "cluster.<cluster>.ext_authz.error",
+	"cluster.<cluster>.ext_authz.disabled", "cluster.<cluster>.ext_authz.failure_mode_allowed", "cluster.<cluster>.ext_authz.invalid",
+	"cluster.<cluster>.ext_authz.meshguard.ok", "cluster.<cluster>.ext_authz.meshguard.denied", "cluster.<cluster>.ext_authz.meshguard.error",
+	"cluster.<cluster>.ext_authz.meshguard.disabled", "cluster.<cluster>.ext_authz.meshguard.failure_mode_allowed", "cluster.<cluster>.ext_authz.meshguard.invalid",
+	"cluster.<cluster>.ratelimit.ok", "cluster.<cluster>.ratelimit.over_limit", "cluster.<cluster>.ratelimit.error",
+	"cluster.<cluster>.ratelimit.failure_mode_allowed",
+	"access_logs.grpc_access_log.logs_dropped", "access_logs.grpc_access_log.logs_written",
+	"cluster.<cluster>.membership_healthy", "cluster.<cluster>.membership_total",
+	"cluster.<cluster>.outlier_detection.ejections_active", "cluster.<cluster>.upstream_cx_connect_fail",
+	"cluster.<cluster>.health_check.failure", "cluster.<cluster>.upstream_rq_retry", "cluster.<cluster>.upstream_rq_retry_overflow",
+}
+
+// envoyPromName is a stat's name in Envoy's /stats/prometheus output.
+func envoyPromName(stat string) string {
+	return "envoy_" + strings.ReplaceAll(strings.ReplaceAll(stat, "<cluster>.", ""), ".", "_")
+}
+
+var (
+	metricNameRE  = regexp.MustCompile(`\b(?:meshguard|envoy)_[a-z0-9_]+`)
+	nameMatchRE   = regexp.MustCompile(`__name__=~"([^"]*)"`)
+	optionalRE    = regexp.MustCompile(`\(([a-z0-9_]+)\)\?`)
+	upJobRE       = regexp.MustCompile(`\bup\{job="([^"]+)"`)
+	quotedRE      = regexp.MustCompile(`"[^"]*"`)
+	clusterNameRE = regexp.MustCompile(`envoy_cluster_name=~?"([^"]*)"`)
+)
+
+// queriedMetrics returns the meshguard_ and envoy_ metric names a PromQL
+// expression reads (a __name__ regex with one optional group counts as both
+// names) and the jobs of its up{job="..."} selectors. Names inside other
+// label values do not count.
+func queriedMetrics(expr string) (names, jobs []string) {
+	for _, m := range nameMatchRE.FindAllStringSubmatch(expr, -1) {
+		with := optionalRE.ReplaceAllString(m[1], "$1")
+		without := optionalRE.ReplaceAllString(m[1], "")
+		names = append(names, with)
+		if without != with {
+			names = append(names, without)
+		}
+	}
+	for _, m := range upJobRE.FindAllStringSubmatch(expr, -1) {
+		jobs = append(jobs, m[1])
+	}
+	for _, n := range metricNameRE.FindAllString(quotedRE.ReplaceAllString(expr, `""`), -1) {
+		if n != "envoy_cluster_name" { // the label Envoy puts cluster names in
+			names = append(names, n)
+		}
+	}
+	return names, jobs
+}
+
+// knownMetric reports whether a queried metric exists: registered by
+// meshguard's code, or one of envoyStats.
+func knownMetric(m string, registered map[string]bool) error {
+	if strings.HasPrefix(m, "envoy_") {
+		for _, s := range envoyStats {
+			if envoyPromName(s) == m {
+				return nil
+			}
+		}
+		return fmt.Errorf("%s is not an Envoy stat meshguard knows (envoyStats)", m)
+	}
+	for _, suffix := range []string{"_bucket", "_sum", "_count"} {
+		m = strings.TrimSuffix(m, suffix)
+	}
+	if !registered[m] {
+		return fmt.Errorf("%s is registered by no meshguard package", m)
+	}
+	return nil
+}
+
+// clusterNamesIn returns the cluster names an expression selects by
+// envoy_cluster_name (exact or an alternation).
+func clusterNamesIn(expr string) []string {
+	var out []string
+	for _, m := range clusterNameRE.FindAllStringSubmatch(expr, -1) {
+		out = append(out, strings.Split(m[1], "|")...)
+	}
+	return out
+}
+
+// bootstrapClusters are the cluster names of envoy/envoy.yaml.
+func bootstrapClusters(t *testing.T) map[string]bool {
+	t.Helper()
+	b, err := envoy.ParseBootstrap(envoy.FrontProxy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]bool{}
+	for _, c := range b.GetStaticResources().GetClusters() {
+		out[c.GetName()] = true
+	}
+	return out
 }
 
 func onlyKeys(m map[string]any, at string, known ...string) error {
@@ -515,12 +641,21 @@ func TestWorkloadsHardened(t *testing.T) {
 	}
 }
 
+// expectedDrainDelay is how long meshguard is expected to keep serving after
+// SIGTERM while answering NOT_SERVING (shutdown.drain_delay), until the
+// config sets the key itself: envoy.yaml's health checks take a draining pod
+// out of rotation well within it (envoy's TestMeshguardClustersForRollouts).
+const expectedDrainDelay = 10 * time.Second
+
 // meshguardConfig is the part of the meshguard config file the manifests
 // depend on; the full file is parsed by cmd/meshguard's own parser (see
 // README.md).
 type meshguardConfig struct {
-	Listen    struct{ GRPC, HTTP, RateLimit string }
-	Shutdown  struct{ Timeout string }
+	Listen   struct{ GRPC, HTTP, RateLimit string }
+	Shutdown struct {
+		Timeout    string
+		DrainDelay string `yaml:"drain_delay"`
+	}
 	Ratelimit struct {
 		ConfigDir string `yaml:"config_dir"`
 		Response  bool   `yaml:"response_headers"`
@@ -546,7 +681,7 @@ func TestMeshguardDeployment(t *testing.T) {
 			ps := &d.Spec.Template.Spec
 			c := container(t, ps, "meshguard")
 
-			// Ports and probes. ratelimit is listen.ratelimit, the lean
+			// Ports and probes. ratelimit is listen.ratelimit, the
 			// listener Envoy's meshguard_ratelimit cluster calls.
 			wantPorts := map[string]int32{"grpc": 8081, "ratelimit": 8082, "http": 8080}
 			for name, port := range wantPorts {
@@ -554,7 +689,12 @@ func TestMeshguardDeployment(t *testing.T) {
 					t.Errorf("port %s: want containerPort %d", name, port)
 				}
 			}
-			checkProbe(t, "readinessProbe", c.ReadinessProbe, "/readyz", "http")
+			// Readiness is the gRPC health of listen.grpc, which turns
+			// NOT_SERVING at SIGTERM and stays SERVING through a database
+			// outage (/readyz does not).
+			if rp := c.ReadinessProbe; rp == nil || rp.GRPC == nil || rp.GRPC.Port != wantPorts["grpc"] || (rp.GRPC.Service != nil && *rp.GRPC.Service != "") {
+				t.Errorf("readinessProbe %+v: want a gRPC probe of the whole server on the grpc port (%d)", rp, wantPorts["grpc"])
+			}
 			checkProbe(t, "livenessProbe", c.LivenessProbe, "/healthz", "http")
 			if c.StartupProbe != nil {
 				checkProbe(t, "startupProbe", c.StartupProbe, "/healthz", "http")
@@ -576,7 +716,16 @@ func TestMeshguardDeployment(t *testing.T) {
 				}
 			}
 
-			// Shutdown fits in the grace period, after the preStop sleep.
+			// Shutdown fits in the grace period, after the preStop sleep and
+			// the drain delay (shutdown.drain_delay when the config sets it,
+			// else the delay envoy.yaml's health checks are tuned for).
+			drainDelay := expectedDrainDelay
+			if cfg.Shutdown.DrainDelay != "" {
+				var err error
+				if drainDelay, err = time.ParseDuration(cfg.Shutdown.DrainDelay); err != nil {
+					t.Fatalf("shutdown.drain_delay: %v", err)
+				}
+			}
 			shutdown, err := time.ParseDuration(cfg.Shutdown.Timeout)
 			if err != nil {
 				t.Fatalf("shutdown.timeout: %v", err)
@@ -589,8 +738,8 @@ func TestMeshguardDeployment(t *testing.T) {
 			if ps.TerminationGracePeriodSeconds != nil {
 				grace = time.Duration(*ps.TerminationGracePeriodSeconds) * time.Second
 			}
-			if grace <= preStop+shutdown {
-				t.Errorf("terminationGracePeriodSeconds %s <= preStop %s + shutdown.timeout %s: SIGKILL would cut the audit drain", grace, preStop, shutdown)
+			if grace <= preStop+drainDelay+shutdown {
+				t.Errorf("terminationGracePeriodSeconds %s <= preStop %s + drain delay %s + shutdown.timeout %s: SIGKILL would cut the audit drain", grace, preStop, drainDelay, shutdown)
 			}
 
 			// The spool and the SQLite file are on a writable volume.
@@ -644,8 +793,8 @@ func TestMeshguardDeployment(t *testing.T) {
 			if s.Spec.ClusterIP != corev1.ClusterIPNone {
 				t.Error("the meshguard Service must be headless so Envoy's STRICT_DNS cluster sees every pod")
 			}
-			if !s.Spec.PublishNotReadyAddresses {
-				t.Error("meshguard Service must publish not-ready addresses: /readyz is 503 during a database outage, and Envoy must keep reaching meshguard (its gRPC health checks decide)")
+			if s.Spec.PublishNotReadyAddresses {
+				t.Error("meshguard Service publishes not-ready addresses: a terminating pod would keep receiving calls while it stops")
 			}
 			checkServiceTargets(t, s, d)
 			// Every listener is a Service port of the same number and name,
@@ -844,7 +993,7 @@ func TestEnvoyDeployment(t *testing.T) {
 // port of that number, its target container port, and the listen address
 // of that port in meshguard's config. ext_authz and the access log must
 // land on listen.grpc (the gRPC listener); the rate limit service on
-// listen.ratelimit (the lean listener that serves only ShouldRateLimit and
+// listen.ratelimit (the listener that serves only ShouldRateLimit and
 // health). Both NetworkPolicies must let each of those connections through.
 func TestEnvoyReachesMeshguard(t *testing.T) {
 	for _, dir := range []string{"base", "overlays/production", "overlays/development"} {
@@ -1092,8 +1241,6 @@ type panel struct {
 	Panels []panel `json:"panels"`
 }
 
-var metricRE = regexp.MustCompile(`\bmeshguard_[a-z0-9_]+`)
-
 // checkDashboard returns the meshguard metric names the dashboard queries
 // (histogram suffixes stripped) and every problem it found.
 func checkDashboard(raw []byte) (map[string]bool, []error) {
@@ -1123,17 +1270,14 @@ func checkDashboard(raw []byte) (map[string]bool, []error) {
 				bad("panel %q has no query", p.Title)
 			}
 			for _, tg := range p.Targets {
-				names := metricRE.FindAllString(tg.Expr, -1)
+				names, _ := queriedMetrics(tg.Expr)
 				if len(names) == 0 {
-					bad("panel %q: expr %q names no meshguard_ metric", p.Title, tg.Expr)
+					bad("panel %q: expr %q names no meshguard_ or envoy_ metric", p.Title, tg.Expr)
 				}
 				if strings.Count(tg.Expr, "(") != strings.Count(tg.Expr, ")") || strings.Count(tg.Expr, "{") != strings.Count(tg.Expr, "}") {
 					bad("panel %q: unbalanced expr %q", p.Title, tg.Expr)
 				}
 				for _, n := range names {
-					for _, suffix := range []string{"_bucket", "_sum", "_count"} {
-						n = strings.TrimSuffix(n, suffix)
-					}
 					metrics[n] = true
 				}
 			}
@@ -1160,12 +1304,21 @@ func TestDashboard(t *testing.T) {
 			t.Errorf("no panel shows %s* metrics", group)
 		}
 	}
-	// Every metric the dashboard queries is registered somewhere in meshguard,
-	// so a rename in the code cannot silently blank a panel.
+	if !slices.ContainsFunc(keys(metrics), func(m string) bool { return strings.HasPrefix(m, "envoy_") }) {
+		t.Error("no panel shows Envoy's side (envoy_* metrics)")
+	}
+	// Every metric the dashboard queries is registered somewhere in meshguard
+	// or is an Envoy stat Envoy documents, so a rename cannot silently blank
+	// a panel.
 	registered := registeredMetrics(t, "..")
 	for _, m := range keys(metrics) {
-		if !registered[m] {
-			t.Errorf("dashboard queries %s, which no meshguard package registers", m)
+		if err := knownMetric(m, registered); err != nil {
+			t.Errorf("dashboard: %v", err)
+		}
+	}
+	for _, want := range []string{"envoy_cluster_ext_authz_error", "envoy_cluster_ratelimit_error", "envoy_cluster_ratelimit_failure_mode_allowed", "envoy_access_logs_grpc_access_log_logs_dropped", "envoy_cluster_membership_healthy"} {
+		if !metrics[want] {
+			t.Errorf("no panel shows %s", want)
 		}
 	}
 	// Shipped as a ConfigMap for Grafana's dashboard sidecar.
@@ -1244,7 +1397,7 @@ func registeredMetrics(t *testing.T, root string) map[string]bool {
 func TestCheckDashboardRejects(t *testing.T) {
 	tests := []struct{ name, doc, wantErr string }{
 		{"not JSON", `{"title":`, "dashboard JSON"},
-		{"foreign metric", `{"title":"x","uid":"x","panels":[{"id":1,"type":"timeseries","title":"p","targets":[{"expr":"rate(up[5m])"}]}]}`, "names no meshguard_ metric"},
+		{"foreign metric", `{"title":"x","uid":"x","panels":[{"id":1,"type":"timeseries","title":"p","targets":[{"expr":"rate(up[5m])"}]}]}`, "names no meshguard_ or envoy_ metric"},
 		{"no query", `{"title":"x","uid":"x","panels":[{"id":1,"type":"timeseries","title":"p","targets":[]}]}`, "has no query"},
 		{"unbalanced", `{"title":"x","uid":"x","panels":[{"id":1,"type":"timeseries","title":"p","targets":[{"expr":"rate(meshguard_x_total[5m]"}]}]}`, "unbalanced"},
 		{"duplicate id in a row", `{"title":"x","uid":"x","panels":[{"id":1,"type":"row","title":"r","panels":[{"id":1,"type":"stat","title":"p","targets":[{"expr":"meshguard_x"}]}]}]}`, "used twice"},

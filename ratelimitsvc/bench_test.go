@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"runtime/pprof"
 	"slices"
@@ -24,10 +25,10 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/meshguard/meshguard/internal/gctune"
-	"github.com/meshguard/meshguard/internal/grpcserver"
 	"github.com/meshguard/meshguard/internal/grpcserver/grpcservertest"
 	"github.com/meshguard/meshguard/internal/redistest"
 	"github.com/meshguard/meshguard/internal/secret"
+	"github.com/meshguard/meshguard/internal/servertest"
 )
 
 // benchServeEnv makes the test binary a bare meshguard RLS (see TestMain):
@@ -124,29 +125,16 @@ func benchServe(url string) error {
 			rs.pipe = nil
 		}
 	}
-	var stop func()
-	if v, ok := strings.CutPrefix(variant, "grpc"); ok {
-		// grpc-go's server as cmd/meshguard's gRPC listener runs it: its
-		// options and interceptors, and the tuning variant that follows.
-		opts, err := grpcservertest.Options(prometheus.NewRegistry(), strings.TrimPrefix(v, ","))
-		if err != nil {
-			return err
-		}
-		gs := grpc.NewServer(opts...)
-		register(gs)
-		go gs.Serve(lis)
-		stop = gs.Stop
-	} else {
-		// The lean unary server of cmd/meshguard's rate limit listener,
-		// which the shipped Envoy configs call.
-		if variant != "" && variant != "prod" {
-			return fmt.Errorf("variant %q: the rate limit listener's server has no tuning variants", variant)
-		}
-		us := grpcserver.UnaryServer(grpcserver.DefaultLimits(), grpcserver.NewMetrics(prometheus.NewRegistry()))
-		register(us)
-		go us.Serve(lis)
-		stop = us.Stop
+	// grpc-go's server as cmd/meshguard's listeners run it: its options and
+	// interceptors, and the tuning variant that follows.
+	opts, err := grpcservertest.Options(prometheus.NewRegistry(), variant)
+	if err != nil {
+		return err
 	}
+	gs := grpc.NewServer(opts...)
+	register(gs)
+	go gs.Serve(lis)
+	stop := gs.Stop
 	// A CPU profile of the server, e.g. for cmd/meshguard/default.pgo;
 	// "%p" in the path becomes the server's pid, so that every case's
 	// server keeps its own.
@@ -249,10 +237,10 @@ func procSyscalls(b *testing.B, pid int) (reads, writes int64) {
 }
 
 // startBenchServer runs the RLS in a child process against url and returns
-// a client and the child's pid. variant "" (or "prod") serves it as the rate
-// limit listener does, on the lean unary server; "grpc" as the gRPC
-// listener does, on grpc-go's server, optionally followed by a tuning
-// variant ("grpc,workers=0", see grpcservertest.Options).
+// a client and the child's pid. variant "" (or "prod") serves it as
+// cmd/meshguard's listeners do; otherwise it names a tuning variant
+// ("workers=0", see grpcservertest.Options), optionally after
+// "store=direct".
 func startBenchServer(b *testing.B, url, variant string) (rlsv3.RateLimitServiceClient, int) {
 	bin, variant := grpcservertest.Executable(variant)
 	cmd := exec.Command(bin, "-test.run=^$")
@@ -383,10 +371,10 @@ func runLoad(b *testing.B, client rlsv3.RateLimitServiceClient, reqs []*rlsv3.Ra
 	if serverPid != 0 {
 		srv := procCPU(b, serverPid) - srvBefore
 		res.cpuPerOp = float64(srv.Microseconds()) / n
-		b.ReportMetric(res.cpuPerOp, "meshguard-cpu-µs/op")
+		b.ReportMetric(res.cpuPerOp, "server-cpu-µs/op")
 		reads, writes := procSyscalls(b, serverPid)
-		b.ReportMetric(float64(reads-readsBefore)/n, "meshguard-reads/op")
-		b.ReportMetric(float64(writes-writesBefore)/n, "meshguard-writes/op")
+		b.ReportMetric(float64(reads-readsBefore)/n, "server-reads/op")
+		b.ReportMetric(float64(writes-writesBefore)/n, "server-writes/op")
 		b.ReportMetric(float64(self.Microseconds())/n, "loadgen-cpu-µs/op")
 	} else {
 		b.ReportMetric(float64(self.Microseconds())/n, "process-cpu-µs/op")
@@ -421,9 +409,9 @@ type benchResult struct {
 }
 
 // BenchmarkShouldRateLimit measures meshguard as deployed: a separate
-// process serving the rate limit listener (the lean unary server the
-// shipped Envoy configs call), real redis-server, 50 concurrent streams.
-// meshguard-cpu-µs/op is the server process's CPU per decision (redis-server
+// process serving the rate limit listener's gRPC stack, real
+// redis-server, 50 concurrent streams.
+// server-cpu-µs/op is the server process's CPU per decision (redis-server
 // and the load generator excluded). Its allocations are not in allocs/op,
 // which counts the load generator; BenchmarkShouldRateLimitInProcess shows
 // client plus server allocations.
@@ -454,15 +442,6 @@ func BenchmarkShouldRateLimit(b *testing.B) {
 		client, pid := startBenchServer(b, benchNoop, "")
 		runLoad(b, client, benchRequests(true), pid, 0, rlsv3.RateLimitResponse_OK)
 	})
-	// The same decisions on the gRPC listener (grpc-go's server), for an
-	// Envoy that calls that one.
-	for _, twoDesc := range []bool{false, true} {
-		b.Run(map[bool]string{false: "grpc_listener_hot1k", true: "grpc_listener_two_desc"}[twoDesc], func(b *testing.B) {
-			srv := redistest.Start(b)
-			client, pid := startBenchServer(b, srv.URL(), "grpc")
-			runLoad(b, client, benchRequests(twoDesc), pid, srv.Pid(), rlsv3.RateLimitResponse_OK)
-		})
-	}
 }
 
 // BenchmarkShouldRateLimitVariants compares gRPC server tuning variants
@@ -517,7 +496,7 @@ func BenchmarkShouldRateLimitVariants(b *testing.B) {
 				for r := range ratios {
 					ratios[r] = cpu[i][r] / cpu[0][r]
 				}
-				fmt.Printf("BenchmarkShouldRateLimitVariants/%s: %-24s median %6.0f decisions/s (%.2fx)  %5.1f meshguard-cpu-µs/op (%.2fx; per round %.2fx)  over %d rounds\n",
+				fmt.Printf("BenchmarkShouldRateLimitVariants/%s: %-24s median %6.0f decisions/s (%.2fx)  %5.1f server-cpu-µs/op (%.2fx; per round %.2fx)  over %d rounds\n",
 					tc.name, v, median(perSec[i]), median(perSec[i])/median(perSec[0]),
 					median(cpu[i]), median(cpu[i])/median(cpu[0]), median(ratios), rounds)
 			}
@@ -582,20 +561,6 @@ func BenchmarkDecideRedis(b *testing.B) {
 	})
 }
 
-// BenchmarkDecideRedisAsync is BenchmarkDecideRedis on the asynchronous
-// path the rate limit listener takes: allocs/op are the decision's own.
-func BenchmarkDecideRedisAsync(b *testing.B) {
-	benchDecideRedis(b, func(s *Server) func(context.Context, *rlsv3.RateLimitRequest) error {
-		// One reply func and channel per goroutine, as a connection has.
-		answered := make(chan error, 1)
-		reply := func(_ any, err error) { answered <- err }
-		return func(ctx context.Context, req *rlsv3.RateLimitRequest) error {
-			s.shouldRateLimitAsync(ctx, req, reply)
-			return <-answered
-		}
-	})
-}
-
 // benchDecideRedis runs decisions against a real Redis from 50 goroutines,
 // each deciding with what decider returns for it.
 func benchDecideRedis(b *testing.B, decider func(*Server) func(context.Context, *rlsv3.RateLimitRequest) error) {
@@ -632,6 +597,114 @@ func benchDecideRedis(b *testing.B, decider func(*Server) func(context.Context, 
 			})
 			b.StopTimer()
 			b.ReportMetric(float64((procCPU(b, 0)-before).Microseconds())/float64(b.N), "cpu-µs/op")
+		})
+	}
+}
+
+// referenceBinEnv names an envoyproxy/ratelimit binary (built outside this
+// repository) for BenchmarkVersusReference.
+const referenceBinEnv = "MESHGUARD_BENCH_REFERENCE_BIN"
+
+// referenceConfig is benchConfig's domain in envoyproxy/ratelimit's format
+// (hour windows: its units are fixed; the limits are never reached).
+const referenceConfig = `domain: bench
+descriptors:
+  - key: client
+    rate_limit: {unit: hour, requests_per_unit: 1000000000}
+  - key: route
+    value: api
+    descriptors:
+      - key: client
+        rate_limit: {unit: minute, requests_per_unit: 1000000000}
+`
+
+// startReference runs envoyproxy/ratelimit from bin against redisAddr and
+// returns a client and its pid: stats off, warnings only, its default Redis
+// pool.
+func startReference(b *testing.B, bin, redisAddr string) (rlsv3.RateLimitServiceClient, int) {
+	dir := b.TempDir()
+	cfgDir := filepath.Join(dir, "ratelimit", "config")
+	if err := os.MkdirAll(cfgDir, 0o755); err != nil {
+		b.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(cfgDir, "bench.yaml"), []byte(referenceConfig), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	grpcPort := servertest.FreePort(b)
+	env := []string{
+		"REDIS_SOCKET_TYPE=tcp", "REDIS_URL=" + redisAddr, "USE_STATSD=false", "DISABLE_STATS=true", "LOG_LEVEL=warn",
+		"RUNTIME_ROOT=" + dir, "RUNTIME_SUBDIRECTORY=ratelimit", "RUNTIME_WATCH_ROOT=false",
+		"GRPC_HOST=127.0.0.1", "GRPC_PORT=" + strconv.Itoa(grpcPort),
+		"HOST=127.0.0.1", "PORT=" + strconv.Itoa(servertest.FreePort(b)),
+		"DEBUG_HOST=127.0.0.1", "DEBUG_PORT=" + strconv.Itoa(servertest.FreePort(b)),
+	}
+	cmd := exec.Command(bin)
+	cmd.Env = env
+	cmd.Dir = dir
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+	})
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(grpcPort))
+	if err := servertest.WaitTCP(addr, 30*time.Second); err != nil {
+		b.Fatal(err)
+	}
+	return rlsv3.NewRateLimitServiceClient(grpcservertest.Dial(b, addr)), cmd.Process.Pid
+}
+
+// BenchmarkVersusReference runs meshguard (as deployed: its own process,
+// the rate limit listener's stack) and envoyproxy/ratelimit (from
+// MESHGUARD_BENCH_REFERENCE_BIN; skipped when unset) under the same load
+// against one redis-server, interleaved A B A B over -rounds
+// (MESHGUARD_BENCH_ROUNDS, default 5), and prints each one's median
+// throughput and server CPU per decision and meshguard's ratios.
+func BenchmarkVersusReference(b *testing.B) {
+	bin := os.Getenv(referenceBinEnv)
+	if bin == "" {
+		b.Skip("set " + referenceBinEnv + " to an envoyproxy/ratelimit binary")
+	}
+	rounds, _ := strconv.Atoi(os.Getenv("MESHGUARD_BENCH_ROUNDS"))
+	if rounds <= 0 {
+		rounds = 5
+	}
+	for _, tc := range []struct {
+		name    string
+		twoDesc bool
+	}{{"hot1k", false}, {"two_desc", true}} {
+		b.Run(tc.name, func(b *testing.B) {
+			srv := redistest.Start(b)
+			reqs := benchRequests(tc.twoDesc)
+			type target struct {
+				name   string
+				client rlsv3.RateLimitServiceClient
+				pid    int
+				perSec []float64
+				cpu    []float64
+			}
+			mg := &target{name: "meshguard"}
+			mg.client, mg.pid = startBenchServer(b, srv.URL(), "")
+			ref := &target{name: "envoyproxy-ratelimit"}
+			ref.client, ref.pid = startReference(b, bin, srv.Addr())
+			for range rounds {
+				for _, tg := range []*target{mg, ref} {
+					var last benchResult
+					b.Run(tg.name, func(b *testing.B) {
+						last = runLoad(b, tg.client, reqs, tg.pid, srv.Pid(), rlsv3.RateLimitResponse_OK)
+					})
+					tg.perSec = append(tg.perSec, last.perSec)
+					tg.cpu = append(tg.cpu, last.cpuPerOp)
+				}
+			}
+			for _, tg := range []*target{mg, ref} {
+				fmt.Printf("BenchmarkVersusReference/%s: %-22s median %6.0f decisions/s  %6.1f server-cpu-µs/op  over %d rounds\n",
+					tc.name, tg.name, median(tg.perSec), median(tg.cpu), rounds)
+			}
+			fmt.Printf("BenchmarkVersusReference/%s: meshguard/reference throughput %.2fx, CPU per decision %.2fx\n",
+				tc.name, median(mg.perSec)/median(ref.perSec), median(mg.cpu)/median(ref.cpu))
 		})
 	}
 }

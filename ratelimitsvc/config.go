@@ -50,8 +50,8 @@ type RedisConfig struct {
 	MinIdleConns int `yaml:"min_idle_conns"`
 	// KeyPrefix starts every key meshguard writes.
 	KeyPrefix string `yaml:"key_prefix"`
-	// Autopipeline sends concurrent decisions to each Redis master over one
-	// connection, batched into shared writes and reads (far fewer system
+	// Autopipeline sends the decisions queued while a batch is in flight
+	// together, in one go-redis pipeline (far fewer round trips and system
 	// calls per decision). false: one go-redis round trip each.
 	Autopipeline bool `yaml:"autopipeline"`
 }

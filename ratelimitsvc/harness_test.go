@@ -3,7 +3,6 @@ package ratelimitsvc
 import (
 	"io"
 	"log/slog"
-	"net"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -11,11 +10,9 @@ import (
 	rlv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/common/ratelimit/v3"
 	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
 	"github.com/prometheus/client_golang/prometheus"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/meshguard/meshguard/internal/grpcserver"
-
+	"github.com/meshguard/meshguard/internal/grpcserver/grpcservertest"
 	"github.com/meshguard/meshguard/internal/redistest"
 	"github.com/meshguard/meshguard/internal/secret"
 )
@@ -34,28 +31,14 @@ func newFakeClock() *fakeClock {
 func (c *fakeClock) Now() time.Time          { return time.UnixMilli(c.ms.Load()) }
 func (c *fakeClock) Advance(d time.Duration) { c.ms.Add(d.Milliseconds()) }
 
-// harness is one Server behind a real gRPC listener on 127.0.0.1:0 and a
-// go-control-plane client, as Envoy calls it.
+// harness is one Server behind a real gRPC server on 127.0.0.1:0, built
+// as cmd/meshguard builds its listeners, and a go-control-plane client, as
+// Envoy calls it.
 type harness struct {
-	srv *Server
-	// client calls the lean unary server of the rate limit listener, as the
-	// shipped Envoy configs do; grpcClient calls grpc-go's server with
-	// meshguard's options, as the main gRPC listener serves it.
-	client     rlsv3.RateLimitServiceClient
-	grpcClient rlsv3.RateLimitServiceClient
-	clock      *fakeClock
-	reg        *prometheus.Registry
-}
-
-// transports are the two servers a harness serves on.
-var transports = []string{"h2unary", "grpc-go"}
-
-// via returns the client of transport tr.
-func (h *harness) via(tr string) rlsv3.RateLimitServiceClient {
-	if tr == "grpc-go" {
-		return h.grpcClient
-	}
-	return h.client
+	srv    *Server
+	client rlsv3.RateLimitServiceClient
+	clock  *fakeClock
+	reg    *prometheus.Registry
 }
 
 func discardLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
@@ -70,26 +53,10 @@ func startServer(tb testing.TB, cfg Config, st store, clock *fakeClock) *harness
 	if clock != nil {
 		srv.now = clock.Now
 	}
-	metrics := grpcserver.NewMetrics(prometheus.NewRegistry())
-	gs := grpc.NewServer(append(grpcserver.Options(grpcserver.DefaultLimits()), metrics.ServerOptions()...)...)
+	gs := grpcserver.New(grpcserver.DefaultLimits(), grpcserver.NewMetrics(prometheus.NewRegistry()))
 	srv.Register(gs)
-	us := grpcserver.UnaryServer(grpcserver.DefaultLimits(), metrics)
-	srv.Register(us)
-	dial := func(serve func(net.Listener) error, stop func()) rlsv3.RateLimitServiceClient {
-		lis, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			tb.Fatal(err)
-		}
-		go serve(lis)
-		tb.Cleanup(stop)
-		conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-		if err != nil {
-			tb.Fatal(err)
-		}
-		tb.Cleanup(func() { conn.Close() })
-		return rlsv3.NewRateLimitServiceClient(conn)
-	}
-	return &harness{srv: srv, client: dial(us.Serve, us.Stop), grpcClient: dial(gs.Serve, gs.Stop), clock: clock, reg: reg}
+	conn := grpcservertest.Serve(tb, gs)
+	return &harness{srv: srv, client: rlsv3.NewRateLimitServiceClient(conn), clock: clock, reg: reg}
 }
 
 // storeKind makes fresh, empty stores of one kind for a test.
@@ -185,42 +152,3 @@ func request(domain string, descs ...[]string) *rlsv3.RateLimitRequest {
 }
 
 func kv(pairs ...string) []string { return pairs }
-
-// metricValue sums the samples of a counter or gauge whose labels include
-// every given name=value pair.
-func metricValue(tb testing.TB, reg *prometheus.Registry, name string, labels ...string) float64 {
-	tb.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	var sum float64
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-	metric:
-		for _, m := range mf.GetMetric() {
-			for i := 0; i+1 < len(labels); i += 2 {
-				found := false
-				for _, lp := range m.GetLabel() {
-					if lp.GetName() == labels[i] && lp.GetValue() == labels[i+1] {
-						found = true
-					}
-				}
-				if !found {
-					continue metric
-				}
-			}
-			switch {
-			case m.Counter != nil:
-				sum += m.Counter.GetValue()
-			case m.Gauge != nil:
-				sum += m.Gauge.GetValue()
-			case m.Histogram != nil:
-				sum += float64(m.Histogram.GetSampleCount())
-			}
-		}
-	}
-	return sum
-}

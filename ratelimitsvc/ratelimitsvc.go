@@ -6,12 +6,12 @@
 // and from a hot-reloaded directory, with meshguard's extensions: any window
 // length, named presets and a sliding or fixed window. Counters live in a
 // store: in process (MemoryStore) or in Redis (RedisStore: standalone,
-// Sentinel or Cluster), one round trip per request; concurrent requests to
-// one Redis master share a connection and its writes and reads (see
-// pipeline). A refused request does not
-// consume quota. Counters known to be over limit are answered from process
-// memory until they reset. When the store cannot answer within its timeout,
-// the decision follows failure_mode and is never a gRPC error.
+// Sentinel or Cluster, through go-redis), one script call per request;
+// the script calls of concurrent requests share go-redis pipelines (see
+// pipeline). A refused request does not consume quota. Counters known to
+// be over limit are answered from process memory until they reset. When
+// the store cannot answer within its timeout, the decision follows
+// failure_mode and is never a gRPC error.
 //
 // Algorithm: the approximated sliding window. Time is cut into buckets of
 // the window's length aligned to the Unix epoch; the estimate is the previous
@@ -32,8 +32,8 @@
 // _domain_not_found_total, _config_reloads_total{result},
 // _config_last_reload_successful, _config_last_reload_success_timestamp_seconds,
 // and with Redis _redis_pool_* (go-redis' pool: hits, misses, timeouts, waits,
-// connections) and _redis_pipeline_* (connections, pending_commands{state},
-// dials_total, dial_errors_total, stale_closes_total).
+// connections) and _redis_pipeline_* (pending_commands{state}, batches_total,
+// commands_total, batch_errors_total).
 package ratelimitsvc
 
 import (
@@ -56,8 +56,6 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
-
-	"github.com/meshguard/meshguard/internal/h2unary"
 )
 
 // Bounds on what one request may ask for; beyond them it is InvalidArgument.
@@ -190,33 +188,9 @@ func walk(n *node, f func(*rule)) {
 	}
 }
 
-// Register registers the RateLimitService on r: on a server that takes
-// asynchronous handlers (h2unary's, on the rate limit listener) as one that
-// does not hold a goroutine while Redis answers.
+// Register registers the RateLimitService on r.
 func (s *Server) Register(r grpc.ServiceRegistrar) {
-	if ar, ok := r.(AsyncRegistrar); ok {
-		ar.RegisterAsync(shouldRateLimitMethod, s.handleAsync)
-		return
-	}
 	rlsv3.RegisterRateLimitServiceServer(r, s)
-}
-
-// AsyncRegistrar is a server that takes asynchronous unary handlers.
-type AsyncRegistrar interface {
-	RegisterAsync(fullMethod string, h h2unary.AsyncHandler)
-}
-
-// shouldRateLimitMethod is ShouldRateLimit's full method name.
-var shouldRateLimitMethod = "/" + rlsv3.RateLimitService_ServiceDesc.ServiceName + "/ShouldRateLimit"
-
-// handleAsync is ShouldRateLimit as an h2unary.AsyncHandler.
-func (s *Server) handleAsync(ctx context.Context, dec func(any) error, reply func(any, error)) {
-	req := new(rlsv3.RateLimitRequest)
-	if err := dec(req); err != nil {
-		reply(nil, err)
-		return
-	}
-	s.shouldRateLimitAsync(ctx, req, reply)
 }
 
 // plan is what the decision knows about one request descriptor.
@@ -225,30 +199,27 @@ type plan struct {
 	counter int // index into counters; -1 when nothing is counted
 }
 
-type scratch struct {
-	plans    []plan
-	reqs     []counterReq
-	res      []counterRes
-	ids      []byte
-	offs     []int
-	shareBuf []string
-
-	// A request waiting for the store, between begin and complete.
+// decision is the state of one ShouldRateLimit call: the configuration it
+// was decided under, the request, the answer being built, and the counters
+// handed to the store. Decisions are pooled with their buffers.
+type decision struct {
+	s     *Server
 	inst  *installed
 	dom   *domain
 	req   *rlsv3.RateLimitRequest
 	resp  *rlsv3.RateLimitResponse
 	durs  []durationpb.Duration
 	nowMs int64
-	start time.Time
-	// The asynchronous path's: who replies, and the store's callback,
-	// bound once per scratch.
-	srv     *Server
-	reply   func(any, error)
-	onStore func(admitted bool, err error)
+
+	plans    []plan
+	reqs     []counterReq
+	res      []counterRes
+	ids      []byte
+	offs     []int
+	shareBuf []string
 }
 
-var requestScratch = syncPool(func() *scratch { return &scratch{ids: make([]byte, 0, 256)} })
+var decisions = syncPool(func() *decision { return &decision{ids: make([]byte, 0, 256)} })
 
 func syncPool[T any](newT func() *T) *typedPool[T] {
 	return &typedPool[T]{p: sync.Pool{New: func() any { return newT() }}}
@@ -259,71 +230,22 @@ type typedPool[T any] struct{ p sync.Pool }
 func (p *typedPool[T]) Get() *T  { return p.p.Get().(*T) }
 func (p *typedPool[T]) Put(x *T) { p.p.Put(x) }
 
+// release forgets the request and puts d back, unless a huge request grew
+// its buffers.
+func (d *decision) release() {
+	d.s, d.inst, d.dom, d.req, d.resp, d.durs = nil, nil, nil, nil, nil, nil
+	if cap(d.ids) <= maxPooledIDBytes {
+		decisions.Put(d)
+	}
+}
+
 // ShouldRateLimit decides one request. Malformed requests get
 // InvalidArgument; everything else, store failures included, is an answer.
+// It blocks while the store evaluates, at most redis.timeout.
 func (s *Server) ShouldRateLimit(ctx context.Context, req *rlsv3.RateLimitRequest) (*rlsv3.RateLimitResponse, error) {
-	sc, resp, err := s.begin(req)
-	if sc == nil {
-		return resp, err
-	}
-	admitted, err := s.store.evaluate(ctx, sc.nowMs, sc.reqs, sc.res)
-	return s.complete(sc, admitted, err), nil
-}
-
-// asyncStore is a store that can answer without blocking its caller.
-type asyncStore interface {
-	// evaluateAsync is evaluate with the outcome passed to done, later and
-	// on another goroutine; false when it cannot, having done nothing.
-	evaluateAsync(nowMs int64, reqs []counterReq, res []counterRes, done func(admitted bool, err error)) bool
-}
-
-// shouldRateLimitAsync decides like ShouldRateLimit and passes the answer
-// to reply instead of returning it. It does not block: on the Redis
-// pipeline the answer comes from the pipeline's reader; a store that would
-// block runs on a goroutine of its own; the in-process store answers at
-// once.
-func (s *Server) shouldRateLimitAsync(ctx context.Context, req *rlsv3.RateLimitRequest, reply func(any, error)) {
-	sc, resp, err := s.begin(req)
-	switch {
-	case err != nil:
-		reply(nil, err)
-		return
-	case sc == nil:
-		reply(resp, nil)
-		return
-	}
-	sc.srv, sc.reply = s, reply
-	if sc.onStore == nil { // bound once per scratch, which the pool keeps
-		sc.onStore = sc.storeDone
-	}
-	switch st := s.store.(type) {
-	case asyncStore:
-		if st.evaluateAsync(sc.nowMs, sc.reqs, sc.res, sc.onStore) {
-			return
-		}
-	case *MemoryStore:
-		sc.onStore(st.evaluate(ctx, sc.nowMs, sc.reqs, sc.res))
-		return
-	}
-	go func() { sc.onStore(s.store.evaluate(ctx, sc.nowMs, sc.reqs, sc.res)) }()
-}
-
-// storeDone is sc.onStore: it completes the request with the store's
-// outcome and replies.
-func (sc *scratch) storeDone(admitted bool, err error) {
-	s, reply := sc.srv, sc.reply
-	sc.srv, sc.reply = nil, nil
-	reply(s.complete(sc, admitted, err), nil) // complete puts sc back
-}
-
-// begin decides what needs no store: a malformed request (an error), an
-// unknown domain or a counter known to be over its limit (a response). It
-// returns the scratch of a request that needs the store instead; complete
-// finishes it and puts the scratch back.
-func (s *Server) begin(req *rlsv3.RateLimitRequest) (*scratch, *rlsv3.RateLimitResponse, error) {
 	if err := validateRequest(req); err != nil {
 		s.m.invalid.Inc()
-		return nil, nil, status.Error(codes.InvalidArgument, err.Error())
+		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	inst := s.current.Load()
 	dom := inst.limits.domains[req.Domain]
@@ -331,62 +253,44 @@ func (s *Server) begin(req *rlsv3.RateLimitRequest) (*scratch, *rlsv3.RateLimitR
 	if dom == nil {
 		s.m.domainNotFound.Inc()
 		inst.unknown[0].Inc()
-		return nil, resp, nil
+		return resp, nil
 	}
 
-	sc := requestScratch.Get()
-	nowMs := s.now().UnixMilli()
-	s.plan(sc, dom, req)
+	d := decisions.Get()
+	defer d.release()
+	d.s, d.inst, d.dom, d.req, d.resp, d.durs, d.nowMs = s, inst, dom, req, resp, durs, s.now().UnixMilli()
+	d.plan()
 
 	// Answer from the over-limit cache when one normal counter is known over.
-	for i := range sc.reqs {
-		r := &sc.reqs[i]
+	for i := range d.reqs {
+		r := &d.reqs[i]
 		if r.shadow || r.quota || r.hits < 0 {
 			continue
 		}
-		if until, ok := inst.cache.lookup(r.id, r.hash, nowMs); ok {
+		if until, ok := inst.cache.lookup(r.id, r.hash, d.nowMs); ok {
 			dom.localCache.Inc()
-			resp = s.cachedOver(resp, durs, dom, sc, req, i, until-nowMs)
-			putScratch(sc)
-			return nil, resp, nil
+			return d.cachedOver(i, until-d.nowMs), nil
 		}
 	}
-	if len(sc.reqs) == 0 {
-		resp = s.finishResponse(inst, dom, sc, req, resp, durs, nowMs, true)
-		putScratch(sc)
-		return nil, resp, nil
+	if len(d.reqs) == 0 {
+		return d.finish(true), nil
 	}
-	sc.inst, sc.dom, sc.req, sc.resp, sc.durs, sc.nowMs, sc.start = inst, dom, req, resp, durs, nowMs, time.Now()
-	return sc, nil, nil
-}
-
-// complete finishes a request begin handed to the store, with the store's
-// outcome, and puts its scratch back.
-func (s *Server) complete(sc *scratch, admitted bool, err error) *rlsv3.RateLimitResponse {
-	s.m.storeDuration.Observe(time.Since(sc.start).Seconds())
-	var resp *rlsv3.RateLimitResponse
+	start := time.Now()
+	admitted, err := s.store.evaluate(ctx, d.nowMs, d.reqs, d.res)
+	s.m.storeDuration.Observe(time.Since(start).Seconds())
 	if err != nil {
-		resp = s.failed(sc.resp, sc.dom, sc, err)
-	} else {
-		resp = s.finishResponse(sc.inst, sc.dom, sc, sc.req, sc.resp, sc.durs, sc.nowMs, admitted)
+		return d.failed(err), nil
 	}
-	sc.inst, sc.dom, sc.req, sc.resp, sc.durs = nil, nil, nil, nil, nil
-	putScratch(sc)
-	return resp
+	return d.finish(admitted), nil
 }
 
-func putScratch(sc *scratch) {
-	if cap(sc.ids) <= maxPooledIDBytes { // a huge request's buffer is not kept
-		requestScratch.Put(sc)
-	}
-}
-
-// finishResponse fills in each descriptor's status from the counts in
-// sc.res and the verdict.
-func (s *Server) finishResponse(inst *installed, dom *domain, sc *scratch, req *rlsv3.RateLimitRequest, resp *rlsv3.RateLimitResponse, durs []durationpb.Duration, nowMs int64, admitted bool) *rlsv3.RateLimitResponse {
+// finish fills in each descriptor's status from the counts the store saw
+// and the verdict.
+func (d *decision) finish(admitted bool) *rlsv3.RateLimitResponse {
+	resp, nowMs := d.resp, d.nowMs
 	var worst *counterReq // the over-limit counter with the longest wait
 	var worstWait time.Duration
-	for i, p := range sc.plans {
+	for i, p := range d.plans {
 		st := resp.Statuses[i]
 		switch {
 		case p.rule == nil:
@@ -397,7 +301,7 @@ func (s *Server) finishResponse(inst *installed, dom *domain, sc *scratch, req *
 		case p.counter < 0: // replaced by another rule
 			continue
 		}
-		r, c := &sc.reqs[p.counter], sc.res[p.counter]
+		r, c := &d.reqs[p.counter], d.res[p.counter]
 		st.CurrentLimit = p.rule.current
 		over := isOver(r, c, nowMs)
 		st.LimitRemaining = clampU32(remaining(r, c, admitted, nowMs))
@@ -407,7 +311,7 @@ func (s *Server) finishResponse(inst *installed, dom *domain, sc *scratch, req *
 		} else {
 			wait = untilReset(r, nowMs)
 		}
-		st.DurationUntilReset = setDuration(&durs[i], wait)
+		st.DurationUntilReset = setDuration(&d.durs[i], wait)
 		code := 0
 		switch {
 		case over && r.shadow:
@@ -416,13 +320,13 @@ func (s *Server) finishResponse(inst *installed, dom *domain, sc *scratch, req *
 			code = 1
 			st.Code = rlsv3.RateLimitResponse_OVER_LIMIT
 			if !r.quota && (r.hits == 1 || r.hits == 0) {
-				inst.cache.add(r.id, r.hash, nowMs, nowMs+wait.Milliseconds())
+				d.inst.cache.add(r.id, r.hash, nowMs, nowMs+wait.Milliseconds())
 			}
 			if worst == nil || wait > worstWait {
 				worst, worstWait = r, wait
 			}
 		}
-		s.countRule(p.rule, code, req.Descriptors[i].Entries)
+		d.s.countRule(p.rule, code, d.req.Descriptors[i].Entries)
 	}
 	if !admitted {
 		resp.OverallCode = rlsv3.RateLimitResponse_OVER_LIMIT
@@ -433,10 +337,10 @@ func (s *Server) finishResponse(inst *installed, dom *domain, sc *scratch, req *
 		if worst != nil {
 			limit = worst.limit
 		}
-		s.overLimitReply(resp, limit, worstWait)
-		dom.decisions[1].Inc()
+		d.s.overLimitReply(resp, limit, worstWait)
+		d.dom.decisions[1].Inc()
 	} else {
-		dom.decisions[0].Inc()
+		d.dom.decisions[0].Inc()
 	}
 	return resp
 }
@@ -482,23 +386,24 @@ func setDuration(d *durationpb.Duration, wait time.Duration) *durationpb.Duratio
 }
 
 // plan matches every descriptor to its rule (or the request's override),
-// applies replaces, and fills sc.reqs with the counters to evaluate.
-func (s *Server) plan(sc *scratch, dom *domain, req *rlsv3.RateLimitRequest) {
+// applies replaces, and fills d.reqs with the counters to evaluate.
+func (d *decision) plan() {
+	dom, req := d.dom, d.req
 	n := len(req.Descriptors)
-	sc.plans = grow(sc.plans, n)
-	sc.reqs = sc.reqs[:0]
-	sc.ids = sc.ids[:0]
-	sc.offs = sc.offs[:0]
-	for i, d := range req.Descriptors {
+	d.plans = grow(d.plans, n)
+	d.reqs = d.reqs[:0]
+	d.ids = d.ids[:0]
+	d.offs = d.offs[:0]
+	for i, desc := range req.Descriptors {
 		var r *rule
 		var share []string
-		if d.Limit != nil {
-			r = s.overrideRule(dom, d.Limit)
+		if desc.Limit != nil {
+			r = d.s.overrideRule(dom, desc.Limit)
 		} else {
-			r, share = dom.match(d.Entries, sc.shareBuf)
-			sc.shareBuf = share[:0]
+			r, share = dom.match(desc.Entries, d.shareBuf)
+			d.shareBuf = share[:0]
 		}
-		sc.plans[i] = plan{rule: r, counter: -1}
+		d.plans[i] = plan{rule: r, counter: -1}
 		if r == nil || r.unlimited {
 			continue
 		}
@@ -506,56 +411,56 @@ func (s *Server) plan(sc *scratch, dom *domain, req *rlsv3.RateLimitRequest) {
 		if req.HitsAddend != 0 {
 			hits = int64(req.HitsAddend)
 		}
-		if d.HitsAddend != nil {
-			hits = int64(d.HitsAddend.Value)
+		if desc.HitsAddend != nil {
+			hits = int64(desc.HitsAddend.Value)
 		}
-		if d.IsNegativeHits {
+		if desc.IsNegativeHits {
 			hits = -hits
 		}
-		start := len(sc.ids)
-		sc.ids = appendID(sc.ids, dom.name, d.Entries, share, r.window)
-		sc.offs = append(sc.offs, start, len(sc.ids))
-		sc.plans[i].counter = len(sc.reqs)
-		sc.reqs = append(sc.reqs, counterReq{
+		start := len(d.ids)
+		d.ids = appendID(d.ids, dom.name, desc.Entries, share, r.window)
+		d.offs = append(d.offs, start, len(d.ids))
+		d.plans[i].counter = len(d.reqs)
+		d.reqs = append(d.reqs, counterReq{
 			window: r.window.Milliseconds(), limit: r.limit, hits: hits,
 			fixed: r.fixed, shadow: r.shadow, quota: r.quota,
 		})
 	}
 	// replaces: a matched rule drops the rules it names.
-	for i := range sc.plans {
-		r := sc.plans[i].rule
+	for i := range d.plans {
+		r := d.plans[i].rule
 		if r == nil || len(r.replaces) == 0 {
 			continue
 		}
-		for j := range sc.plans {
-			if o := sc.plans[j].rule; j != i && o != nil && o.name != "" && sc.plans[j].counter >= 0 && contains(r.replaces, o.name) {
-				sc.plans[j].counter = -2 // marked; compacted below
+		for j := range d.plans {
+			if o := d.plans[j].rule; j != i && o != nil && o.name != "" && d.plans[j].counter >= 0 && contains(r.replaces, o.name) {
+				d.plans[j].counter = -2 // marked; compacted below
 			}
 		}
 	}
 	// compact counters of replaced descriptors away.
 	k := 0
-	for i := range sc.plans {
-		c := sc.plans[i].counter
+	for i := range d.plans {
+		c := d.plans[i].counter
 		if c == -2 {
-			sc.plans[i].counter = -1
+			d.plans[i].counter = -1
 			continue
 		}
 		if c < 0 {
 			continue
 		}
-		sc.reqs[k] = sc.reqs[c]
-		sc.offs[2*k], sc.offs[2*k+1] = sc.offs[2*c], sc.offs[2*c+1]
-		sc.plans[i].counter = k
+		d.reqs[k] = d.reqs[c]
+		d.offs[2*k], d.offs[2*k+1] = d.offs[2*c], d.offs[2*c+1]
+		d.plans[i].counter = k
 		k++
 	}
-	sc.reqs = sc.reqs[:k]
-	for i := range sc.reqs {
-		id := sc.ids[sc.offs[2*i]:sc.offs[2*i+1]]
-		sc.reqs[i].id = id
-		sc.reqs[i].hash = fnv64(id)
+	d.reqs = d.reqs[:k]
+	for i := range d.reqs {
+		id := d.ids[d.offs[2*i]:d.offs[2*i+1]]
+		d.reqs[i].id = id
+		d.reqs[i].hash = fnv64(id)
 	}
-	sc.res = grow(sc.res, k)
+	d.res = grow(d.res, k)
 }
 
 func grow[T any](s []T, n int) []T {
@@ -665,9 +570,10 @@ func (s *Server) countRule(r *rule, code int, entries []*rlv3.RateLimitDescripto
 }
 
 // cachedOver answers OVER_LIMIT because counter ci is in the over-limit cache.
-func (s *Server) cachedOver(resp *rlsv3.RateLimitResponse, durs []durationpb.Duration, dom *domain, sc *scratch, req *rlsv3.RateLimitRequest, ci int, waitMs int64) *rlsv3.RateLimitResponse {
+func (d *decision) cachedOver(ci int, waitMs int64) *rlsv3.RateLimitResponse {
+	resp := d.resp
 	wait := time.Duration(waitMs) * time.Millisecond
-	for i, p := range sc.plans {
+	for i, p := range d.plans {
 		st := resp.Statuses[i]
 		if p.rule != nil && p.rule.unlimited {
 			st.LimitRemaining = math.MaxUint32
@@ -675,18 +581,19 @@ func (s *Server) cachedOver(resp *rlsv3.RateLimitResponse, durs []durationpb.Dur
 		if p.counter == ci {
 			st.Code = rlsv3.RateLimitResponse_OVER_LIMIT
 			st.CurrentLimit = p.rule.current
-			st.DurationUntilReset = setDuration(&durs[i], wait)
-			s.countRule(p.rule, 1, req.Descriptors[i].Entries)
+			st.DurationUntilReset = setDuration(&d.durs[i], wait)
+			d.s.countRule(p.rule, 1, d.req.Descriptors[i].Entries)
 		}
 	}
 	resp.OverallCode = rlsv3.RateLimitResponse_OVER_LIMIT
-	s.overLimitReply(resp, sc.reqs[ci].limit, wait)
-	dom.decisions[1].Inc()
+	d.s.overLimitReply(resp, d.reqs[ci].limit, wait)
+	d.dom.decisions[1].Inc()
 	return resp
 }
 
 // failed answers by failure_mode when the store could not decide.
-func (s *Server) failed(resp *rlsv3.RateLimitResponse, dom *domain, sc *scratch, err error) *rlsv3.RateLimitResponse {
+func (d *decision) failed(err error) *rlsv3.RateLimitResponse {
+	s, resp := d.s, d.resp
 	kind := classifyStoreError(err)
 	s.m.storeErrors.WithLabelValues(kind).Inc()
 	s.m.failureMode.WithLabelValues(s.cfg.FailureMode).Inc()
@@ -695,12 +602,12 @@ func (s *Server) failed(resp *rlsv3.RateLimitResponse, dom *domain, sc *scratch,
 		s.log.Warn("rate limit store failed; following failure_mode", "kind", kind, "failure_mode", s.cfg.FailureMode, "err", err)
 	}
 	deny := s.cfg.FailureMode == "deny"
-	for i, p := range sc.plans {
+	for i, p := range d.plans {
 		st := resp.Statuses[i]
 		if p.rule != nil && p.rule.unlimited {
 			st.LimitRemaining = math.MaxUint32
 		}
-		if deny && p.counter >= 0 && !sc.reqs[p.counter].shadow {
+		if deny && p.counter >= 0 && !d.reqs[p.counter].shadow {
 			st.Code = rlsv3.RateLimitResponse_OVER_LIMIT
 			st.CurrentLimit = p.rule.current
 		}
@@ -708,13 +615,13 @@ func (s *Server) failed(resp *rlsv3.RateLimitResponse, dom *domain, sc *scratch,
 	if deny {
 		resp.OverallCode = rlsv3.RateLimitResponse_OVER_LIMIT
 		var limit uint64
-		if len(sc.reqs) > 0 {
-			limit = sc.reqs[0].limit
+		if len(d.reqs) > 0 {
+			limit = d.reqs[0].limit
 		}
 		s.overLimitReply(resp, limit, time.Second)
-		dom.decisions[1].Inc()
+		d.dom.decisions[1].Inc()
 	} else {
-		dom.decisions[0].Inc()
+		d.dom.decisions[0].Inc()
 	}
 	return resp
 }

@@ -11,6 +11,7 @@ import (
 
 	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // TestConfigDirReload: an edited file is applied after it settles; a bad
@@ -72,10 +73,10 @@ func TestConfigDirReload(t *testing.T) {
 		t.Errorf("limit after a bad file = %d, want the old 7", got)
 	}
 	time.Sleep(3 * cfg.ReloadInterval) // the same bad file is counted once
-	if n := metricValue(t, h.reg, "meshguard_ratelimitsvc_config_reloads_total", "result", "error"); n != 1 {
+	if n := testutil.ToFloat64(h.srv.m.reloads.WithLabelValues("error")); n != 1 {
 		t.Errorf("reload errors = %v, want 1", n)
 	}
-	if n := metricValue(t, h.reg, "meshguard_ratelimitsvc_config_last_reload_successful"); n != 0 {
+	if n := testutil.ToFloat64(h.srv.m.configOK); n != 0 {
 		t.Errorf("last reload successful = %v, want 0", n)
 	}
 
@@ -84,10 +85,10 @@ func TestConfigDirReload(t *testing.T) {
 	if err := h.srv.ConfigError(); err != nil {
 		t.Errorf("ConfigError after the fix: %v", err)
 	}
-	if n := metricValue(t, h.reg, "meshguard_ratelimitsvc_config_last_reload_successful"); n != 1 {
+	if n := testutil.ToFloat64(h.srv.m.configOK); n != 1 {
 		t.Errorf("last reload successful = %v, want 1", n)
 	}
-	if n := metricValue(t, h.reg, "meshguard_ratelimitsvc_config_reloads_total", "result", "success"); n != 2 {
+	if n := testutil.ToFloat64(h.srv.m.reloads.WithLabelValues("success")); n != 2 {
 		t.Errorf("reload successes = %v, want 2", n)
 	}
 
@@ -97,7 +98,7 @@ func TestConfigDirReload(t *testing.T) {
 		resp, _ := h.client.ShouldRateLimit(t.Context(), request("web", kv("client", "c")))
 		return resp.OverallCode == rlsv3.RateLimitResponse_OK && resp.Statuses[0].CurrentLimit == nil
 	})
-	if n := metricValue(t, h.reg, "meshguard_ratelimitsvc_rule_decisions_total", "domain", "web"); n != 0 {
+	if n := h.srv.m.rules.DeletePartialMatch(prometheus.Labels{"domain": "web"}); n != 0 {
 		t.Errorf("series of the removed domain remain: %v", n)
 	}
 }

@@ -1,6 +1,7 @@
 package ratelimitsvc
 
 import (
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"strings"
 	"testing"
 	"time"
@@ -69,10 +70,10 @@ func TestOverLimitResponse(t *testing.T) {
 			if diff := cmp.Diff(want, again, protocmp.Transform()); diff != "" {
 				t.Errorf("cached over-limit response (-want +got):\n%s", diff)
 			}
-			if n := metricValue(t, h.reg, "meshguard_ratelimitsvc_local_cache_over_limit_total", "domain", "api"); n != 1 {
+			if n := testutil.ToFloat64(h.srv.m.localCache.WithLabelValues("api")); n != 1 {
 				t.Errorf("local cache answers = %v, want 1", n)
 			}
-			if n := metricValue(t, h.reg, "meshguard_ratelimitsvc_decisions_total", "domain", "api", "code", "over_limit"); n != 2 {
+			if n := testutil.ToFloat64(h.srv.m.decisions.WithLabelValues("api", "over_limit")); n != 2 {
 				t.Errorf("over_limit decisions = %v, want 2", n)
 			}
 		})
@@ -93,7 +94,7 @@ func TestOverLimitCacheExpires(t *testing.T) {
 			t.Fatalf("request %d: %v, want OVER_LIMIT", i, resp.OverallCode)
 		}
 	}
-	if n := metricValue(t, h.reg, "meshguard_ratelimitsvc_local_cache_over_limit_total"); n != 2 {
+	if n := testutil.ToFloat64(h.srv.m.localCache.WithLabelValues("basic")); n != 2 {
 		t.Errorf("local cache answers = %v, want 2", n)
 	}
 	h.clock.Advance(50 * time.Second) // next fixed minute
@@ -140,19 +141,17 @@ func TestInvalidRequests(t *testing.T) {
 		{"override without unit", badUnit, "descriptors[0].limit.unit: must be SECOND to YEAR, got UNKNOWN"},
 		{"absurd hits", hugeHits, "descriptors[0].hits_addend: 1099511627776, limit 4294967295"},
 	}
-	for _, tr := range transports {
-		for _, tc := range cases {
-			t.Run(tr+"/"+tc.name, func(t *testing.T) {
-				_, err := h.via(tr).ShouldRateLimit(t.Context(), tc.req)
-				st, _ := grpcstatus.FromError(err)
-				if st.Code() != codes.InvalidArgument || st.Message() != tc.want {
-					t.Errorf("got %v %q, want InvalidArgument %q", st.Code(), st.Message(), tc.want)
-				}
-			})
-		}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := h.client.ShouldRateLimit(t.Context(), tc.req)
+			st, _ := grpcstatus.FromError(err)
+			if st.Code() != codes.InvalidArgument || st.Message() != tc.want {
+				t.Errorf("got %v %q, want InvalidArgument %q", st.Code(), st.Message(), tc.want)
+			}
+		})
 	}
-	if n := metricValue(t, h.reg, "meshguard_ratelimitsvc_invalid_requests_total"); n != float64(len(transports)*len(cases)) {
-		t.Errorf("invalid requests metric = %v, want %d", n, len(transports)*len(cases))
+	if n := testutil.ToFloat64(h.srv.m.invalid); n != float64(len(cases)) {
+		t.Errorf("invalid requests metric = %v, want %d", n, len(cases))
 	}
 }
 
@@ -184,7 +183,7 @@ func TestRuleMetrics(t *testing.T) {
 		{"detailed=v1", "ok", 1}, {"detailed=v1", "over_limit", 2},
 		{"shadow", "ok", 1}, {"shadow", "shadow_over_limit", 1},
 	} {
-		if got := metricValue(t, h.reg, "meshguard_ratelimitsvc_rule_decisions_total", "domain", "m", "rule", c.rule, "code", c.code); got != c.want {
+		if got := testutil.ToFloat64(h.srv.m.rules.WithLabelValues("m", c.rule, c.code)); got != c.want {
 			t.Errorf("rule %s code %s = %v, want %v", c.rule, c.code, got, c.want)
 		}
 	}

@@ -9,11 +9,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"runtime"
 	"strconv"
-	"strings"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -93,6 +90,10 @@ var evaluateSHA = func() string {
 	return hex.EncodeToString(sum[:])
 }()
 
+// evaluateSHAArg and evaluateScriptArg are the script's hash and text as
+// go-redis arguments, boxed once rather than on every call.
+var evaluateSHAArg, evaluateScriptArg any = evaluateSHA, evaluateScript
+
 // redisClient is what RedisStore needs of go-redis: *redis.Client (standalone
 // or Sentinel) and *redis.ClusterClient both provide it.
 type redisClient interface {
@@ -105,27 +106,20 @@ type redisClient interface {
 
 // RedisStore keeps counters in Redis (standalone, Sentinel or Cluster), so
 // every replica shares them. One script call per request evaluates and
-// updates all of its counters in one round trip; in Cluster mode the
-// counters are grouped by slot and the groups pipelined. With
-// redis.autopipeline, a request whose counters share a slot goes over the
-// decision pipeline to its master (see pipeline); the rest, and everything
-// else, go through go-redis. It is safe for concurrent use.
+// updates all of its counters in one round trip; in Cluster mode counters
+// in different slots are grouped by slot and the groups pipelined. With
+// redis.autopipeline, a request whose counters share a slot joins the
+// script calls of concurrent requests in one go-redis pipeline (see
+// pipeline). It is safe for concurrent use.
 type RedisStore struct {
 	log     *slog.Logger
 	client  redisClient
-	pipe    *pipeline            // standalone and Sentinel with redis.autopipeline
+	pipe    *pipeline            // nil unless redis.autopipeline
 	cluster *redis.ClusterClient // nil unless Cluster mode
-	closers []func() error       // Sentinel clients that find the master for pipe
-
-	// Cluster with redis.autopipeline: one pipeline per master address,
-	// for requests whose counters share a slot.
-	nodeDial  func(ctx context.Context, addr string) (net.Conn, error)
-	nodeMu    sync.RWMutex
-	nodePipes map[string]*pipeline
-	mode      string
-	addrs     []string
-	timeout   time.Duration
-	prefix    string
+	mode    string
+	addrs   []string
+	timeout time.Duration
+	prefix  string
 }
 
 // NewRedisStore connects lazily to the configured Redis and registers the
@@ -159,11 +153,6 @@ func NewRedisStore(log *slog.Logger, reg prometheus.Registerer, cfg RedisConfig)
 			opt.TLSConfig.RootCAs = roots
 		}
 		s.client, s.mode, s.addrs = redis.NewClient(opt), "standalone", []string{opt.Addr}
-		if cfg.Autopipeline {
-			s.pipe = newPipeline(func(ctx context.Context) (net.Conn, error) {
-				return dialRedis(ctx, opt.Addr, opt.TLSConfig, opt.Username, opt.Password, opt.DB)
-			}, cfg.Timeout)
-		}
 	case len(cfg.Cluster) > 0:
 		opt := &redis.ClusterOptions{
 			Addrs: cfg.Cluster, Username: cfg.Username, Password: cfg.Password.Reveal(), TLSConfig: tlsCfg,
@@ -173,13 +162,6 @@ func NewRedisStore(log *slog.Logger, reg prometheus.Registerer, cfg RedisConfig)
 		}
 		c := redis.NewClusterClient(opt)
 		s.client, s.cluster, s.mode, s.addrs = c, c, "cluster", cfg.Cluster
-		if cfg.Autopipeline {
-			username, password := cfg.Username, cfg.Password.Reveal()
-			s.nodeDial = func(ctx context.Context, addr string) (net.Conn, error) {
-				return dialRedis(ctx, addr, tlsCfg, username, password, 0)
-			}
-			s.nodePipes = map[string]*pipeline{}
-		}
 	default:
 		opt := &redis.FailoverOptions{
 			MasterName: cfg.Sentinel.Master, SentinelAddrs: cfg.Sentinel.Addrs,
@@ -190,14 +172,14 @@ func NewRedisStore(log *slog.Logger, reg prometheus.Registerer, cfg RedisConfig)
 			PoolSize: pool, MinIdleConns: cfg.MinIdleConns, DisableIdentity: true,
 		}
 		s.client, s.mode, s.addrs = redis.NewFailoverClient(opt), "sentinel", cfg.Sentinel.Addrs
-		if cfg.Autopipeline {
-			s.pipe = s.sentinelPipeline(cfg, tlsCfg)
-		}
+	}
+	if cfg.Autopipeline {
+		s.pipe = newPipeline(s.client, cfg.Timeout)
 	}
 	if reg != nil {
 		var err error
-		if err = reg.Register(newPoolCollector(s.client.PoolStats)); err == nil && (s.pipe != nil || s.nodePipes != nil) {
-			err = reg.Register(newPipelineCollector(s.pipelineStatus))
+		if err = reg.Register(newPoolCollector(s.client.PoolStats)); err == nil && s.pipe != nil {
+			err = reg.Register(newPipelineCollector(s.pipe.status))
 		}
 		if err != nil {
 			s.Close()
@@ -217,47 +199,10 @@ func applyTimeouts(opt *redis.Options, timeout time.Duration, pool, minIdle int)
 	opt.DisableIdentity = true
 }
 
-// sentinelPipeline returns a pipeline that asks the sentinels, in turn, for
-// the master's address whenever it dials (so after a failover it finds the
-// new master: the old one answers READONLY, which closes the connection).
-func (s *RedisStore) sentinelPipeline(cfg RedisConfig, tlsCfg *tls.Config) *pipeline {
-	sentinels := make([]*redis.SentinelClient, len(cfg.Sentinel.Addrs))
-	for i, addr := range cfg.Sentinel.Addrs {
-		sentinels[i] = redis.NewSentinelClient(&redis.Options{
-			Addr: addr, Password: cfg.Sentinel.Password.Reveal(),
-			DialTimeout: cfg.Timeout, ReadTimeout: cfg.Timeout, WriteTimeout: cfg.Timeout, PoolTimeout: cfg.Timeout,
-			ContextTimeoutEnabled: true, MaxRetries: -1, PoolSize: 1, DisableIdentity: true,
-		})
-		s.closers = append(s.closers, sentinels[i].Close)
-	}
-	username, password := cfg.Username, cfg.Password.Reveal()
-	return newPipeline(func(ctx context.Context) (net.Conn, error) {
-		var errs []error
-		for _, sc := range sentinels {
-			hp, err := sc.GetMasterAddrByName(ctx, cfg.Sentinel.Master).Result()
-			if err != nil || len(hp) != 2 {
-				errs = append(errs, fmt.Errorf("sentinel: master %q: %v", cfg.Sentinel.Master, err))
-				continue
-			}
-			return dialRedis(ctx, net.JoinHostPort(hp[0], hp[1]), tlsCfg, username, password, 0)
-		}
-		return nil, errors.Join(errs...)
-	}, cfg.Timeout)
-}
-
 // Close closes every connection.
 func (s *RedisStore) Close() error {
 	if s.pipe != nil {
 		s.pipe.close()
-	}
-	s.nodeMu.Lock()
-	for _, p := range s.nodePipes {
-		p.close()
-	}
-	s.nodePipes = nil
-	s.nodeMu.Unlock()
-	for _, c := range s.closers {
-		c()
 	}
 	return s.client.Close()
 }
@@ -286,39 +231,15 @@ func (s *RedisStore) Ping(ctx context.Context) error {
 // when autopipelined.
 func (s *RedisStore) Status() map[string]any {
 	st := s.client.PoolStats()
-	out := map[string]any{"mode": s.mode, "addrs": s.addrs, "autopipeline": s.pipe != nil || s.nodePipes != nil, "pool": poolDetails((*redis.PoolStats)(st))}
-	if s.pipe != nil || s.nodePipes != nil {
-		ps := s.pipelineStatus()
+	out := map[string]any{"mode": s.mode, "addrs": s.addrs, "autopipeline": s.pipe != nil, "pool": poolDetails((*redis.PoolStats)(st))}
+	if s.pipe != nil {
+		ps := s.pipe.status()
 		out["pipeline"] = map[string]any{
-			"connections": ps.Connections, "queued": ps.Queued, "inflight": ps.Inflight,
-			"dials": ps.Dials, "dial_errors": ps.DialErrors, "stale_closes": ps.Stale,
+			"queued": ps.Queued, "inflight": ps.Inflight,
+			"batches": ps.Batches, "commands": ps.Commands, "batch_errors": ps.BatchErrors,
 		}
 	}
 	return out
-}
-
-// pipelineStatus sums the state of the decision pipelines: the store's one,
-// or one per Cluster master.
-func (s *RedisStore) pipelineStatus() pipelineStatus {
-	var sum pipelineStatus
-	add := func(p *pipeline) {
-		st := p.status()
-		sum.Connections += st.Connections
-		sum.Queued += st.Queued
-		sum.Inflight += st.Inflight
-		sum.Dials += st.Dials
-		sum.DialErrors += st.DialErrors
-		sum.Stale += st.Stale
-	}
-	if s.pipe != nil {
-		add(s.pipe)
-	}
-	s.nodeMu.RLock()
-	for _, p := range s.nodePipes {
-		add(p)
-	}
-	s.nodeMu.RUnlock()
-	return sum
 }
 
 func poolDetails(st *redis.PoolStats) map[string]any {
@@ -405,42 +326,38 @@ func argsOf(r *counterReq, nowMs int64) counterArgs {
 	return a
 }
 
-// appendEvalsha encodes the script call for all of reqs (one slot) as RESP,
-// straight from the counters: the same keys and arguments as buildGroup.
-func (s *RedisStore) appendEvalsha(b []byte, reqs []counterReq, nowMs int64) []byte {
+// buildCall fills c with the script call for all of reqs (one slot): the
+// keys and arguments buildGroup makes, held in c's reused slices and passed
+// to go-redis by pointer, so that the call allocates only its keys' text.
+func (s *RedisStore) buildCall(c *pcall, reqs []counterReq, nowMs int64) {
 	n := len(reqs)
-	b = appendArrayHeader(b, 3+2*n+1+5*n)
-	b = appendBulk(b, "EVALSHA")
-	b = appendBulk(b, evaluateSHA)
-	b = appendBulkInt(b, int64(2*n))
-	for i := range reqs {
-		r := &reqs[i]
-		bucket, _ := bucketOf(r, nowMs)
-		b = s.appendKeyBulk(b, r, bucket)
-		b = s.appendKeyBulk(b, r, bucket-1)
-	}
-	b = appendBulk(b, "1")
+	c.buf = c.buf[:0]
+	c.nums = c.nums[:0]
+	c.keys = c.keys[:0]
+	ends := make([]int, 0, 2*maxDescriptors)
+	c.nums = append(c.nums, 1) // ARGV[1]: every counter of the request is here
 	for i := range reqs {
 		r := &reqs[i]
 		a := argsOf(r, nowMs)
-		b = appendBulkInt(b, int64(r.limit))
-		b = appendBulkInt(b, r.hits)
-		b = appendBulkInt(b, a.weight)
-		b = appendBulkInt(b, a.ttl)
-		b = appendBulkInt(b, a.flags)
+		c.buf = s.appendKey(c.buf, r, a.bucket)
+		ends = append(ends, len(c.buf))
+		c.buf = s.appendKey(c.buf, r, a.bucket-1)
+		ends = append(ends, len(c.buf))
+		c.nums = append(c.nums, int64(r.limit), r.hits, a.weight, a.ttl, a.flags)
 	}
-	return b
-}
-
-// appendKeyBulk encodes the key appendKeys makes as a RESP bulk string.
-func (s *RedisStore) appendKeyBulk(b []byte, r *counterReq, bucket int64) []byte {
-	var tmp [20]byte
-	digits := len(strconv.AppendInt(tmp[:0], bucket, 10))
-	b = append(b, '$')
-	b = strconv.AppendInt(b, int64(len(s.prefix)+1+16+1+len(r.id)+1+digits), 10)
-	b = append(b, '\r', '\n')
-	b = s.appendKey(b, r, bucket)
-	return append(b, '\r', '\n')
+	all := string(c.buf)
+	start := 0
+	for _, end := range ends {
+		c.keys = append(c.keys, all[start:end])
+		start = end
+	}
+	c.args = append(c.args[:0], "evalsha", evaluateSHAArg, 2*n)
+	for i := range c.keys {
+		c.args = append(c.args, &c.keys[i])
+	}
+	for i := range c.nums {
+		c.args = append(c.args, &c.nums[i])
+	}
 }
 
 // parse copies a script reply into res and reports whether hits were added.
@@ -464,78 +381,39 @@ func parseReply(cmd *redis.Cmd, idx []int, res []counterRes) (bool, error) {
 	return flag == 1, nil
 }
 
-func isNoScript(err error) bool { return err != nil && strings.HasPrefix(err.Error(), "NOSCRIPT") }
-
 func (s *RedisStore) evaluate(ctx context.Context, nowMs int64, reqs []counterReq, res []counterRes) (bool, error) {
-	if p := s.pipelineFor(ctx, reqs); p != nil {
-		admitted, err := s.evaluatePipelined(ctx, p, nowMs, reqs, res)
-		if err == nil || !isNoScript(err) && !isRedirect(err) {
-			return admitted, err
-		}
-		// The script cache was flushed, or the slot moved: go-redis loads
-		// the script again with EVAL, follows the redirect and refreshes
-		// its slot map.
-	}
-	return s.evaluateDirect(ctx, nowMs, reqs, res)
-}
-
-// evaluateAsync starts the evaluation on the pipeline that carries reqs and
-// returns true; done gets its outcome later, on the pipeline's goroutines
-// (or on a goroutine of its own when go-redis has to take over). It returns
-// false, having done nothing, without the store's own pipeline (go-redis
-// mode, or Cluster, whose slot lookup may wait on the network).
-func (s *RedisStore) evaluateAsync(nowMs int64, reqs []counterReq, res []counterRes, done func(admitted bool, err error)) bool {
-	p := s.pipe
-	if p == nil {
-		return false
+	if s.pipe == nil || s.cluster != nil && !oneSlot(reqs) {
+		return s.evaluateDirect(ctx, nowMs, reqs, res)
 	}
 	c := getCall()
-	c.cmd = s.appendEvalsha(c.cmd, reqs, nowMs)
-	ae := asyncEvals.Get().(*asyncEval)
-	ae.s, ae.reqs, ae.res, ae.nowMs, ae.done = s, reqs, res, nowMs, done
-	if ae.fn == nil { // bound once per asyncEval, which the pool keeps
-		ae.fn = ae.answered
+	s.buildCall(c, reqs, nowMs)
+	owned, err := s.pipe.do(ctx, c)
+	if !owned {
+		return false, err
 	}
-	c.onDone = ae.fn
-	if err := p.doAsync(c); err != nil {
-		ae.reset()
-		putCall(c)
-		done(false, err)
+	defer putCall(c)
+	if err != nil {
+		return false, err
+	}
+	v := c.cmd.Val()
+	if len(v) != 2*len(reqs)+1 {
+		return false, fmt.Errorf("script returned %d values for %d counters", len(v), len(reqs))
+	}
+	for i := range reqs {
+		res[i] = counterRes{cur: v[2*i], prev: v[2*i+1]}
+	}
+	return v[len(v)-1] == 1, nil
+}
+
+// oneSlot reports whether reqs' keys all live in one Cluster slot.
+func oneSlot(reqs []counterReq) bool {
+	slot := keySlot(reqs[0].hash)
+	for i := 1; i < len(reqs); i++ {
+		if keySlot(reqs[i].hash) != slot {
+			return false
+		}
 	}
 	return true
-}
-
-// asyncEval is what one evaluateAsync call's answer needs. It is pooled
-// with its callback bound once, so that a call allocates nothing for it.
-type asyncEval struct {
-	s     *RedisStore
-	reqs  []counterReq
-	res   []counterRes
-	nowMs int64
-	done  func(admitted bool, err error)
-	fn    func(*pcall) // ae.answered, bound on first use
-}
-
-var asyncEvals = sync.Pool{New: func() any { return new(asyncEval) }}
-
-// reset forgets the call and puts ae back.
-func (ae *asyncEval) reset() {
-	*ae = asyncEval{fn: ae.fn}
-	asyncEvals.Put(ae)
-}
-
-// answered is the pipeline call's onDone: it runs once per call.
-func (ae *asyncEval) answered(c *pcall) {
-	s, reqs, res, nowMs, done := ae.s, ae.reqs, ae.res, ae.nowMs, ae.done
-	ae.reset()
-	admitted, err := pipelinedResult(c, reqs, res)
-	if err != nil && (isNoScript(err) || isRedirect(err)) {
-		// The script cache was flushed, or the slot moved: go-redis takes
-		// over, on a goroutine of its own since it blocks.
-		go func() { done(s.evaluateDirect(context.Background(), nowMs, reqs, res)) }()
-		return
-	}
-	done(admitted, err)
 }
 
 // evaluateDirect evaluates through go-redis, one round trip (per slot in
@@ -559,90 +437,6 @@ func (s *RedisStore) evaluateDirect(ctx context.Context, nowMs int64, reqs []cou
 		return parseReply(cmd, g.idx, res)
 	}
 	return s.evaluateCluster(ctx, sc, nowMs, reqs, res)
-}
-
-// pipelineFor returns the pipeline that carries reqs: the store's own, or in
-// Cluster mode the one to the master of their slot when they share one; nil
-// for the go-redis paths.
-func (s *RedisStore) pipelineFor(ctx context.Context, reqs []counterReq) *pipeline {
-	if s.pipe != nil || s.nodePipes == nil {
-		return s.pipe
-	}
-	slot := keySlot(reqs[0].hash)
-	for i := 1; i < len(reqs); i++ {
-		if keySlot(reqs[i].hash) != slot {
-			return nil
-		}
-	}
-	var tag [18]byte
-	tag[0], tag[17] = '{', '}'
-	appendHex16(tag[1:1], reqs[0].hash)
-	node, err := s.cluster.MasterForKey(ctx, string(tag[:]))
-	if err != nil {
-		return nil // go-redis reports it
-	}
-	addr := node.Options().Addr
-	s.nodeMu.RLock()
-	p, open := s.nodePipes[addr], s.nodePipes != nil
-	s.nodeMu.RUnlock()
-	if p != nil || !open {
-		return p
-	}
-	s.nodeMu.Lock()
-	defer s.nodeMu.Unlock()
-	if s.nodePipes == nil { // closed meanwhile
-		return nil
-	}
-	p = s.nodePipes[addr]
-	if p == nil {
-		p = newPipeline(func(ctx context.Context) (net.Conn, error) { return s.nodeDial(ctx, addr) }, s.timeout)
-		s.nodePipes[addr] = p
-	}
-	return p
-}
-
-// isRedirect reports a Cluster error reply that go-redis handles by
-// following the redirect or retrying.
-func isRedirect(err error) bool {
-	var re redisError
-	if !errors.As(err, &re) {
-		return false
-	}
-	for _, p := range []string{"MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN"} {
-		if strings.HasPrefix(string(re), p) {
-			return true
-		}
-	}
-	return false
-}
-
-// evaluatePipelined runs the script for all of reqs (one slot) on p.
-func (s *RedisStore) evaluatePipelined(ctx context.Context, p *pipeline, nowMs int64, reqs []counterReq, res []counterRes) (bool, error) {
-	c := getCall()
-	c.cmd = s.appendEvalsha(c.cmd, reqs, nowMs)
-	owned, err := p.do(ctx, c)
-	if !owned {
-		return false, err
-	}
-	defer putCall(c)
-	if err != nil {
-		return false, err
-	}
-	return pipelinedResult(c, reqs, res)
-}
-
-// pipelinedResult reads an answered call's reply into res.
-func pipelinedResult(c *pcall, reqs []counterReq, res []counterRes) (bool, error) {
-	if c.err != nil {
-		return false, c.err
-	}
-	if len(c.vals) != 2*len(reqs)+1 {
-		return false, fmt.Errorf("script returned %d values for %d counters", len(c.vals), len(reqs))
-	}
-	for i := range reqs {
-		res[i] = counterRes{cur: c.vals[2*i], prev: c.vals[2*i+1]}
-	}
-	return c.vals[len(c.vals)-1] == 1, nil
 }
 
 // evaluateCluster runs one script per slot, pipelined (go-redis sends each
@@ -785,7 +579,7 @@ func keySlot(h uint64) uint16 {
 // classifyStoreError names a store error for the errors metric.
 func classifyStoreError(err error) string {
 	switch {
-	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, errCallTimeout), errors.Is(err, errStale), isTimeout(err):
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, errCallTimeout), isTimeout(err):
 		return "timeout"
 	case errors.Is(err, context.Canceled):
 		return "canceled"
@@ -857,11 +651,11 @@ func (c *poolCollector) collect(ch chan<- prometheus.Metric, pool string, st *re
 	counter(c.unusableDesc, float64(st.Unusable))
 }
 
-// pipelineCollector exports the state of the decision pipelines at scrape
+// pipelineCollector exports the state of the decision pipeline at scrape
 // time.
 type pipelineCollector struct {
-	status                                     func() pipelineStatus
-	connected, pending, dials, dialErrs, stale *prometheus.Desc
+	status                           func() pipelineStatus
+	pending, batches, commands, errs *prometheus.Desc
 }
 
 func newPipelineCollector(status func() pipelineStatus) *pipelineCollector {
@@ -869,27 +663,25 @@ func newPipelineCollector(status func() pipelineStatus) *pipelineCollector {
 		return prometheus.NewDesc("meshguard_ratelimitsvc_redis_pipeline_"+name, help, labels, nil)
 	}
 	return &pipelineCollector{
-		status:    status,
-		connected: d("connections", "Open pipeline connections (one per Redis master in Cluster mode)."),
-		pending:   d("pending_commands", "Commands queued or written and not yet answered.", "state"),
-		dials:     d("dials_total", "Connections dialled, successful or not."),
-		dialErrs:  d("dial_errors_total", "Connections that could not be opened."),
-		stale:     d("stale_closes_total", "Connections closed because Redis stopped answering."),
+		status:   status,
+		pending:  d("pending_commands", "Script calls waiting for a batch (queued) or in the batch in flight (inflight).", "state"),
+		batches:  d("batches_total", "Pipelines sent to Redis, each carrying the decisions queued meanwhile."),
+		commands: d("commands_total", "Script calls sent in pipelines (divided by batches: the mean batch)."),
+		errs:     d("batch_errors_total", "Pipelines that failed as a whole (connection, timeout), not by one script's error reply."),
 	}
 }
 
 func (c *pipelineCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.connected, c.pending, c.dials, c.dialErrs, c.stale} {
+	for _, d := range []*prometheus.Desc{c.pending, c.batches, c.commands, c.errs} {
 		ch <- d
 	}
 }
 
 func (c *pipelineCollector) Collect(ch chan<- prometheus.Metric) {
 	st := c.status()
-	ch <- prometheus.MustNewConstMetric(c.connected, prometheus.GaugeValue, float64(st.Connections))
 	ch <- prometheus.MustNewConstMetric(c.pending, prometheus.GaugeValue, float64(st.Queued), "queued")
 	ch <- prometheus.MustNewConstMetric(c.pending, prometheus.GaugeValue, float64(st.Inflight), "inflight")
-	ch <- prometheus.MustNewConstMetric(c.dials, prometheus.CounterValue, float64(st.Dials))
-	ch <- prometheus.MustNewConstMetric(c.dialErrs, prometheus.CounterValue, float64(st.DialErrors))
-	ch <- prometheus.MustNewConstMetric(c.stale, prometheus.CounterValue, float64(st.Stale))
+	ch <- prometheus.MustNewConstMetric(c.batches, prometheus.CounterValue, float64(st.Batches))
+	ch <- prometheus.MustNewConstMetric(c.commands, prometheus.CounterValue, float64(st.Commands))
+	ch <- prometheus.MustNewConstMetric(c.errs, prometheus.CounterValue, float64(st.BatchErrors))
 }

@@ -44,9 +44,10 @@ type Config struct {
 type ListenConfig struct {
 	GRPC string `yaml:"grpc"`
 	HTTP string `yaml:"http"`
-	// RateLimit serves ShouldRateLimit (and grpc.health.v1 Check) alone,
-	// on the lean unary server (internal/h2unary) instead of grpc-go's:
-	// point Envoy's rate limit cluster here. Empty: not served apart.
+	// RateLimit serves ShouldRateLimit (and grpc.health.v1) alone, on a
+	// second gRPC server with the gRPC listener's options, so rate limit
+	// calls are isolated from ext_authz and access-log traffic: point
+	// Envoy's rate limit cluster here. Empty: not served apart.
 	RateLimit string `yaml:"ratelimit"`
 }
 

@@ -228,11 +228,7 @@ func TestSIGTERMExitsZero(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary")
 	}
-	bin := filepath.Join(t.TempDir(), "meshguard")
-	build := exec.Command("go", "build", "-o", bin, ".")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := buildBinary(t)
 	logs := newLogWatcher()
 	cmd := exec.Command(bin, "serve", "--config", testConfig(t, ""))
 	cmd.Stderr = logs

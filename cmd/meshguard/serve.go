@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"strings"
 	"sync"
 	"time"
 
@@ -24,7 +23,6 @@ import (
 
 	"github.com/meshguard/meshguard/internal/gctune"
 	"github.com/meshguard/meshguard/internal/grpcserver"
-	"github.com/meshguard/meshguard/internal/h2unary"
 )
 
 // app is what every component's setup function gets: the process-wide
@@ -93,11 +91,37 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 	return serve(ctx, cfg, gctune.Apply(getenv), stderr)
 }
 
-// serve runs both listeners until ctx is cancelled, then shuts down in order:
-// stop accepting, drain in-flight RPCs and streams within the deadline, drain
-// components, close the database.
-// gc is what gctune set, for the start-up log line.
+// serve runs the listeners until ctx is cancelled or one fails, then shuts
+// down in order. gc is what gctune set, for the start-up log line.
 func serve(ctx context.Context, cfg Config, gc gctune.Settings, logw io.Writer) error {
+	s, err := build(ctx, cfg, logw)
+	if err != nil {
+		return err
+	}
+	return s.run(ctx, gc)
+}
+
+// server is a built meshguard: components set up, services registered,
+// listeners bound, nothing served yet.
+type server struct {
+	log   *slog.Logger
+	cfg   Config
+	a     *app
+	comps []*component
+
+	hs      *health.Server
+	grpc    *grpc.Server // listen.grpc: every service
+	rl      *grpc.Server // listen.ratelimit: RateLimitService and health; nil when off
+	http    *http.Server
+	grpcLis net.Listener
+	httpLis net.Listener
+	rlLis   net.Listener // nil when listen.ratelimit is off
+}
+
+// build sets up the components (opening the database first), registers
+// their services on the gRPC servers and their routes on the HTTP mux, and
+// binds the listeners. On an error it releases what it had set up.
+func build(ctx context.Context, cfg Config, logw io.Writer) (_ *server, err error) {
 	log := newLogger(cfg.Log, cfg.Development(), logw)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(
@@ -105,61 +129,47 @@ func serve(ctx context.Context, cfg Config, gc gctune.Settings, logw io.Writer) 
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		newBuildInfo(),
 	)
-	a := &app{log: log, reg: reg, cfg: cfg}
-
-	db, err := openDatabase(ctx, a)
-	if err != nil {
-		return err
+	s := &server{log: log, cfg: cfg, a: &app{log: log, reg: reg, cfg: cfg}}
+	if s.a.db, err = openDatabase(ctx, s.a); err != nil {
+		return nil, err
 	}
-	a.db = db
-
-	var comps []*component
-	closeAll := func(ctx context.Context) {
-		for i := len(comps) - 1; i >= 0; i-- {
-			if c := comps[i]; c.shutdown != nil {
-				if err := c.shutdown(ctx); err != nil {
-					log.Error("shutdown failed", "component", c.name, "err", err)
-				}
-			}
-		}
-		if a.db != nil {
-			a.db.close()
-		}
-	}
-	for _, setup := range setups {
-		c, err := setup(ctx, a)
+	defer func() {
 		if err != nil {
-			closeAll(ctx)
-			return err
+			s.closeListeners()
+			s.closeComponents(ctx)
 		}
-		comps = append(comps, c)
+	}()
+	for _, setup := range setups {
+		c, err := setup(ctx, s.a)
+		if err != nil {
+			return nil, err
+		}
+		s.comps = append(s.comps, c)
 	}
 
 	metrics := grpcserver.NewMetrics(reg)
-	gs := grpc.NewServer(append(grpcserver.Options(cfg.GRPC), metrics.ServerOptions()...)...)
-	hs := health.NewServer()
-	healthpb.RegisterHealthServer(gs, hs)
-	reflection.Register(gs)
-	// The rate limit listener: ShouldRateLimit on the lean unary server,
-	// which spends less CPU per call than grpc-go's (see package h2unary),
-	// plus health checks for Envoy's cluster.
-	var us *h2unary.Server
+	s.grpc = grpcserver.New(cfg.GRPC, metrics)
+	s.hs = health.NewServer()
+	healthpb.RegisterHealthServer(s.grpc, s.hs)
+	reflection.Register(s.grpc)
+	// The rate limit listener: a second server with the same options that
+	// serves ShouldRateLimit and health checks alone, so that rate limit
+	// calls do not share connections and stream limits with ext_authz.
 	if cfg.Listen.RateLimit != "" {
-		us = grpcserver.UnaryServer(cfg.GRPC, metrics)
-		healthpb.RegisterHealthServer(us, hs)
+		s.rl = grpcserver.New(cfg.GRPC, metrics)
+		healthpb.RegisterHealthServer(s.rl, s.hs)
 	}
-
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		io.WriteString(w, "ok\n")
 	})
 	var checks []readinessCheck
-	for _, c := range comps {
+	for _, c := range s.comps {
 		if c.grpc != nil {
-			c.grpc(gs)
-			if us != nil {
-				c.grpc(only{us, rlsv3.RateLimitService_ServiceDesc.ServiceName})
+			c.grpc(s.grpc)
+			if s.rl != nil {
+				c.grpc(only{s.rl, rlsv3.RateLimitService_ServiceDesc.ServiceName})
 			}
 		}
 		if c.http != nil {
@@ -167,37 +177,16 @@ func serve(ctx context.Context, cfg Config, gc gctune.Settings, logw io.Writer) 
 		}
 		checks = append(checks, c.checks...)
 	}
-	if a.db != nil {
-		checks = append(checks, a.db.check())
+	if s.a.db != nil {
+		checks = append(checks, s.a.db.check())
 	}
 	mux.Handle("GET /readyz", newReadyHandler(checks))
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg, EnableOpenMetrics: true}))
-	for svc := range gs.GetServiceInfo() {
-		hs.SetServingStatus(svc, healthpb.HealthCheckResponse_SERVING)
+	for svc := range s.grpc.GetServiceInfo() {
+		s.hs.SetServingStatus(svc, healthpb.HealthCheckResponse_SERVING)
 	}
-	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-
-	gl, err := net.Listen("tcp", cfg.Listen.GRPC)
-	if err != nil {
-		closeAll(ctx)
-		return fmt.Errorf("listening for gRPC on %s: %w", cfg.Listen.GRPC, err)
-	}
-	hl, err := net.Listen("tcp", cfg.Listen.HTTP)
-	if err != nil {
-		gl.Close()
-		closeAll(ctx)
-		return fmt.Errorf("listening for HTTP on %s: %w", cfg.Listen.HTTP, err)
-	}
-	var rl net.Listener
-	if us != nil {
-		if rl, err = net.Listen("tcp", cfg.Listen.RateLimit); err != nil {
-			gl.Close()
-			hl.Close()
-			closeAll(ctx)
-			return fmt.Errorf("listening for rate limit calls on %s: %w", cfg.Listen.RateLimit, err)
-		}
-	}
-	httpSrv := &http.Server{
+	s.hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	s.http = &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       30 * time.Second,
@@ -207,93 +196,132 @@ func serve(ctx context.Context, cfg Config, gc gctune.Settings, logw io.Writer) 
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 
+	if s.grpcLis, err = net.Listen("tcp", cfg.Listen.GRPC); err != nil {
+		return nil, fmt.Errorf("listening for gRPC on %s: %w", cfg.Listen.GRPC, err)
+	}
+	if s.httpLis, err = net.Listen("tcp", cfg.Listen.HTTP); err != nil {
+		return nil, fmt.Errorf("listening for HTTP on %s: %w", cfg.Listen.HTTP, err)
+	}
+	if s.rl != nil {
+		if s.rlLis, err = net.Listen("tcp", cfg.Listen.RateLimit); err != nil {
+			return nil, fmt.Errorf("listening for rate limit calls on %s: %w", cfg.Listen.RateLimit, err)
+		}
+	}
+	return s, nil
+}
+
+// run serves every listener and the components' background work until ctx
+// is cancelled or one of them fails, then shuts down.
+func (s *server) run(ctx context.Context, gc gctune.Settings) error {
 	bg, stopBG := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopBG()
-	var wg sync.WaitGroup
-	errc := make(chan error, 3+len(comps))
-	if rl != nil {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := us.Serve(rl); err != nil && !errors.Is(err, h2unary.ErrServerStopped) {
-				errc <- fmt.Errorf("rate limit server: %w", err)
+	var serving, background sync.WaitGroup
+	errc := make(chan error, 3+len(s.comps))
+	start := func(wg *sync.WaitGroup, name string, f func() error) {
+		wg.Go(func() {
+			if err := f(); err != nil {
+				errc <- fmt.Errorf("%s: %w", name, err)
 			}
-		}()
+		})
 	}
-	wg.Add(2)
-	go func() {
-		defer wg.Done()
-		if err := gs.Serve(gl); err != nil {
-			errc <- fmt.Errorf("gRPC server: %w", err)
-		}
-	}()
-	go func() {
-		defer wg.Done()
-		if err := httpSrv.Serve(hl); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			errc <- fmt.Errorf("HTTP server: %w", err)
-		}
-	}()
-	var bgwg sync.WaitGroup
-	for _, c := range comps {
-		if c.run == nil {
-			continue
-		}
-		bgwg.Add(1)
-		go func() {
-			defer bgwg.Done()
-			if err := c.run(bg); err != nil && bg.Err() == nil {
-				errc <- fmt.Errorf("%s: %w", c.name, err)
-			}
-		}()
+	start(&serving, "gRPC server", func() error { return s.grpc.Serve(s.grpcLis) })
+	if s.rl != nil {
+		start(&serving, "rate limit server", func() error { return s.rl.Serve(s.rlLis) })
 	}
-	log.Info("meshguard serving", "version", version, "environment", cfg.Environment,
-		"grpc_addr", gl.Addr().String(), "http_addr", hl.Addr().String(), "ratelimit_addr", addrOf(rl),
+	start(&serving, "HTTP server", func() error {
+		if err := s.http.Serve(s.httpLis); !errors.Is(err, http.ErrServerClosed) {
+			return err
+		}
+		return nil
+	})
+	for _, c := range s.comps {
+		if c.run != nil {
+			start(&background, c.name, func() error {
+				if err := c.run(bg); bg.Err() == nil {
+					return err
+				}
+				return nil
+			})
+		}
+	}
+	s.log.Info("meshguard serving", "version", version, "environment", s.cfg.Environment,
+		"grpc_addr", s.grpcLis.Addr().String(), "http_addr", s.httpLis.Addr().String(), "ratelimit_addr", addrOf(s.rlLis),
 		"gogc", gc.GCPercent, "gomemlimit_bytes", gc.MemoryLimit)
 
 	var runErr error
 	select {
 	case <-ctx.Done():
-		log.Info("shutting down", "timeout", cfg.Shutdown.Timeout)
+		s.log.Info("shutting down", "timeout", s.cfg.Shutdown.Timeout)
 	case runErr = <-errc:
-		log.Error("stopping after a fatal error", "err", runErr)
+		s.log.Error("stopping after a fatal error", "err", runErr)
 	}
-
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cfg.Shutdown.Timeout)
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.Shutdown.Timeout)
 	defer cancel()
-	hs.Shutdown() // health answers NOT_SERVING while we drain
+	s.shutdown(sctx)
+	serving.Wait()
+	stopBG()
+	background.Wait()
+	s.closeComponents(sctx)
+	s.log.Info("meshguard stopped")
+	return runErr
+}
+
+// shutdown stops accepting and drains in-flight RPCs, streams and HTTP
+// requests until ctx's deadline, then closes what is left. Health checks
+// answer NOT_SERVING meanwhile.
+func (s *server) shutdown(ctx context.Context) {
+	s.hs.Shutdown()
+	var grpcs []*grpc.Server
+	for _, gs := range []*grpc.Server{s.grpc, s.rl} {
+		if gs != nil {
+			grpcs = append(grpcs, gs)
+		}
+	}
+	var drained sync.WaitGroup
+	for _, gs := range grpcs {
+		drained.Go(gs.GracefulStop)
+	}
 	stopped := make(chan struct{})
 	go func() {
-		var drain sync.WaitGroup
-		if us != nil {
-			drain.Add(1)
-			go func() {
-				defer drain.Done()
-				us.GracefulStop()
-			}()
-		}
-		gs.GracefulStop()
-		drain.Wait()
+		drained.Wait()
 		close(stopped)
 	}()
-	if err := httpSrv.Shutdown(sctx); err != nil {
-		httpSrv.Close()
+	if err := s.http.Shutdown(ctx); err != nil {
+		s.http.Close()
 	}
 	select {
 	case <-stopped:
-	case <-sctx.Done():
-		log.Warn("gRPC drain deadline passed; closing remaining streams")
-		if us != nil {
-			us.Stop()
+	case <-ctx.Done():
+		s.log.Warn("gRPC drain deadline passed; closing remaining streams")
+		for _, gs := range grpcs {
+			gs.Stop()
 		}
-		gs.Stop()
 		<-stopped
 	}
-	wg.Wait()
-	stopBG()
-	bgwg.Wait()
-	closeAll(sctx)
-	log.Info("meshguard stopped")
-	return runErr
+}
+
+// closeComponents drains the components, last started first, then closes
+// the database.
+func (s *server) closeComponents(ctx context.Context) {
+	for i := len(s.comps) - 1; i >= 0; i-- {
+		if c := s.comps[i]; c.shutdown != nil {
+			if err := c.shutdown(ctx); err != nil {
+				s.log.Error("shutdown failed", "component", c.name, "err", err)
+			}
+		}
+	}
+	if s.a.db != nil {
+		s.a.db.close()
+	}
+}
+
+// closeListeners closes the listeners build bound, when it fails later.
+func (s *server) closeListeners() {
+	for _, l := range []net.Listener{s.grpcLis, s.httpLis, s.rlLis} {
+		if l != nil {
+			l.Close()
+		}
+	}
 }
 
 // only registers the named service and drops the rest: the rate limit
@@ -306,17 +334,6 @@ type only struct {
 func (o only) RegisterService(desc *grpc.ServiceDesc, impl any) {
 	if desc.ServiceName == o.service {
 		o.r.RegisterService(desc, impl)
-	}
-}
-
-// RegisterAsync passes on the service's asynchronous handlers, when the
-// server takes them.
-func (o only) RegisterAsync(fullMethod string, h h2unary.AsyncHandler) {
-	ar, ok := o.r.(interface {
-		RegisterAsync(string, h2unary.AsyncHandler)
-	})
-	if ok && strings.HasPrefix(fullMethod, "/"+o.service+"/") {
-		ar.RegisterAsync(fullMethod, h)
 	}
 }
 

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/meshguard/meshguard/internal/pgtest"
+	"github.com/meshguard/meshguard/internal/servertest"
 )
 
 // TestShutdownKeepsAcceptedAuditRecords: records the sink has accepted but not
@@ -84,7 +85,7 @@ audit:
 			defer cancel2()
 			_, errc2, logs2 := startRun(t, ctx2, cfgPath, env)
 			var got, distinct int
-			waitFor(t, 30*time.Second, func() error {
+			servertest.WaitFor(t, 30*time.Second, func() error {
 				if err := pgCount(ctx2, dbURL, "SELECT count(*) FROM audit_logs WHERE request_id LIKE 'shutdown-%'", &got); err != nil {
 					return err
 				}

@@ -29,6 +29,7 @@ import (
 
 	"github.com/meshguard/meshguard/internal/pgtest"
 	"github.com/meshguard/meshguard/internal/redistest"
+	"github.com/meshguard/meshguard/internal/servertest"
 )
 
 // TestFullStack runs the whole binary (run itself) against a real Redis and
@@ -49,6 +50,10 @@ func TestFullStack(t *testing.T) {
 	os.WriteFile(cfgPath, []byte(fmt.Sprintf(`
 listen: {grpc: "127.0.0.1:0", http: "127.0.0.1:0", ratelimit: "127.0.0.1:0"}
 log: {format: json}
+# A store timeout would answer by failure_mode (allow) without counting: the
+# 50ms default is too short for the first call (dial, script load) under
+# -race on a busy machine.
+redis: {timeout: 5s}
 cors:
   public_origin: "https://app.example.com"
   allowed_origins: ["https://*.example.com"]
@@ -96,7 +101,7 @@ audit:
 	defer conn.Close()
 
 	// Readiness reports both stores as healthy.
-	waitFor(t, 20*time.Second, func() error {
+	servertest.WaitFor(t, 20*time.Second, func() error {
 		code, body := httpGet(t, httpBase+"/readyz", "")
 		if code != 200 || !strings.Contains(body, `"database"`) || !strings.Contains(body, `"redis"`) {
 			return fmt.Errorf("/readyz %d %s", code, body)
@@ -213,7 +218,7 @@ audit:
 		t.Fatalf("audit API without a token: %d, want 401", code)
 	}
 	var rows []map[string]any
-	waitFor(t, 20*time.Second, func() error {
+	servertest.WaitFor(t, 20*time.Second, func() error {
 		code, body := httpGet(t, httpBase+"/v1/audit/logs?action=CREATE", token)
 		if code != 200 {
 			return fmt.Errorf("GET /v1/audit/logs: %d %s", code, body)
@@ -269,21 +274,6 @@ func httpGet(t *testing.T, url, token string) (int, string) {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	return resp.StatusCode, string(b)
-}
-
-func waitFor(t *testing.T, timeout time.Duration, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatal(err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }
 
 func pgCount(ctx context.Context, url, sql string, n *int) error {

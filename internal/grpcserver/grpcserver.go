@@ -15,8 +15,6 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/keepalive"
-
-	"github.com/meshguard/meshguard/internal/h2unary"
 )
 
 // Limits bounds what one client can make the server hold. The fields mirror
@@ -63,42 +61,8 @@ func Options(cfg Limits) []grpc.ServerOption {
 			Timeout:           20 * time.Second,
 		}),
 		grpc.NumStreamWorkers(streamWorkers),
-		grpc.ForceServerCodecV2(serverCodec),
 	}
 }
-
-// serverCodec encodes and decodes messages; see Codec. It is gRPC's proto
-// codec but for RateLimitRequest and RateLimitResponse, which it decodes and
-// encodes by hand instead of through protobuf reflection, with 6 allocations
-// instead of 22 for a two-descriptor request and 1 instead of 3 for a
-// two-status response. Other messages (ext_authz, health) take gRPC's code
-// unchanged.
-//
-// Measured on 2 shared cores, A/B interleaved in one run, each variant in
-// its own server process (BenchmarkShouldRateLimitVariants with
-// MESHGUARD_BENCH_GRPC_VARIANTS="codec=std prod workers=64
-// codec=std,workers=64", workers=64 being prod again and so an A B B A
-// order; three runs of 10, 10 and 14 rounds, the second in reverse order),
-// 68 rounds per codec, against gRPC's codec (codec=std):
-//   - server CPU per decision, medians: hot1k 49.9 → 47.8 µs (0.96x),
-//     two_desc 58.3 → 56.1 µs (0.96x); the median of the per-round ratios
-//     0.96x (95% bootstrap interval 0.94-0.98) and 0.95x (0.92-0.97).
-//     Single rounds' ratios spread from 0.7x to 1.3x on this machine, so a
-//     run of 5 rounds does not show it. Throughput moved within noise
-//     (1.00x).
-//   - In the server's CPU profile (two_desc), encoding and decoding fell
-//     from 9.6% of samples (Unmarshal 5.3%, Marshal 4.3%) to 4.7%.
-//   - BenchmarkServerCodec (in process, client and server, 10 interleaved
-//     runs): 62.3 → 59.3 CPU µs per RPC (0.95x), 167 → 149 allocations.
-//   - BenchmarkCodec (10 interleaved runs, medians): Marshal of a typical
-//     response 884 → 441 ns, 3 → 1 allocations; Unmarshal of a typical
-//     request 1902 → 1084 ns, 22 → 6 allocations.
-//   - extauthz Check (BenchmarkCheckVariants, 2 runs of 8 rounds, same
-//     variants): 1.03x server CPU, 0.98x ops/s, within the noise of the
-//     machine (the no-op server on the same variants: 0.99x); server
-//     allocations per Check the same (218.8), as its messages take gRPC's
-//     code.
-var serverCodec = Codec()
 
 // streamWorkers is how many long-lived goroutines handle RPCs. Without
 // workers gRPC starts a goroutine per RPC, whose stack then grows through
@@ -129,19 +93,10 @@ var serverCodec = Codec()
 // defaults keep BDP window estimation).
 const streamWorkers = 64
 
-// UnaryServer returns the lean unary server (see package h2unary) with
-// cfg's limits, the codec and the metrics interceptor grpc-go's server has,
-// so that a method answers the same on either.
-func UnaryServer(cfg Limits, m *Metrics) *h2unary.Server {
-	return h2unary.NewServer(h2unary.Options{
-		MaxRecvMsgSize:       cfg.MaxRecvMsgSize,
-		MaxConcurrentStreams: cfg.MaxConcurrentStreams,
-		KeepaliveMinTime:     cfg.KeepaliveMinTime,
-		MaxConnectionIdle:    cfg.MaxConnectionIdle,
-		ConnectionTimeout:    cfg.ConnectionTimeout,
-		Codec:                serverCodec,
-		Interceptor:          m.Unary,
-		Track:                m.Track,
-		Workers:              streamWorkers,
-	})
+// New returns a gRPC server with meshguard's options (cfg's limits,
+// keepalive, the per-RPC tuning) and m's interceptors. cmd/meshguard builds
+// every listener's server with it, so that a method answers the same on
+// either.
+func New(cfg Limits, m *Metrics) *grpc.Server {
+	return grpc.NewServer(append(Options(cfg), m.ServerOptions()...)...)
 }

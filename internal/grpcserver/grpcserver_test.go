@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -15,14 +16,16 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// startHealth serves the health service on the production options and
-// returns a client.
-func startHealth(t *testing.T, reg prometheus.Registerer, lim Limits) healthpb.HealthClient {
+// startHealth serves the health service on a server New builds and
+// returns a client and the server's metrics.
+func startHealth(t *testing.T, lim Limits) (healthpb.HealthClient, *Metrics) {
 	t.Helper()
-	gs := grpc.NewServer(append(Options(lim), NewMetrics(reg).ServerOptions()...)...)
+	m := NewMetrics(prometheus.NewRegistry())
+	gs := New(lim, m)
 	hs := health.NewServer()
 	hs.SetServingStatus("up", healthpb.HealthCheckResponse_SERVING)
 	healthpb.RegisterHealthServer(gs, hs)
+	// Not grpcservertest.Serve: it imports this package.
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -34,12 +37,11 @@ func startHealth(t *testing.T, reg prometheus.Registerer, lim Limits) healthpb.H
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cc.Close() })
-	return healthpb.NewHealthClient(cc)
+	return healthpb.NewHealthClient(cc), m
 }
 
 func TestMetricsCountMethodsAndCodes(t *testing.T) {
-	reg := prometheus.NewRegistry()
-	hc := startHealth(t, reg, DefaultLimits())
+	hc, m := startHealth(t, DefaultLimits())
 	ctx := t.Context()
 	for range 3 {
 		if _, err := hc.Check(ctx, &healthpb.HealthCheckRequest{Service: "up"}); err != nil {
@@ -59,56 +61,31 @@ func TestMetricsCountMethodsAndCodes(t *testing.T) {
 		t.Fatal(err)
 	}
 	cancel()
-	got := gather(t, reg)
-	for k, want := range map[string]float64{
-		`meshguard_grpc_server_handled_total{code="OK",method="/grpc.health.v1.Health/Check"}`:       3,
-		`meshguard_grpc_server_handled_total{code="NotFound",method="/grpc.health.v1.Health/Check"}`: 1,
-		`meshguard_grpc_server_in_flight{method="/grpc.health.v1.Health/Check"}`:                     0,
-		`meshguard_grpc_server_handling_seconds{method="/grpc.health.v1.Health/Check"}`:              4, // sample count
+	const check = "/grpc.health.v1.Health/Check"
+	for name, c := range map[string]struct {
+		got, want float64
+	}{
+		"handled OK":       {testutil.ToFloat64(m.handled.WithLabelValues(check, "OK")), 3},
+		"handled NotFound": {testutil.ToFloat64(m.handled.WithLabelValues(check, "NotFound")), 1},
+		"in flight":        {testutil.ToFloat64(m.inflight.WithLabelValues(check)), 0},
 	} {
-		if v, ok := got[k]; !ok || v != want {
-			t.Errorf("%s = %v (present %v), want %v", k, v, ok, want)
+		if c.got != c.want {
+			t.Errorf("%s %s = %v, want %v", check, name, c.got, c.want)
 		}
+	}
+	if n := testutil.CollectAndCount(m.duration, "meshguard_grpc_server_handling_seconds"); n != 2 {
+		t.Errorf("handling_seconds series = %d, want Check and Watch", n)
 	}
 	// The Watch stream is in flight until the server sees the cancel.
-	if _, ok := got[`meshguard_grpc_server_in_flight{method="/grpc.health.v1.Health/Watch"}`]; !ok {
-		t.Errorf("no in_flight series for Watch; have %v", got)
+	if n := testutil.CollectAndCount(m.inflight); n != 2 {
+		t.Errorf("in_flight series = %d, want Check and Watch", n)
 	}
-}
-
-// gather returns every metric of reg as name{label="value",…} → value
-// (sample count for histograms), labels in name order.
-func gather(t *testing.T, reg *prometheus.Registry) map[string]float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := map[string]float64{}
-	for _, mf := range mfs {
-		for _, m := range mf.GetMetric() {
-			var ls []string
-			for _, l := range m.GetLabel() {
-				ls = append(ls, l.GetName()+`="`+l.GetValue()+`"`)
-			}
-			k := mf.GetName() + "{" + strings.Join(ls, ",") + "}"
-			switch {
-			case m.Counter != nil:
-				out[k] = m.GetCounter().GetValue()
-			case m.Gauge != nil:
-				out[k] = m.GetGauge().GetValue()
-			case m.Histogram != nil:
-				out[k] = float64(m.GetHistogram().GetSampleCount())
-			}
-		}
-	}
-	return out
 }
 
 func TestMaxRecvMsgSizeEnforced(t *testing.T) {
 	lim := DefaultLimits()
 	lim.MaxRecvMsgSize = 1 << 10
-	hc := startHealth(t, prometheus.NewRegistry(), lim)
+	hc, _ := startHealth(t, lim)
 	_, err := hc.Check(t.Context(), &healthpb.HealthCheckRequest{Service: strings.Repeat("x", 2<<10)})
 	if status.Code(err) != codes.ResourceExhausted {
 		t.Fatalf("Check(2 KiB) = %v, want ResourceExhausted", err)
@@ -118,8 +95,7 @@ func TestMaxRecvMsgSizeEnforced(t *testing.T) {
 // TestInterceptorDoesNotAllocate: once a method and code have been seen, the
 // metrics interceptor adds no allocation per RPC.
 func TestInterceptorDoesNotAllocate(t *testing.T) {
-	reg := prometheus.NewRegistry()
-	m := NewMetrics(reg)
+	m := NewMetrics(prometheus.NewRegistry())
 	info := &grpc.UnaryServerInfo{FullMethod: "/envoy.service.auth.v3.Authorization/Check"}
 	errDenied := status.Error(codes.PermissionDenied, "no")
 	ok := func(context.Context, any) (any, error) { return nil, nil }
@@ -135,14 +111,9 @@ func TestInterceptorDoesNotAllocate(t *testing.T) {
 	}
 	// A code outside the canonical set is still counted.
 	m.Unary(ctx, nil, info, func(context.Context, any) (any, error) { return nil, status.Error(codes.Code(99), "odd") })
-	got := gather(t, reg)
-	for k, want := range map[string]float64{
-		`meshguard_grpc_server_handled_total{code="PermissionDenied",method="/envoy.service.auth.v3.Authorization/Check"}`: 1002,
-		`meshguard_grpc_server_handled_total{code="OK",method="/envoy.service.auth.v3.Authorization/Check"}`:               1002,
-		`meshguard_grpc_server_handled_total{code="Code(99)",method="/envoy.service.auth.v3.Authorization/Check"}`:         1,
-	} {
-		if got[k] != want {
-			t.Errorf("%s = %v, want %v", k, got[k], want)
+	for code, want := range map[string]float64{"PermissionDenied": 1002, "OK": 1002, "Code(99)": 1} {
+		if got := testutil.ToFloat64(m.handled.WithLabelValues(info.FullMethod, code)); got != want {
+			t.Errorf("handled_total{code=%q} = %v, want %v", code, got, want)
 		}
 	}
 }

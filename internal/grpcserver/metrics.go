@@ -11,8 +11,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-
-	"github.com/meshguard/meshguard/internal/h2unary"
 )
 
 // Metrics counts RPCs per method and status code. Method names come from
@@ -129,17 +127,3 @@ func (m *Metrics) Stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerI
 	m.done(mm, start, err)
 	return err
 }
-
-// Track returns what counts the calls of an asynchronous h2unary method,
-// as Unary counts a handler's.
-func (m *Metrics) Track(fullMethod string) h2unary.Tracker {
-	return tracker{m, m.method(fullMethod)}
-}
-
-type tracker struct {
-	m  *Metrics
-	mm *methodMetrics
-}
-
-func (t tracker) Begin()                         { t.mm.inflight.Inc() }
-func (t tracker) End(start time.Time, err error) { t.m.done(t.mm, start, err) }

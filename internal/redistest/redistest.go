@@ -4,9 +4,9 @@
 package redistest
 
 import (
-	"bufio"
+	"context"
+	"errors"
 	"fmt"
-	"io"
 	"net"
 
 	"path/filepath"
@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/meshguard/meshguard/internal/servertest"
 )
@@ -114,63 +116,42 @@ func (s *Server) Restart(tb testing.TB) {
 	tb.Fatalf("redistest: restart: %v", err)
 }
 
-// Do sends one command in RESP and returns the reply as text (for harness
-// set-up; tests use a real client).
-func (s *Server) Do(args ...string) (string, error) {
-	c, err := net.DialTimeout("tcp", s.Addr(), 2*time.Second)
+// Do sends one command and returns the reply as text (for harness set-up;
+// tests use a real client).
+func (s *Server) Do(args ...string) (string, error) { return Do(s.Addr(), args...) }
+
+// Do sends one command to the server at addr (a sentinel, say) and returns
+// the reply as text: arrays one element a line, nil as "".
+func Do(addr string, args ...string) (string, error) {
+	c := redis.NewClient(&redis.Options{Addr: addr, Protocol: 2, MaxRetries: -1, PoolSize: 1,
+		DialTimeout: 2 * time.Second, ReadTimeout: 5 * time.Second, WriteTimeout: 5 * time.Second, DisableIdentity: true})
+	defer c.Close()
+	a := make([]any, len(args))
+	for i, s := range args {
+		a[i] = s
+	}
+	v, err := c.Do(context.Background(), a...).Result()
+	if errors.Is(err, redis.Nil) {
+		return "", nil
+	}
 	if err != nil {
 		return "", err
 	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	var b strings.Builder
-	fmt.Fprintf(&b, "*%d\r\n", len(args))
-	for _, a := range args {
-		fmt.Fprintf(&b, "$%d\r\n%s\r\n", len(a), a)
-	}
-	if _, err := c.Write([]byte(b.String())); err != nil {
-		return "", err
-	}
-	return readReply(bufio.NewReader(c))
+	return text(v), nil
 }
 
-func readReply(r *bufio.Reader) (string, error) {
-	line, err := r.ReadString('\n')
-	if err != nil {
-		return "", err
-	}
-	line = strings.TrimRight(line, "\r\n")
-	if line == "" {
-		return "", fmt.Errorf("empty reply")
-	}
-	switch line[0] {
-	case '+', ':':
-		return line[1:], nil
-	case '-':
-		return "", fmt.Errorf("redis: %s", line[1:])
-	case '$':
-		n, _ := strconv.Atoi(line[1:])
-		if n < 0 {
-			return "", nil
+func text(v any) string {
+	if vs, ok := v.([]any); ok {
+		parts := make([]string, len(vs))
+		for i, e := range vs {
+			parts[i] = text(e)
 		}
-		buf := make([]byte, n+2)
-		if _, err := io.ReadFull(r, buf); err != nil {
-			return "", err
-		}
-		return string(buf[:n]), nil
-	case '*':
-		n, _ := strconv.Atoi(line[1:])
-		var parts []string
-		for i := 0; i < n; i++ {
-			p, err := readReply(r)
-			if err != nil {
-				return "", err
-			}
-			parts = append(parts, p)
-		}
-		return strings.Join(parts, "\n"), nil
+		return strings.Join(parts, "\n")
 	}
-	return "", fmt.Errorf("unexpected reply %q", line)
+	if v == nil {
+		return ""
+	}
+	return fmt.Sprint(v)
 }
 
 // Cluster is a 3-master Redis Cluster with all 16384 slots assigned.

@@ -1,6 +1,7 @@
 // Package servertest holds what the throwaway-server harnesses (redistest,
-// pgtest) share: finding binaries, free loopback ports, running a server
-// process that dies with the test, and the CI rule for missing binaries.
+// pgtest) and the tests share: finding binaries, free loopback ports,
+// running a server process that dies with the test, the CI rule for
+// missing binaries, and waiting for a condition with a deadline.
 package servertest
 
 import (
@@ -161,4 +162,22 @@ func (b *syncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
+}
+
+// WaitFor calls cond until it returns nil, and fails the test with cond's
+// last error if that has not happened within timeout. Tests wait for a
+// condition this way, never for a duration: the machine may be busy.
+func WaitFor(tb testing.TB, timeout time.Duration, cond func() error) {
+	tb.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		err := cond()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("not within %s: %v", timeout, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }

@@ -1,20 +1,23 @@
-// Package grpcservertest lets benchmarks run the production gRPC server
-// stack (grpcserver.Options and the metrics interceptors) with tuning
-// overrides, so that candidate options can be compared side by side.
+// Package grpcservertest serves gRPC in tests: Serve runs a server on a
+// free loopback port and dials it, and Options lets benchmarks run the
+// production server stack (grpcserver.Options and the metrics
+// interceptors) with tuning overrides, so that candidate options can be
+// compared side by side.
 package grpcservertest
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"runtime"
 	"runtime/debug"
 	"strconv"
 	"strings"
+	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/encoding"
-	encproto "google.golang.org/grpc/encoding/proto"
+	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/meshguard/meshguard/internal/grpcserver"
 )
@@ -54,7 +57,6 @@ func Executable(variant string) (bin, rest string) {
 //	wbuf=N      WriteBufferSize N bytes
 //	procs=N     runtime.GOMAXPROCS(N) in the serving process
 //	gogc=N      debug.SetGCPercent(N) in the serving process
-//	codec=std   gRPC's default proto codec instead of grpcserver.Codec
 //
 // and "bin=PATH", which the benchmark strips with Executable first.
 func Options(reg prometheus.Registerer, variant string) ([]grpc.ServerOption, error) {
@@ -64,14 +66,6 @@ func Options(reg prometheus.Registerer, variant string) ([]grpc.ServerOption, er
 	}
 	for _, o := range strings.Split(variant, ",") {
 		k, v, _ := strings.Cut(o, "=")
-		if k == "codec" {
-			if v != "std" {
-				return nil, fmt.Errorf("variant %q: %q: codec std is the only alternative", variant, o)
-			}
-			// A later ForceServerCodecV2 replaces grpcserver.Options' one.
-			opts = append(opts, grpc.ForceServerCodecV2(encoding.GetCodecV2(encproto.Name)))
-			continue
-		}
 		n, err := strconv.Atoi(strings.TrimSuffix(v, "x"))
 		if err != nil {
 			return nil, fmt.Errorf("variant %q: %q: %w", variant, o, err)
@@ -97,4 +91,37 @@ func Options(reg prometheus.Registerer, variant string) ([]grpc.ServerOption, er
 		}
 	}
 	return opts, nil
+}
+
+// Serve serves gs on a free 127.0.0.1 port until the test ends and returns
+// a client connection to it (plaintext, as Envoy's clusters dial meshguard
+// in the tests).
+func Serve(tb testing.TB, gs *grpc.Server) *grpc.ClientConn {
+	tb.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		gs.Serve(lis)
+	}()
+	tb.Cleanup(func() {
+		gs.Stop()
+		<-served
+	})
+	return Dial(tb, lis.Addr().String())
+}
+
+// Dial returns a plaintext client connection to addr, closed when the test
+// ends.
+func Dial(tb testing.TB, addr string) *grpc.ClientConn {
+	tb.Helper()
+	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { cc.Close() })
+	return cc
 }

@@ -12,7 +12,7 @@ func TestOptionsVariants(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for variant, extra := range map[string]int{"": 0, "codec=std": 1, "codec=std,workers=2x,gogc=100": 2, "win=65536": 2} {
+	for variant, extra := range map[string]int{"": 0, "workers=2x,gogc=100": 1, "win=65536": 2} {
 		opts, err := Options(prometheus.NewRegistry(), variant)
 		if err != nil {
 			t.Errorf("Options(%q): %v", variant, err)
