@@ -2,16 +2,22 @@ package envoy
 
 import (
 	"bytes"
+	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+	yamlv3 "go.yaml.in/yaml/v3"
+	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/testing/protocmp"
 	"google.golang.org/protobuf/types/known/anypb"
+	"sigs.k8s.io/yaml"
 
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
@@ -24,7 +30,9 @@ import (
 	headermutationv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/header_mutation/v3"
 	jwtauthnv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/jwt_authn/v3"
 	ratelimitv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ratelimit/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/proxy_protocol/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	xffv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/http/original_ip_detection/xff/v3"
 	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
@@ -33,18 +41,24 @@ import (
 	"github.com/meshguard/meshguard/ratelimitsvc"
 )
 
-// presetRules returns the preset values that have a rule in ratelimitsvc's
-// default "api" domain: (preset=<name>, client) limited by that preset.
-func presetRules(t *testing.T) []string {
+// domainRules returns the (preset, descriptor key) pairs that have a rule
+// in ratelimitsvc's default "api" domain: (preset=<name>, <key>) limited by
+// that preset.
+func domainRules(t *testing.T) map[[2]string]bool {
 	t.Helper()
-	var out []string
+	out := map[[2]string]bool{}
 	for _, d := range ratelimitsvc.DefaultConfig().Domains {
 		if d.Domain != "api" {
 			continue
 		}
 		for _, p := range d.Descriptors {
-			if p.Key == "preset" && len(p.Descriptors) == 1 && p.Descriptors[0].Key == "client" && p.Descriptors[0].RateLimit != nil {
-				out = append(out, p.Value)
+			if p.Key != "preset" {
+				continue
+			}
+			for _, c := range p.Descriptors {
+				if c.RateLimit != nil && c.Value == "" && len(c.Descriptors) == 0 {
+					out[[2]string{p.Value, c.Key}] = true
+				}
 			}
 		}
 	}
@@ -234,11 +248,10 @@ func unpack[M proto.Message](t *testing.T, a *anypb.Any) M {
 func TestConnectionManager(t *testing.T) {
 	forEach(t, func(t *testing.T, fp *frontProxy) {
 		h := fp.hcm
-		if !h.GetUseRemoteAddress().GetValue() {
-			t.Error("use_remote_address must be true: the client address comes from the connection, not from client headers")
-		}
-		if got := h.GetXffNumTrustedHops(); got != 1 {
-			t.Errorf("xff_num_trusted_hops = %d, want 1 (one TLS-terminating load balancer)", got)
+		// Envoy refuses original IP detection extensions beside either.
+		if h.GetUseRemoteAddress() != nil || h.GetXffNumTrustedHops() != 0 {
+			t.Errorf("use_remote_address %v, xff_num_trusted_hops %d: Envoy refuses them beside original_ip_detection_extensions",
+				h.GetUseRemoteAddress(), h.GetXffNumTrustedHops())
 		}
 		if !h.GetNormalizePath().GetValue() || !h.GetMergeSlashes() {
 			t.Error("normalize_path and merge_slashes must be on so route presets cannot be dodged")
@@ -271,34 +284,122 @@ func TestConnectionManager(t *testing.T) {
 	})
 }
 
-// TestSpoofableHeadersStripped: the headers meshguard sets for the upstream
-// and for the rate limit descriptor are removed before any filter reads them.
-func TestSpoofableHeadersStripped(t *testing.T) {
+// TestClientAddress: only the load balancer's ranges may supply
+// X-Forwarded-For (the xff original IP detection extension with
+// xff_trusted_cidrs); a peer anywhere else is the client, whatever it sends.
+func TestClientAddress(t *testing.T) {
 	forEach(t, func(t *testing.T, fp *frontProxy) {
-		var removed []string
+		x := xffConfig(t, fp)
+		if x.GetXffNumTrustedHops() != 0 || len(x.GetXffTrustedCidrs().GetCidrs()) == 0 {
+			t.Fatalf("xff extension %v: want xff_trusted_cidrs, not a hop count that trusts any peer", x)
+		}
+		if x.GetSkipXffAppend() == nil || x.GetSkipXffAppend().GetValue() {
+			t.Error("skip_xff_append must be false: the app should see the load balancer in X-Forwarded-For (the extension's default skips it)")
+		}
+		// Internet addresses (documentation ranges and a few real ones)
+		// are never trusted to supply X-Forwarded-For.
+		for _, a := range []string{"203.0.113.7", "198.51.100.1", "192.0.2.1", "8.8.8.8", "1.1.1.1", "2001:db8::1", "2606:4700::1111"} {
+			if trustedPeer(t, x, netip.MustParseAddr(a)) {
+				t.Errorf("%s may supply X-Forwarded-For", a)
+			}
+		}
+	})
+}
+
+// xffConfig is the connection manager's one original IP detection
+// extension, the xff one.
+func xffConfig(t *testing.T, fp *frontProxy) *xffv3.XffConfig {
+	t.Helper()
+	exts := fp.hcm.GetOriginalIpDetectionExtensions()
+	if len(exts) != 1 || exts[0].GetName() != "envoy.http.original_ip_detection.xff" {
+		t.Fatalf("original_ip_detection_extensions = %v, want the xff extension alone", exts)
+	}
+	return unpack[*xffv3.XffConfig](t, exts[0].GetTypedConfig())
+}
+
+// trustedPeer reports whether a is in the extension's xff_trusted_cidrs.
+func trustedPeer(t *testing.T, x *xffv3.XffConfig, a netip.Addr) bool {
+	t.Helper()
+	for _, c := range x.GetXffTrustedCidrs().GetCidrs() {
+		p, err := netip.ParsePrefix(fmt.Sprintf("%s/%d", c.GetAddressPrefix(), c.GetPrefixLen().GetValue()))
+		if err != nil {
+			t.Fatalf("xff_trusted_cidrs entry %v: %v", c, err)
+		}
+		if p.Contains(a.Unmap()) {
+			return true
+		}
+	}
+	return false
+}
+
+// trustedHeaders are the headers a meshguard configuration may tell it to
+// believe, with what Envoy must do to each: the client address header is
+// overwritten, identity headers removed. They come from meshguard's
+// defaults, the Kubernetes config and the README's example for
+// identity.trusted_user_header / trusted_role_header.
+func trustedHeaders(t *testing.T) map[string]string {
+	t.Helper()
+	ids := []extauthz.IdentityConfig{extauthz.DefaultIdentityConfig()}
+	readme := regexp.MustCompile(`(?m)^identity: \{trusted_user_header: .*\}$`).Find(mustRead(t, "../README.md"))
+	if readme == nil {
+		t.Fatal("README.md shows no identity: {trusted_user_header: …} example")
+	}
+	for _, doc := range [][]byte{readme, mustRead(t, "../k8s/base/meshguard.yaml")} {
+		var f struct {
+			Identity extauthz.IdentityConfig `yaml:"identity"`
+		}
+		f.Identity = extauthz.DefaultIdentityConfig()
+		if err := yamlv3.Unmarshal(doc, &f); err != nil { // meshguard's decoder, yaml tags
+			t.Fatal(err)
+		}
+		ids = append(ids, f.Identity)
+	}
+	out := map[string]string{}
+	for _, id := range ids {
+		for h, what := range map[string]string{id.ClientIPHeader: "overwrite", id.TrustedUserHeader: "remove", id.TrustedRoleHeader: "remove"} {
+			if h != "" {
+				out[strings.ToLower(h)] = what
+			}
+		}
+	}
+	return out
+}
+
+// TestTrustedHeadersStripped: every header meshguard sets is removed before
+// any filter reads it, every header it may be told to believe is removed
+// (identity) or overwritten with what Envoy derived (client address), and
+// ext_authz receives the ones meshguard reads.
+func TestTrustedHeadersStripped(t *testing.T) {
+	forEach(t, func(t *testing.T, fp *frontProxy) {
+		removed := map[string]bool{}
+		overwritten := map[string]string{}
 		for _, m := range fp.mutation.GetMutations().GetRequestMutations() {
 			if r := m.GetRemove(); r != "" {
-				removed = append(removed, r)
+				removed[strings.ToLower(r)] = true
+			}
+			if a := m.GetAppend(); a != nil && a.GetAppendAction() == corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD {
+				overwritten[strings.ToLower(a.GetHeader().GetKey())] = a.GetHeader().GetValue()
 			}
 		}
-		for _, h := range []string{"x-meshguard-client", "x-meshguard-user", "x-meshguard-role", "x-csp-nonce"} {
-			if !slices.Contains(removed, h) {
-				t.Errorf("header_mutation does not remove %s", h)
+		for _, h := range extauthz.UpstreamHeaders {
+			if !removed[h] {
+				t.Errorf("header_mutation does not remove %s, which meshguard sets", h)
 			}
 		}
-		// The trusted client address (XFF-aware) for meshguard's ip:<addr>
-		// key, always overwritten, and sent to ext_authz.
-		var ip *corev3.HeaderValueOption
-		for _, m := range fp.mutation.GetMutations().GetRequestMutations() {
-			if a := m.GetAppend(); strings.EqualFold(a.GetHeader().GetKey(), "x-meshguard-client-ip") {
-				ip = a
+		trusted := trustedHeaders(t)
+		if len(trusted) < 3 {
+			t.Fatalf("trusted headers %v: want at least the client address and the documented user and role headers", trusted)
+		}
+		for h, what := range trusted {
+			switch {
+			case what == "remove" && !removed[h]:
+				t.Errorf("header_mutation does not remove %s: a client could claim an identity meshguard believes", h)
+			case what == "overwrite" && overwritten[h] != "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%":
+				t.Errorf("header_mutation sets %s to %q, want %%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%% with overwrite", h, overwritten[h])
 			}
-		}
-		if ip.GetHeader().GetValue() != "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%" || ip.GetAppendAction() != corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD {
-			t.Errorf("x-meshguard-client-ip mutation = %v, want %%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%% with overwrite", ip)
-		}
-		if !anyMatch(fp.authz.GetAllowedHeaders().GetPatterns(), "x-meshguard-client-ip") {
-			t.Error("ext_authz does not send x-meshguard-client-ip")
+			if !anyMatch(fp.authz.GetAllowedHeaders().GetPatterns(), h) {
+				t.Errorf("ext_authz does not send %s to meshguard", h)
+			}
 		}
 	})
 }
@@ -316,8 +417,23 @@ func TestJWTMetadataMatchesExtauthz(t *testing.T) {
 			if p.GetPayloadInMetadata() != id.Key {
 				t.Errorf("provider %s: payload_in_metadata = %q, extauthz reads key %q", name, p.GetPayloadInMetadata(), id.Key)
 			}
+			// jwt_authn lets failed tokens through; meshguard answers their
+			// 401 from what it records here.
+			if p.GetFailedStatusInMetadata() == "" || p.GetFailedStatusInMetadata() != id.FailureKey {
+				t.Errorf("provider %s: failed_status_in_metadata = %q, extauthz reads key %q", name, p.GetFailedStatusInMetadata(), id.FailureKey)
+			}
 			if c := p.GetRemoteJwks().GetHttpUri().GetCluster(); c != "" && fp.clusters[c] == nil {
 				t.Errorf("provider %s: JWKS cluster %q does not exist", name, c)
+			}
+		}
+		// jwt_authn writes the failure key from its only provider when a
+		// requirement names none (allow_missing_or_failed).
+		if n := len(fp.jwt.GetProviders()); n != 1 {
+			t.Errorf("%d providers: with allow_missing_or_failed, jwt_authn records the failure of a token whose issuer it does not know only when there is one", n)
+		}
+		for _, r := range fp.jwt.GetRules() {
+			if r.GetRequires().GetAllowMissingOrFailed() == nil {
+				t.Errorf("jwt_authn rule %v: a failed token would get jwt_authn's 401, without CORS headers; want allow_missing_or_failed", r)
 			}
 		}
 		if !slices.Contains(fp.authz.GetMetadataContextNamespaces(), id.Namespace) {
@@ -423,8 +539,10 @@ func TestRateLimitFilter(t *testing.T) {
 	})
 }
 
-// route finds the route Envoy would pick for method and path: the first whose
-// path or prefix matches (the config uses no other matchers).
+// route finds the route Envoy would pick for path (without its query): the
+// first whose path matcher matches, as Envoy evaluates path, prefix,
+// path_separated_prefix (the prefix, then the end or a '/') and safe_regex
+// (RE2, the whole path), case-insensitively where case_sensitive is false.
 func route(t *testing.T, vh *routev3.VirtualHost, path string) *routev3.Route {
 	t.Helper()
 	for _, r := range vh.GetRoutes() {
@@ -432,58 +550,109 @@ func route(t *testing.T, vh *routev3.VirtualHost, path string) *routev3.Route {
 		if len(m.GetHeaders()) > 0 || len(m.GetQueryParameters()) > 0 {
 			t.Fatalf("route %s uses matchers this test cannot evaluate", r.GetName())
 		}
-		switch p := m.GetPathSpecifier().(type) {
+		p := path
+		fold := func(s string) string { return s }
+		if cs := m.GetCaseSensitive(); cs != nil && !cs.GetValue() {
+			fold = strings.ToLower
+		}
+		switch ps := m.GetPathSpecifier().(type) {
 		case *routev3.RouteMatch_Path:
-			if p.Path == path {
+			if fold(p) == fold(ps.Path) {
 				return r
 			}
 		case *routev3.RouteMatch_Prefix:
-			if strings.HasPrefix(path, p.Prefix) {
+			if strings.HasPrefix(fold(p), fold(ps.Prefix)) {
+				return r
+			}
+		case *routev3.RouteMatch_PathSeparatedPrefix:
+			if rest, ok := strings.CutPrefix(fold(p), fold(ps.PathSeparatedPrefix)); ok && (rest == "" || rest[0] == '/') {
+				return r
+			}
+		case *routev3.RouteMatch_SafeRegex:
+			// safe_regex ignores case_sensitive; flags go in the regex.
+			re, err := regexp.Compile("^(?:" + ps.SafeRegex.GetRegex() + ")$")
+			if err != nil {
+				t.Fatalf("route %s: regex: %v", r.GetName(), err)
+			}
+			if re.MatchString(p) {
 				return r
 			}
 		default:
-			t.Fatalf("route %s: unexpected path matcher %T", r.GetName(), p)
+			t.Fatalf("route %s: unexpected path matcher %T", r.GetName(), ps)
 		}
 	}
 	return nil
 }
 
-// descriptor reads a rate_limits entry as (preset, client header) if it has
-// exactly the shape meshguard's preset domain expects.
-func descriptor(rl *routev3.RateLimit) (preset, clientHeader string, ok bool) {
+// limit is one rate_limits entry of the shape meshguard's preset domain
+// expects: (preset=<name>, key) where the key's value comes from a header
+// meshguard sets ("client" from header) or from Envoy's masked address.
+type limit struct {
+	preset string
+	key    string // descriptor key: client or masked_remote_address
+	from   string // the header the value comes from; "" for masked_remote_address
+}
+
+// descriptor reads a rate_limits entry as a limit, if it has that shape.
+func descriptor(rl *routev3.RateLimit) (limit, bool) {
 	a := rl.GetActions()
-	if len(a) != 2 {
-		return "", "", false
+	if len(a) != 2 || a[0].GetGenericKey() == nil || a[0].GetGenericKey().GetDescriptorKey() != "preset" {
+		return limit{}, false
 	}
-	g, h := a[0].GetGenericKey(), a[1].GetRequestHeaders()
-	if g == nil || h == nil || g.GetDescriptorKey() != "preset" || h.GetDescriptorKey() != "client" || h.GetSkipIfAbsent() {
-		return "", "", false
+	l := limit{preset: a[0].GetGenericKey().GetDescriptorValue()}
+	switch {
+	case a[1].GetRequestHeaders() != nil:
+		h := a[1].GetRequestHeaders()
+		if h.GetDescriptorKey() != "client" || h.GetSkipIfAbsent() {
+			return limit{}, false
+		}
+		l.key, l.from = "client", h.GetHeaderName()
+	case a[1].GetMaskedRemoteAddress() != nil:
+		l.key = "masked_remote_address"
+	default:
+		return limit{}, false
 	}
-	return g.GetDescriptorValue(), h.GetHeaderName(), true
+	return l, true
 }
 
 func TestRoutesAndPresets(t *testing.T) {
 	forEach(t, func(t *testing.T, fp *frontProxy) {
+		client := func(preset string) []limit { return []limit{{preset, "client", "x-meshguard-client"}} }
+		login := []limit{{"auth", "client", "x-meshguard-account"}, {"auth_ip", "client", "x-meshguard-ip"}}
 		tests := []struct {
-			path, cluster, preset string
+			path, route, cluster string
+			limits               []limit
 		}{
-			{"/api/auth/login", "app", "auth"},
-			{"/api/auth/register", "app", "auth"},
-			{"/api/upload", "app", "upload"},
-			{"/api/uploads/avatar", "app", "upload"},
-			{"/api/ai/chat", "app", "ai"},
-			{"/api/users/42", "app", "standard"},
-			{"/api/admin/users", "app", "standard"},
-			{"/", "app", "relaxed"},
-			{"/assets/app.js", "app", "relaxed"},
-			{extauthz.DefaultCSPConfig().ReportURI, "meshguard_http", "relaxed"},
-			{"/v1/audit/logs", "", ""}, // never exposed at the edge
+			{"/api/auth/login", "api_auth_login", "app", login},
+			{"/api/auth/login/", "api_auth_login", "app", login},
+			{"/API/Auth/Login", "api_auth_login", "app", login},
+			{"/api/auth/login-sso", "api_auth", "app", client("auth_ip")},
+			{"/api/auth/register", "api_auth", "app", client("auth_ip")},
+			{"/api/upload", "api_upload", "app", client("upload")},
+			{"/api/uploads/avatar", "api_upload", "app", client("upload")},
+			{"/api/ai/chat", "api_ai", "app", client("ai")},
+			{"/api/users/42", "api", "app", client("standard")},
+			{"/api/users/42.js", "api", "app", client("standard")},
+			{"/api/admin/users", "api_admin", "app", client("standard")},
+			{"/API/Admin/users", "api_admin", "app", client("standard")},
+			{"/", "app", "app", client("relaxed")},
+			{"/orders/42", "app", "app", client("relaxed")},
+			{"/assets/app.3f9a.js", "static", "app", []limit{{"static", "masked_remote_address", ""}}},
+			{"/static/media/Logo.PNG", "static", "app", []limit{{"static", "masked_remote_address", ""}}},
+			{"/fonts/inter.woff2", "static", "app", []limit{{"static", "masked_remote_address", ""}}},
+			{"/js/", "app", "app", client("relaxed")},
+			{"/report.json", "app", "app", client("relaxed")},
+			{extauthz.DefaultCSPConfig().ReportURI, "csp_reports", "meshguard_http", client("csp_report")},
+			{"/v1/audit/logs", "meshguard_internal", "", nil}, // never exposed at the edge
 		}
 		for _, tc := range tests {
 			t.Run(tc.path, func(t *testing.T) {
 				r := route(t, fp.vhost, tc.path)
 				if r == nil {
 					t.Fatal("no route")
+				}
+				if r.GetName() != tc.route {
+					t.Errorf("route %s, want %s", r.GetName(), tc.route)
 				}
 				if tc.cluster == "" {
 					if r.GetDirectResponse().GetStatus() != 404 {
@@ -494,34 +663,52 @@ func TestRoutesAndPresets(t *testing.T) {
 				if got := r.GetRoute().GetCluster(); got != tc.cluster {
 					t.Errorf("route %s goes to %q, want %q", r.GetName(), got, tc.cluster)
 				}
-				rls := r.GetRoute().GetRateLimits()
-				if len(rls) != 1 {
-					t.Fatalf("route %s has %d rate_limits, want 1", r.GetName(), len(rls))
+				var got []limit
+				for _, rl := range r.GetRoute().GetRateLimits() {
+					l, ok := descriptor(rl)
+					if !ok {
+						t.Fatalf("route %s: rate limit %v is not [generic_key preset, client header or masked_remote_address]", r.GetName(), rl)
+					}
+					got = append(got, l)
 				}
-				preset, hdr, ok := descriptor(rls[0])
-				if !ok {
-					t.Fatalf("route %s: rate limit actions are not [generic_key preset, request_headers client]: %v", r.GetName(), rls[0])
-				}
-				if preset != tc.preset || hdr != "x-meshguard-client" {
-					t.Errorf("route %s: descriptor (preset=%s, client from %s), want (preset=%s, client from x-meshguard-client)", r.GetName(), preset, hdr, tc.preset)
+				if diff := cmp.Diff(tc.limits, got, cmp.AllowUnexported(limit{})); diff != "" {
+					t.Errorf("route %s rate limits (-want +got):\n%s", r.GetName(), diff)
 				}
 			})
 		}
-		// Every route that forwards carries a preset that meshguard's "api"
-		// domain has a rule for, and the client key.
-		presets := presetRules(t)
+		// Every route that forwards has a rate limit that meshguard's "api"
+		// domain has a rule for; a key from a header comes from one meshguard
+		// sets (and header_mutation strips), and only on routes where
+		// ext_authz runs to set it; Envoy's masked address uses meshguard's
+		// IPv6 prefix.
+		rules := domainRules(t)
+		id := extauthz.DefaultIdentityConfig()
 		for _, r := range fp.vhost.GetRoutes() {
 			if r.GetRoute() == nil {
 				continue
 			}
-			for _, rl := range r.GetRoute().GetRateLimits() {
-				preset, hdr, ok := descriptor(rl)
-				if !ok || !slices.Contains(presets, preset) || hdr != "x-meshguard-client" {
-					t.Errorf("route %s: rate limit %v is not a known preset keyed by x-meshguard-client", r.GetName(), rl)
-				}
-			}
 			if len(r.GetRoute().GetRateLimits()) == 0 {
 				t.Errorf("route %s forwards without a rate limit", r.GetName())
+			}
+			authzOff := false
+			if a := r.GetTypedPerFilterConfig()["envoy.filters.http.ext_authz"]; a != nil {
+				authzOff = unpack[*extauthzv3.ExtAuthzPerRoute](t, a).GetDisabled()
+			}
+			for _, rl := range r.GetRoute().GetRateLimits() {
+				l, ok := descriptor(rl)
+				switch {
+				case !ok || !rules[[2]string{l.preset, l.key}]:
+					t.Errorf("route %s: rate limit %v has no rule in the default api domain", r.GetName(), rl)
+				case l.from != "" && !slices.Contains(extauthz.UpstreamHeaders, l.from):
+					t.Errorf("route %s: rate limit keyed by %s, which meshguard does not set", r.GetName(), l.from)
+				case l.from != "" && authzOff:
+					t.Errorf("route %s skips ext_authz but keys its limit by %s, which only ext_authz sets (Envoy sends no descriptor)", r.GetName(), l.from)
+				case l.key == "masked_remote_address":
+					m := rl.GetActions()[1].GetMaskedRemoteAddress()
+					if m.GetV4PrefixMaskLen().GetValue() != 32 || int(m.GetV6PrefixMaskLen().GetValue()) != id.IPv6Prefix {
+						t.Errorf("route %s: masked_remote_address %v, want /32 and /%d (identity.ipv6_prefix)", r.GetName(), m, id.IPv6Prefix)
+					}
+				}
 			}
 		}
 	})
@@ -584,43 +771,95 @@ func TestSecurityHeaders(t *testing.T) {
 // TestRoutePolicy: context_extensions use only the keys and values extauthz
 // understands (an unknown value is a 500 there, an unknown key is ignored,
 // so a misspelled key would silently do nothing), API routes turn the nonce
-// off, and the admin API requires the admin role.
+// off, the admin API requires the admin role, a login route sends meshguard
+// the body it reads the account from, and only static assets skip ext_authz.
 func TestRoutePolicy(t *testing.T) {
 	forEach(t, func(t *testing.T, fp *frontProxy) {
 		values := map[string][]string{"cors": {"enforce", "report", "skip"}, "csp": {"nonce", "off"}}
+		field := regexp.MustCompile(`^[!#$%&'*+.^_` + "`" + `|~0-9A-Za-z-]{1,64}$`)
 		policy := map[string]map[string]string{}
 		for _, r := range fp.vhost.GetRoutes() {
 			a := r.GetTypedPerFilterConfig()["envoy.filters.http.ext_authz"]
 			if a == nil {
+				policy[r.GetName()] = map[string]string{} // meshguard's defaults
 				continue
 			}
 			pr := unpack[*extauthzv3.ExtAuthzPerRoute](t, a)
 			if pr.GetDisabled() {
-				t.Errorf("route %s disables ext_authz: its requests would skip CORS and keep a client-chosen x-meshguard-client", r.GetName())
+				checkStaticRoute(t, fp, r)
+				continue
 			}
 			ext := pr.GetCheckSettings().GetContextExtensions()
 			for k, v := range ext {
 				switch allowed, known := values[k]; {
 				case known && !slices.Contains(allowed, v):
 					t.Errorf("route %s: context_extensions %s=%q, extauthz accepts %v", r.GetName(), k, v, allowed)
-				case !known && k != "require_role" && k != "tenant":
+				case k == "account" && !field.MatchString(v):
+					t.Errorf("route %s: account field %q is not a field name extauthz accepts", r.GetName(), v)
+				case !known && k != "require_role" && k != "tenant" && k != "account":
 					t.Errorf("route %s: context_extensions key %q is not one extauthz reads", r.GetName(), k)
+				}
+			}
+			// A login route: Envoy buffers the body for meshguard, whole
+			// (a partial body could cut the account off), no larger than
+			// meshguard reads, and the route limits per account.
+			body := pr.GetCheckSettings().GetWithRequestBody()
+			if _, login := ext["account"]; login != (body != nil) {
+				t.Errorf("route %s: account %q but with_request_body %v: a login route needs both, other routes neither", r.GetName(), ext["account"], body)
+			} else if login {
+				if n := body.GetMaxRequestBytes(); n == 0 || n > extauthz.MaxAccountBodyBytes || body.GetAllowPartialMessage() {
+					t.Errorf("route %s: with_request_body %v: want max_request_bytes 1..%d and no partial bodies", r.GetName(), body, extauthz.MaxAccountBodyBytes)
+				}
+				keyed := false
+				for _, rl := range r.GetRoute().GetRateLimits() {
+					l, _ := descriptor(rl)
+					keyed = keyed || l.from == "x-meshguard-account"
+				}
+				if !keyed {
+					t.Errorf("route %s reads the account but limits nothing by x-meshguard-account", r.GetName())
 				}
 			}
 			policy[r.GetName()] = ext
 		}
-		for _, p := range []string{"/api/users", "/api/auth/login", "/api/ai/chat", "/api/upload", "/api/admin/x", "/v1/csp-reports"} {
+		for _, p := range []string{"/api/users", "/api/auth/login", "/api/auth/register", "/api/ai/chat", "/api/upload", "/api/admin/x", "/v1/csp-reports"} {
 			if r := route(t, fp.vhost, p); policy[r.GetName()]["csp"] != "off" {
 				t.Errorf("route %s (%s) does not turn the CSP nonce off", r.GetName(), p)
 			}
 		}
-		if r := route(t, fp.vhost, "/index.html"); policy[r.GetName()]["csp"] == "off" {
-			t.Errorf("route %s serves pages but turns the nonce off", r.GetName())
+		for _, p := range []string{"/", "/index.html", "/orders/42"} {
+			if r := route(t, fp.vhost, p); policy[r.GetName()] == nil || policy[r.GetName()]["csp"] == "off" {
+				t.Errorf("route %s serves pages (%s) but skips ext_authz or turns the nonce off", r.GetName(), p)
+			}
 		}
 		if r := route(t, fp.vhost, "/api/admin/users"); policy[r.GetName()]["require_role"] != "admin" {
 			t.Errorf("route %s does not require the admin role", r.GetName())
 		}
+		if r := route(t, fp.vhost, "/api/auth/login"); policy[r.GetName()]["account"] == "" {
+			t.Errorf("route %s does not name the login body's account field", r.GetName())
+		}
 	})
+}
+
+// checkStaticRoute: a route that skips ext_authz serves static assets only
+// (browsers send no bearer token for them): it never matches a page or an
+// API path, and it passes no token on, since none is verified there.
+func checkStaticRoute(t *testing.T, fp *frontProxy, r *routev3.Route) {
+	t.Helper()
+	for _, p := range []string{"/", "/index.html", "/login", "/api/users", "/api/auth/login", "/v1/csp-reports", "/orders/42.html", "/app.json"} {
+		if route(t, fp.vhost, p) == r {
+			t.Errorf("route %s skips ext_authz but serves %s", r.GetName(), p)
+		}
+	}
+	hm := r.GetTypedPerFilterConfig()["envoy.filters.http.header_mutation"]
+	removes := false
+	if hm != nil {
+		for _, m := range unpack[*headermutationv3.HeaderMutationPerRoute](t, hm).GetMutations().GetRequestMutations() {
+			removes = removes || strings.EqualFold(m.GetRemove(), "authorization")
+		}
+	}
+	if !removes {
+		t.Errorf("route %s skips ext_authz, which answers failed tokens, but passes Authorization on", r.GetName())
+	}
 }
 
 func headerValue(opts []*corev3.HeaderValueOption, name string) string {
@@ -865,4 +1104,52 @@ func mustRead(t *testing.T, name string) []byte {
 		t.Fatal(err)
 	}
 	return b
+}
+
+// TestPROXYProtocolVariant applies the README's fragments for an L4 load
+// balancer (the proxy_protocol listener filter, use_remote_address with no
+// trusted X-Forwarded-For) to envoy.yaml and validates the result, so the
+// documented variant is one Envoy loads.
+func TestPROXYProtocolVariant(t *testing.T) {
+	readme := mustRead(t, "README.md")
+	fragment := func(name string, m proto.Message) {
+		t.Helper()
+		f := regexp.MustCompile("(?s)<!-- " + name + " -->\n```yaml\n(.*?)```").FindSubmatch(readme)
+		if f == nil {
+			t.Fatalf("README.md has no %s block", name)
+		}
+		js, err := yaml.YAMLToJSON(f[1])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := protojson.Unmarshal(js, m); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+	}
+	var lis listenerv3.Listener
+	var hcm hcmv3.HttpConnectionManager
+	fragment("proxy-protocol-listener", &lis)
+	fragment("proxy-protocol-hcm", &hcm)
+
+	fp := load(t, FrontProxy)
+	l := listener(t, fp.b, "ingress_http")
+	l.ListenerFilters = lis.GetListenerFilters()
+	h := proto.Clone(fp.hcm).(*hcmv3.HttpConnectionManager)
+	h.OriginalIpDetectionExtensions = nil
+	proto.Merge(h, &hcm)
+	a, err := anypb.New(h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.GetFilterChains()[0].GetFilters()[0].ConfigType = &listenerv3.Filter_TypedConfig{TypedConfig: a}
+	if err := Validate(fp.b); err != nil {
+		t.Fatal(err)
+	}
+	if len(l.GetListenerFilters()) != 1 || l.GetListenerFilters()[0].GetName() != "envoy.filters.listener.proxy_protocol" {
+		t.Errorf("listener filters %v, want proxy_protocol", l.GetListenerFilters())
+	}
+	if !h.GetUseRemoteAddress().GetValue() || h.GetXffNumTrustedHops() != 0 || len(h.GetOriginalIpDetectionExtensions()) != 0 {
+		t.Errorf("connection manager: use_remote_address %v, xff_num_trusted_hops %d, %d detection extensions; want the peer and no trusted X-Forwarded-For",
+			h.GetUseRemoteAddress(), h.GetXffNumTrustedHops(), len(h.GetOriginalIpDetectionExtensions()))
+	}
 }

@@ -1,9 +1,13 @@
 package envoy
 
 import (
+	"bytes"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -19,6 +23,7 @@ import (
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	rlcommonv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/common/ratelimit/v3"
 	extauthzv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_authz/v3"
+	headermutationv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/header_mutation/v3"
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
 
@@ -28,8 +33,10 @@ import (
 )
 
 // This file plays Envoy: it walks a request through the front proxy's
-// configuration (header_mutation, jwt_authn metadata, ext_authz, the rate
-// limit filter with the route's actions) and calls real meshguard servers
+// configuration (the xff original IP detection, header_mutation with its
+// per-route additions, jwt_authn's metadata with allow_missing_or_failed,
+// ext_authz with per-route settings and request bodies, the rate limit filter
+// with the route's actions) and calls real meshguard servers
 // (extauthz, ratelimitsvc with its in-process store) through
 // go-control-plane's generated clients. meshguard's two gRPC listeners run
 // as serve.go builds them, on 127.0.0.1:0: grpc-go's server for listen.grpc
@@ -47,7 +54,7 @@ import (
 
 const (
 	lbAddr     = "10.0.0.1"    // the load balancer: the connection peer
-	clientAddr = "203.0.113.7" // the client, as xff_num_trusted_hops computes it
+	clientAddr = "203.0.113.7" // the client, which the load balancer appends to X-Forwarded-For
 	host       = "app.example.com"
 )
 
@@ -70,15 +77,21 @@ type simEnvoy struct {
 	grpcReg, rlReg *prometheus.Registry
 }
 
-func newSimEnvoy(t *testing.T, bootstrap []byte) *simEnvoy {
+// newSimEnvoy starts meshguard's servers with its defaults (the client
+// address header, the JWT failure key), the origins below and a shared
+// account key; mod, if not nil, changes the extauthz configuration first.
+func newSimEnvoy(t *testing.T, bootstrap []byte, mod func(*extauthz.Config)) *simEnvoy {
 	t.Helper()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	reg := prometheus.NewRegistry()
 
 	acfg := extauthz.Config{CORS: extauthz.DefaultCORSConfig(), Identity: extauthz.DefaultIdentityConfig(), CSP: extauthz.DefaultCSPConfig()}
-	acfg.Identity.ClientIPHeader = "x-meshguard-client-ip" // as k8s/base/meshguard.yaml sets it
 	acfg.CORS.PublicOrigin = "https://" + host
 	acfg.CORS.AllowedOrigins = []string{"https://dashboard.example.com"}
+	acfg.Identity.AccountKey = "0123456789abcdef0123456789abcdef"
+	if mod != nil {
+		mod(&acfg)
+	}
 	az, err := extauthz.New(log, reg, acfg, nil)
 	if err != nil {
 		t.Fatalf("extauthz.New: %v", err)
@@ -176,7 +189,15 @@ func handled(t *testing.T, reg *prometheus.Registry, method string) float64 {
 type simRequest struct {
 	method, path string
 	headers      map[string]string
-	jwt          map[string]any // verified payload, as jwt_authn leaves it; nil: anonymous
+	// jwt is a valid token's payload, as jwt_authn leaves it; badToken a
+	// token that fails verification. Either sends Authorization.
+	jwt      map[string]any
+	badToken bool
+	body     string
+	// peer is the connection's peer (default: the load balancer) and xff the
+	// X-Forwarded-For it sends (default: the client, when the peer is the
+	// load balancer).
+	peer, xff string
 }
 
 type simResult struct {
@@ -184,8 +205,35 @@ type simResult struct {
 	status   int               // 0: forwarded upstream
 	upstream map[string]string // request headers the app would get
 	respAdd  []*corev3.HeaderValueOption
-	check    *authv3.CheckResponse
+	check    *authv3.CheckResponse    // nil: ext_authz was not called
 	rls      *rlsv3.RateLimitResponse // nil: the rate limit service was not called
+}
+
+// downstream is the client address Envoy derives with the xff original IP
+// detection extension (Envoy's getLastNonTrustedAddressFromXFF): a trusted
+// peer's X-Forwarded-For is read from the right, and the first address not
+// itself trusted is the client (all trusted: the leftmost); an entry that is
+// no address, no X-Forwarded-For, or a peer that is not trusted: the peer.
+func (e *simEnvoy) downstream(t *testing.T, peer, xff string) netip.Addr {
+	t.Helper()
+	x := xffConfig(t, e.fp)
+	p := netip.MustParseAddr(peer)
+	if xff == "" || !trustedPeer(t, x, p) {
+		return p
+	}
+	parts := strings.Split(xff, ",")
+	var a netip.Addr
+	for i := len(parts) - 1; i >= 0; i-- {
+		var err error
+		a, err = netip.ParseAddr(strings.TrimSpace(parts[i]))
+		if err != nil {
+			return p
+		}
+		if !trustedPeer(t, x, a) {
+			return a
+		}
+	}
+	return a
 }
 
 func (e *simEnvoy) do(t *testing.T, r simRequest) simResult {
@@ -194,88 +242,135 @@ func (e *simEnvoy) do(t *testing.T, r simRequest) simResult {
 	for k, v := range r.headers {
 		h[strings.ToLower(k)] = v
 	}
-	// header_mutation.
-	for _, m := range e.fp.mutation.GetMutations().GetRequestMutations() {
+	if r.jwt != nil || r.badToken {
+		h["authorization"] = "Bearer eyJhbGciOiJSUzI1NiJ9.e30.c2ln"
+	}
+	peer, xff := r.peer, r.xff
+	if peer == "" {
+		peer = lbAddr
+		if xff == "" {
+			xff = clientAddr
+		}
+	}
+	client := e.downstream(t, peer, xff)
+	rt := route(t, e.fp.vhost, r.path)
+	if rt == nil {
+		return simResult{status: 404}
+	}
+	res := simResult{route: rt.GetName()}
+
+	// header_mutation: the filter's mutations, then the route's.
+	mutations := e.fp.mutation.GetMutations().GetRequestMutations()
+	if pr := rt.GetTypedPerFilterConfig()["envoy.filters.http.header_mutation"]; pr != nil {
+		mutations = append(slices.Clone(mutations), unpack[*headermutationv3.HeaderMutationPerRoute](t, pr).GetMutations().GetRequestMutations()...)
+	}
+	for _, m := range mutations {
 		if k := m.GetRemove(); k != "" {
-			delete(h, k)
+			delete(h, strings.ToLower(k))
 		}
 		if a := m.GetAppend(); a != nil {
-			v := strings.ReplaceAll(a.GetHeader().GetValue(), "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%", clientAddr)
+			v := strings.ReplaceAll(a.GetHeader().GetValue(), "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%", client.String())
 			if strings.Contains(v, "%") {
 				t.Fatalf("header_mutation value %q uses a formatter this test does not know", v)
 			}
 			setHeader(h, a, v)
 		}
 	}
-	rt := route(t, e.fp.vhost, r.path)
-	if rt == nil {
-		return simResult{status: 404}
-	}
-	res := simResult{route: rt.GetName()}
 	if d := rt.GetDirectResponse(); d != nil {
 		res.status = int(d.GetStatus())
 		return res
 	}
 
-	// ext_authz.
-	allowed := e.fp.authz.GetAllowedHeaders().GetPatterns()
-	sent := map[string]string{}
-	for k, v := range h {
-		if anyMatch(allowed, k) {
-			sent[k] = v
+	// jwt_authn: with allow_missing_or_failed every request passes on, and
+	// the provider's failed_status_in_metadata says why a token did not
+	// verify, or that there was none (Jwt is missing).
+	jwtNS := map[string]*structpb.Value{}
+	prov := e.fp.jwt.GetProviders()["app"]
+	failure := func(code float64, msg string) {
+		if k := prov.GetFailedStatusInMetadata(); k != "" {
+			jwtNS[k] = structpb.NewStructValue(&structpb.Struct{Fields: map[string]*structpb.Value{
+				"code": structpb.NewNumberValue(code), "message": structpb.NewStringValue(msg)}})
 		}
 	}
-	req := &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
-		Source: &authv3.AttributeContext_Peer{Address: sockAddr(lbAddr, 40123)},
-		Request: &authv3.AttributeContext_Request{Http: &authv3.AttributeContext_HttpRequest{
-			Method: r.method, Path: r.path, Host: host, Scheme: "https", Protocol: "HTTP/1.1", Headers: sent,
-		}},
-	}}
-	if pr := rt.GetTypedPerFilterConfig()["envoy.filters.http.ext_authz"]; pr != nil {
-		req.Attributes.ContextExtensions = unpack[*extauthzv3.ExtAuthzPerRoute](t, pr).GetCheckSettings().GetContextExtensions()
-	}
-	if r.jwt != nil {
+	switch _, token := h["authorization"]; {
+	case !token:
+		failure(1, "Jwt is missing")
+	case r.badToken:
+		failure(3, "Jwt is expired")
+	default:
 		payload, err := structpb.NewStruct(r.jwt)
 		if err != nil {
 			t.Fatal(err)
 		}
-		ns := "envoy.filters.http.jwt_authn"
-		for _, want := range e.fp.authz.GetMetadataContextNamespaces() {
-			if want == ns {
-				key := e.fp.jwt.GetProviders()["app"].GetPayloadInMetadata()
-				req.Attributes.MetadataContext = &corev3.Metadata{FilterMetadata: map[string]*structpb.Struct{
-					ns: {Fields: map[string]*structpb.Value{key: structpb.NewStructValue(payload)}},
-				}}
+		jwtNS[prov.GetPayloadInMetadata()] = structpb.NewStructValue(payload)
+	}
+
+	// ext_authz, unless the route turns it off.
+	var settings *extauthzv3.CheckSettings
+	authzOn := true
+	if pr := rt.GetTypedPerFilterConfig()["envoy.filters.http.ext_authz"]; pr != nil {
+		p := unpack[*extauthzv3.ExtAuthzPerRoute](t, pr)
+		authzOn, settings = !p.GetDisabled(), p.GetCheckSettings()
+	}
+	if authzOn {
+		allowed := e.fp.authz.GetAllowedHeaders().GetPatterns()
+		sent := map[string]string{}
+		for k, v := range h {
+			if anyMatch(allowed, k) {
+				sent[k] = v
 			}
 		}
-	}
-	resp, err := e.authz.Check(t.Context(), req)
-	if err != nil {
-		t.Fatalf("Check: %v", err)
-	}
-	res.check = resp
-	if codes.Code(resp.GetStatus().GetCode()) != codes.OK {
-		res.status = int(resp.GetDeniedResponse().GetStatus().GetCode())
-		if res.status == 0 {
-			res.status = 403
+		hr := &authv3.AttributeContext_HttpRequest{
+			Method: r.method, Path: r.path, Host: host, Scheme: "https", Protocol: "HTTP/1.1", Headers: sent,
 		}
-		return res
+		if b := settings.GetWithRequestBody(); b != nil && r.body != "" {
+			if len(r.body) > int(b.GetMaxRequestBytes()) && !b.GetAllowPartialMessage() {
+				res.status = 413 // Envoy's own answer; meshguard is not called
+				return res
+			}
+			if b.GetPackAsBytes() {
+				hr.RawBody = []byte(r.body)
+			} else {
+				hr.Body = r.body
+			}
+		}
+		req := &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
+			Source:            &authv3.AttributeContext_Peer{Address: sockAddr(peer, 40123)},
+			Request:           &authv3.AttributeContext_Request{Http: hr},
+			ContextExtensions: settings.GetContextExtensions(),
+		}}
+		ns := "envoy.filters.http.jwt_authn"
+		if slices.Contains(e.fp.authz.GetMetadataContextNamespaces(), ns) && len(jwtNS) > 0 {
+			req.Attributes.MetadataContext = &corev3.Metadata{FilterMetadata: map[string]*structpb.Struct{ns: {Fields: jwtNS}}}
+		}
+		resp, err := e.authz.Check(t.Context(), req)
+		if err != nil {
+			t.Fatalf("Check: %v", err)
+		}
+		res.check = resp
+		if codes.Code(resp.GetStatus().GetCode()) != codes.OK {
+			res.status = int(resp.GetDeniedResponse().GetStatus().GetCode())
+			if res.status == 0 {
+				res.status = 403
+			}
+			return res
+		}
+		ok := resp.GetOkResponse()
+		for _, o := range ok.GetHeaders() {
+			setHeader(h, o, o.GetHeader().GetValue())
+		}
+		for _, k := range ok.GetHeadersToRemove() {
+			delete(h, strings.ToLower(k))
+		}
+		res.respAdd = ok.GetResponseHeadersToAdd()
 	}
-	ok := resp.GetOkResponse()
-	for _, o := range ok.GetHeaders() {
-		setHeader(h, o, o.GetHeader().GetValue())
-	}
-	for _, k := range ok.GetHeadersToRemove() {
-		delete(h, strings.ToLower(k))
-	}
-	res.respAdd = ok.GetResponseHeadersToAdd()
 	res.upstream = h
 
 	// Rate limit filter: one descriptor per rate_limits entry whose actions
 	// all produce an entry.
 	var descs []*rlcommonv3.RateLimitDescriptor
 	for _, rl := range rt.GetRoute().GetRateLimits() {
-		if d := descriptorFor(t, rl, h); d != nil {
+		if d := descriptorFor(t, rl, h, client); d != nil {
 			descs = append(descs, d)
 		}
 	}
@@ -292,7 +387,9 @@ func (e *simEnvoy) do(t *testing.T, r simRequest) simResult {
 	return res
 }
 
-func descriptorFor(t *testing.T, rl *routev3.RateLimit, h map[string]string) *rlcommonv3.RateLimitDescriptor {
+// descriptorFor builds the descriptor Envoy sends for rl, or nil when an
+// action produces no entry (a request header is absent).
+func descriptorFor(t *testing.T, rl *routev3.RateLimit, h map[string]string, client netip.Addr) *rlcommonv3.RateLimitDescriptor {
 	d := &rlcommonv3.RateLimitDescriptor{}
 	for _, a := range rl.GetActions() {
 		switch {
@@ -304,6 +401,25 @@ func descriptorFor(t *testing.T, rl *routev3.RateLimit, h map[string]string) *rl
 				return nil // Envoy sends no descriptor when a header is absent
 			}
 			d.Entries = append(d.Entries, &rlcommonv3.RateLimitDescriptor_Entry{Key: a.GetRequestHeaders().GetDescriptorKey(), Value: v})
+		case a.GetMaskedRemoteAddress() != nil:
+			// Envoy masks the derived address as it stands (a mapped IPv4
+			// address is IPv6 to it) and prints the CIDR range.
+			m := a.GetMaskedRemoteAddress()
+			bits := 32
+			if l := m.GetV4PrefixMaskLen(); l != nil {
+				bits = int(l.GetValue())
+			}
+			if client.Is6() {
+				bits = 128
+				if l := m.GetV6PrefixMaskLen(); l != nil {
+					bits = int(l.GetValue())
+				}
+			}
+			p, err := client.Prefix(bits)
+			if err != nil {
+				t.Fatal(err)
+			}
+			d.Entries = append(d.Entries, &rlcommonv3.RateLimitDescriptor_Entry{Key: "masked_remote_address", Value: p.String()})
 		default:
 			t.Fatalf("rate limit action %v is not simulated", a)
 		}
@@ -346,7 +462,7 @@ func respHeader(opts []*corev3.HeaderValueOption, name string) (*corev3.HeaderVa
 
 func TestEnvoyAndMeshguardAgree(t *testing.T) {
 	for _, b := range bootstraps {
-		t.Run(b.name, func(t *testing.T) { testEnvoyAndMeshguardAgree(t, newSimEnvoy(t, b.data)) })
+		t.Run(b.name, func(t *testing.T) { testEnvoyAndMeshguardAgree(t, newSimEnvoy(t, b.data, nil)) })
 	}
 }
 
@@ -420,31 +536,145 @@ func testEnvoyAndMeshguardAgree(t *testing.T, e *simEnvoy) {
 		}
 	})
 
-	t.Run("auth preset: five logins per client, then 429, per user", func(t *testing.T) {
-		login := func(user string) simResult {
-			return e.do(t, simRequest{method: "POST", path: "/api/auth/login", jwt: map[string]any{"sub": user}})
+	t.Run("only the load balancer's ranges may supply X-Forwarded-For", func(t *testing.T) {
+		for _, tc := range []struct{ name, peer, xff, want string }{
+			{"rightmost untrusted entry", lbAddr, "198.51.100.1, 203.0.113.50", "ip:203.0.113.50"},
+			{"trusted hops are skipped", lbAddr, "203.0.113.51, 10.1.2.3", "ip:203.0.113.51"},
+			{"a peer around the load balancer is the client", "192.0.2.66", "203.0.113.52", "ip:192.0.2.66"},
+			{"IPv6 client keyed by its /64", lbAddr, "2001:db8:1:2::1", "ip:2001:db8:1:2::/64"},
+			{"IPv4-mapped client unmapped", lbAddr, "::ffff:203.0.113.9", "ip:203.0.113.9"},
+			{"garbage in X-Forwarded-For: the peer", lbAddr, "203.0.113.53, not-an-address", "ip:" + lbAddr},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				r := e.do(t, simRequest{method: "GET", path: "/api/users/1", peer: tc.peer, xff: tc.xff,
+					headers: map[string]string{"x-meshguard-client-ip": "1.2.3.4"}}) // a forged copy, overwritten
+				if r.status != 0 || r.upstream["x-meshguard-client"] != tc.want || r.upstream["x-meshguard-ip"] != tc.want {
+					t.Errorf("status %d, x-meshguard-client %q, x-meshguard-ip %q; want %s", r.status, r.upstream["x-meshguard-client"], r.upstream["x-meshguard-ip"], tc.want)
+				}
+			})
+		}
+	})
+
+	t.Run("a failed token gets meshguard's 401, which the browser can read", func(t *testing.T) {
+		r := e.do(t, simRequest{method: "GET", path: "/api/users/1", badToken: true, headers: map[string]string{"origin": "https://dashboard.example.com"}})
+		if r.status != 401 || r.rls != nil {
+			t.Fatalf("status %d, rate limit called %v; want 401 from ext_authz", r.status, r.rls != nil)
+		}
+		h := r.check.GetDeniedResponse().GetHeaders()
+		acao, _ := respHeader(h, "Access-Control-Allow-Origin")
+		www, _ := respHeader(h, "WWW-Authenticate")
+		expose, _ := respHeader(h, "Access-Control-Expose-Headers")
+		if acao.GetHeader().GetValue() != "https://dashboard.example.com" || www.GetHeader().GetValue() != `Bearer error="invalid_token"` ||
+			!strings.Contains(expose.GetHeader().GetValue(), "WWW-Authenticate") {
+			t.Errorf("401 headers %v: want ACAO for the dashboard, WWW-Authenticate invalid_token, exposed", h)
+		}
+		if r := e.do(t, simRequest{method: "GET", path: "/api/users/1", xff: "203.0.113.60"}); r.status != 0 || r.upstream["x-meshguard-client"] != "ip:203.0.113.60" {
+			t.Errorf("no token: status %d, client %q; want forwarded, anonymous", r.status, r.upstream["x-meshguard-client"])
+		}
+		if r := e.do(t, simRequest{method: "GET", path: "/api/users/1", jwt: map[string]any{"sub": "erin"}}); r.status != 0 || r.upstream["x-meshguard-user"] != "erin" {
+			t.Errorf("good token: status %d, user %q", r.status, r.upstream["x-meshguard-user"])
+		}
+	})
+
+	t.Run("login: five attempts per account, a higher ceiling per address", func(t *testing.T) {
+		login := func(from, account string) simResult {
+			return e.do(t, simRequest{method: "POST", path: "/api/auth/login", xff: from,
+				headers: map[string]string{"content-type": "application/json"},
+				body:    `{"email":"` + account + `","password":"wrong"}`})
 		}
 		for i := 1; i <= 5; i++ {
-			if r := login("alice"); r.status != 0 {
-				t.Fatalf("login %d: status %d, want forwarded", i, r.status)
+			r := login("203.0.113.70", "alice@example.com")
+			if r.status != 0 || len(r.rls.GetStatuses()) != 2 {
+				t.Fatalf("attempt %d: status %d, %d descriptors; want forwarded, counted per account and per address", i, r.status, len(r.rls.GetStatuses()))
+			}
+			if strings.Contains(r.upstream["x-meshguard-account"], "alice") || !strings.HasPrefix(r.upstream["x-meshguard-account"], "account:") {
+				t.Fatalf("x-meshguard-account %q: want a keyed hash", r.upstream["x-meshguard-account"])
 			}
 		}
-		r := login("alice")
+		r := login("203.0.113.70", "alice@example.com")
 		if r.status != 429 {
-			t.Fatalf("6th login: status %d, want 429", r.status)
+			t.Fatalf("6th attempt: status %d, want 429", r.status)
 		}
-		if st := r.rls.GetStatuses()[0]; st.GetCurrentLimit().GetRequestsPerUnit() != 5 {
-			t.Errorf("limit %v, want the auth preset (5 per 15 min)", st.GetCurrentLimit())
+		if st := r.rls.GetStatuses()[0]; st.GetCode() != rlsv3.RateLimitResponse_OVER_LIMIT || st.GetCurrentLimit().GetRequestsPerUnit() != 5 {
+			t.Errorf("per-account status %v, want over the auth preset (5)", st)
 		}
-		if r.upstream["x-meshguard-client"] != "user:alice" {
-			t.Errorf("x-meshguard-client = %q, want user:alice", r.upstream["x-meshguard-client"])
+		// The account is limited wherever the attempt comes from, however
+		// its name is spelled.
+		if r := login("198.51.100.71", " ALICE@Example.com"); r.status != 429 {
+			t.Errorf("alice from another address: status %d, want 429", r.status)
 		}
-		if r := login("bob"); r.status != 0 {
-			t.Errorf("bob's first login: status %d; one user's quota must not spend another's", r.status)
+		// Others behind the same address are not.
+		if r := login("203.0.113.70", "bob@example.com"); r.status != 0 {
+			t.Errorf("bob from alice's address: status %d, want forwarded", r.status)
 		}
-		// The standard preset is a separate quota for the same user.
-		if r := e.do(t, simRequest{method: "GET", path: "/api/users/1", jwt: map[string]any{"sub": "alice"}}); r.status != 0 {
-			t.Errorf("alice on /api/: status %d; presets must not share a quota", r.status)
+		// A hospital: 40 staff behind one NAT, two attempts each.
+		for i := range 40 {
+			for try := range 2 {
+				if r := login("203.0.113.72", fmt.Sprintf("nurse%d@example.com", i)); r.status != 0 {
+					t.Fatalf("nurse %d attempt %d: status %d; one NAT must not lock its staff out", i, try+1, r.status)
+				}
+			}
+		}
+		// One address trying many accounts meets the auth_ip ceiling.
+		ceiling := int(r.rls.GetStatuses()[1].GetCurrentLimit().GetRequestsPerUnit())
+		if ceiling <= 5 {
+			t.Fatalf("per-address limit %d: want a ceiling above the per-account 5", ceiling)
+		}
+		for i := range ceiling {
+			if r := login("203.0.113.73", fmt.Sprintf("victim%d@example.com", i)); r.status != 0 {
+				t.Fatalf("account %d from one address: status %d, want forwarded below the ceiling of %d", i, r.status, ceiling)
+			}
+		}
+		if r := login("203.0.113.73", "one-more@example.com"); r.status != 429 || r.rls.GetStatuses()[1].GetCode() != rlsv3.RateLimitResponse_OVER_LIMIT {
+			t.Errorf("past the per-address ceiling: status %d, statuses %v; want 429 from auth_ip", r.status, r.rls.GetStatuses())
+		}
+
+		if r := e.do(t, simRequest{method: "POST", path: "/api/auth/login", xff: "203.0.113.74",
+			headers: map[string]string{"content-type": "application/json"}, body: `{"user":"alice"}`}); r.status != 400 || r.rls != nil {
+			t.Errorf("login without an account: status %d, rate limit called %v; want 400 from meshguard", r.status, r.rls != nil)
+		}
+		if r := e.do(t, simRequest{method: "POST", path: "/api/auth/login", xff: "203.0.113.74",
+			headers: map[string]string{"content-type": "application/json"}, body: `{"email":"a@example.com","x":"` + strings.Repeat("x", 9000) + `"}`}); r.status != 413 || r.check != nil {
+			t.Errorf("login body over Envoy's buffer: status %d, checked %v; want Envoy's 413", r.status, r.check != nil)
+		}
+		if r := e.do(t, simRequest{method: "GET", path: "/api/auth/login", xff: "203.0.113.74"}); r.status != 0 || len(r.rls.GetStatuses()) != 1 {
+			t.Errorf("GET of the login page: status %d, %d descriptors; want forwarded, per address only", r.status, len(r.rls.GetStatuses()))
+		}
+	})
+
+	t.Run("static assets skip ext_authz and the nonce, with a quota of their own", func(t *testing.T) {
+		r := e.do(t, simRequest{method: "GET", path: "/assets/app.3f9a.js", badToken: true, xff: "2001:db8:7:7::1"})
+		if r.status != 0 || r.check != nil {
+			t.Fatalf("status %d, checked %v; want forwarded without ext_authz", r.status, r.check != nil)
+		}
+		if _, ok := r.upstream["authorization"]; ok {
+			t.Error("a token nobody verified reaches the app")
+		}
+		if _, ok := r.upstream["x-csp-nonce"]; ok || len(r.respAdd) != 0 {
+			t.Errorf("nonce %q, response headers %v: want the virtual host's static CSP only", r.upstream["x-csp-nonce"], r.respAdd)
+		}
+		st := r.rls.GetStatuses()
+		if len(st) != 1 || st[0].GetCurrentLimit().GetRequestsPerUnit() < 1000 {
+			t.Fatalf("statuses %v: want one generous static quota", st)
+		}
+		// Another address of the same /64 spends the same quota.
+		r2 := e.do(t, simRequest{method: "GET", path: "/assets/logo.svg", xff: "2001:db8:7:7::2"})
+		if got, want := r2.rls.GetStatuses()[0].GetLimitRemaining(), st[0].GetLimitRemaining()-1; got != want {
+			t.Errorf("remaining %d after the /64's second asset, want %d", got, want)
+		}
+	})
+
+	t.Run("CSP reports do not spend the page quota", func(t *testing.T) {
+		for range 3 {
+			r := e.do(t, simRequest{method: "POST", path: "/v1/csp-reports", xff: "203.0.113.80",
+				headers: map[string]string{"content-type": "application/csp-report"}})
+			if r.status != 0 || r.rls.GetStatuses()[0].GetCurrentLimit().GetRequestsPerUnit() == 300 {
+				t.Fatalf("report: status %d, limit %v; want forwarded under the csp_report preset", r.status, r.rls.GetStatuses())
+			}
+		}
+		r := e.do(t, simRequest{method: "GET", path: "/", xff: "203.0.113.80"})
+		if st := r.rls.GetStatuses()[0]; r.status != 0 || st.GetLimitRemaining() != st.GetCurrentLimit().GetRequestsPerUnit()-1 {
+			t.Errorf("page after three reports: status %d, %v; want the page quota untouched by reports", r.status, st)
 		}
 	})
 
@@ -498,4 +728,36 @@ func testEnvoyAndMeshguardAgree(t *testing.T, e *simEnvoy) {
 			t.Errorf("the gRPC listener (:%d) handled no Check", grpcPort)
 		}
 	})
+}
+
+// TestForgedIdentityHeaders: with meshguard told to trust x-auth-user and
+// x-auth-role (identity.trusted_user_header / trusted_role_header), a client
+// that sends x-auth-user: ceo and x-auth-role: admin does not pass
+// require_role: admin, because the shipped header_mutation removes them.
+// The same request against the config without those removals passes, so
+// the removal is what protects.
+func TestForgedIdentityHeaders(t *testing.T) {
+	trust := func(c *extauthz.Config) {
+		c.Identity.TrustedUserHeader = "x-auth-user"
+		c.Identity.TrustedRoleHeader = "x-auth-role"
+	}
+	forged := simRequest{method: "GET", path: "/api/admin/users", headers: map[string]string{"x-auth-user": "ceo", "x-auth-role": "admin"}}
+	for _, b := range bootstraps {
+		t.Run(b.name, func(t *testing.T) {
+			if r := newSimEnvoy(t, b.data, trust).do(t, forged); r.status != 401 {
+				t.Errorf("forged x-auth-user/x-auth-role: status %d, want 401", r.status)
+			}
+			unsafe := b.data
+			for _, h := range []string{"x-auth-user", "x-auth-role"} {
+				line := []byte("                - remove: " + h + "\n")
+				if !bytes.Contains(unsafe, line) {
+					t.Fatalf("%s has no %q", b.name, line)
+				}
+				unsafe = bytes.Replace(unsafe, line, nil, 1)
+			}
+			if r := newSimEnvoy(t, unsafe, trust).do(t, forged); r.status != 0 || r.upstream["x-meshguard-role"] != "admin" {
+				t.Errorf("without the removals: status %d, role %q; the control should let the forgery through", r.status, r.upstream["x-meshguard-role"])
+			}
+		})
+	}
 }

@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/meshguard/meshguard/internal/secret"
 )
 
 // CORSConfig is the `cors:` section: which origins may call the service
@@ -48,33 +50,53 @@ type CORSConfig struct {
 	TenantsReload time.Duration `yaml:"tenants_reload"`
 }
 
-// IdentityConfig is the `identity:` section: who the caller is.
+// IdentityConfig is the `identity:` section: who the caller is, and the
+// keys the rate limit service counts them by.
 type IdentityConfig struct {
 	JWTMetadata JWTMetadataConfig `yaml:"jwt_metadata"`
 	// TrustedUserHeader names a request header that carries the user id,
 	// set by a filter the operator controls (never by clients); empty: none.
+	// It is believed whenever a request carries no verified JWT, so Envoy
+	// must remove client copies before that filter runs (envoy/envoy.yaml's
+	// header_mutation removes x-auth-user and x-auth-role); Warnings says so.
 	TrustedUserHeader string `yaml:"trusted_user_header"`
 	// TrustedRoleHeader is the same for the role; empty: none.
 	TrustedRoleHeader string `yaml:"trusted_role_header"`
 	// ClientIPHeader names the request header carrying the client address
-	// that Envoy derived from X-Forwarded-For with its trusted-hops settings
-	// (%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%), set with overwrite after
-	// client copies are removed, as envoy/envoy.yaml does. Anonymous callers
-	// are keyed ip:<that address>; without it (or when it is not an IP
-	// address) the connection peer Envoy reports is used, which behind a
-	// load balancer is the balancer. Empty (the default): always the
-	// connection peer, since a header is only as trustworthy as the proxy
-	// that overwrites it.
+	// Envoy derived (%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%, after its
+	// original IP detection), set with overwrite, as envoy/envoy.yaml does.
+	// Anonymous callers are keyed ip:<that address>; without it (or when it
+	// is not an IP address) the connection peer Envoy reports is used, which
+	// behind a load balancer is the balancer for every client. Empty: always
+	// the connection peer (Warnings says what that costs).
 	ClientIPHeader string `yaml:"client_ip_header"`
+	// IPv6Prefix is the prefix length anonymous IPv6 clients are keyed by:
+	// one subscriber usually holds a whole /64, so per-address keys would
+	// give one client 2^64 quotas. 128: per address.
+	IPv6Prefix int `yaml:"ipv6_prefix"`
+	// AccountKeyFile holds the secret that login account names are hashed
+	// with (HMAC-SHA256) before they become rate limit keys, so no account
+	// name reaches Redis, a header or a log. Every replica needs the same
+	// key for per-account limits to be shared. Empty: MESHGUARD_ACCOUNT_KEY
+	// (AccountKey), else a random key per process.
+	AccountKeyFile string `yaml:"account_key_file"`
+	// AccountKey comes from MESHGUARD_ACCOUNT_KEY, never from the file.
+	AccountKey secret.String `yaml:"-"`
 }
 
 // JWTMetadataConfig says where Envoy's jwt_authn filter leaves the payload
-// (its payload_in_metadata). An empty Namespace disables JWT identity.
+// (its payload_in_metadata) and the verification failure (its
+// failed_status_in_metadata). An empty Namespace disables JWT identity.
 type JWTMetadataConfig struct {
 	Namespace string `yaml:"namespace"`
 	Key       string `yaml:"key"`
 	UserClaim string `yaml:"user_claim"`
 	RoleClaim string `yaml:"role_claim"`
+	// FailureKey is where jwt_authn, running with allow_missing_or_failed,
+	// records why a token failed ({code, message}); meshguard then answers
+	// the 401 itself, with CORS headers the browser can read. Empty: failures
+	// are not read (jwt_authn must then reject invalid tokens itself).
+	FailureKey string `yaml:"failure_key"`
 }
 
 // CSPConfig is the `csp:` section.
@@ -128,9 +150,12 @@ func DefaultIdentityConfig() IdentityConfig {
 	return IdentityConfig{
 		JWTMetadata: JWTMetadataConfig{
 			Namespace: "envoy.filters.http.jwt_authn", Key: "jwt_payload", UserClaim: "sub", RoleClaim: "role",
+			FailureKey: "jwt_failure",
 		},
-		// No header is trusted by default: only a deployment whose Envoy
-		// overwrites it (envoy/envoy.yaml, k8s/base) turns it on.
+		// What envoy/envoy.yaml's header_mutation overwrites. No identity
+		// header is trusted by default.
+		ClientIPHeader: ShippedClientIPHeader,
+		IPv6Prefix:     64,
 	}
 }
 
@@ -164,18 +189,31 @@ var developmentOrigins = []string{
 // Headers meshguard itself sets on the upstream request. Client copies are
 // always overwritten or removed.
 const (
-	headerClient = "x-meshguard-client"
-	headerUser   = "x-meshguard-user"
-	headerRole   = "x-meshguard-role"
-	headerNonce  = "x-csp-nonce"
+	headerClient  = "x-meshguard-client"
+	headerIP      = "x-meshguard-ip"
+	headerAccount = "x-meshguard-account"
+	headerUser    = "x-meshguard-user"
+	headerRole    = "x-meshguard-role"
+	headerNonce   = "x-csp-nonce"
 )
+
+// ShippedClientIPHeader is the header envoy/envoy.yaml's header_mutation
+// sets to the address Envoy derived for the client, with overwrite.
+const ShippedClientIPHeader = "x-meshguard-client-ip"
+
+// UpstreamHeaders are the request headers meshguard sets (or removes) on
+// every request it allows; Envoy must strip client copies of them before
+// any filter reads them, as envoy/envoy.yaml's header_mutation does.
+var UpstreamHeaders = []string{headerClient, headerIP, headerAccount, headerUser, headerRole, headerNonce}
 
 // Bounds on identity values taken from metadata or trusted headers.
 const (
-	maxUserLen   = 256
-	maxRoleLen   = 64
-	maxRoles     = 16
-	maxTenantLen = 253
+	maxUserLen    = 256
+	maxRoleLen    = 64
+	maxRoles      = 16
+	maxTenantLen  = 253
+	minIPv6Prefix = 32
+	minAccountKey = 16
 )
 
 // Validate reports every invalid field at once, each naming its YAML path.
@@ -205,7 +243,9 @@ type compiled struct {
 	tenantHeader     string // lower-case; "" none
 
 	jwtNS, jwtKey, userClaim, roleClaim string
+	jwtFailureKey                       string
 	userHeader, roleHeader, ipHeader    string
+	ipv6Prefix                          int
 
 	csp *cspTemplate // nil: no nonce, no CSP from extauthz
 }
@@ -318,7 +358,20 @@ func compile(c Config) (*compiled, error) {
 		if j.UserClaim == "" {
 			bad("identity.jwt_metadata.user_claim: must be set when identity.jwt_metadata.namespace is %q", j.Namespace)
 		}
-		p.jwtNS, p.jwtKey, p.userClaim, p.roleClaim = j.Namespace, j.Key, j.UserClaim, j.RoleClaim
+		if j.FailureKey != "" && j.FailureKey == j.Key {
+			bad("identity.jwt_metadata.failure_key: %q is also identity.jwt_metadata.key", j.FailureKey)
+		}
+		p.jwtNS, p.jwtKey, p.userClaim, p.roleClaim, p.jwtFailureKey = j.Namespace, j.Key, j.UserClaim, j.RoleClaim, j.FailureKey
+	}
+	if id.IPv6Prefix < minIPv6Prefix || id.IPv6Prefix > 128 {
+		bad("identity.ipv6_prefix: must be between %d and 128, got %d", minIPv6Prefix, id.IPv6Prefix)
+	}
+	p.ipv6Prefix = id.IPv6Prefix
+	if k := id.AccountKey.Reveal(); k != "" && len(k) < minAccountKey {
+		bad("MESHGUARD_ACCOUNT_KEY: must be at least %d bytes (use 32 random bytes)", minAccountKey)
+	}
+	if f := id.AccountKeyFile; f != "" && strings.ContainsAny(f, "\x00\n\r") {
+		bad("identity.account_key_file: not a file path, got %q", f)
 	}
 	for _, h := range []struct{ path, v string }{
 		{"identity.trusted_user_header", id.TrustedUserHeader},
@@ -332,7 +385,7 @@ func compile(c Config) (*compiled, error) {
 		switch {
 		case !tokenRE.MatchString(h.v):
 			bad("%s: %q is not a header name", h.path, h.v)
-		case l == headerClient || l == headerUser || l == headerRole || l == headerNonce:
+		case slices.Contains(UpstreamHeaders, l):
 			bad("%s: %q is a header meshguard sets itself", h.path, h.v)
 		case l == p.tenantHeader:
 			bad("%s: %q is also cors.tenant_header", h.path, h.v)
@@ -509,4 +562,46 @@ func visibleASCII(s string) bool {
 		}
 	}
 	return true
+}
+
+// Warnings lists what a valid configuration relies on Envoy for, or gives
+// up, one sentence each: check-config prints them and serve logs them at
+// start. They name the key and what Envoy must do.
+func (c Config) Warnings() []string {
+	var w []string
+	id := c.Identity
+	for _, h := range []struct{ path, v string }{
+		{"identity.trusted_user_header", id.TrustedUserHeader},
+		{"identity.trusted_role_header", id.TrustedRoleHeader},
+	} {
+		if h.v == "" {
+			continue
+		}
+		l := strings.ToLower(h.v)
+		w = append(w, fmt.Sprintf("%s is %q: meshguard believes it on every request without a verified JWT, "+
+			"so Envoy must remove client copies before the filter that sets it runs (header_mutation `remove: %s`, "+
+			"as envoy/envoy.yaml does for x-auth-user and x-auth-role) and send it to ext_authz (allowed_headers); "+
+			"otherwise any client can claim any identity", h.path, h.v, l))
+	}
+	switch ip := strings.ToLower(id.ClientIPHeader); {
+	case ip == "" && !c.Development:
+		w = append(w, "identity.client_ip_header is empty: anonymous clients are keyed by the connection peer, "+
+			"which behind a load balancer is the balancer, so one client spends every anonymous client's quota; "+
+			"set it to "+ShippedClientIPHeader+", which envoy/envoy.yaml overwrites with the address Envoy derived")
+	case ip != "" && ip != ShippedClientIPHeader:
+		w = append(w, fmt.Sprintf("identity.client_ip_header is %q: Envoy must overwrite it on every request "+
+			"(header_mutation, %%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%%, OVERWRITE_IF_EXISTS_OR_ADD) "+
+			"and send it to ext_authz, or clients pick their own rate limit key", id.ClientIPHeader))
+	}
+	if j := id.JWTMetadata; j.Namespace != "" && j.FailureKey == "" {
+		w = append(w, "identity.jwt_metadata.failure_key is empty: if Envoy's jwt_authn lets failed tokens through "+
+			"(allow_missing_or_failed, as envoy/envoy.yaml does), requests with invalid tokens are treated as anonymous "+
+			"instead of answered 401")
+	}
+	if !id.AccountKey.IsSet() && id.AccountKeyFile == "" && !c.Development {
+		w = append(w, "no account key (MESHGUARD_ACCOUNT_KEY or identity.account_key_file): login account names are "+
+			"hashed with a random key of this process, so each replica counts its own per-account attempts; "+
+			"give every replica the same key")
+	}
+	return w
 }

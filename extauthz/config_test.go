@@ -89,6 +89,11 @@ func TestValidateBad(t *testing.T) {
 			`identity.trusted_role_header: "x role" is not a header name`,
 			`identity.client_ip_header: "X-Meshguard-Client" is a header meshguard sets itself`,
 		},
+		"bad_identity_keys.yaml": {
+			`identity.jwt_metadata.failure_key: "jwt_payload" is also identity.jwt_metadata.key`,
+			`identity.ipv6_prefix: must be between 32 and 128, got 16`,
+			`identity.account_key_file: not a file path, got "key\nfile"`,
+		},
 		"bad_csp.yaml": {
 			`csp.directives: directive name "Default-Src" must be lower-case letters, digits and '-'`,
 			`csp.directives.report-uri: set csp.report_uri / csp.report_to instead`,

@@ -33,7 +33,10 @@ type envoyReq struct {
 	headers                    [][2]string // in arrival order; keys any case
 	ext                        map[string]string
 	jwt                        map[string]any // jwt_authn payload_in_metadata
+	jwtFailure                 map[string]any // jwt_authn failed_status_in_metadata
 	source                     string         // downstream remote address
+	body                       string         // with_request_body: sent as raw_body
+	bodyAsString               bool           // … or, without pack_as_bytes, as body
 }
 
 func (r envoyReq) build(tb testing.TB, form string) *authv3.CheckRequest {
@@ -93,13 +96,28 @@ func (r envoyReq) build(tb testing.TB, form string) *authv3.CheckRequest {
 		},
 		ContextExtensions: r.ext,
 	}
-	if r.jwt != nil {
-		payload, err := structpb.NewStruct(r.jwt)
+	if r.body != "" {
+		if r.bodyAsString {
+			h.Body = r.body
+		} else {
+			h.RawBody = []byte(r.body)
+		}
+		h.Size = int64(len(r.body))
+	}
+	jwtNS := map[string]*structpb.Value{}
+	for key, m := range map[string]map[string]any{"jwt_payload": r.jwt, "jwt_failure": r.jwtFailure} {
+		if m == nil {
+			continue
+		}
+		v, err := structpb.NewStruct(m)
 		if err != nil {
 			tb.Fatal(err)
 		}
+		jwtNS[key] = structpb.NewStructValue(v)
+	}
+	if len(jwtNS) > 0 {
 		attrs.MetadataContext = &corev3.Metadata{FilterMetadata: map[string]*structpb.Struct{
-			"envoy.filters.http.jwt_authn": {Fields: map[string]*structpb.Value{"jwt_payload": structpb.NewStructValue(payload)}},
+			"envoy.filters.http.jwt_authn": {Fields: jwtNS},
 		}}
 	}
 	return &authv3.CheckRequest{Attributes: attrs}

@@ -2,10 +2,15 @@
 // (envoy.service.auth.v3.Authorization/Check) for web applications behind
 // Envoy: CORS origin policy (Fetch rules, Vary: Origin, 403 for disallowed
 // origins), preflight answers (never forwarded upstream), a per-request CSP
-// nonce, the caller's identity (x-meshguard-client for per-user quotas), per
-// tenant origin lists kept current from PostgreSQL, and per-route policy
-// from context_extensions. Every answer carries dynamic metadata (decision,
-// reason, origin, tenant, user, role, client, preflight) for the access log.
+// nonce, the caller's identity, the keys the rate limit service counts by
+// (x-meshguard-client: user:<id> or ip:<address>; x-meshguard-ip: the
+// address key, IPv6 by prefix; x-meshguard-account: a keyed hash of a login
+// body's account name), the 401 for a bearer token jwt_authn let through as
+// failed (with CORS headers the browser can read), per tenant origin lists
+// kept current from PostgreSQL, and per-route policy from
+// context_extensions. Every answer carries dynamic metadata (decision,
+// reason, origin, tenant, user, role, client, account, preflight) for the
+// access log.
 //
 // Responses whose CORS headers depend on Origin carry Vary: Origin, those to
 // requests without an Origin too, so a shared cache never serves a response
@@ -20,6 +25,8 @@
 //	csp:          nonce | off               (default: csp.nonce)
 //	require_role: role[,role…]              (any of; 401 without identity, 403 without the role)
 //	tenant:       tenant id                 (overrides the header and host)
+//	account:      body field                (a login: POST/PUT/PATCH bodies must name the account once;
+//	                                         400/413/415 otherwise; needs the route's with_request_body)
 //
 // Metrics:
 //
@@ -39,8 +46,6 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"log/slog"
-	"net/netip"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -55,7 +60,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protowire"
-	"google.golang.org/protobuf/types/known/structpb"
 )
 
 // Bounds on what one CheckRequest can make Check do.
@@ -75,6 +79,10 @@ const (
 	bodyRoleRequired      = `{"error":"Forbidden"}`
 	bodyBadRoutePolicy    = `{"error":"Internal server error"}`
 	bodyTooLarge          = `{"error":"Request header fields too large"}`
+	bodyTokenInvalid      = `{"error":"Invalid or expired token"}`
+	bodyAccountInvalid    = `{"error":"Bad request: the body must name the account exactly once"}`
+	bodyBodyTooLarge      = `{"error":"Request body too large"}`
+	bodyUnsupportedType   = `{"error":"Unsupported media type: send application/json or application/x-www-form-urlencoded"}`
 )
 
 // Server answers Check. It is safe for concurrent use.
@@ -84,12 +92,14 @@ type Server struct {
 	m       *metrics
 	p       *compiled
 	tenants *TenantStore // nil: config tenants only
+	// accountKey keys the hash of login account names (see account.go).
+	accountKey []byte
 
 	// Header options that never change, shared by every response (protobuf
 	// marshalling only reads them).
 	hAllowCreds, hExpose, hVary, hACAOStar, hReporting           *corev3.HeaderValueOption
 	hPreflightVary, hAllowMethods, hAllowHeaders, hMaxAge, hJSON *corev3.HeaderValueOption
-	hVaryDenied, hChallenge                                      *corev3.HeaderValueOption
+	hVaryDenied, hChallenge, hChallengeInvalid, hExposeAuth      *corev3.HeaderValueOption
 
 	lastWarn atomic.Int64 // unix nanos of the last sampled warning
 }
@@ -106,12 +116,19 @@ func (s *Server) warnSampled(msg string, args ...any) {
 
 // New returns a Server for cfg. tenants may be nil (no database): then only
 // the tenants of cfg.CORS.Tenants apply.
+//
+// The account key comes from cfg.Identity.AccountKey, else the file
+// cfg.Identity.AccountKeyFile (read once, here), else crypto/rand.
 func New(log *slog.Logger, reg prometheus.Registerer, cfg Config, tenants *TenantStore) (*Server, error) {
 	p, err := compile(cfg)
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{log: log, m: newMetrics(reg), p: p, tenants: tenants}
+	key, err := loadAccountKey(cfg.Identity)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{log: log, m: newMetrics(reg), p: p, tenants: tenants, accountKey: key}
 	s.hAllowCreds = overwrite("Access-Control-Allow-Credentials", "true")
 	if p.exposeHeaders != "" {
 		s.hExpose = overwrite("Access-Control-Expose-Headers", p.exposeHeaders)
@@ -133,6 +150,13 @@ func New(log *slog.Logger, reg prometheus.Registerer, cfg Config, tenants *Tenan
 	}
 	s.hJSON = overwrite("Content-Type", "application/json")
 	s.hChallenge = overwrite("WWW-Authenticate", "Bearer") // a 401 must carry a challenge (RFC 9110)
+	s.hChallengeInvalid = overwrite("WWW-Authenticate", `Bearer error="invalid_token"`)
+	// A cross-origin script reads WWW-Authenticate only when it is exposed.
+	expose := "WWW-Authenticate"
+	if p.exposeHeaders != "" {
+		expose = p.exposeHeaders + ", " + expose
+	}
+	s.hExposeAuth = overwrite("Access-Control-Expose-Headers", expose)
 	if p.csp != nil && p.csp.report != "" {
 		s.hReporting = overwrite("Reporting-Endpoints", p.csp.report)
 	}
@@ -162,6 +186,9 @@ var (
 	statusPreflight = &rpcstatus.Status{Code: int32(codes.PermissionDenied), Message: "CORS preflight answered by meshguard"}
 
 	http204 = &typev3.HttpStatus{Code: typev3.StatusCode_NoContent}
+	http400 = &typev3.HttpStatus{Code: typev3.StatusCode_BadRequest}
+	http413 = &typev3.HttpStatus{Code: typev3.StatusCode_PayloadTooLarge}
+	http415 = &typev3.HttpStatus{Code: typev3.StatusCode_UnsupportedMediaType}
 	http401 = &typev3.HttpStatus{Code: typev3.StatusCode_Unauthorized}
 	http403 = &typev3.HttpStatus{Code: typev3.StatusCode_Forbidden}
 	http431 = &typev3.HttpStatus{Code: typev3.StatusCode_RequestHeaderFieldsTooLarge}
@@ -184,6 +211,8 @@ type request struct {
 	nUser, nRole         int
 	clientIP             string
 	nClientIP            int
+	contentType          string
+	nContentType         int
 	tooMany              bool
 }
 
@@ -230,6 +259,9 @@ func (s *Server) read(h *authv3.AttributeContext_HttpRequest, r *request) {
 			case s.p.ipHeader != "" && eqFold(k, s.p.ipHeader):
 				r.clientIP = headerValue(hv)
 				r.nClientIP++
+			case eqFold(k, "content-type"):
+				r.contentType = headerValue(hv)
+				r.nContentType++
 			}
 		}
 		if r.method == "" {
@@ -262,6 +294,7 @@ func (s *Server) read(h *authv3.AttributeContext_HttpRequest, r *request) {
 	if s.p.ipHeader != "" {
 		one(s.p.ipHeader, &r.clientIP, &r.nClientIP)
 	}
+	one("content-type", &r.contentType, &r.nContentType)
 	if r.method == "" {
 		r.method = m[":method"]
 	}
@@ -298,6 +331,7 @@ type route struct {
 	nonce       bool
 	requireRole string
 	tenant      string
+	account     string // body field naming the login account; "" none
 	bad         string // the offending key when a value is unknown
 }
 
@@ -335,6 +369,12 @@ func (s *Server) route(ext map[string]string) route {
 		}
 		rt.tenant = t
 	}
+	if a, ok := ext["account"]; ok {
+		if !validAccountField(a) {
+			rt.bad = "account"
+		}
+		rt.account = a
+	}
 	return rt
 }
 
@@ -355,9 +395,14 @@ type eval struct {
 	tenant    string
 	user      string
 	role      string
-	client    string
+	client    string // user:<id>, else ip
+	ip        string // ip:<address or IPv6 prefix>
+	account   string // account:<key>; "" none
 	nonce     bool
 	idSource  int
+	// tokenInvalid: a bearer token was presented and failed (jwt_authn's
+	// failed_status_in_metadata).
+	tokenInvalid bool
 }
 
 // Check decides one request. A deny is an answer; the error is non-nil only
@@ -413,6 +458,12 @@ func (s *Server) evaluate(attrs *authv3.AttributeContext, h *authv3.AttributeCon
 		}
 	}
 
+	// After CORS, so the browser may read the 401 (ACAO for an allowed
+	// origin) and the dashboard can refresh its token.
+	if e.tokenInvalid {
+		s.deny(e, reasonTokenInvalid, http401, bodyTokenInvalid, statusUnauth)
+		return
+	}
 	if rt.requireRole != "" {
 		switch {
 		case e.user == "":
@@ -421,6 +472,19 @@ func (s *Server) evaluate(attrs *authv3.AttributeContext, h *authv3.AttributeCon
 		case !hasRole(rt.requireRole, e.role):
 			s.deny(e, reasonRoleRequired, http403, bodyRoleRequired, statusDenied)
 			return
+		}
+	}
+	if rt.account != "" && accountMethod(r.method) {
+		key, why := s.account(rt.account, &r, h.GetRawBody(), h.GetBody())
+		switch why {
+		case reasonNone:
+			e.account = key
+		case reasonBodyTooLarge:
+			s.deny(e, why, http413, bodyBodyTooLarge, statusBad)
+		case reasonBodyUnsupported:
+			s.deny(e, why, http415, bodyUnsupportedType, statusBad)
+		default:
+			s.deny(e, why, http400, bodyAccountInvalid, statusBad)
 		}
 	}
 }
@@ -595,166 +659,14 @@ func tokenish(s string) bool {
 	return true
 }
 
-// identify sets user, role and the client key: from jwt_authn metadata,
-// else from the operator's trusted headers; the client key falls back to the
-// downstream address Envoy saw, never to a client-supplied header.
-func (s *Server) identify(attrs *authv3.AttributeContext, r *request, e *eval) {
-	e.idSource = identityNone
-	if s.p.jwtNS != "" {
-		if payload := attrs.GetMetadataContext().GetFilterMetadata()[s.p.jwtNS].GetFields()[s.p.jwtKey].GetStructValue(); payload != nil {
-			fields := payload.GetFields()
-			user := claimString(fields[s.p.userClaim])
-			if user != "" {
-				if validIdentity(user, maxUserLen) {
-					e.user, e.idSource = user, identityJWT
-				} else {
-					s.m.invalidID.Inc()
-				}
-			}
-			if e.user != "" && s.p.roleClaim != "" {
-				s.roleFromClaim(fields[s.p.roleClaim], e)
-			}
-		}
-	}
-	if e.user == "" && r.nUser == 1 && r.userHdr != "" {
-		if validIdentity(r.userHdr, maxUserLen) {
-			e.user, e.idSource = r.userHdr, identityHeader
-			if r.nRole == 1 && r.roleHdr != "" {
-				if validIdentity(r.roleHdr, maxRoleLen*maxRoles) {
-					e.role = r.roleHdr
-				} else {
-					s.m.invalidID.Inc()
-				}
-			}
-		} else {
-			s.m.invalidID.Inc()
-		}
-	}
-	if e.user != "" {
-		e.client = "user:" + e.user
-		return
-	}
-	// The address Envoy derived from X-Forwarded-For (when the operator's
-	// Envoy sets the header), else the connection peer.
-	if r.nClientIP == 1 && validIP(r.clientIP) {
-		e.client = "ip:" + r.clientIP
-		return
-	}
-	addr := attrs.GetSource().GetAddress().GetSocketAddress().GetAddress()
-	if !validIP(addr) {
-		e.client = "ip:unknown"
-		return
-	}
-	e.client = "ip:" + addr
-}
-
-// validIP reports whether s is an IPv4 or IPv6 address (no zone, no port).
-func validIP(s string) bool {
-	if len(s) == 0 || len(s) > 45 {
-		return false
-	}
-	a, err := netip.ParseAddr(s)
-	return err == nil && a.Zone() == ""
-}
-
-// roleFromClaim takes a string role or a list of string roles.
-func (s *Server) roleFromClaim(v *structpb.Value, e *eval) {
-	switch k := v.GetKind().(type) {
-	case *structpb.Value_StringValue:
-		if validIdentity(k.StringValue, maxRoleLen) && strings.IndexByte(k.StringValue, ',') < 0 {
-			e.role = k.StringValue
-		} else {
-			s.m.invalidID.Inc()
-		}
-	case *structpb.Value_ListValue:
-		vals := k.ListValue.GetValues()
-		if len(vals) > maxRoles {
-			vals = vals[:maxRoles]
-			s.m.invalidID.Inc()
-		}
-		var b strings.Builder
-		n := 0
-		for _, rv := range vals {
-			str := rv.GetStringValue()
-			if !validIdentity(str, maxRoleLen) || strings.IndexByte(str, ',') >= 0 {
-				s.m.invalidID.Inc()
-				continue
-			}
-			if n == 0 {
-				e.role = str
-			} else {
-				if n == 1 {
-					b.WriteString(e.role)
-				}
-				b.WriteByte(',')
-				b.WriteString(str)
-			}
-			n++
-		}
-		if n > 1 {
-			e.role = b.String()
-		}
-	}
-}
-
-// claimString reads a string claim, or an integral number claim.
-func claimString(v *structpb.Value) string {
-	switch k := v.GetKind().(type) {
-	case *structpb.Value_StringValue:
-		return k.StringValue
-	case *structpb.Value_NumberValue:
-		if f := k.NumberValue; f == float64(int64(f)) && f >= 0 {
-			return strconv.FormatInt(int64(f), 10)
-		}
-	}
-	return ""
-}
-
-// validIdentity accepts 1..max visible ASCII bytes: the value goes into a
-// header, a rate limit descriptor and the audit trail.
-func validIdentity(s string, max int) bool {
-	return len(s) > 0 && len(s) <= max && visibleASCII(s)
-}
-
-// hasRole reports whether the caller's roles (comma-separated in role)
-// include any of the comma-separated required roles.
-func hasRole(required, role string) bool {
-	n := 0
-	for required != "" && n < maxRequireRoles {
-		var want string
-		if i := strings.IndexByte(required, ','); i >= 0 {
-			want, required = required[:i], required[i+1:]
-		} else {
-			want, required = required, ""
-		}
-		want = strings.TrimSpace(want)
-		if want == "" {
-			continue
-		}
-		n++
-		for rs := role; rs != ""; {
-			var got string
-			if i := strings.IndexByte(rs, ','); i >= 0 {
-				got, rs = rs[:i], rs[i+1:]
-			} else {
-				got, rs = rs, ""
-			}
-			if got == want {
-				return true
-			}
-		}
-	}
-	return false
-}
-
 // okArena holds one allowed answer in a single allocation.
 type okArena struct {
 	resp   authv3.CheckResponse
 	oneof  authv3.CheckResponse_OkResponse
 	ok     authv3.OkHttpResponse
-	reqPtr [4]*corev3.HeaderValueOption
-	reqOpt [4]corev3.HeaderValueOption
-	reqVal [4]corev3.HeaderValue
+	reqPtr [6]*corev3.HeaderValueOption
+	reqOpt [6]corev3.HeaderValueOption
+	reqVal [6]corev3.HeaderValue
 	rspPtr [7]*corev3.HeaderValueOption
 	rspOpt [2]corev3.HeaderValueOption
 	rspVal [2]corev3.HeaderValue
@@ -781,7 +693,7 @@ const dynamicMetadataField protowire.Number = 4
 // this takes one. Envoy, and any client, decode it as dynamic_metadata; only
 // an in-process caller of Check sees it as an unknown field instead.
 func setMetadata(resp *authv3.CheckResponse, e *eval) {
-	var kv [8][2]string
+	var kv [9][2]string
 	n := 0
 	add := func(k, v string) {
 		if v != "" {
@@ -804,6 +716,7 @@ func setMetadata(resp *authv3.CheckResponse, e *eval) {
 	add("user", e.user)
 	add("role", e.role)
 	add("client", e.client)
+	add("account", e.account)
 
 	// Struct{fields: map<string, Value>}: one length-delimited entry per
 	// field, entry{1: key, 2: Value{3: string_value | 4: bool_value}}.
@@ -867,6 +780,12 @@ func (s *Server) respond(e *eval) *authv3.CheckResponse {
 		n++
 	}
 	set(headerClient, e.client)
+	set(headerIP, e.ip)
+	if e.account != "" {
+		set(headerAccount, e.account)
+	} else {
+		remove = append(remove, headerAccount)
+	}
 	if e.user != "" {
 		set(headerUser, e.user)
 	} else {
@@ -951,6 +870,8 @@ func (s *Server) respondDenied(e *eval) *authv3.CheckResponse {
 		h = append(h, s.hPreflightVary)
 	case e.preflight:
 		h = append(h, s.hPreflightVary)
+	case e.cors && e.status == http401:
+		h = append(h, s.hExposeAuth, s.hVaryDenied)
 	case e.cors && s.hExpose != nil:
 		h = append(h, s.hExpose, s.hVaryDenied)
 	case e.vary:
@@ -959,7 +880,10 @@ func (s *Server) respondDenied(e *eval) *authv3.CheckResponse {
 	if e.body != "" {
 		h = append(h, s.hJSON)
 	}
-	if e.status == http401 {
+	switch {
+	case e.status == http401 && e.tokenInvalid:
+		h = append(h, s.hChallengeInvalid)
+	case e.status == http401:
 		h = append(h, s.hChallenge)
 	}
 	a.denied.Headers = h

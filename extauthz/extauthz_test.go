@@ -107,6 +107,7 @@ const (
 	cspDefault = "Content-Security-Policy: base-uri 'self'; default-src 'self'; frame-ancestors 'none'; object-src 'none'; script-src 'self' 'strict-dynamic' 'nonce-NONCE'; report-uri /v1/csp-reports (overwrite)"
 	varyAppend = "Vary: Origin (append)"
 	clientIP   = "x-meshguard-client: ip:203.0.113.7 (overwrite)"
+	ipHdr      = "x-meshguard-ip: ip:203.0.113.7 (overwrite)"
 	nonceHdr   = "x-csp-nonce: NONCE (overwrite)"
 	jsonHdr    = "Content-Type: application/json (overwrite)"
 	varyDenied = "Vary: Origin (overwrite)"
@@ -120,8 +121,8 @@ func acao(origin string) string { return "Access-Control-Allow-Origin: " + origi
 // allowCORS is the answer for an allowed cross-origin request.
 func allowCORS(origin string, meta map[string]any) outcome {
 	return outcome{
-		Upstream: []string{clientIP, nonceHdr},
-		Remove:   []string{"x-meshguard-user", "x-meshguard-role"},
+		Upstream: []string{clientIP, ipHdr, nonceHdr},
+		Remove:   []string{"x-meshguard-account", "x-meshguard-user", "x-meshguard-role"},
 		Response: []string{acao(origin), credsHdr, exposeHdr, varyAppend, cspDefault},
 		Meta:     meta,
 	}
@@ -130,8 +131,8 @@ func allowCORS(origin string, meta map[string]any) outcome {
 // allowPlain is the answer for an allowed request that gets no CORS headers.
 func allowPlain(meta map[string]any, vary bool) outcome {
 	o := outcome{
-		Upstream: []string{clientIP, nonceHdr},
-		Remove:   []string{"x-meshguard-user", "x-meshguard-role"},
+		Upstream: []string{clientIP, ipHdr, nonceHdr},
+		Remove:   []string{"x-meshguard-account", "x-meshguard-user", "x-meshguard-role"},
 		Response: []string{cspDefault},
 		Meta:     meta,
 	}
@@ -210,9 +211,9 @@ func TestCheckConformance(t *testing.T) {
 		return envoyReq{host: "api.example.net", headers: h}
 	}
 	user := func(o outcome, client string, up ...string) outcome {
-		o.Upstream = append([]string{"x-meshguard-client: " + client + " (overwrite)"}, up...)
+		o.Upstream = append([]string{"x-meshguard-client: " + client + " (overwrite)", ipHdr}, up...)
 		o.Upstream = append(o.Upstream, nonceHdr)
-		o.Remove = nil
+		o.Remove = []string{"x-meshguard-account"}
 		o.Meta["client"] = client
 		return o
 	}
@@ -259,11 +260,11 @@ func TestCheckConformance(t *testing.T) {
 		{name: "null not listed", req: get("null"),
 			want: denyOrigin(meta("decision", "deny", "reason", "origin_not_allowed", "origin", "null"))},
 		{name: "null listed", cfg: nullCfg, req: get("null"),
-			want: outcome{Upstream: []string{clientIP, nonceHdr}, Remove: []string{"x-meshguard-user", "x-meshguard-role"},
+			want: outcome{Upstream: []string{clientIP, ipHdr, nonceHdr}, Remove: []string{"x-meshguard-account", "x-meshguard-user", "x-meshguard-role"},
 				Response: []string{acao("null"), exposeHdr, varyAppend, cspDefault},
 				Meta:     meta("decision", "allow", "reason", "origin_allowed", "origin", "null")}},
 		{name: "star without credentials", cfg: starCfg, req: get("https://anything.test"),
-			want: outcome{Upstream: []string{clientIP, nonceHdr}, Remove: []string{"x-meshguard-user", "x-meshguard-role"},
+			want: outcome{Upstream: []string{clientIP, ipHdr, nonceHdr}, Remove: []string{"x-meshguard-account", "x-meshguard-user", "x-meshguard-role"},
 				Response: []string{acao("*"), exposeHdr, cspDefault},
 				Meta:     meta("decision", "allow", "reason", "origin_allowed", "origin", "https://anything.test")}},
 		{name: "duplicate Origin headers", req: get("https://dashboard.example.com", "origin", "https://evil.test"),
@@ -341,16 +342,18 @@ func TestCheckConformance(t *testing.T) {
 			want: func() outcome {
 				o := allowPlain(meta("decision", "allow", "reason", "not_cors", "client", "ip:198.51.100.9"), true)
 				o.Upstream[0] = "x-meshguard-client: ip:198.51.100.9 (overwrite)"
+				o.Upstream[1] = "x-meshguard-ip: ip:198.51.100.9 (overwrite)"
 				return o
 			}()},
 		{name: "x-meshguard-client-ip that is not an address", req: get("", "x-meshguard-client-ip", "198.51.100.9, 10.0.0.1"),
 			want: allowPlain(meta("decision", "allow", "reason", "not_cors"), true)},
 		{name: "client ip header switched off", cfg: func() Config { c := testConfig(); c.Identity.ClientIPHeader = ""; return c }(),
 			req: get("", "x-meshguard-client-ip", "198.51.100.9"), want: allowPlain(meta("decision", "allow", "reason", "not_cors"), true)},
-		{name: "ipv6 downstream", req: envoyReq{host: "api.example.net", source: "2001:db8::7"},
+		{name: "ipv6 downstream: keyed by its /64", req: envoyReq{host: "api.example.net", source: "2001:db8::7"},
 			want: func() outcome {
-				o := allowPlain(meta("decision", "allow", "reason", "not_cors", "client", "ip:2001:db8::7"), true)
-				o.Upstream[0] = "x-meshguard-client: ip:2001:db8::7 (overwrite)"
+				o := allowPlain(meta("decision", "allow", "reason", "not_cors", "client", "ip:2001:db8::/64"), true)
+				o.Upstream[0] = "x-meshguard-client: ip:2001:db8::/64 (overwrite)"
+				o.Upstream[1] = "x-meshguard-ip: ip:2001:db8::/64 (overwrite)"
 				return o
 			}()},
 
@@ -371,7 +374,7 @@ func TestCheckConformance(t *testing.T) {
 			want: user(allowPlain(meta("decision", "allow", "reason", "not_cors", "user", "u-1", "role", "reader,admin"), true), "user:u-1",
 				"x-meshguard-user: u-1 (overwrite)", "x-meshguard-role: reader,admin (overwrite)")},
 		{name: "route turns the nonce off", req: envoyReq{host: "api.example.net", ext: map[string]string{"csp": "off"}},
-			want: outcome{Upstream: []string{clientIP}, Remove: []string{"x-meshguard-user", "x-meshguard-role", "x-csp-nonce"},
+			want: outcome{Upstream: []string{clientIP, ipHdr}, Remove: []string{"x-meshguard-account", "x-meshguard-user", "x-meshguard-role", "x-csp-nonce"},
 				Response: []string{varyAppend}, Meta: meta("decision", "allow", "reason", "not_cors")}},
 		{name: "unknown route policy value", req: envoyReq{host: "api.example.net", ext: map[string]string{"cors": "sometimes"}},
 			want: outcome{Code: codes.FailedPrecondition, HTTP: 500, Body: `{"error":"Internal server error"}`, Response: []string{jsonHdr},
@@ -381,7 +384,7 @@ func TestCheckConformance(t *testing.T) {
 
 		// CSP.
 		{name: "no nonce configured: client nonce removed", cfg: noCSP, req: get("", "x-csp-nonce", "attacker"),
-			want: outcome{Upstream: []string{clientIP}, Remove: []string{"x-meshguard-user", "x-meshguard-role", "x-csp-nonce"},
+			want: outcome{Upstream: []string{clientIP, ipHdr}, Remove: []string{"x-meshguard-account", "x-meshguard-user", "x-meshguard-role", "x-csp-nonce"},
 				Response: []string{varyAppend}, Meta: meta("decision", "allow", "reason", "not_cors")}},
 		{name: "report-to group and Reporting-Endpoints", cfg: reportTo, req: get(""),
 			want: func() outcome {

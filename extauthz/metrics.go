@@ -33,13 +33,20 @@ const (
 	reasonRoleRequired                    // route requires a role the caller lacks
 	reasonBadRoutePolicy                  // context_extensions holds an unknown value
 	reasonRequestTooLarge                 // more headers than any Envoy sends
+	reasonTokenInvalid                    // a bearer token was presented and failed
+	reasonAccountInvalid                  // a login body that names no account, or two
+	reasonBodyTooLarge                    // a login body over MaxAccountBodyBytes
+	reasonBodyUnsupported                 // a login body neither JSON nor a form
 	numReasons
+
+	reasonNone = numReasons // not a label: nothing refused
 )
 
 var reasonNames = [numReasons]string{
 	"not_cors", "same_origin", "cors_skipped", "origin_allowed", "origin_not_allowed", "origin_invalid",
 	"preflight_ok", "method_not_allowed", "headers_not_allowed", "authentication_required",
-	"role_required", "bad_route_policy", "request_too_large",
+	"role_required", "bad_route_policy", "request_too_large", "token_invalid", "account_invalid",
+	"body_too_large", "body_unsupported_media_type",
 }
 
 type metrics struct {

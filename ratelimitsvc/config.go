@@ -106,15 +106,22 @@ type Config struct {
 	LocalCacheSize int `yaml:"local_cache_size"`
 }
 
-// BuiltinPresets returns the built-in presets.
+// BuiltinPresets returns the built-in presets. envoy/envoy.yaml keys auth
+// by login account and auth_ip by address, so one NAT (a hospital, a
+// school) shares the higher auth_ip ceiling while each account still gets
+// five attempts; static (assets, which browsers fetch without a token) and
+// csp_report have quotas of their own so neither spends a page's quota.
 func BuiltinPresets() map[string]PresetConfig {
 	return map[string]PresetConfig{
-		"strict":   {RequestsPerUnit: 5, Window: 15 * time.Minute},
-		"standard": {RequestsPerUnit: 100, Window: 15 * time.Minute},
-		"relaxed":  {RequestsPerUnit: 300, Window: 15 * time.Minute},
-		"auth":     {RequestsPerUnit: 5, Window: 15 * time.Minute},
-		"upload":   {RequestsPerUnit: 20, Window: time.Hour},
-		"ai":       {RequestsPerUnit: 30, Window: time.Hour},
+		"strict":     {RequestsPerUnit: 5, Window: 15 * time.Minute},
+		"standard":   {RequestsPerUnit: 100, Window: 15 * time.Minute},
+		"relaxed":    {RequestsPerUnit: 300, Window: 15 * time.Minute},
+		"auth":       {RequestsPerUnit: 5, Window: 15 * time.Minute},
+		"auth_ip":    {RequestsPerUnit: 300, Window: 15 * time.Minute},
+		"upload":     {RequestsPerUnit: 20, Window: time.Hour},
+		"ai":         {RequestsPerUnit: 30, Window: time.Hour},
+		"static":     {RequestsPerUnit: 6000, Window: time.Minute},
+		"csp_report": {RequestsPerUnit: 120, Window: time.Minute},
 	}
 }
 
@@ -129,9 +136,24 @@ func DefaultConfig() Config {
 		FailureMode:     "allow",
 		ResponseHeaders: true,
 		ReloadInterval:  2 * time.Second,
-		Domains:         []DomainConfig{presetDomain("api", BuiltinPresets())},
+		Domains:         []DomainConfig{apiDomain()},
 		LocalCacheSize:  100_000,
 	}
+}
+
+// apiDomain is the built-in domain "api", what envoy/envoy.yaml's routes
+// send: (preset=<name>, client=<user:… | ip:… | account:…>) limited by that
+// preset, and for static assets, whose route skips ext_authz, (preset=static,
+// masked_remote_address=<address/prefix>), the key Envoy computes itself.
+func apiDomain() DomainConfig {
+	d := presetDomain("api", BuiltinPresets())
+	for i := range d.Descriptors {
+		if d.Descriptors[i].Value == "static" {
+			d.Descriptors[i].Descriptors = append(d.Descriptors[i].Descriptors,
+				DescriptorConfig{Key: "masked_remote_address", RateLimit: &RateLimitConfig{Preset: "static"}})
+		}
+	}
+	return d
 }
 
 // presetDomain builds a domain with one rule per preset: descriptor

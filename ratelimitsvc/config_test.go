@@ -25,7 +25,7 @@ func TestBadDomainFiles(t *testing.T) {
 		"empty_key.yaml":              {`descriptors[0] (route).descriptors[0] (=x).key: must not be empty`},
 		"empty_domain.yaml":           {`domain: must not be empty`},
 		"unknown_field.yaml":          {`line 4: field burst not found in type ratelimitsvc.RateLimitConfig`},
-		"unknown_preset.yaml":         {`descriptors[0] (client).rate_limit.preset: unknown preset "generous" (known: ai, auth, relaxed, standard, strict, upload)`},
+		"unknown_preset.yaml":         {`descriptors[0] (client).rate_limit.preset: unknown preset "generous" (known: ai, auth, auth_ip, csp_report, relaxed, standard, static, strict, upload)`},
 		"preset_with_unit.yaml":       {`descriptors[0] (client).rate_limit.preset: "auth" sets the limit; unit, window and requests_per_unit must not be set with it`},
 		"unit_and_window.yaml":        {`descriptors[0] (client).rate_limit.window: set unit or window, not both (unit "minute", window 15m0s)`},
 		"bad_window.yaml":             {`descriptors[0] (client).rate_limit.window: must be between 1s and 8784h0m0s, got 10ms`},

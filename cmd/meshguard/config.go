@@ -203,6 +203,9 @@ func applyEnv(c *Config, getenv func(string) string) error {
 	if v := getenv("MESHGUARD_AUDIT_KEY"); v != "" {
 		c.Audit.Key = secret.String(v)
 	}
+	if v := getenv("MESHGUARD_ACCOUNT_KEY"); v != "" {
+		c.Identity.AccountKey = secret.String(v)
+	}
 	return errors.Join(errs...)
 }
 

@@ -34,6 +34,9 @@ func setupExtauthz(ctx context.Context, a *app) (*component, error) {
 	if err != nil {
 		return nil, err
 	}
+	for _, w := range configWarnings(a.cfg) {
+		log.Warn(w)
+	}
 	c.grpc = srv.Register
 	return c, nil
 }
@@ -56,4 +59,11 @@ func startTenants(ctx context.Context, log *slog.Logger, ts *extauthz.TenantStor
 			ok, st := ts.Status()
 			return dependencyStatus{Healthy: ok, Error: st.LastError, Details: st}
 		}})
+}
+
+// configWarnings lists what a valid configuration relies on Envoy for or
+// gives up (trusted identity headers, the client address header, the
+// account key): check-config prints them, serve logs them at start.
+func configWarnings(c Config) []string {
+	return c.extauthzConfig().Warnings()
 }

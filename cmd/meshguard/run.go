@@ -89,11 +89,15 @@ func runCheckConfig(_ context.Context, args []string, getenv func(string) string
 	if *noEnv {
 		getenv = func(string) string { return "" }
 	}
-	if _, err := loadConfig(fs.Arg(0), getenv); err != nil {
+	cfg, err := loadConfig(fs.Arg(0), getenv)
+	if err != nil {
 		for _, line := range strings.Split(err.Error(), "\n") {
 			fmt.Fprintln(stderr, line)
 		}
 		return fmt.Errorf("%s: invalid configuration", fs.Arg(0))
+	}
+	for _, w := range configWarnings(cfg) {
+		fmt.Fprintln(stderr, "warning: "+w)
 	}
 	fmt.Fprintf(stdout, "%s: ok\n", fs.Arg(0))
 	return nil

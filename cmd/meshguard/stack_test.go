@@ -112,11 +112,14 @@ audit:
 	// 1. ext_authz: an allowed cross-origin request; meshguard names the client.
 	authz := authv3.NewAuthorizationClient(conn)
 	check, err := authz.Check(ctx, &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
-		Source: &authv3.AttributeContext_Peer{Address: socketAddr("203.0.113.7", 51000)},
+		// The peer is the load balancer; the client's address is what
+		// Envoy's header_mutation writes into x-meshguard-client-ip
+		// (identity.client_ip_header's default), over any client copy.
+		Source: &authv3.AttributeContext_Peer{Address: socketAddr("10.0.0.1", 51000)},
 		Request: &authv3.AttributeContext_Request{Http: &authv3.AttributeContext_HttpRequest{
 			Id: "req-1", Method: "POST", Scheme: "https", Host: "app.example.com", Path: "/api/users",
 			Headers: map[string]string{"origin": "https://dashboard.example.com", "x-meshguard-client": "user:forged",
-				"x-meshguard-client-ip": "198.51.100.66"}, // trusted only when configured
+				"x-meshguard-client-ip": "203.0.113.7"},
 		}},
 	}})
 	if err != nil {
