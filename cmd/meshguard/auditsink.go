@@ -158,6 +158,11 @@ func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 				if keys.Generated {
 					ds.Error = "the audit trail runs on a generated key (configure audit.key_file or MESHGUARD_AUDIT_KEY)"
 				}
+				if st.CheckpointError != "" {
+					// Rows go on being written; what is not checkpointed
+					// can be truncated unseen, so say so loudly.
+					ds.Healthy, ds.Error = false, "audit checkpoints not published: "+st.CheckpointError
+				}
 				if !migrated.done() {
 					ds.Healthy, ds.Error = false, "audit schema not migrated yet"
 				}
