@@ -580,8 +580,8 @@ func TestServeAuditGeneratedKey(t *testing.T) {
 		t.Fatalf("generated key file: %v %v", fi, err)
 	}
 	skey, _ := os.ReadFile(keyFile)
-	secretPart := strings.TrimSpace(string(skey))
-	secretPart = secretPart[strings.LastIndexByte(secretPart, '+')+1:]
+	// The seed's base64 is the fifth '+' field (base64 itself may hold '+').
+	secretPart := strings.SplitN(strings.TrimSpace(string(skey)), "+", 5)[4]
 	if !d.GeneratedKey || !st.Healthy || !strings.Contains(st.Error, "generated key") || !strings.Contains(logs, d.PublicKey) {
 		t.Fatalf("readyz details %+v / %+v; logs:\n%s", d, st, logs)
 	}
