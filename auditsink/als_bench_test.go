@@ -10,6 +10,8 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	accesslogv3 "github.com/envoyproxy/go-control-plane/envoy/data/accesslog/v3"
 	alsv3 "github.com/envoyproxy/go-control-plane/envoy/service/accesslog/v3"
+
+	"github.com/meshguard/meshguard/audittrail"
 )
 
 func benchEntries() map[string]*accesslogv3.HTTPAccessLogEntry {
@@ -27,7 +29,7 @@ func benchEntries() map[string]*accesslogv3.HTTPAccessLogEntry {
 }
 
 // BenchmarkMapClassify is the per-entry cost of the ingest path: rules
-// (default set, first match wins) plus, for kept entries, the Record and
+// (default set, first match wins) plus, for kept entries, the audittrail.Record and
 // its metadata JSON.
 func BenchmarkMapClassify(b *testing.B) {
 	m := testMapper(b, nil)
@@ -35,7 +37,7 @@ func BenchmarkMapClassify(b *testing.B) {
 	for name, e := range benchEntries() {
 		b.Run(name, func(b *testing.B) {
 			b.ReportAllocs()
-			var rec Record
+			var rec audittrail.Record
 			for b.Loop() {
 				m.mapHTTP(&id, e, &rec)
 			}
@@ -45,7 +47,7 @@ func BenchmarkMapClassify(b *testing.B) {
 
 type discardSink struct{ n atomic.Int64 }
 
-func (d *discardSink) Enqueue(_ context.Context, recs []Record) error {
+func (d *discardSink) Enqueue(_ context.Context, recs []audittrail.Record) error {
 	d.n.Add(int64(len(recs)))
 	return nil
 }

@@ -13,6 +13,8 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/google/go-cmp/cmp/cmpopts"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/meshguard/meshguard/audittrail"
 )
 
 // TestIngestIntoStores streams hostile entries through the ALS server into
@@ -31,10 +33,9 @@ func TestIngestIntoStores(t *testing.T) {
 		{method: POST, path: "/api/orders", status: 201, reqID: "skewed", start: time.Date(2001, 1, 1, 0, 0, 0, 0, time.UTC)},
 		{method: POST, path: "/api/auth/login", status: 401, reqID: "login", headers: map[string]string{"origin": "https://evil.example\x00"}},
 	}
-	bothStores(t, Config{}, func(t *testing.T, st testStore) {
-		cfg := writerConfig(t)
-		w, _, stop := startWriter(t, cfg, st)
-		s, err := New(discardLogger(), prometheus.NewRegistry(), cfg, w)
+	trailStores(t, func(t *testing.T, st trailStore) {
+		w, stop := startTrailWriter(t, st)
+		s, err := New(discardLogger(), prometheus.NewRegistry(), DefaultConfig(), w)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -43,12 +44,12 @@ func TestIngestIntoStores(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var want []Record
+		var want []audittrail.Record
 		id := identifier("envoy-0", "als")
 		sid := newStreamIdentity(id)
 		for _, o := range entries {
 			e := entry(o)
-			var rec Record
+			var rec audittrail.Record
 			if _, out := s.ingest.mapHTTP(&sid, e, &rec); out != outKept {
 				t.Fatalf("%s not kept", o.reqID)
 			}
@@ -67,19 +68,19 @@ func TestIngestIntoStores(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		stop(ctx) // drains the queue into the store
-		var got []Record
-		if err := st.Scan(ctx, Filter{}, func(r *Record) error { got = append(got, *r); return nil }); err != nil {
+		var got []audittrail.Record
+		if err := st.Scan(ctx, audittrail.Filter{}, func(r *audittrail.Record) error { got = append(got, *r); return nil }); err != nil {
 			t.Fatal(err)
 		}
-		byID := func(a, b Record) int { return strings.Compare(a.RequestID, b.RequestID) }
+		byID := func(a, b audittrail.Record) int { return strings.Compare(a.RequestID, b.RequestID) }
 		slices.SortFunc(want, byID)
 		slices.SortFunc(got, byID)
 		opts := cmp.Options{
-			cmpopts.IgnoreFields(Record{}, "ID", "ChainID", "Seq", "PrevHash", "Hash"),
+			cmpopts.IgnoreFields(audittrail.Record{}, "ID", "ChainID", "Seq", "KeyID", "PrevHash", "Hash"),
 			cmpopts.EquateEmpty(),
 		}
 		// jsonb reorders keys; compare metadata in a canonical form.
-		for _, rs := range [][]Record{want, got} {
+		for _, rs := range [][]audittrail.Record{want, got} {
 			for i := range rs {
 				var v any
 				if err := json.Unmarshal(rs[i].Metadata, &v); err != nil {

@@ -26,6 +26,8 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/meshguard/meshguard/audittrail"
 )
 
 // testNow is the fixed clock of these tests.
@@ -35,12 +37,12 @@ var testNow = time.Date(2026, 11, 29, 8, 0, 0, 0, time.UTC)
 // is returned instead.
 type collectSink struct {
 	mu    sync.Mutex
-	recs  []Record
+	recs  []audittrail.Record
 	calls int
 	err   error
 }
 
-func (c *collectSink) Enqueue(_ context.Context, recs []Record) error {
+func (c *collectSink) Enqueue(_ context.Context, recs []audittrail.Record) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.calls++
@@ -51,10 +53,10 @@ func (c *collectSink) Enqueue(_ context.Context, recs []Record) error {
 	return nil
 }
 
-func (c *collectSink) records() []Record {
+func (c *collectSink) records() []audittrail.Record {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return append([]Record(nil), c.recs...)
+	return append([]audittrail.Record(nil), c.recs...)
 }
 
 func (c *collectSink) setErr(err error) {
@@ -472,13 +474,13 @@ func TestStreamAccessLogsTCP(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
 		rules []RuleConfig
-		want  []Record
+		want  []audittrail.Record
 	}{
 		{name: "default rules ignore tcp", rules: nil},
 		{name: "tcp rule keeps failures", rules: []RuleConfig{
-			{Name: "tcp_failures", Kind: "tcp", ResponseFlags: []string{"UF", "UH"}, Action: "UPSTREAM_FAILURE", Severity: SeverityHigh},
-		}, want: []Record{{
-			CreatedAt: testNow.Add(-time.Minute), Action: "UPSTREAM_FAILURE", Severity: SeverityHigh, IPAddress: "198.51.100.4",
+			{Name: "tcp_failures", Kind: "tcp", ResponseFlags: []string{"UF", "UH"}, Action: "UPSTREAM_FAILURE", Severity: audittrail.SeverityHigh},
+		}, want: []audittrail.Record{{
+			CreatedAt: testNow.Add(-time.Minute), Action: "UPSTREAM_FAILURE", Severity: audittrail.SeverityHigh, IPAddress: "198.51.100.4",
 			Metadata: json.RawMessage(`{"node":"envoy-0","cluster":"front","log_name":"tcp_als","rule":"tcp_failures","protocol":"tcp","response_flags":"UF","upstream_cluster":"db","bytes_received":10,"bytes_sent":20}`),
 		}}},
 	} {

@@ -1,15 +1,18 @@
-// Package auditsink serves Envoy's access-log service
+// Package auditsink is the audit trail's ingest: it serves Envoy's
+// access-log service
 // (envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs), turns the
-// access-log entries that its classification rules keep into rows of a
-// tamper-evident audit trail, accepts browsers' CSP violation reports on
-// POST /v1/csp-reports, and serves the audit trail's admin API.
+// access-log entries that its classification rules keep into
+// audittrail.Records, and accepts browsers' CSP violation reports on
+// POST /v1/csp-reports. Both hand their records to the trail's Writer
+// (package audittrail); the admin API is package auditapi.
 //
 // Ingest: each stream's identifier (node, log_name) arrives in its first
 // message only and is kept per stream; every later message is a batch of
 // HTTP (or TCP) entries. Only end-of-request entries are kept (start and
 // periodic entries of newer Envoys are dropped and counted). Each entry is
-// mapped to a Record (path secrets redacted, every field bounded, identity
-// from ext_authz dynamic metadata, never from client headers) and
+// mapped to an audittrail.Record (path secrets redacted, every field
+// bounded, identity from ext_authz dynamic metadata, never from client
+// headers) and
 // classified by ordered rules (see RuleConfig and DefaultRules). The
 // records of one message go to the writer in one Enqueue call, which never
 // waits on the database, so the receive loop keeps draining Envoy.
@@ -26,10 +29,9 @@
 //	meshguard_auditsink_enqueue_failed_records_total
 //	meshguard_auditsink_csp_reports_total{outcome}        stored | too_large | malformed | unsupported_media_type | rate_limited | sink_error | ignored
 //
-// The writer, its spool and hash chain, and the admin API export
-// meshguard_auditsink_writer_*, meshguard_auditsink_spool_*,
-// meshguard_auditsink_chain_head_seq, meshguard_auditsink_api_* and
-// meshguard_auditsink_export_rows_total (see writer.go and api.go).
+// The trail's writer and the admin API keep their meshguard_auditsink_*
+// metric names (packages audittrail and auditapi list them), so dashboards
+// and alerts written before the split still read them.
 //
 // Client addresses: ip_address is Envoy's downstream_remote_address. With
 // use_remote_address and xff_num_trusted_hops set on the HTTP connection
@@ -51,7 +53,17 @@ import (
 	alsv3 "github.com/envoyproxy/go-control-plane/envoy/service/accesslog/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
+
+	"github.com/meshguard/meshguard/audittrail"
 )
+
+// recordSink takes accepted records into the durable ingest path
+// (audittrail.Writer: bounded queue → batched COPY, or the disk spool). Once
+// Enqueue returns nil the records are never lost. It must not block on the
+// database.
+type recordSink interface {
+	Enqueue(ctx context.Context, recs []audittrail.Record) error
+}
 
 // Server receives access-log streams and CSP reports and hands the
 // resulting Records to its sink. It is safe for concurrent use; every
@@ -152,7 +164,7 @@ func (s *Server) StreamAccessLogs(stream alsv3.AccessLogService_StreamAccessLogs
 // writer's queue in one piece.
 const maxEnqueue = 512
 
-func (s *Server) enqueue(ctx context.Context, recs []Record) {
+func (s *Server) enqueue(ctx context.Context, recs []audittrail.Record) {
 	for len(recs) > 0 {
 		n := min(len(recs), maxEnqueue)
 		if err := s.sink.Enqueue(ctx, recs[:n:n]); err != nil {
@@ -164,7 +176,7 @@ func (s *Server) enqueue(ctx context.Context, recs []Record) {
 
 // convert maps and classifies one message's entries. The returned slice is
 // owned by the caller (the sink keeps it).
-func (s *Server) convert(id *streamIdentity, msg *alsv3.StreamAccessLogsMessage) []Record {
+func (s *Server) convert(id *streamIdentity, msg *alsv3.StreamAccessLogsMessage) []audittrail.Record {
 	switch le := msg.GetLogEntries().(type) {
 	case *alsv3.StreamAccessLogsMessage_HttpLogs:
 		entries := le.HttpLogs.GetLogEntry()
@@ -173,13 +185,13 @@ func (s *Server) convert(id *streamIdentity, msg *alsv3.StreamAccessLogsMessage)
 			return nil
 		}
 		s.m.receivedHTTP.Add(float64(len(entries)))
-		var recs []Record
+		var recs []audittrail.Record
 		for _, e := range entries {
-			var rec Record
+			var rec audittrail.Record
 			r, out := s.ingest.mapHTTP(id, e, &rec)
 			if s.count(r, out) {
 				if recs == nil {
-					recs = make([]Record, 0, len(entries))
+					recs = make([]audittrail.Record, 0, len(entries))
 				}
 				recs = append(recs, rec)
 			}
@@ -192,9 +204,9 @@ func (s *Server) convert(id *streamIdentity, msg *alsv3.StreamAccessLogsMessage)
 			return nil
 		}
 		s.m.receivedTCP.Add(float64(len(entries)))
-		var recs []Record
+		var recs []audittrail.Record
 		for _, e := range entries {
-			var rec Record
+			var rec audittrail.Record
 			r, out := s.ingest.mapTCP(id, e, &rec)
 			if s.count(r, out) {
 				recs = append(recs, rec)

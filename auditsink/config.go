@@ -1,151 +1,22 @@
 package auditsink
 
-import (
-	"errors"
-	"fmt"
-	"path/filepath"
-	"time"
-
-	"github.com/meshguard/meshguard/internal/secret"
-)
-
-// Config is the `audit:` section. Ingest fields are validated in rules.go,
-// store fields here, admin API fields in api.go.
+// Config is the ingest part of the `audit:` section: the classification
+// rules and the extra headers kept in metadata. (The trail's fields are
+// audittrail.Config, the admin API's auditapi.Config; the three share the
+// YAML section.)
 type Config struct {
-	// Retention is how long rows are kept; whole monthly partitions older
-	// than this are dropped (after a chain checkpoint is recorded).
-	Retention time.Duration `yaml:"retention"`
-	// RetentionInterval is how often the background retention loop runs.
-	// Zero: no background loop (`meshguard audit prune` only).
-	RetentionInterval time.Duration `yaml:"retention_interval"`
-	// PartitionsAhead is how many monthly partitions after the current one are
-	// kept created in advance (PostgreSQL only).
-	PartitionsAhead int `yaml:"partitions_ahead"`
-	// SpoolDir holds batches the database could not take yet.
-	SpoolDir string `yaml:"spool_dir"`
-	// SpoolMaxBytes bounds the spool on disk. When it is reached the writer
-	// applies SpoolFullPolicy; a batch whose write already failed is still
-	// spooled (the limit is exceeded by at most one batch), so nothing
-	// accepted is lost.
-	SpoolMaxBytes int64 `yaml:"spool_max_bytes"`
-	// SpoolFullPolicy is "block" (stop taking records: the queue fills and
-	// Enqueue waits, so streams stall) or "drop" (discard new batches and
-	// count them in meshguard_auditsink_dropped_records_total).
-	SpoolFullPolicy string `yaml:"spool_full_policy"`
-	// SQLitePath is the embedded store used when no database is configured.
-	SQLitePath string `yaml:"sqlite_path"`
-
-	// BatchSize is the most records written in one COPY.
-	BatchSize int `yaml:"batch_size"`
-	// BatchInterval is the longest a record waits in the queue before a
-	// partial batch is written.
-	BatchInterval time.Duration `yaml:"batch_interval"`
-	// QueueSize bounds the records held in memory between Enqueue and the
-	// database or spool. Must be at least BatchSize.
-	QueueSize int `yaml:"queue_size"`
-	// WriteTimeout bounds one batch write to the database; after it the batch
-	// goes to the spool.
-	WriteTimeout time.Duration `yaml:"write_timeout"`
-
-	// ChainHeadInterval is how often the hash-chain head is published (log
-	// line, metric and ChainHeadFile).
-	ChainHeadInterval time.Duration `yaml:"chain_head_interval"`
-	// ChainHeadFile, when set, gets one JSON line per publication
-	// ({"chain_id","seq","hash","at"}), fsynced; keep it somewhere the
-	// database administrator cannot rewrite. Empty: log line and metric only.
-	ChainHeadFile string `yaml:"chain_head_file"`
-	// ChainID prefixes this writer's chain ids: each start begins the chain
-	// <chain_id>/<start time in ns>, so a restart never reuses seqs. Empty:
-	// the hostname.
-	ChainID string `yaml:"chain_id"`
-
 	// Rules classify access-log entries; empty means DefaultRules().
 	Rules []RuleConfig `yaml:"rules"`
 	// RequestHeaders and ResponseHeaders are extra headers copied into metadata.
 	RequestHeaders  []string `yaml:"request_headers"`
 	ResponseHeaders []string `yaml:"response_headers"`
-
-	// AdminTokenFile holds the admin API bearer token. Empty: only
-	// MESHGUARD_ADMIN_TOKEN (AdminToken) is used.
-	AdminTokenFile string `yaml:"admin_token_file"`
-	// AdminToken comes from MESHGUARD_ADMIN_TOKEN, never from the file.
-	AdminToken secret.String `yaml:"-"`
-	// AdminRole, when set, admits requests whose ext_authz-verified role is this.
-	AdminRole string `yaml:"admin_role"`
 }
 
-// Spool-full policies.
-const (
-	SpoolFullBlock = "block"
-	SpoolFullDrop  = "drop"
-)
-
-// DefaultConfig returns the defaults for the audit section.
-func DefaultConfig() Config {
-	return Config{
-		Retention:         8760 * time.Hour,
-		RetentionInterval: time.Hour,
-		PartitionsAhead:   3,
-		SpoolDir:          "./meshguard-spool",
-		SpoolMaxBytes:     1 << 30,
-		SpoolFullPolicy:   SpoolFullBlock,
-		SQLitePath:        "./meshguard-audit.db",
-		BatchSize:         10000,
-		BatchInterval:     200 * time.Millisecond,
-		QueueSize:         100000,
-		WriteTimeout:      10 * time.Second,
-		ChainHeadInterval: time.Minute,
-	}
-}
+// DefaultConfig returns the ingest defaults: the default rules, no extra
+// headers.
+func DefaultConfig() Config { return Config{} }
 
 // Validate reports every invalid field, naming it by its YAML path.
 func (c Config) Validate() error {
-	return errors.Join(c.validateStore(), c.validateRules(), c.validateAdmin())
-}
-
-func (c Config) validateStore() error {
-	var errs []error
-	add := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
-	if c.Retention <= 0 {
-		add("audit.retention: must be positive, got %q", c.Retention)
-	} else if c.Retention < 24*time.Hour {
-		add("audit.retention: must be at least 24h (partitions are monthly), got %q", c.Retention)
-	}
-	if c.RetentionInterval < 0 {
-		add("audit.retention_interval: must not be negative, got %q", c.RetentionInterval)
-	}
-	if c.PartitionsAhead < 1 || c.PartitionsAhead > 36 {
-		add("audit.partitions_ahead: must be between 1 and 36, got %d", c.PartitionsAhead)
-	}
-	if c.SpoolDir == "" {
-		add("audit.spool_dir: must be set")
-	}
-	if c.SpoolMaxBytes < 1<<20 {
-		add("audit.spool_max_bytes: must be at least 1048576 (1 MiB), got %d", c.SpoolMaxBytes)
-	}
-	if c.SpoolFullPolicy != SpoolFullBlock && c.SpoolFullPolicy != SpoolFullDrop {
-		add("audit.spool_full_policy: must be block or drop, got %q", c.SpoolFullPolicy)
-	}
-	if c.BatchSize < 1 || c.BatchSize > 100000 {
-		add("audit.batch_size: must be between 1 and 100000, got %d", c.BatchSize)
-	}
-	if c.BatchInterval <= 0 {
-		add("audit.batch_interval: must be positive, got %q", c.BatchInterval)
-	}
-	if c.QueueSize < c.BatchSize {
-		add("audit.queue_size: must be at least audit.batch_size (%d), got %d", c.BatchSize, c.QueueSize)
-	}
-	if c.WriteTimeout <= 0 {
-		add("audit.write_timeout: must be positive, got %q", c.WriteTimeout)
-	}
-	if c.ChainHeadInterval <= 0 {
-		add("audit.chain_head_interval: must be positive, got %q", c.ChainHeadInterval)
-	}
-	if c.ChainHeadFile != "" && filepath.Clean(c.ChainHeadFile) == "." {
-		add("audit.chain_head_file: must be a file path, got %q", c.ChainHeadFile)
-	}
-	if len(c.ChainID) > 200 {
-		add("audit.chain_id: must be at most 200 bytes, got %q", c.ChainID)
-	}
-	return errors.Join(errs...)
+	return c.validateRules()
 }

@@ -13,6 +13,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/meshguard/meshguard/audittrail"
 )
 
 // CSP report limits. A browser sends one small report per violation; the
@@ -174,17 +176,17 @@ func (r *cspReport) directive() string {
 // record turns a report into a CSP_VIOLATION row. Path and Origin are the
 // violating document's; URLs lose credentials, fragments and query
 // secrets; every field is bounded.
-func (r *cspReport) record(now time.Time, req *http.Request) Record {
+func (r *cspReport) record(now time.Time, req *http.Request) audittrail.Record {
 	origin, path := splitURL(redactURL(r.DocumentURI))
 	ua := r.UserAgent
 	if ua == "" {
 		ua = req.UserAgent()
 	}
-	sev := SeverityMedium
+	sev := audittrail.SeverityMedium
 	if r.Disposition == "report" {
-		sev = SeverityLow
+		sev = audittrail.SeverityLow
 	}
-	rec := Record{
+	rec := audittrail.Record{
 		CreatedAt:  now.UTC(),
 		Action:     "CSP_VIOLATION",
 		Severity:   sev,
@@ -322,7 +324,7 @@ func (s *Server) serveCSPReport(w http.ResponseWriter, r *http.Request) {
 	}
 	if len(reps) > 0 {
 		now := s.now()
-		recs := make([]Record, len(reps))
+		recs := make([]audittrail.Record, len(reps))
 		for i := range reps {
 			recs[i] = reps[i].record(now, r)
 		}

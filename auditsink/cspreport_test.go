@@ -13,6 +13,8 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/google/go-cmp/cmp/cmpopts"
+
+	"github.com/meshguard/meshguard/audittrail"
 )
 
 type fakeClock struct {
@@ -137,18 +139,18 @@ func TestCSPReportRecords(t *testing.T) {
 	}
 	post("application/csp-report", legacyBody)
 	post("application/reports+json", reportsBody)
-	want := []Record{
-		{CreatedAt: testNow, Action: "CSP_VIOLATION", Severity: SeverityMedium, EntityType: "csp_directive", EntityID: "script-src-elem",
+	want := []audittrail.Record{
+		{CreatedAt: testNow, Action: "CSP_VIOLATION", Severity: audittrail.SeverityMedium, EntityType: "csp_directive", EntityID: "script-src-elem",
 			IPAddress: "127.0.0.1", UserAgent: "UA-header", Method: "POST", Path: "/settings?token=REDACTED", RequestID: "req-1",
 			Origin: "https://app.example.com", Metadata: json.RawMessage(`{"document_uri":"https://app.example.com/settings?token=REDACTED",` +
 				`"referrer":"https://ref.example/?code=REDACTED","blocked_uri":"https://cdn.evil.example/x.js","violated_directive":"script-src-elem",` +
 				`"effective_directive":"script-src-elem","disposition":"enforce","source_file":"https://app.example.com/app.js",` +
 				`"original_policy":"default-src 'self'; script-src 'self' 'nonce-abc'; report-uri /v1/csp-reports","line":12,"column":7,"status_code":200}`)},
-		{CreatedAt: testNow, Action: "CSP_VIOLATION", Severity: SeverityLow, EntityType: "csp_directive", EntityID: "style-src-attr",
+		{CreatedAt: testNow, Action: "CSP_VIOLATION", Severity: audittrail.SeverityLow, EntityType: "csp_directive", EntityID: "style-src-attr",
 			IPAddress: "127.0.0.1", UserAgent: "UA-from-report", Method: "POST", Path: "/a", RequestID: "req-1", Origin: "https://app.example.com",
 			Metadata: json.RawMessage(`{"document_uri":"https://app.example.com/a","blocked_uri":"inline","effective_directive":"style-src-attr",` +
 				`"disposition":"report","sample":"color:red","original_policy":"style-src 'self'","line":3,"column":9,"status_code":200,"age_ms":10}`)},
-		{CreatedAt: testNow, Action: "CSP_VIOLATION", Severity: SeverityMedium, EntityType: "csp_directive", EntityID: "script-src",
+		{CreatedAt: testNow, Action: "CSP_VIOLATION", Severity: audittrail.SeverityMedium, EntityType: "csp_directive", EntityID: "script-src",
 			IPAddress: "127.0.0.1", UserAgent: "UA-header", Method: "POST", Path: "/b", RequestID: "req-1", Origin: "https://app.example.com",
 			Metadata: json.RawMessage(`{"document_uri":"https://app.example.com/b","blocked_uri":"eval","effective_directive":"script-src","disposition":"enforce"}`)},
 	}

@@ -13,6 +13,8 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/structpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/meshguard/meshguard/audittrail"
 )
 
 // extAuthzNamespace is where Envoy puts ext_authz's dynamic metadata. Only
@@ -21,10 +23,10 @@ const extAuthzNamespace = "envoy.filters.http.ext_authz"
 
 // Keys meshguard's ext_authz server sets in its dynamic metadata.
 const (
-	metaUser     = "user"     // authenticated user id → Record.UserID
+	metaUser     = "user"     // authenticated user id → audittrail.Record.UserID
 	metaRole     = "role"     // user's role → metadata.role
-	metaTenant   = "tenant"   // tenant → Record.Tenant
-	metaOrigin   = "origin"   // normalised Origin → Record.Origin when no origin header was logged
+	metaTenant   = "tenant"   // tenant → audittrail.Record.Tenant
+	metaOrigin   = "origin"   // normalised Origin → audittrail.Record.Origin when no origin header was logged
 	metaDecision = "decision" // allow | deny | preflight → metadata.decision
 	metaReason   = "reason"   // why, e.g. origin_not_allowed → metadata.reason
 	metaClient   = "client"   // rate-limit client key → metadata.client
@@ -96,7 +98,7 @@ const (
 
 // mapHTTP classifies e and, when a rule keeps it, fills rec. It returns the
 // matched rule (nil when none matched or the entry is intermediate).
-func (m *mapper) mapHTTP(id *streamIdentity, e *accesslogv3.HTTPAccessLogEntry, rec *Record) (*rule, outcome) {
+func (m *mapper) mapHTTP(id *streamIdentity, e *accesslogv3.HTTPAccessLogEntry, rec *audittrail.Record) (*rule, outcome) {
 	c := e.GetCommonProperties()
 	switch c.GetAccessLogType() {
 	case accesslogv3.AccessLogType_NotSet, accesslogv3.AccessLogType_DownstreamEnd:
@@ -128,7 +130,7 @@ func (m *mapper) mapHTTP(id *streamIdentity, e *accesslogv3.HTTPAccessLogEntry, 
 		return r, outDropRule
 	}
 
-	*rec = Record{
+	*rec = audittrail.Record{
 		Action:     r.action.expand(&caps, maxActionLen),
 		Severity:   r.severity,
 		EntityType: clean(r.entType.expand(&caps, maxEntityLen)),
@@ -193,7 +195,7 @@ func (m *mapper) mapHTTP(id *streamIdentity, e *accesslogv3.HTTPAccessLogEntry, 
 }
 
 // mapTCP classifies a TCP entry (kind: tcp rules) and fills rec when kept.
-func (m *mapper) mapTCP(id *streamIdentity, e *accesslogv3.TCPAccessLogEntry, rec *Record) (*rule, outcome) {
+func (m *mapper) mapTCP(id *streamIdentity, e *accesslogv3.TCPAccessLogEntry, rec *audittrail.Record) (*rule, outcome) {
 	c := e.GetCommonProperties()
 	switch c.GetAccessLogType() {
 	case accesslogv3.AccessLogType_NotSet, accesslogv3.AccessLogType_TcpConnectionEnd:
@@ -213,7 +215,7 @@ func (m *mapper) mapTCP(id *streamIdentity, e *accesslogv3.TCPAccessLogEntry, re
 	if r.drop {
 		return r, outDropRule
 	}
-	*rec = Record{
+	*rec = audittrail.Record{
 		Action:     r.action.expand(&caps, maxActionLen),
 		Severity:   r.severity,
 		EntityType: clean(r.entType.expand(&caps, maxEntityLen)),

@@ -14,6 +14,8 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	accesslogv3 "github.com/envoyproxy/go-control-plane/envoy/data/accesslog/v3"
 	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/meshguard/meshguard/audittrail"
 )
 
 // updateGolden rewrites testdata/ingest/*.json. Other test files of the
@@ -21,9 +23,9 @@ import (
 var updateGolden = flag.Bool("update", false, "rewrite golden files under testdata/")
 
 type goldenOutcome struct {
-	Outcome string  `json:"outcome"`
-	Rule    string  `json:"rule,omitempty"`
-	Record  *Record `json:"record,omitempty"`
+	Outcome string             `json:"outcome"`
+	Rule    string             `json:"rule,omitempty"`
+	Record  *audittrail.Record `json:"record,omitempty"`
 }
 
 var outcomeNames = map[outcome]string{outKept: "kept", outDropRule: "dropped by rule", outUnmatched: "unmatched", outIntermediate: "intermediate"}
@@ -33,7 +35,7 @@ func sockAddr(ip string) *corev3.Address {
 }
 
 // TestMappingGolden maps representative entries with the default rules
-// and compares each Record with testdata/ingest/<name>.json.
+// and compares each audittrail.Record with testdata/ingest/<name>.json.
 func TestMappingGolden(t *testing.T) {
 	POST, PUT, GET := corev3.RequestMethod_POST, corev3.RequestMethod_PUT, corev3.RequestMethod_GET
 	uaex := &accesslogv3.ResponseFlags{UnauthorizedDetails: &accesslogv3.ResponseFlags_Unauthorized{
@@ -88,7 +90,7 @@ func TestMappingGolden(t *testing.T) {
 				tc.edit(e)
 			}
 			id := newStreamIdentity(identifier("envoy-front-0", "meshguard_als"))
-			var rec Record
+			var rec audittrail.Record
 			r, out := m.mapHTTP(&id, e, &rec)
 			got := goldenOutcome{Outcome: outcomeNames[out]}
 			if r != nil {
@@ -126,7 +128,7 @@ func TestMappingGolden(t *testing.T) {
 
 // checkStorable asserts what PostgreSQL needs of a row: text without NUL,
 // valid UTF-8, jsonb-acceptable metadata, an inet or empty address.
-func checkStorable(t *testing.T, r *Record) {
+func checkStorable(t *testing.T, r *audittrail.Record) {
 	t.Helper()
 	for name, s := range map[string]string{"action": r.Action, "severity": r.Severity, "entity_type": r.EntityType,
 		"entity_id": r.EntityID, "user_id": r.UserID, "user_agent": r.UserAgent, "method": r.Method, "path": r.Path,

@@ -10,6 +10,8 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/protobuf/types/known/structpb"
+
+	"github.com/meshguard/meshguard/audittrail"
 )
 
 // RuleConfig is one classification rule of audit.rules. A rule matches an
@@ -102,58 +104,58 @@ func DefaultRules() []RuleConfig {
 		{Name: "static_robots", Path: "/robots.txt", Methods: []string{"GET", "HEAD"}, Drop: true},
 
 		{Name: "cors_violation", Metadata: map[string][]string{"reason": corsReasons},
-			Action: "CORS_VIOLATION", Severity: SeverityHigh},
-		{Name: "rate_limited", Status: []string{"429"}, Action: "RATE_LIMIT_EXCEEDED", Severity: SeverityMedium},
-		{Name: "rate_limited_flag", ResponseFlags: []string{"RL"}, Action: "RATE_LIMIT_EXCEEDED", Severity: SeverityMedium},
+			Action: "CORS_VIOLATION", Severity: audittrail.SeverityHigh},
+		{Name: "rate_limited", Status: []string{"429"}, Action: "RATE_LIMIT_EXCEEDED", Severity: audittrail.SeverityMedium},
+		{Name: "rate_limited_flag", ResponseFlags: []string{"RL"}, Action: "RATE_LIMIT_EXCEEDED", Severity: audittrail.SeverityMedium},
 
 		{Name: "login_success", Methods: []string{"POST"}, Path: "/api/auth/login", Status: []string{"2xx", "3xx"},
-			Action: "LOGIN_SUCCESS", Severity: SeverityLow, EntityType: "session"},
+			Action: "LOGIN_SUCCESS", Severity: audittrail.SeverityLow, EntityType: "session"},
 		{Name: "login_failure", Methods: []string{"POST"}, Path: "/api/auth/login",
-			Action: "LOGIN_FAILURE", Severity: SeverityMedium, EntityType: "session"},
+			Action: "LOGIN_FAILURE", Severity: audittrail.SeverityMedium, EntityType: "session"},
 		{Name: "logout", Methods: []string{"POST"}, Path: "/api/auth/logout", Status: []string{"2xx", "3xx"},
-			Action: "LOGOUT", Severity: SeverityLow, EntityType: "session"},
+			Action: "LOGOUT", Severity: audittrail.SeverityLow, EntityType: "session"},
 
-		{Name: "permission_denied", Status: []string{"401", "403"}, Action: "PERMISSION_DENIED", Severity: SeverityHigh},
-		{Name: "permission_denied_authz", ResponseFlags: []string{"UAEX"}, Action: "PERMISSION_DENIED", Severity: SeverityHigh},
+		{Name: "permission_denied", Status: []string{"401", "403"}, Action: "PERMISSION_DENIED", Severity: audittrail.SeverityHigh},
+		{Name: "permission_denied_authz", ResponseFlags: []string{"UAEX"}, Action: "PERMISSION_DENIED", Severity: audittrail.SeverityHigh},
 
 		{Name: "password_change", Methods: []string{"POST", "PUT", "PATCH"}, Path: "/api/auth/password",
-			Action: "PASSWORD_CHANGE", Severity: SeverityHigh, EntityType: "user"},
+			Action: "PASSWORD_CHANGE", Severity: audittrail.SeverityHigh, EntityType: "user"},
 		{Name: "password_change_user", Methods: []string{"POST", "PUT", "PATCH"}, Path: "/api/users/{id}/password",
-			Action: "PASSWORD_CHANGE", Severity: SeverityHigh, EntityType: "user", EntityID: "{id}"},
+			Action: "PASSWORD_CHANGE", Severity: audittrail.SeverityHigh, EntityType: "user", EntityID: "{id}"},
 		{Name: "settings_change", Methods: writes, Path: "/api/settings/{rest...}",
-			Action: "SETTINGS_CHANGE", Severity: SeverityHigh, EntityType: "settings", EntityID: "{rest}"},
+			Action: "SETTINGS_CHANGE", Severity: audittrail.SeverityHigh, EntityType: "settings", EntityID: "{rest}"},
 		{Name: "export", Methods: []string{"GET", "POST"}, Path: "/api/{entity_type}/export",
-			Action: "EXPORT", Severity: SeverityMedium, EntityType: "{entity_type}"},
+			Action: "EXPORT", Severity: audittrail.SeverityMedium, EntityType: "{entity_type}"},
 		{Name: "export_prefixed", Methods: []string{"GET", "POST"}, Path: "/api/export/{entity_type}",
-			Action: "EXPORT", Severity: SeverityMedium, EntityType: "{entity_type}"},
+			Action: "EXPORT", Severity: audittrail.SeverityMedium, EntityType: "{entity_type}"},
 		{Name: "import", Methods: []string{"POST", "PUT"}, Path: "/api/{entity_type}/import",
-			Action: "IMPORT", Severity: SeverityMedium, EntityType: "{entity_type}"},
+			Action: "IMPORT", Severity: audittrail.SeverityMedium, EntityType: "{entity_type}"},
 		{Name: "import_prefixed", Methods: []string{"POST", "PUT"}, Path: "/api/import/{entity_type}",
-			Action: "IMPORT", Severity: SeverityMedium, EntityType: "{entity_type}"},
+			Action: "IMPORT", Severity: audittrail.SeverityMedium, EntityType: "{entity_type}"},
 		{Name: "approve", Methods: []string{"POST", "PUT", "PATCH"}, Path: "/api/{entity_type}/{id}/approve",
-			Action: "{entity_type}_APPROVE", Severity: SeverityMedium, EntityType: "{entity_type}", EntityID: "{id}"},
+			Action: "{entity_type}_APPROVE", Severity: audittrail.SeverityMedium, EntityType: "{entity_type}", EntityID: "{id}"},
 		{Name: "reject", Methods: []string{"POST", "PUT", "PATCH"}, Path: "/api/{entity_type}/{id}/reject",
-			Action: "{entity_type}_REJECT", Severity: SeverityMedium, EntityType: "{entity_type}", EntityID: "{id}"},
+			Action: "{entity_type}_REJECT", Severity: audittrail.SeverityMedium, EntityType: "{entity_type}", EntityID: "{id}"},
 		{Name: "bulk_create", Methods: []string{"POST"}, Path: "/api/{entity_type}/bulk",
-			Action: "BULK_CREATE", Severity: SeverityMedium, EntityType: "{entity_type}"},
+			Action: "BULK_CREATE", Severity: audittrail.SeverityMedium, EntityType: "{entity_type}"},
 		{Name: "bulk_update", Methods: []string{"PUT", "PATCH"}, Path: "/api/{entity_type}/bulk",
-			Action: "BULK_UPDATE", Severity: SeverityMedium, EntityType: "{entity_type}"},
+			Action: "BULK_UPDATE", Severity: audittrail.SeverityMedium, EntityType: "{entity_type}"},
 		{Name: "bulk_delete", Methods: []string{"DELETE"}, Path: "/api/{entity_type}/bulk",
-			Action: "BULK_DELETE", Severity: SeverityHigh, EntityType: "{entity_type}"},
+			Action: "BULK_DELETE", Severity: audittrail.SeverityHigh, EntityType: "{entity_type}"},
 
 		{Name: "create", Methods: []string{"POST"}, Path: "/api/{entity_type}",
-			Action: "CREATE", Severity: SeverityLow, EntityType: "{entity_type}"},
+			Action: "CREATE", Severity: audittrail.SeverityLow, EntityType: "{entity_type}"},
 		{Name: "create_nested", Methods: []string{"POST"}, Path: "/api/{entity_type}/{id}/{rest...}",
-			Action: "CREATE", Severity: SeverityLow, EntityType: "{entity_type}", EntityID: "{id}"},
+			Action: "CREATE", Severity: audittrail.SeverityLow, EntityType: "{entity_type}", EntityID: "{id}"},
 		{Name: "update", Methods: []string{"PUT", "PATCH"}, Path: "/api/{entity_type}/{id}/{rest...}",
-			Action: "UPDATE", Severity: SeverityLow, EntityType: "{entity_type}", EntityID: "{id}"},
+			Action: "UPDATE", Severity: audittrail.SeverityLow, EntityType: "{entity_type}", EntityID: "{id}"},
 		{Name: "delete", Methods: []string{"DELETE"}, Path: "/api/{entity_type}/{id}/{rest...}",
-			Action: "DELETE", Severity: SeverityMedium, EntityType: "{entity_type}", EntityID: "{id}"},
+			Action: "DELETE", Severity: audittrail.SeverityMedium, EntityType: "{entity_type}", EntityID: "{id}"},
 		{Name: "read_user", Methods: []string{"GET"}, Path: "/api/users/{id}", Status: []string{"2xx"},
-			Action: "READ", Severity: SeverityLow, EntityType: "user", EntityID: "{id}"},
-		{Name: "create_other", Methods: []string{"POST"}, Action: "CREATE", Severity: SeverityLow},
-		{Name: "update_other", Methods: []string{"PUT", "PATCH"}, Action: "UPDATE", Severity: SeverityLow},
-		{Name: "delete_other", Methods: []string{"DELETE"}, Action: "DELETE", Severity: SeverityMedium},
+			Action: "READ", Severity: audittrail.SeverityLow, EntityType: "user", EntityID: "{id}"},
+		{Name: "create_other", Methods: []string{"POST"}, Action: "CREATE", Severity: audittrail.SeverityLow},
+		{Name: "update_other", Methods: []string{"PUT", "PATCH"}, Action: "UPDATE", Severity: audittrail.SeverityLow},
+		{Name: "delete_other", Methods: []string{"DELETE"}, Action: "DELETE", Severity: audittrail.SeverityMedium},
 		{Name: "reads", Drop: true},
 	}
 }
@@ -386,8 +388,8 @@ func compileRule(i int, rc RuleConfig) (*rule, []error) {
 		r.entID = t
 		switch rc.Severity {
 		case "":
-			r.severity = SeverityLow
-		case SeverityLow, SeverityMedium, SeverityHigh, SeverityCritical:
+			r.severity = audittrail.SeverityLow
+		case audittrail.SeverityLow, audittrail.SeverityMedium, audittrail.SeverityHigh, audittrail.SeverityCritical:
 		default:
 			fail("severity", "must be LOW, MEDIUM, HIGH or CRITICAL, got %q", rc.Severity)
 		}

@@ -15,6 +15,8 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/google/go-cmp/cmp/cmpopts"
 	"go.yaml.in/yaml/v3"
+
+	"github.com/meshguard/meshguard/audittrail"
 )
 
 // TestDefaultRules covers every default action and drop, in rule order.
@@ -134,7 +136,7 @@ func TestDefaultRules(t *testing.T) {
 		{"OPTIONS dropped", entryOpts{method: OPT, path: "/api/users", status: 204}, drop("reads")},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			var rec Record
+			var rec audittrail.Record
 			r, out := m.mapHTTP(&streamIdentity{}, entry(tc.e), &rec)
 			if r == nil {
 				t.Fatalf("no rule matched (outcome %d)", out)
@@ -173,7 +175,7 @@ func TestDefaultRulesCoverSeedActions(t *testing.T) {
 func TestRuleConditions(t *testing.T) {
 	rules := []RuleConfig{
 		{Name: "svc", Metadata: map[string][]string{"tenant": {"acme", "globex"}, "role": {"*"}}, Action: "TENANT_ADMIN"},
-		{Name: "errors", Status: []string{"500-504", "none"}, Action: "SERVER_ERROR", Severity: SeverityCritical},
+		{Name: "errors", Status: []string{"500-504", "none"}, Action: "SERVER_ERROR", Severity: audittrail.SeverityCritical},
 		{Name: "upstream", ResponseFlags: []string{"UH", "UF"}, Action: "UPSTREAM_DOWN"},
 		{Name: "wild", Methods: []string{"GET"}, Path: "/files/*/{name}", Action: "FILE_READ", EntityID: "{name}"},
 		{Name: "rest", Path: "/docs/{rest...}", Action: "DOC", EntityID: "{rest}"},
@@ -199,7 +201,7 @@ func TestRuleConditions(t *testing.T) {
 		{"rest empty", "DOC", "", entryOpts{path: "/docs", status: 200}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			var rec Record
+			var rec audittrail.Record
 			_, out := m.mapHTTP(&streamIdentity{}, entry(tc.e), &rec)
 			if tc.action == "" {
 				if out != outUnmatched {

@@ -53,7 +53,9 @@ import (
 	ratelimitv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ratelimit/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 
+	"github.com/meshguard/meshguard/auditapi"
 	"github.com/meshguard/meshguard/auditsink"
+	"github.com/meshguard/meshguard/audittrail"
 	"github.com/meshguard/meshguard/envoy"
 	"github.com/meshguard/meshguard/extauthz"
 	"github.com/meshguard/meshguard/internal/pgpool"
@@ -820,6 +822,18 @@ func TestMeshguardDeployment(t *testing.T) {
 			if len(jc.Args) == 0 || jc.Args[0] != "migrate" || jc.Image != c.Image {
 				t.Errorf("migration Job runs %s %v, want the meshguard image with `migrate`", jc.Image, jc.Args)
 			}
+			// Least privilege: the Job migrates as the schema owner from a
+			// Secret of its own; serve's Secret holds the writer login.
+			if !slices.ContainsFunc(jc.EnvFrom, func(e corev1.EnvFromSource) bool {
+				return e.SecretRef != nil && strings.HasPrefix(e.SecretRef.Name, "meshguard-migrate-secrets")
+			}) || slices.ContainsFunc(jc.EnvFrom, func(e corev1.EnvFromSource) bool {
+				return e.SecretRef != nil && e.SecretRef.Name == "meshguard-secrets"
+			}) {
+				t.Error("migration Job must read meshguard-migrate-secrets, not the Deployment's meshguard-secrets")
+			}
+			if dir == "overlays/development" && secretByPrefix(o, "meshguard-migrate-secrets") == nil {
+				t.Error("development overlay should generate meshguard-migrate-secrets")
+			}
 			if jcm, _ := mountedConfigMap(t, o, &j.Spec.Template.Spec, jc, argAfter(jc.Args, "--config")); jcm != cm {
 				t.Error("migration Job does not read the same config as the Deployment")
 			}
@@ -1130,12 +1144,16 @@ func TestMeshguardConfigSections(t *testing.T) {
 		CORS      extauthz.CORSConfig      `yaml:"cors"`
 		Identity  extauthz.IdentityConfig  `yaml:"identity"`
 		CSP       extauthz.CSPConfig       `yaml:"csp"`
-		Audit     auditsink.Config         `yaml:"audit"`
+		Audit     struct {
+			audittrail.Config `yaml:",inline"`
+			Ingest            auditsink.Config `yaml:",inline"`
+			API               auditapi.Config  `yaml:",inline"`
+		} `yaml:"audit"`
 	}{
 		Redis: ratelimitsvc.DefaultRedisConfig(), Database: pgpool.DefaultConfig(), Ratelimit: ratelimitsvc.DefaultConfig(),
 		CORS: extauthz.DefaultCORSConfig(), Identity: extauthz.DefaultIdentityConfig(), CSP: extauthz.DefaultCSPConfig(),
-		Audit: auditsink.DefaultConfig(),
 	}
+	cfg.Audit.Config, cfg.Audit.Ingest, cfg.Audit.API = audittrail.DefaultConfig(), auditsink.DefaultConfig(), auditapi.DefaultConfig()
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(&cfg); err != nil {
@@ -1166,7 +1184,7 @@ func TestMeshguardConfigSections(t *testing.T) {
 		"database":               cfg.Database.Validate(),
 		"ratelimit":              cfg.Ratelimit.Validate(),
 		"cors, identity and csp": extauthz.Config{CORS: cfg.CORS, Identity: cfg.Identity, CSP: cfg.CSP}.Validate(),
-		"audit":                  cfg.Audit.Validate(),
+		"audit":                  errors.Join(cfg.Audit.Config.Validate(), cfg.Audit.Ingest.Validate(), cfg.Audit.API.Validate()),
 	} {
 		if err != nil {
 			t.Errorf("%s: %v", name, err)

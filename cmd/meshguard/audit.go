@@ -15,14 +15,16 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/meshguard/meshguard/auditsink"
+	"github.com/meshguard/meshguard/auditapi"
+	"github.com/meshguard/meshguard/audittrail"
 )
 
 // auditCommands are the subcommands of `meshguard audit`.
 var auditCommands = map[string]command{
 	"export": {"write the audit trail for a time range as CSV or JSON Lines", runAuditExport},
-	"verify": {"walk the hash chains and report the first broken link; fails on tampering", runAuditVerify},
-	"prune":  {"drop audit partitions older than audit.retention", runAuditPrune},
+	"verify": {"check every chain against the key and the witness; fails on tampering, naming chain, seq and what is wrong", runAuditVerify},
+	"prune":  {"drop audit partitions older than audit.retention, vouched for by signed retention checkpoints", runAuditPrune},
+	"keygen": {"make a signing key for audit.key_file / MESHGUARD_AUDIT_KEY and print its public key", runAuditKeygen},
 }
 
 // runAudit dispatches `meshguard audit <subcommand>`.
@@ -47,7 +49,7 @@ func runAudit(ctx context.Context, args []string, getenv func(string) string, st
 
 func auditUsage(w io.Writer) {
 	fmt.Fprintln(w, "usage: meshguard audit <command> --config FILE [flags]\n\ncommands:")
-	for _, n := range []string{"export", "verify", "prune"} {
+	for _, n := range []string{"export", "verify", "prune", "keygen"} {
 		fmt.Fprintf(w, "  %-8s %s\n", n, auditCommands[n].summary)
 	}
 }
@@ -80,7 +82,7 @@ func openAuditEnv(ctx context.Context, configPath string, getenv func(string) st
 			db.close()
 		}
 	}
-	store, kind, err := openAuditStore(ctx, log.With("component", "auditsink"), cfg.Audit, db)
+	store, kind, err := openAuditStore(ctx, log.With("component", "auditsink"), cfg.Audit.Config, db)
 	if err != nil {
 		closeDB()
 		return nil, err
@@ -149,7 +151,7 @@ func runAuditExport(ctx context.Context, args []string, getenv func(string) stri
 	fs := flag.NewFlagSet("audit export", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	configPath := fs.String("config", "", "config file (YAML); absent: embedded defaults")
-	format := fs.String("format", auditsink.FormatJSONL, "csv or jsonl")
+	format := fs.String("format", auditapi.FormatJSONL, "csv or jsonl")
 	out := fs.String("out", "", "output file; absent: standard output")
 	var from, to timeFlag
 	fs.Var(&from, "from", "start of the range, inclusive (RFC 3339); absent: the oldest row")
@@ -160,7 +162,7 @@ func runAuditExport(ctx context.Context, args []string, getenv func(string) stri
 	if fs.NArg() != 0 {
 		return fmt.Errorf("audit export: unexpected argument %q", fs.Arg(0))
 	}
-	if *format != auditsink.FormatCSV && *format != auditsink.FormatJSONL {
+	if *format != auditapi.FormatCSV && *format != auditapi.FormatJSONL {
 		return fmt.Errorf("audit export: --format must be csv or jsonl, got %q", *format)
 	}
 	if err := checkRange(from, to); err != nil {
@@ -171,7 +173,7 @@ func runAuditExport(ctx context.Context, args []string, getenv func(string) stri
 		return err
 	}
 	defer env.close()
-	f := auditsink.Filter{From: from.t, To: to.t}
+	f := audittrail.Filter{From: from.t, To: to.t}
 	if err := recordCLIExport(ctx, env, f, *format, *out); err != nil {
 		return err
 	}
@@ -191,7 +193,7 @@ func runAuditExport(ctx context.Context, args []string, getenv func(string) stri
 		}()
 		w = tmp
 	}
-	rows, err := auditsink.WriteExport(ctx, w, env.store, f, *format)
+	rows, err := auditapi.WriteExport(ctx, w, env.store, f, *format)
 	if err != nil {
 		return fmt.Errorf("audit export after %d rows: %w", rows, err)
 	}
@@ -216,15 +218,23 @@ func runAuditExport(ctx context.Context, args []string, getenv func(string) stri
 // serve's) and a private spool directory (serve holds the configured one).
 // The row must reach the store: if it only reached the spool, the export is
 // refused.
-func recordCLIExport(ctx context.Context, env *auditEnv, f auditsink.Filter, format, out string) error {
-	cfg := env.a.cfg.Audit
-	cfg.ChainID = "" // a fresh chain: hostname + start time
+func recordCLIExport(ctx context.Context, env *auditEnv, f audittrail.Filter, format, out string) error {
+	cfg := env.a.cfg.Audit.Config
+	keys, err := audittrail.LoadKeyring(cfg.KeySource(), false)
+	if err == nil && keys.Current == nil {
+		err = errors.New("no signing key (audit.key_file, MESHGUARD_AUDIT_KEY, or the key serve generated in audit.spool_dir)")
+	}
+	if err != nil {
+		return fmt.Errorf("recording the export: %w", err)
+	}
+	cfg.WitnessDir = cfg.WitnessDirectory() // the configured witness, not the private spool's
+	cfg.ChainID = ""                        // a fresh chain: hostname + start time
 	spoolDir, err := os.MkdirTemp("", "meshguard-cli-spool-*")
 	if err != nil {
 		return fmt.Errorf("recording the export: %w", err)
 	}
 	cfg.SpoolDir = spoolDir
-	w, err := newAuditWriter(env.a.log.With("component", "auditsink"), prometheus.NewRegistry(), cfg, env.store)
+	w, err := newAuditWriter(env.a.log.With("component", "auditsink"), prometheus.NewRegistry(), cfg, env.store, keys)
 	if err != nil {
 		os.RemoveAll(spoolDir)
 		return fmt.Errorf("recording the export: %w", err)
@@ -233,8 +243,8 @@ func recordCLIExport(ctx context.Context, env *auditEnv, f auditsink.Filter, for
 	if u, err := user.Current(); err == nil {
 		name = u.Username
 	}
-	rec := auditsink.CLIExportRecord(time.Now(), name, f, format, out)
-	err = w.Enqueue(ctx, []auditsink.Record{rec})
+	rec := auditapi.CLIExportRecord(time.Now(), name, f, format, out)
+	err = w.Enqueue(ctx, []audittrail.Record{rec})
 	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*cfg.WriteTimeout)
 	defer cancel()
 	err = errors.Join(err, w.Close(cctx))
@@ -250,13 +260,15 @@ func recordCLIExport(ctx context.Context, env *auditEnv, f auditsink.Filter, for
 }
 
 // runAuditVerify is `meshguard audit verify --config FILE [--from T] [--to T]
-// [--heads FILE] [--json]`. It returns an error (exit status 1) when any
-// link is broken or a published head is missing.
+// [--witness DIR] [--json]`. It checks every chain against the keys of the
+// config (private keys: every row's MAC; public keys: the signatures) and
+// the witness, and returns an error (exit status 1) naming the chain, the
+// seq and what is wrong when anything does not match.
 func runAuditVerify(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("audit verify", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	configPath := fs.String("config", "", "config file (YAML); absent: embedded defaults")
-	headsPath := fs.String("heads", "", "chain head file to check against; absent: audit.chain_head_file when set")
+	witnessDir := fs.String("witness", "", "witness directory of signed checkpoints; absent: audit.witness_dir")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
 	var from, to timeFlag
 	fs.Var(&from, "from", "start of the range, inclusive (RFC 3339); absent: the whole trail")
@@ -275,22 +287,29 @@ func runAuditVerify(ctx context.Context, args []string, getenv func(string) stri
 		return err
 	}
 	defer env.close()
-	var heads []auditsink.ChainHead
-	hp := *headsPath
-	if hp == "" {
-		hp = env.a.cfg.Audit.ChainHeadFile
-		if _, err := os.Stat(hp); hp != "" && errors.Is(err, os.ErrNotExist) {
-			hp = "" // configured but never written yet
-		}
-	}
-	if hp != "" {
-		if heads, err = auditsink.ReadChainHeads(hp); err != nil {
-			return fmt.Errorf("audit verify: %w", err)
-		}
-	}
-	rep, err := auditsink.VerifyHeads(ctx, env.store, from.t, to.t, heads)
+	cfg := env.a.cfg.Audit
+	keys, err := audittrail.LoadKeyring(cfg.KeySource(), false)
 	if err != nil {
 		return fmt.Errorf("audit verify: %w", err)
+	}
+	if !keys.HasPrivate() && len(cfg.TrustedKeys) == 0 {
+		return errors.New("audit verify: no key: configure audit.key_file or MESHGUARD_AUDIT_KEY (checks every row), or audit.trusted_keys (checks signed checkpoints only)")
+	}
+	dir := *witnessDir
+	if dir == "" {
+		dir = cfg.WitnessDirectory()
+	}
+	var rep audittrail.VerifyReport
+	witness, err := audittrail.ReadWitness(dir, keys.Verifiers())
+	if b := audittrail.WitnessBreak(err); b != nil {
+		rep.Break = b
+	} else if err != nil {
+		return fmt.Errorf("audit verify: %w", err)
+	} else {
+		rep, err = audittrail.Verify(ctx, env.store, audittrail.VerifyOptions{From: from.t, To: to.t, Keys: keys, Witness: witness})
+		if err != nil {
+			return fmt.Errorf("audit verify: %w", err)
+		}
 	}
 	if *asJSON {
 		enc := json.NewEncoder(stdout)
@@ -299,8 +318,17 @@ func runAuditVerify(ctx context.Context, args []string, getenv func(string) stri
 			return err
 		}
 	} else if rep.OK {
-		fmt.Fprintf(stdout, "ok: %d rows in %d chains verified (%d pruned rows vouched for by checkpoints, %d published heads checked)\n",
-			rep.Rows, rep.Chains, rep.Bridged, len(heads))
+		fmt.Fprintf(stdout, "ok: %d rows in %d chains verified; %d chains match their signed checkpoints; %d pruned rows vouched for by signed retention checkpoints\n",
+			rep.Rows, rep.Chains, rep.Witnessed, rep.Pruned)
+		if !rep.MACsChecked {
+			fmt.Fprintln(stdout, "note: no private key: row MACs not checked; rows after a chain's last checkpoint are not vouched for")
+		}
+		if rep.AfterCheckpoint > 0 {
+			fmt.Fprintf(stdout, "note: %d rows were written after their chain's last checkpoint (vouched for by MACs only)\n", rep.AfterCheckpoint)
+		}
+		for _, c := range rep.Unwitnessed {
+			fmt.Fprintf(stdout, "note: chain %q has no checkpoint in the witness (writer killed before its first); its rows are vouched for by MACs only\n", c)
+		}
 	}
 	if !rep.OK {
 		b := "unknown break"
@@ -333,7 +361,14 @@ func runAuditPrune(ctx context.Context, args []string, getenv func(string) strin
 		return err
 	}
 	defer env.close()
-	dropped, err := env.store.Prune(ctx, time.Now())
+	keys, err := audittrail.LoadKeyring(env.a.cfg.Audit.KeySource(), false)
+	if err == nil && keys.Current == nil {
+		err = errors.New("no signing key to sign retention checkpoints with (audit.key_file or MESHGUARD_AUDIT_KEY)")
+	}
+	if err != nil {
+		return fmt.Errorf("audit prune: %w", err)
+	}
+	dropped, err := env.store.Prune(ctx, time.Now(), keys)
 	if err != nil {
 		return fmt.Errorf("audit prune: %w", err)
 	}
@@ -342,5 +377,41 @@ func runAuditPrune(ctx context.Context, args []string, getenv func(string) strin
 		return nil
 	}
 	fmt.Fprintf(stdout, "pruned %d partitions: %s\n", len(dropped), strings.Join(dropped, ", "))
+	return nil
+}
+
+// runAuditKeygen is `meshguard audit keygen [--name NAME] --out FILE`: write
+// a new signing key to FILE (created 0600, never overwritten) and print its
+// public key, for audit.trusted_keys and checkpoint collectors.
+func runAuditKeygen(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("audit keygen", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	name := fs.String("name", audittrail.DefaultKeyName, "key name, shown in every signature")
+	out := fs.String("out", "", "file to write the private key to (required)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() != 0 {
+		return fmt.Errorf("audit keygen: unexpected argument %q", fs.Arg(0))
+	}
+	if *out == "" {
+		return errors.New("audit keygen: --out FILE is required")
+	}
+	skey, vkey, err := audittrail.GenerateKey(*name)
+	if err != nil {
+		return fmt.Errorf("audit keygen: %w", err)
+	}
+	f, err := os.OpenFile(*out, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return fmt.Errorf("audit keygen: %w", err)
+	}
+	if _, err := f.WriteString(skey + "\n"); err != nil {
+		f.Close()
+		return fmt.Errorf("audit keygen: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("audit keygen: %w", err)
+	}
+	fmt.Fprintln(stdout, vkey)
 	return nil
 }

@@ -20,7 +20,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/meshguard/meshguard/auditsink"
+	"github.com/meshguard/meshguard/audittrail"
 	"github.com/meshguard/meshguard/internal/pgtest"
 )
 
@@ -33,7 +33,7 @@ func newAuditFixture(t *testing.T, extra string) auditFixture {
 	t.Helper()
 	dir := t.TempDir()
 	f := auditFixture{dir: dir, config: filepath.Join(dir, "meshguard.yaml"), db: filepath.Join(dir, "audit.db")}
-	yaml := fmt.Sprintf("audit:\n  sqlite_path: %q\n  spool_dir: %q\n%s", f.db, filepath.Join(dir, "spool"), extra)
+	yaml := fmt.Sprintf("audit:\n  sqlite_path: %q\n  spool_dir: %q\n  witness_dir: %q\n%s", f.db, filepath.Join(dir, "spool"), filepath.Join(dir, "witness"), extra)
 	if err := os.WriteFile(f.config, []byte(yaml), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -52,7 +52,7 @@ func runCLI(t *testing.T, getenv func(string) string, args ...string) (string, s
 
 // seedTrail writes recs through the real writer into the store cfg names
 // (SQLite, or PostgreSQL when databaseURL is set).
-func seedTrail(t *testing.T, configPath string, getenv func(string) string, recs []auditsink.Record) {
+func seedTrail(t *testing.T, configPath string, getenv func(string) string, recs []audittrail.Record) {
 	t.Helper()
 	cfg, err := loadConfig(configPath, getenv)
 	if err != nil {
@@ -66,7 +66,7 @@ func seedTrail(t *testing.T, configPath string, getenv func(string) string, recs
 	if db != nil {
 		defer db.close()
 	}
-	store, _, err := openAuditStore(t.Context(), a.log, cfg.Audit, db)
+	store, _, err := openAuditStore(t.Context(), a.log, cfg.Audit.Config, db)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,7 +75,11 @@ func seedTrail(t *testing.T, configPath string, getenv func(string) string, recs
 		t.Fatal(err)
 	}
 	cfg.Audit.ChainID = "seed"
-	w, err := newAuditWriter(a.log, a.reg, cfg.Audit, store)
+	keys, err := audittrail.LoadKeyring(cfg.Audit.KeySource(), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := newAuditWriter(a.log, a.reg, cfg.Audit.Config, store, keys)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -90,12 +94,12 @@ func seedTrail(t *testing.T, configPath string, getenv func(string) string, recs
 	}
 }
 
-func sampleRecords(n int, start time.Time) []auditsink.Record {
-	recs := make([]auditsink.Record, n)
+func sampleRecords(n int, start time.Time) []audittrail.Record {
+	recs := make([]audittrail.Record, n)
 	for i := range recs {
-		recs[i] = auditsink.Record{
+		recs[i] = audittrail.Record{
 			CreatedAt: start.Add(time.Duration(i) * time.Minute), Action: []string{"CREATE", "LOGIN_FAILURE"}[i%2],
-			Severity: auditsink.SeverityLow, UserID: fmt.Sprintf("u%d", i), Method: "POST",
+			Severity: audittrail.SeverityLow, UserID: fmt.Sprintf("u%d", i), Method: "POST",
 			Path: "/api/items", Status: 201, RequestID: fmt.Sprintf("r%d", i),
 			UserAgent: []string{"=cmd|' /C calc'!A0", "curl/8, \"quoted\"\nnext"}[i%2],
 			Metadata:  json.RawMessage(`{"i":` + fmt.Sprint(i) + `}`),
@@ -105,15 +109,15 @@ func sampleRecords(n int, start time.Time) []auditsink.Record {
 }
 
 // exportRows reads the EXPORT rows the CLI recorded.
-func cliExportRows(t *testing.T, configPath string, getenv func(string) string) []auditsink.Record {
+func cliExportRows(t *testing.T, configPath string, getenv func(string) string) []audittrail.Record {
 	t.Helper()
 	out, stderr, err := runCLI(t, getenv, "audit", "export", "--config", configPath, "--format", "jsonl")
 	if err != nil {
 		t.Fatalf("export: %v\n%s", err, stderr)
 	}
-	var got []auditsink.Record
+	var got []audittrail.Record
 	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
-		var r auditsink.Record
+		var r audittrail.Record
 		if err := json.Unmarshal([]byte(line), &r); err != nil {
 			t.Fatalf("line %q: %v", line, err)
 		}
@@ -173,7 +177,7 @@ func TestCLIAuditExport(t *testing.T) {
 		if len(lines) != 5 {
 			t.Fatalf("%d lines, want 5:\n%s", len(lines), stdout)
 		}
-		var r auditsink.Record
+		var r audittrail.Record
 		if err := json.Unmarshal([]byte(lines[1]), &r); err != nil || r.RequestID != "r1" || r.UserAgent != "curl/8, \"quoted\"\nnext" || len(r.Hash) != 32 {
 			t.Fatalf("line 2 = %+v, %v", r, err)
 		}
@@ -185,7 +189,7 @@ func TestCLIAuditExport(t *testing.T) {
 		if len(rows) != 3 {
 			t.Fatalf("%d EXPORT rows, want 3: %+v", len(rows), rows)
 		}
-		if !strings.HasPrefix(rows[0].UserID, "cli:") || rows[0].Severity != auditsink.SeverityMedium {
+		if !strings.HasPrefix(rows[0].UserID, "cli:") || rows[0].Severity != audittrail.SeverityMedium {
 			t.Fatalf("EXPORT row %+v", rows[0])
 		}
 		var meta map[string]any
@@ -254,9 +258,51 @@ func TestCLIAuditVerifyDetectsTampering(t *testing.T) {
 	}
 
 	stdout, _, err = runCLI(t, auditNoEnv, "audit", "verify", "--config", f.config, "--json")
-	var rep auditsink.VerifyReport
+	var rep audittrail.VerifyReport
 	if err == nil || json.Unmarshal([]byte(stdout), &rep) != nil || rep.OK || rep.Break == nil || rep.Break.Seq != 8 {
 		t.Fatalf("--json on a tampered trail: %v %+v\n%s", err, rep, stdout)
+	}
+
+	// Rows deleted from the end of the chain: the witness still holds its
+	// signed checkpoint of 30 rows.
+	if _, err := db.ExecContext(t.Context(), "DELETE FROM audit_logs WHERE seq >= 7"); err != nil {
+		t.Fatal(err)
+	}
+	stdout, _, err = runCLI(t, auditNoEnv, "audit", "verify", "--config", f.config)
+	if err == nil || !regexp.MustCompile(`^TAMPERED: chain "seed/\d+" seq 7: rows 7..30 are missing`).MatchString(stdout) {
+		t.Fatalf("truncated trail: %v\n%s", err, stdout)
+	}
+
+	// A witness file someone rewrote fails verification, naming its chain.
+	files, _ := filepath.Glob(filepath.Join(f.dir, "witness", "*.checkpoint"))
+	if len(files) != 1 {
+		t.Fatalf("witness files: %v", files)
+	}
+	if err := os.WriteFile(files[0], []byte("seed/1\n30\nAAAA\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	stdout, _, err = runCLI(t, auditNoEnv, "audit", "verify", "--config", f.config)
+	if err == nil || !regexp.MustCompile(`^TAMPERED: chain "seed/\d+" seq 0: witness file .*: not a signed note`).MatchString(stdout) {
+		t.Fatalf("corrupt witness: %v\n%s", err, stdout)
+	}
+}
+
+func TestCLIAuditKeygen(t *testing.T) {
+	out := filepath.Join(t.TempDir(), "audit.key")
+	stdout, _, err := runCLI(t, auditNoEnv, "audit", "keygen", "--name", "prod-audit", "--out", out)
+	if err != nil || !strings.HasPrefix(stdout, "prod-audit+") {
+		t.Fatalf("keygen: %v %q", err, stdout)
+	}
+	st, err := os.Stat(out)
+	if err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("key file: %v %v", st, err)
+	}
+	k, err := audittrail.ReadKeyFile(out)
+	if err != nil || k.VerifierKey() != strings.TrimSpace(stdout) {
+		t.Fatalf("key file does not hold the printed key's private half: %v", err)
+	}
+	if _, _, err := runCLI(t, auditNoEnv, "audit", "keygen", "--out", out); err == nil {
+		t.Fatal("keygen overwrote an existing key file")
 	}
 }
 
@@ -497,5 +543,63 @@ func TestServeAuditStartsWithPostgresDown(t *testing.T) {
 			t.Fatalf("after PostgreSQL came back: rows=%d err=%v audit=%+v", n, err, check("audit"))
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestServeAuditGeneratedKey: with no key configured serve generates one in
+// the spool dir (0600), logs its public half only, and /readyz says the
+// trail runs on a generated key; a configured key is used as it is.
+func TestServeAuditGeneratedKey(t *testing.T) {
+	setup := func(t *testing.T, getenv func(string) string) (auditDetails, dependencyStatus, string, auditFixture) {
+		f := newAuditFixture(t, "")
+		cfg, err := loadConfig(f.config, getenv)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var logs bytes.Buffer
+		a := &app{log: slog.New(slog.NewTextHandler(&logs, nil)), reg: prometheus.NewRegistry(), cfg: cfg}
+		c, err := setupAuditsink(t.Context(), a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.shutdown(context.Background()) })
+		for _, ch := range c.checks {
+			if ch.name == "audit" {
+				st := ch.check(t.Context())
+				return st.Details.(auditDetails), st, logs.String(), f
+			}
+		}
+		t.Fatal("no audit check")
+		return auditDetails{}, dependencyStatus{}, "", f
+	}
+
+	d, st, logs, f := setup(t, auditNoEnv)
+	keyFile := filepath.Join(f.dir, "spool", "audit-signing.key")
+	fi, err := os.Stat(keyFile)
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("generated key file: %v %v", fi, err)
+	}
+	skey, _ := os.ReadFile(keyFile)
+	// The seed's base64 is the fifth '+' field (base64 itself may hold '+').
+	secretPart := strings.SplitN(strings.TrimSpace(string(skey)), "+", 5)[4]
+	if !d.GeneratedKey || !st.Healthy || !strings.Contains(st.Error, "generated key") || !strings.Contains(logs, d.PublicKey) {
+		t.Fatalf("readyz details %+v / %+v; logs:\n%s", d, st, logs)
+	}
+	if strings.Contains(logs, secretPart) || strings.Contains(logs, "PRIVATE+KEY") {
+		t.Fatal("the private key reached the log")
+	}
+
+	skey2, vkey2, err := audittrail.GenerateKey("configured")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, st, _, _ = setup(t, func(k string) string {
+		if k == "MESHGUARD_AUDIT_KEY" {
+			return skey2
+		}
+		return ""
+	})
+	if d.GeneratedKey || d.PublicKey != vkey2 || st.Error != "" {
+		t.Fatalf("configured key: details %+v / %+v", d, st)
 	}
 }

@@ -11,32 +11,51 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/meshguard/meshguard/auditapi"
 	"github.com/meshguard/meshguard/auditsink"
+	"github.com/meshguard/meshguard/audittrail"
 )
+
+// auditConfig is the `audit:` section: one YAML section, three packages'
+// parts (the trail's, promoted; ingest's rules; the admin API's token).
+type auditConfig struct {
+	audittrail.Config `yaml:",inline"`
+	Ingest            auditsink.Config `yaml:",inline"`
+	API               auditapi.Config  `yaml:",inline"`
+}
+
+func defaultAuditConfig() auditConfig {
+	return auditConfig{Config: audittrail.DefaultConfig(), Ingest: auditsink.DefaultConfig(), API: auditapi.DefaultConfig()}
+}
+
+// Validate reports every invalid field of the section.
+func (c auditConfig) Validate() error {
+	return errors.Join(c.Config.Validate(), c.Ingest.Validate(), c.API.Validate())
+}
 
 // auditStore is what the binary needs of either audit store (PostgreSQL or
 // the embedded SQLite file).
 type auditStore interface {
-	List(ctx context.Context, f auditsink.Filter, cur auditsink.Cursor, limit int) ([]auditsink.Record, auditsink.Cursor, error)
-	Scan(ctx context.Context, f auditsink.Filter, fn func(*auditsink.Record) error) error
+	List(ctx context.Context, f audittrail.Filter, cur audittrail.Cursor, limit int) ([]audittrail.Record, audittrail.Cursor, error)
+	Scan(ctx context.Context, f audittrail.Filter, fn func(*audittrail.Record) error) error
 	Migrate(ctx context.Context) error
-	Prune(ctx context.Context, now time.Time) ([]string, error)
-	RunRetention(ctx context.Context) error
+	Prune(ctx context.Context, now time.Time, keys *audittrail.Keyring) ([]string, error)
+	RunRetention(ctx context.Context, keys *audittrail.Keyring) error
 	Close()
 }
 
 // openAuditStore opens the PostgreSQL store on the shared pool when a
 // database is configured, else the SQLite file at audit.sqlite_path, and
 // says which ("postgres" or "sqlite"). It does not migrate.
-func openAuditStore(ctx context.Context, log *slog.Logger, cfg auditsink.Config, db *database) (auditStore, string, error) {
+func openAuditStore(ctx context.Context, log *slog.Logger, cfg audittrail.Config, db *database) (auditStore, string, error) {
 	if db != nil {
-		s, err := auditsink.OpenPostgres(ctx, log, db.pool.Pool(), cfg)
+		s, err := audittrail.OpenPostgres(ctx, log, db.pool.Pool(), cfg)
 		if err != nil {
 			return nil, "", fmt.Errorf("opening the PostgreSQL audit store: %w", err)
 		}
 		return s, "postgres", nil
 	}
-	s, err := auditsink.OpenSQLite(ctx, log, cfg.SQLitePath, cfg)
+	s, err := audittrail.OpenSQLite(ctx, log, cfg.SQLitePath, cfg)
 	if err != nil {
 		return nil, "", fmt.Errorf("opening the SQLite audit store: %w", err)
 	}
@@ -45,12 +64,12 @@ func openAuditStore(ctx context.Context, log *slog.Logger, cfg auditsink.Config,
 
 // newAuditWriter builds the batch writer over store, which must be one of
 // the two stores (the writer needs their unexported batch method).
-func newAuditWriter(log *slog.Logger, reg prometheus.Registerer, cfg auditsink.Config, store auditStore) (*auditsink.Writer, error) {
+func newAuditWriter(log *slog.Logger, reg prometheus.Registerer, cfg audittrail.Config, store auditStore, keys *audittrail.Keyring) (*audittrail.Writer, error) {
 	switch s := store.(type) {
-	case *auditsink.PGStore:
-		return auditsink.NewWriter(log, reg, cfg, s)
-	case *auditsink.SQLiteStore:
-		return auditsink.NewWriter(log, reg, cfg, s)
+	case *audittrail.PGStore:
+		return audittrail.NewWriter(log, reg, cfg, s, keys)
+	case *audittrail.SQLiteStore:
+		return audittrail.NewWriter(log, reg, cfg, s, keys)
 	}
 	return nil, fmt.Errorf("audit store %T has no writer", store)
 }
@@ -69,7 +88,7 @@ var (
 func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 	log := a.log.With("component", "auditsink")
 	cfg := a.cfg.Audit
-	store, kind, err := openAuditStore(ctx, log, cfg, a.db)
+	store, kind, err := openAuditStore(ctx, log, cfg.Config, a.db)
 	if err != nil {
 		return nil, err
 	}
@@ -87,7 +106,20 @@ func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 		migrated.set()
 	}
 
-	writer, err := newAuditWriter(log, a.reg, cfg, store)
+	keys, err := audittrail.LoadKeyring(cfg.KeySource(), true)
+	if err != nil {
+		store.Close()
+		return nil, fmt.Errorf("loading the audit key: %w", err)
+	}
+	if keys.Generated {
+		// The public half only: it is what verifiers and collectors need.
+		log.Warn("audit trail runs on a key generated in audit.spool_dir; configure audit.key_file or MESHGUARD_AUDIT_KEY from a Secret, and keep this public key to verify checkpoints",
+			"key_id", keys.Current.ID(), "public_key", keys.Current.VerifierKey())
+	} else {
+		log.Info("audit signing key loaded", "key_id", keys.Current.ID(), "public_key", keys.Current.VerifierKey())
+	}
+	privileges := checkWriterPrivileges(ctx, log, store)
+	writer, err := newAuditWriter(log, a.reg, cfg.Config, store, keys)
 	if err != nil {
 		store.Close()
 		return nil, fmt.Errorf("starting the audit writer: %w", err)
@@ -97,20 +129,22 @@ func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 		store.Close()
 		return nil, err
 	}
-	srv, err := auditsink.New(log, a.reg, cfg, writer)
+	srv, err := auditsink.New(log, a.reg, cfg.Ingest, writer)
 	if err != nil {
 		return fail(err)
 	}
-	api, err := auditsink.NewAPI(log.With("api", "admin"), a.reg, cfg, store, writer)
+	api, err := auditapi.NewAPI(log.With("api", "admin"), a.reg, cfg.API, store, writer)
 	if err != nil {
 		return fail(err)
 	}
 	csp := srv.CSPReportHandler()
+	checkpoints := audittrail.CheckpointsHandler(log, cfg.WitnessDirectory(), keys)
 	return &component{
 		name: "auditsink",
 		grpc: srv.Register,
 		http: func(mux *http.ServeMux) {
 			mux.Handle("POST /v1/csp-reports", csp)
+			mux.Handle("GET /v1/audit/checkpoints", checkpoints)
 			api.Register(mux)
 		},
 		checks: []readinessCheck{
@@ -118,7 +152,17 @@ func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 			// ridden out in the spool.
 			{name: "audit", required: false, check: func(context.Context) dependencyStatus {
 				st := writer.Status()
-				ds := dependencyStatus{Healthy: st.LastError == "", Error: st.LastError, Details: auditDetails{Store: kind, WriterStatus: st}}
+				ds := dependencyStatus{Healthy: st.LastError == "", Error: st.LastError, Details: auditDetails{
+					Store: kind, WriterStatus: st, KeyID: keys.Current.ID(), PublicKey: keys.Current.VerifierKey(),
+					GeneratedKey: keys.Generated, ExtraPrivileges: privileges}}
+				if keys.Generated {
+					ds.Error = "the audit trail runs on a generated key (configure audit.key_file or MESHGUARD_AUDIT_KEY)"
+				}
+				if st.CheckpointError != "" {
+					// Rows go on being written; what is not checkpointed
+					// can be truncated unseen, so say so loudly.
+					ds.Healthy, ds.Error = false, "audit checkpoints not published: "+st.CheckpointError
+				}
 				if !migrated.done() {
 					ds.Healthy, ds.Error = false, "audit schema not migrated yet"
 				}
@@ -143,7 +187,7 @@ func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 					return
 				}
 				migrated.set()
-				if err := store.RunRetention(ctx); err != nil && ctx.Err() == nil {
+				if err := store.RunRetention(ctx, keys); err != nil && ctx.Err() == nil {
 					retErr = fmt.Errorf("audit retention: %w", err)
 				}
 			}()
@@ -162,7 +206,34 @@ func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 // auditDetails is the audit entry's details in /readyz.
 type auditDetails struct {
 	Store string `json:"store"`
-	auditsink.WriterStatus
+	audittrail.WriterStatus
+	KeyID        string `json:"key_id"`
+	PublicKey    string `json:"public_key"`
+	GeneratedKey bool   `json:"generated_key"` // the key serve generated in the spool dir, not a configured one
+	// ExtraPrivileges are what serve's database role may do to audit_logs
+	// beyond INSERT and SELECT (it should be none: use meshguard_audit_writer).
+	ExtraPrivileges []string `json:"extra_privileges,omitempty"`
+}
+
+// checkWriterPrivileges warns when serve's PostgreSQL role could rewrite
+// the trail, and returns what it may do beyond INSERT and SELECT.
+func checkWriterPrivileges(ctx context.Context, log *slog.Logger, store auditStore) []string {
+	pg, ok := store.(*audittrail.PGStore)
+	if !ok {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, migrateAtStartTimeout)
+	defer cancel()
+	extra, err := pg.Privileges(ctx)
+	if err != nil {
+		log.Warn("could not read the audit role's privileges", "err", err)
+		return nil
+	}
+	if len(extra) > 0 {
+		log.Warn("serve's database role can rewrite the audit trail; connect as a role granted meshguard_audit_writer only (see `meshguard migrate`)",
+			"privileges", extra)
+	}
+	return extra
 }
 
 // migrationState records whether the schema is in place.

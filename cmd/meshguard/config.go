@@ -15,7 +15,6 @@ import (
 
 	"go.yaml.in/yaml/v3"
 
-	"github.com/meshguard/meshguard/auditsink"
 	"github.com/meshguard/meshguard/extauthz"
 	"github.com/meshguard/meshguard/internal/grpcserver"
 	"github.com/meshguard/meshguard/internal/pgpool"
@@ -38,7 +37,7 @@ type Config struct {
 	CORS        extauthz.CORSConfig      `yaml:"cors"`
 	Identity    extauthz.IdentityConfig  `yaml:"identity"`
 	CSP         extauthz.CSPConfig       `yaml:"csp"`
-	Audit       auditsink.Config         `yaml:"audit"`
+	Audit       auditConfig              `yaml:"audit"`
 	Tracing     tracing.Config           `yaml:"tracing"`
 }
 
@@ -87,7 +86,7 @@ func DefaultConfig() Config {
 		CORS:        extauthz.DefaultCORSConfig(),
 		Identity:    extauthz.DefaultIdentityConfig(),
 		CSP:         extauthz.DefaultCSPConfig(),
-		Audit:       auditsink.DefaultConfig(),
+		Audit:       defaultAuditConfig(),
 		Tracing:     tracing.DefaultConfig(),
 	}
 }
@@ -209,7 +208,10 @@ func applyEnv(c *Config, getenv func(string) string) error {
 		c.CORS.AllowedOrigins = list(v)
 	}
 	if v := getenv("MESHGUARD_ADMIN_TOKEN"); v != "" {
-		c.Audit.AdminToken = secret.String(v)
+		c.Audit.API.AdminToken = secret.String(v)
+	}
+	if v := getenv("MESHGUARD_AUDIT_KEY"); v != "" {
+		c.Audit.Key = secret.String(v)
 	}
 	if v := getenv("MESHGUARD_ACCOUNT_KEY"); v != "" {
 		c.Identity.AccountKey = secret.String(v)

@@ -26,6 +26,7 @@ func TestBadConfigs(t *testing.T) {
 		"bad_pool.yaml":          {"database.pool.min_conns", "20", "max_conns 5"},
 		"bad_failure_mode.yaml":  {`ratelimit.failure_mode: must be allow or deny, got "maybe"`},
 		"bad_cors_mode.yaml":     {`cors.mode: must be enforce or report, got "block"`},
+		"bad_admin_role.yaml":    {"audit.admin_role: removed: any caller reaching the listener could forge the role header"},
 		"bad_two_documents.yaml": {"a config file holds one YAML document"},
 		"bad_yaml_syntax.yaml":   {"config is not valid YAML", "line 1"},
 		"bad_many_errors.yaml":   {`line 1: unknown key "bogus"`, `line 5: unknown key "nope"`, `environment: must be production or development, got "staging"`, `cors.mode: must be enforce or report, got "block"`},
@@ -127,7 +128,7 @@ cors: {public_origin: "https://file.example.com", allowed_origins: ["https://a.e
 	}
 	got := []any{cfg.Environment, cfg.Listen.GRPC, cfg.Listen.HTTP, cfg.Log.Level, cfg.Redis.URL.Reveal(),
 		cfg.Redis.Timeout, cfg.Database.URL.Reveal(), cfg.Database.Pool.MinConns, cfg.Database.Pool.MaxConns,
-		cfg.CORS.PublicOrigin, cfg.CORS.AllowedOrigins, cfg.Audit.AdminToken.Reveal()}
+		cfg.CORS.PublicOrigin, cfg.CORS.AllowedOrigins, cfg.Audit.API.AdminToken.Reveal()}
 	want := []any{"development", "127.0.0.1:9001", "127.0.0.1:9002", "debug", "redis://:pw@env:6379/1",
 		75 * time.Millisecond, "postgres://env/db", int32(4), int32(40),
 		"https://env.example.com", []string{"https://x.example.com", "https://y.example.com"}, "tok"}

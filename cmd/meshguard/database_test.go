@@ -14,7 +14,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/meshguard/meshguard/auditsink"
+	"github.com/meshguard/meshguard/audittrail"
 	"github.com/meshguard/meshguard/internal/pgtest"
 	"github.com/meshguard/meshguard/internal/secret"
 )
@@ -194,7 +194,7 @@ func TestAuditPathThroughPgBouncer(t *testing.T) {
 	}
 	defer db.close()
 
-	store, kind, err := openAuditStore(t.Context(), a.log, cfg.Audit, db)
+	store, kind, err := openAuditStore(t.Context(), a.log, cfg.Audit.Config, db)
 	if err != nil || kind != "postgres" {
 		t.Fatalf("store %q: %v", kind, err)
 	}
@@ -202,11 +202,15 @@ func TestAuditPathThroughPgBouncer(t *testing.T) {
 	if err := store.Migrate(t.Context()); err != nil {
 		t.Fatalf("migrating through PgBouncer: %v", err)
 	}
-	pgStore, ok := store.(*auditsink.PGStore)
+	pgStore, ok := store.(*audittrail.PGStore)
 	if !ok {
 		t.Fatalf("store is %T", store)
 	}
-	w, err := auditsink.NewWriter(a.log, a.reg, cfg.Audit, pgStore)
+	keys, err := audittrail.LoadKeyring(cfg.Audit.KeySource(), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := audittrail.NewWriter(a.log, a.reg, cfg.Audit.Config, pgStore, keys)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -214,9 +218,9 @@ func TestAuditPathThroughPgBouncer(t *testing.T) {
 	runDone := make(chan error, 1)
 	go func() { runDone <- w.Run(runCtx) }()
 	const n = 250
-	recs := make([]auditsink.Record, n)
+	recs := make([]audittrail.Record, n)
 	for i := range recs {
-		recs[i] = auditsink.Record{CreatedAt: time.Now().UTC(), Action: "READ", Severity: auditsink.SeverityLow,
+		recs[i] = audittrail.Record{CreatedAt: time.Now().UTC(), Action: "READ", Severity: audittrail.SeverityLow,
 			Method: "GET", Path: fmt.Sprintf("/items/%d", i), Status: 200, Metadata: []byte(`{"k":"v"}`)}
 	}
 	if err := w.Enqueue(t.Context(), recs); err != nil {
