@@ -14,7 +14,9 @@
 // Client certificates, when a CA bundle is configured, are verified against
 // it (chain, validity period, key usage) and then their subject alternative
 // names are held against an allow-list of exact URI SANs (SPIFFE IDs such as
-// spiffe://cluster.local/ns/edge/sa/envoy) or DNS names.
+// spiffe://cluster.local/ns/edge/sa/envoy) or DNS names. Handlers find the
+// verified client's identity with Peer: in an HTTP request's context (the
+// server's handler wrapped in WithPeer) or a gRPC call's.
 //
 // Metrics (see NewMetrics):
 //
