@@ -181,6 +181,18 @@ func build(ctx context.Context, cfg Config, logw io.Writer) (_ *server, err erro
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		io.WriteString(w, "ok\n")
 	})
+	// The gRPC health status over HTTP, for readiness probes that cannot
+	// reach the gRPC listeners: the kubelet's gRPC probe speaks no TLS.
+	mux.HandleFunc("GET /healthz/grpc", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		resp, err := s.hs.Check(r.Context(), &healthpb.HealthCheckRequest{})
+		if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			io.WriteString(w, "not serving\n")
+			return
+		}
+		io.WriteString(w, "serving\n")
+	})
 	var checks []readinessCheck
 	for _, c := range s.comps {
 		if c.grpc != nil {
