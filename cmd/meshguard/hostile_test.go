@@ -20,13 +20,13 @@ import (
 
 // startBinary runs `meshguard serve --config cfgPath` from the test build
 // of the binary and returns its pid and the "meshguard serving" log line.
-func startBinary(t *testing.T, cfgPath string) (int, map[string]any, *logWatcher) {
+func startBinary(t testing.TB, cfgPath string, env ...string) (int, map[string]any, *logWatcher) {
 	t.Helper()
 	bin := buildBinary(t)
 	logs := newLogWatcher()
 	cmd := exec.Command(bin, "serve", "--config", cfgPath)
 	cmd.Stderr = logs
-	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
+	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH")}, env...)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -127,10 +127,8 @@ type hostileResult struct {
 	took                time.Duration
 }
 
-// sendHostileRound sends 16 copies of msg over 8 connections at once, with
-// the process' peak RSS reset first, and reports their statuses and the
-// process' memory.
-func sendHostileRound(t *testing.T, pid int, addr, method string, stream bool, msg []byte) hostileResult {
+// dialHostile opens the 8 connections hostile requests are sent on.
+func dialHostile(t testing.TB, addr string) []*grpc.ClientConn {
 	t.Helper()
 	conns := make([]*grpc.ClientConn, 8)
 	for i := range conns {
@@ -138,26 +136,47 @@ func sendHostileRound(t *testing.T, pid int, addr, method string, stream bool, m
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer cc.Close()
 		cc.Connect()
 		conns[i] = cc
 	}
-	res := hostileResult{codes: map[codes.Code]int{}, before: procMem(t, pid, "VmRSS")}
-	resetPeakRSS(t, pid)
-	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	return conns
+}
+
+// sendHostileRequests sends 16 copies of msg over conns at once and
+// returns how they were answered.
+func sendHostileRequests(t testing.TB, conns []*grpc.ClientConn, method string, stream bool, msg []byte) map[codes.Code]int {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
+	answers := map[codes.Code]int{}
 	var mu sync.Mutex
 	var wg sync.WaitGroup
-	start := time.Now()
 	for i := range 16 {
 		wg.Go(func() {
 			c := sendHostile(ctx, conns[i%len(conns)], method, stream, msg)
 			mu.Lock()
-			res.codes[c]++
+			answers[c]++
 			mu.Unlock()
 		})
 	}
 	wg.Wait()
+	return answers
+}
+
+// sendHostileRound sends 16 copies of msg over 8 connections at once, with
+// the process' peak RSS reset first, and reports their statuses and the
+// process' memory.
+func sendHostileRound(t testing.TB, pid int, addr, method string, stream bool, msg []byte) hostileResult {
+	t.Helper()
+	conns := dialHostile(t, addr)
+	defer func() {
+		for _, cc := range conns {
+			cc.Close()
+		}
+	}()
+	res := hostileResult{before: procMem(t, pid, "VmRSS")}
+	resetPeakRSS(t, pid)
+	start := time.Now()
+	res.codes = sendHostileRequests(t, conns, method, stream, msg)
 	res.took = time.Since(start)
 	res.peak, res.after = procMem(t, pid, "VmHWM"), procMem(t, pid, "VmRSS")
 	return res
@@ -165,7 +184,7 @@ func sendHostileRound(t *testing.T, pid int, addr, method string, stream bool, m
 
 // resetPeakRSS sets the process' VmHWM to its current RSS (Linux 4.0+), so
 // each round measures its own peak.
-func resetPeakRSS(t *testing.T, pid int) {
+func resetPeakRSS(t testing.TB, pid int) {
 	t.Helper()
 	if err := os.WriteFile(fmt.Sprintf("/proc/%d/clear_refs", pid), []byte("5"), 0); err != nil {
 		t.Fatalf("resetting the peak RSS: %v", err)
@@ -205,9 +224,12 @@ func TestHostileRequests(t *testing.T) {
 		{"defaults/grpc/accesslog_entries_2MiB", "", "grpc", "accesslog_entries", 2<<20 - 64, false},
 		{"defaults/grpc/authz_headers_256KiB", "", "grpc", "authz_headers", 256<<10 - 64, false},
 		{"defaults/ratelimit/ratelimit_descriptors_64KiB", "", "ratelimit", "ratelimit_descriptors", 64<<10 - 64, false},
-		// A tiny-header check the scan admits (about 3.7 of its 4 MiB
-		// budget): decoded, 16 at once within max_decoded_bytes.
-		{"defaults/grpc/authz_headers_128KiB", "", "grpc", "authz_headers", 128 << 10, true},
+		// A check with more headers than Envoy sends (14k): refused by the
+		// cap though within every size limit.
+		{"defaults/grpc/authz_headers_128KiB", "", "grpc", "authz_headers", 128 << 10, false},
+		// A check of tiny headers just within the cap (492 of 512), 16 at
+		// once: decoded and answered.
+		{"defaults/grpc/authz_headers_492", "", "grpc", "authz_headers", 3400, true},
 		{"limits_4MiB/grpc/ratelimit_descriptors", raised, "grpc", "ratelimit_descriptors", mib4, false},
 		{"limits_4MiB/grpc/authz_headers", raised, "grpc", "authz_headers", mib4, false},
 		{"limits_4MiB/grpc/accesslog_entries", raised, "grpc", "accesslog_entries", mib4, false},

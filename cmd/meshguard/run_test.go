@@ -65,7 +65,7 @@ func (w *logWatcher) String() string {
 
 // testConfig writes a config that keeps every file the service makes inside
 // the test's temp dir.
-func testConfig(t *testing.T, extra string) string {
+func testConfig(t testing.TB, extra string) string {
 	t.Helper()
 	dir := t.TempDir()
 	path := filepath.Join(dir, "meshguard.yaml")

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
 	"github.com/prometheus/client_golang/prometheus"
@@ -22,6 +23,7 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
+	"google.golang.org/protobuf/reflect/protoreflect"
 
 	"github.com/meshguard/meshguard/internal/gctune"
 	"github.com/meshguard/meshguard/internal/grpcserver"
@@ -369,12 +371,23 @@ func (s *server) closeListeners() {
 	}
 }
 
+// maxCheckHeaders caps the headers of an ext_authz check (either form,
+// headers or header_map). Envoy forwards at most its max_headers_count
+// (100 by default and in envoy.yaml) plus the few it adds; a check with
+// thousands of tiny headers fits the size limits yet costs milliseconds
+// of CPU and a map entry each to decode and inspect.
+const maxCheckHeaders = 512
+
 // methodBounds bounds the requests of Envoy's two unary methods below their
-// listener's message limit: ext_authz checks and rate limit requests,
-// whose descriptors and entries ratelimitsvc caps.
+// listener's message limit: ext_authz checks, whose headers are capped, and
+// rate limit requests, whose descriptors and entries ratelimitsvc caps.
 func methodBounds(c GRPCConfig) map[string]grpcserver.MethodBounds {
+	checkCaps := map[protoreflect.FullName]int{
+		(&authv3.AttributeContext_HttpRequest{}).ProtoReflect().Descriptor().Fields().ByName("headers").FullName(): maxCheckHeaders,
+		(&corev3.HeaderMap{}).ProtoReflect().Descriptor().Fields().ByName("headers").FullName():                    maxCheckHeaders,
+	}
 	return map[string]grpcserver.MethodBounds{
-		authv3.Authorization_Check_FullMethodName:             {MaxBytes: c.MaxRequestBytes.Check},
+		authv3.Authorization_Check_FullMethodName:             {MaxBytes: c.MaxRequestBytes.Check, Caps: checkCaps},
 		rlsv3.RateLimitService_ShouldRateLimit_FullMethodName: {MaxBytes: c.MaxRequestBytes.ShouldRateLimit, Caps: ratelimitsvc.RequestCaps()},
 	}
 }
