@@ -30,11 +30,10 @@ const envoyID = "spiffe://cluster.local/ns/edge/sa/envoy"
 // serves every listener with them: mutual TLS with a SAN allow-list on the
 // gRPC listeners, client certificates verified if given on HTTP.
 type mtlsSetup struct {
-	ca       *servertlstest.CA
-	dir      string // holds cert.pem and key.pem, rotated in place
-	cfgPath  string
-	envoy    servertlstest.Pair
-	serverCN string
+	ca      *servertlstest.CA
+	dir     string // holds cert.pem and key.pem, rotated in place
+	cfgPath string
+	envoy   servertlstest.Pair
 }
 
 func newMTLS(t *testing.T) *mtlsSetup {
