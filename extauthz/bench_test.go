@@ -29,6 +29,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/meshguard/meshguard/internal/gctune"
+	"github.com/meshguard/meshguard/internal/grpcserver"
 	"github.com/meshguard/meshguard/internal/grpcserver/grpcservertest"
 )
 
@@ -130,12 +131,13 @@ func serveBench(kind, variant string) error {
 	if err != nil {
 		return err
 	}
-	opts, err := grpcservertest.Options(prometheus.NewRegistry(), variant)
+	// As cmd/meshguard serves it: through a Guard with the default bound.
+	gs, reg, err := grpcservertest.NewServer(variant, map[string]grpcserver.MethodBounds{
+		authv3.Authorization_Check_FullMethodName: {MaxBytes: 256 << 10}})
 	if err != nil {
 		return err
 	}
-	gs := grpc.NewServer(opts...)
-	authv3.RegisterAuthorizationServer(gs, srv)
+	authv3.RegisterAuthorizationServer(reg, srv)
 	go gs.Serve(lis)
 	defer gs.Stop()
 	// A CPU profile of the server, e.g. for cmd/meshguard/default.pgo; "%p"

@@ -63,7 +63,7 @@ import (
 )
 
 // kustomizations are the directories a user applies with kubectl apply -k.
-var kustomizations = []string{"base", "grafana", "overlays/production", "overlays/development"}
+var kustomizations = []string{"base", "grafana", "overlays/production", "overlays/development", "overlays/production-mtls"}
 
 // objects is one built kustomization, decoded.
 type objects struct {

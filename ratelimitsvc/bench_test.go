@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/meshguard/meshguard/internal/gctune"
+	"github.com/meshguard/meshguard/internal/grpcserver"
 	"github.com/meshguard/meshguard/internal/grpcserver/grpcservertest"
 	"github.com/meshguard/meshguard/internal/redistest"
 	"github.com/meshguard/meshguard/internal/secret"
@@ -127,12 +128,11 @@ func benchServe(url string) error {
 	}
 	// grpc-go's server as cmd/meshguard's listeners run it: its options and
 	// interceptors, and the tuning variant that follows.
-	opts, err := grpcservertest.Options(prometheus.NewRegistry(), variant)
+	gs, reg, err := grpcservertest.NewServer(variant, benchBounds)
 	if err != nil {
 		return err
 	}
-	gs := grpc.NewServer(opts...)
-	register(gs)
+	register(reg)
 	go gs.Serve(lis)
 	stop := gs.Stop
 	// A CPU profile of the server, e.g. for cmd/meshguard/default.pgo;
@@ -155,6 +155,11 @@ func benchServe(url string) error {
 		return nil
 	}
 	return rs.Close()
+}
+
+// benchBounds are meshguard's default bounds on rate limit requests.
+var benchBounds = map[string]grpcserver.MethodBounds{
+	rlsv3.RateLimitService_ShouldRateLimit_FullMethodName: {MaxBytes: 64 << 10, Caps: RequestCaps()},
 }
 
 // benchRequests builds the request mix: 1,000 clients with one descriptor,
@@ -283,12 +288,11 @@ func startInProcessServer(b *testing.B, url string) rlsv3.RateLimitServiceClient
 	if err != nil {
 		b.Fatal(err)
 	}
-	opts, err := grpcservertest.Options(prometheus.NewRegistry(), "")
+	gs, reg, err := grpcservertest.NewServer("", benchBounds)
 	if err != nil {
 		b.Fatal(err)
 	}
-	gs := grpc.NewServer(opts...)
-	srv.Register(gs)
+	srv.Register(reg)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)

@@ -53,8 +53,10 @@ func startServer(tb testing.TB, cfg Config, st store, clock *fakeClock) *harness
 	if clock != nil {
 		srv.now = clock.Now
 	}
-	gs := grpcserver.New(grpcserver.DefaultLimits(), grpcserver.NewMetrics(prometheus.NewRegistry()))
-	srv.Register(gs)
+	lim := grpcserver.DefaultLimits()
+	gm := grpcserver.NewMetrics(reg)
+	gs := grpcserver.New(lim, gm)
+	srv.Register(grpcserver.NewGuard("test", lim, gm, benchBounds).Wrap(gs))
 	conn := grpcservertest.Serve(tb, gs)
 	return &harness{srv: srv, client: rlsv3.NewRateLimitServiceClient(conn), clock: clock, reg: reg}
 }

@@ -125,21 +125,22 @@ func TestInvalidRequests(t *testing.T) {
 	hugeHits := request("basic", kv("k", "v"))
 	hugeHits.Descriptors[0].HitsAddend = wrapperspb.UInt64(1 << 40)
 	cases := []struct {
-		name string
-		req  *rlsv3.RateLimitRequest
-		want string
+		name    string
+		req     *rlsv3.RateLimitRequest
+		want    string
+		encoded bool // refused from the encoded request (RequestCaps), before decoding
 	}{
-		{"empty domain", request("", kv("k", "v")), "domain: must not be empty"},
-		{"long domain", request(strings.Repeat("d", 256), kv("k", "v")), "domain: 256 bytes, limit 255"},
-		{"no descriptors", &rlsv3.RateLimitRequest{Domain: "basic"}, "descriptors: at least one is required"},
-		{"too many descriptors", many(maxDescriptors + 1), "descriptors: 33, limit 32"},
-		{"descriptor without entries", &rlsv3.RateLimitRequest{Domain: "basic", Descriptors: []*rlv3.RateLimitDescriptor{{}}}, "descriptors[0].entries: at least one is required"},
-		{"too many entries", deep, "descriptors[0].entries: 17, limit 16"},
-		{"empty key", request("basic", kv("remote_address", "a"), kv("", "v")), "descriptors[1].entries[0].key: must not be empty"},
-		{"long key", request("basic", kv(strings.Repeat("k", 257), "v")), "descriptors[0].entries[0].key: 257 bytes, limit 256"},
-		{"long value", request("basic", kv("k", big)), "descriptors[0].entries[0].value: 1025 bytes, limit 1024"},
-		{"override without unit", badUnit, "descriptors[0].limit.unit: must be SECOND to YEAR, got UNKNOWN"},
-		{"absurd hits", hugeHits, "descriptors[0].hits_addend: 1099511627776, limit 4294967295"},
+		{"empty domain", request("", kv("k", "v")), "domain: must not be empty", false},
+		{"long domain", request(strings.Repeat("d", 256), kv("k", "v")), "domain: 256 bytes, limit 255", false},
+		{"no descriptors", &rlsv3.RateLimitRequest{Domain: "basic"}, "descriptors: at least one is required", false},
+		{"too many descriptors", many(maxDescriptors + 1), "descriptors: more than 32", true},
+		{"descriptor without entries", &rlsv3.RateLimitRequest{Domain: "basic", Descriptors: []*rlv3.RateLimitDescriptor{{}}}, "descriptors[0].entries: at least one is required", false},
+		{"too many entries", deep, "descriptors[0].entries: more than 16", true},
+		{"empty key", request("basic", kv("remote_address", "a"), kv("", "v")), "descriptors[1].entries[0].key: must not be empty", false},
+		{"long key", request("basic", kv(strings.Repeat("k", 257), "v")), "descriptors[0].entries[0].key: 257 bytes, limit 256", false},
+		{"long value", request("basic", kv("k", big)), "descriptors[0].entries[0].value: 1025 bytes, limit 1024", false},
+		{"override without unit", badUnit, "descriptors[0].limit.unit: must be SECOND to YEAR, got UNKNOWN", false},
+		{"absurd hits", hugeHits, "descriptors[0].hits_addend: 1099511627776, limit 4294967295", false},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -150,8 +151,35 @@ func TestInvalidRequests(t *testing.T) {
 			}
 		})
 	}
-	if n := testutil.ToFloat64(h.srv.m.invalid); n != float64(len(cases)) {
-		t.Errorf("invalid requests metric = %v, want %d", n, len(cases))
+	handled := 0
+	for _, tc := range cases {
+		if !tc.encoded {
+			handled++
+		}
+	}
+	if n := testutil.ToFloat64(h.srv.m.invalid); n != float64(handled) {
+		t.Errorf("invalid requests metric = %v, want %d", n, handled)
+	}
+	// The caps' refusals are counted where they happen, in the Guard.
+	mfs, err := h.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tooMany float64
+	for _, mf := range mfs {
+		if mf.GetName() != "meshguard_grpc_server_rejected_requests_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "reason" && l.GetValue() == "too_many" {
+					tooMany += m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	if tooMany != float64(len(cases)-handled) {
+		t.Errorf("requests refused for too many elements = %v, want %d", tooMany, len(cases)-handled)
 	}
 }
 

@@ -39,7 +39,7 @@ var meshguardBinary = sync.OnceValues(func() (string, error) {
 
 // buildBinary returns the meshguard binary; the tests that run the real
 // process share one build.
-func buildBinary(t *testing.T) string {
+func buildBinary(t testing.TB) string {
 	t.Helper()
 	bin, err := meshguardBinary()
 	if err != nil {
@@ -111,9 +111,9 @@ func TestHTTP2Abuse(t *testing.T) {
 // end of, its connection.
 var abuses = []struct {
 	name string
-	run  func(t *testing.T, rc *rawConn)
+	run  func(t testing.TB, rc *rawConn)
 }{
-	{"max_frame_size_0", func(t *testing.T, rc *rawConn) {
+	{"max_frame_size_0", func(t testing.TB, rc *rawConn) {
 		// RFC 9113 §6.5.2 makes a SETTINGS_MAX_FRAME_SIZE below 16384 a
 		// connection error PROTOCOL_ERROR. grpc-go (1.85) does not check
 		// SETTINGS values: it ignores this one and frames by its own 16 KiB,
@@ -123,7 +123,7 @@ var abuses = []struct {
 		rc.check(rc.fr.WriteSettings(http2.Setting{ID: http2.SettingMaxFrameSize, Val: 0}))
 		rc.answeredOrGoAway(t, http2.ErrCodeProtocol)
 	}},
-	{"never_reading", func(t *testing.T, rc *rawConn) {
+	{"never_reading", func(t testing.TB, rc *rawConn) {
 		// Huge windows, then HEADERS-only calls to an unknown method, and
 		// never a read: the server must stop taking work it cannot send.
 		rc.check(rc.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1<<31 - 1}))
@@ -141,7 +141,7 @@ var abuses = []struct {
 		t.Logf("%d calls sent in %s before the server stopped taking them", sent, time.Since(start).Round(time.Millisecond))
 		// Checked while the connection stays open and unread.
 	}},
-	{"rapid_reset", func(t *testing.T, rc *rawConn) {
+	{"rapid_reset", func(t testing.TB, rc *rawConn) {
 		block := rc.headers(healthCheck)
 		go rc.drain()
 		for id := uint32(1); id < 2*20_000; id += 2 {
@@ -151,7 +151,7 @@ var abuses = []struct {
 			}
 		}
 	}},
-	{"continuation_flood", func(t *testing.T, rc *rawConn) {
+	{"continuation_flood", func(t testing.TB, rc *rawConn) {
 		// One header block that never ends: 16 KiB CONTINUATION frames
 		// without END_HEADERS, far past any header list limit.
 		rc.check(rc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: rc.headers(healthCheck)}))
@@ -164,7 +164,7 @@ var abuses = []struct {
 		}
 		rc.expectEnd(t)
 	}},
-	{"settings_flood", func(t *testing.T, rc *rawConn) {
+	{"settings_flood", func(t testing.TB, rc *rawConn) {
 		for range 100_000 {
 			rc.nc.SetWriteDeadline(time.Now().Add(5 * time.Second))
 			if rc.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 65535}) != nil {
@@ -172,7 +172,7 @@ var abuses = []struct {
 			}
 		}
 	}},
-	{"ping_flood", func(t *testing.T, rc *rawConn) {
+	{"ping_flood", func(t testing.TB, rc *rawConn) {
 		// Pings without streams more often than keepalive_min_time: the
 		// server ends the connection (GOAWAY ENHANCE_YOUR_CALM).
 		go rc.drain()
@@ -184,7 +184,7 @@ var abuses = []struct {
 		}
 		rc.expectEndAfterDrain(t)
 	}},
-	{"window_overflow", func(t *testing.T, rc *rawConn) {
+	{"window_overflow", func(t testing.TB, rc *rawConn) {
 		// RFC 9113 §6.9.1: a WINDOW_UPDATE that takes the connection's
 		// window past 2^31-1 is a connection error FLOW_CONTROL_ERROR.
 		// grpc-go (1.85) does not check either; the call on the
@@ -193,7 +193,7 @@ var abuses = []struct {
 		rc.check(rc.fr.WriteWindowUpdate(0, 1<<31-1))
 		rc.answeredOrGoAway(t, http2.ErrCodeFlowControl)
 	}},
-	{"window_update_flood", func(t *testing.T, rc *rawConn) {
+	{"window_update_flood", func(t testing.TB, rc *rawConn) {
 		go rc.drain()
 		for range 100_000 {
 			rc.nc.SetWriteDeadline(time.Now().Add(5 * time.Second))
@@ -208,7 +208,7 @@ const healthCheck = "/grpc.health.v1.Health/Check"
 
 // rawConn is one HTTP/2 connection written frame by frame.
 type rawConn struct {
-	t      *testing.T
+	t      testing.TB
 	nc     net.Conn
 	fr     *http2.Framer
 	ended  chan error // drain's result: the GOAWAY or the read error
@@ -218,7 +218,7 @@ type rawConn struct {
 }
 
 // dialRaw connects and sends the client preface and an empty SETTINGS.
-func dialRaw(t *testing.T, addr string) *rawConn {
+func dialRaw(t testing.TB, addr string) *rawConn {
 	t.Helper()
 	nc, err := net.DialTimeout("tcp", addr, 5*time.Second)
 	if err != nil {
@@ -280,13 +280,13 @@ func (rc *rawConn) drain() {
 
 // expectEnd reads until the server ends the connection (GOAWAY with an
 // error, or closing it) within 20 s.
-func (rc *rawConn) expectEnd(t *testing.T) {
+func (rc *rawConn) expectEnd(t testing.TB) {
 	t.Helper()
 	go rc.drain()
 	rc.expectEndAfterDrain(t)
 }
 
-func (rc *rawConn) expectEndAfterDrain(t *testing.T) {
+func (rc *rawConn) expectEndAfterDrain(t testing.TB) {
 	t.Helper()
 	select {
 	case err := <-rc.ended:
@@ -305,7 +305,7 @@ func (rc *rawConn) expectEndAfterDrain(t *testing.T) {
 // answered or the server ends the connection with GOAWAY code, failing on
 // another code, on a read error, and on an empty CONTINUATION frame or 100
 // frames without the answer (a server looping on the input).
-func (rc *rawConn) answeredOrGoAway(t *testing.T, code http2.ErrCode) {
+func (rc *rawConn) answeredOrGoAway(t testing.TB, code http2.ErrCode) {
 	t.Helper()
 	rc.check(rc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: rc.headers(healthCheck), EndHeaders: true}))
 	rc.check(rc.fr.WriteData(1, true, []byte{0, 0, 0, 0, 0})) // an empty HealthCheckRequest
@@ -336,7 +336,7 @@ func (rc *rawConn) answeredOrGoAway(t *testing.T, code http2.ErrCode) {
 }
 
 // checkHealth makes one health check on a new connection to addr.
-func checkHealth(t *testing.T, addr string) {
+func checkHealth(t testing.TB, addr string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 	defer cancel()
@@ -347,7 +347,7 @@ func checkHealth(t *testing.T, addr string) {
 }
 
 // procMem reads one memory field (VmRSS, VmHWM) of /proc/pid/status, in bytes.
-func procMem(t *testing.T, pid int, field string) int64 {
+func procMem(t testing.TB, pid int, field string) int64 {
 	t.Helper()
 	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {

@@ -19,6 +19,7 @@ import (
 	"github.com/meshguard/meshguard/internal/grpcserver"
 	"github.com/meshguard/meshguard/internal/pgpool"
 	"github.com/meshguard/meshguard/internal/secret"
+	"github.com/meshguard/meshguard/internal/servertls"
 	"github.com/meshguard/meshguard/internal/tracing"
 	"github.com/meshguard/meshguard/ratelimitsvc"
 )
@@ -29,7 +30,8 @@ type Config struct {
 	Environment string                   `yaml:"environment"`
 	Listen      ListenConfig             `yaml:"listen"`
 	Log         LogConfig                `yaml:"log"`
-	GRPC        grpcserver.Limits        `yaml:"grpc"`
+	GRPC        GRPCConfig               `yaml:"grpc"`
+	TLS         TLSConfig                `yaml:"tls"`
 	Shutdown    ShutdownConfig           `yaml:"shutdown"`
 	Redis       ratelimitsvc.RedisConfig `yaml:"redis"`
 	Database    pgpool.Config            `yaml:"database"`
@@ -50,6 +52,145 @@ type ListenConfig struct {
 	// calls are isolated from ext_authz and access-log traffic: point
 	// Envoy's rate limit cluster here. Empty: not served apart.
 	RateLimit string `yaml:"ratelimit"`
+}
+
+// GRPCConfig bounds what clients can make the gRPC listeners hold. A
+// connection buffers at most max_concurrent_streams × (initial_window_size
+// + max_recv_msg_size) bytes of requests; a request is then refused before
+// it is decoded if it is larger than its method's max_request_bytes, would
+// take more than grpcserver.DecodedRatio times that once decoded, or breaks
+// a service's caps (32 descriptors of 16 entries in a rate limit request);
+// and the requests a listener decodes at once share max_decoded_bytes.
+type GRPCConfig struct {
+	// MaxRecvMsgSize and MaxConcurrentStreams are listen.grpc's: its
+	// largest message (an access-log batch is the largest Envoy sends) and
+	// the RPCs one connection may have open (beyond it Envoy opens another
+	// connection).
+	MaxRecvMsgSize       int    `yaml:"max_recv_msg_size"`
+	MaxConcurrentStreams uint32 `yaml:"max_concurrent_streams"`
+	// MaxDecodedBytes bounds what the requests listen.grpc is decoding (and
+	// the unary ones it is handling) may take at once, estimated before
+	// decoding; beyond it they wait.
+	MaxDecodedBytes int64 `yaml:"max_decoded_bytes"`
+	// RateLimitListener holds the same three limits for listen.ratelimit.
+	RateLimitListener ListenerLimits `yaml:"ratelimit_listener"`
+	// MaxRequestBytes bounds single methods below their listener's limit.
+	MaxRequestBytes MethodLimits `yaml:"max_request_bytes"`
+	// InitialWindowSize and InitialConnWindowSize fix the flow-control
+	// windows of a stream and a connection; 0 lets grpc-go grow them by its
+	// bandwidth-delay estimate (up to 16 MiB a stream).
+	InitialWindowSize     int32 `yaml:"initial_window_size"`
+	InitialConnWindowSize int32 `yaml:"initial_conn_window_size"`
+	// KeepaliveMinTime is the shortest client ping interval tolerated.
+	KeepaliveMinTime time.Duration `yaml:"keepalive_min_time"`
+	// MaxConnectionIdle closes connections idle this long; 0: never.
+	MaxConnectionIdle time.Duration `yaml:"max_connection_idle"`
+	// ConnectionTimeout bounds the connection handshake.
+	ConnectionTimeout time.Duration `yaml:"connection_timeout"`
+}
+
+// ListenerLimits are one gRPC listener's message, stream and decoding
+// limits.
+type ListenerLimits struct {
+	MaxRecvMsgSize       int    `yaml:"max_recv_msg_size"`
+	MaxConcurrentStreams uint32 `yaml:"max_concurrent_streams"`
+	MaxDecodedBytes      int64  `yaml:"max_decoded_bytes"`
+}
+
+// MethodLimits are the per-method request size limits, in bytes.
+type MethodLimits struct {
+	// Check is ext_authz's CheckRequest: the request's headers (Envoy
+	// allows 60 KiB by default) and a body buffered by with_request_body.
+	Check int `yaml:"check"`
+	// ShouldRateLimit is a RateLimitRequest: a few hundred bytes from Envoy.
+	ShouldRateLimit int `yaml:"should_rate_limit"`
+}
+
+// DefaultGRPCConfig returns the defaults of the grpc section.
+func DefaultGRPCConfig() GRPCConfig {
+	l := grpcserver.DefaultLimits()
+	return GRPCConfig{
+		MaxRecvMsgSize:        l.MaxRecvMsgSize,
+		MaxConcurrentStreams:  l.MaxConcurrentStreams,
+		MaxDecodedBytes:       l.MaxDecodedBytes,
+		RateLimitListener:     ListenerLimits{MaxRecvMsgSize: 64 << 10, MaxConcurrentStreams: 100, MaxDecodedBytes: 16 << 20},
+		MaxRequestBytes:       MethodLimits{Check: 256 << 10, ShouldRateLimit: 64 << 10},
+		InitialWindowSize:     l.InitialWindowSize,
+		InitialConnWindowSize: l.InitialConnWindowSize,
+		KeepaliveMinTime:      l.KeepaliveMinTime,
+		MaxConnectionIdle:     l.MaxConnectionIdle,
+		ConnectionTimeout:     l.ConnectionTimeout,
+	}
+}
+
+// limits returns the server limits of listen.grpc, or of listen.ratelimit.
+func (c GRPCConfig) limits(ratelimit bool) grpcserver.Limits {
+	l := grpcserver.Limits{
+		MaxRecvMsgSize:        c.MaxRecvMsgSize,
+		MaxConcurrentStreams:  c.MaxConcurrentStreams,
+		MaxDecodedBytes:       c.MaxDecodedBytes,
+		InitialWindowSize:     c.InitialWindowSize,
+		InitialConnWindowSize: c.InitialConnWindowSize,
+		KeepaliveMinTime:      c.KeepaliveMinTime,
+		MaxConnectionIdle:     c.MaxConnectionIdle,
+		ConnectionTimeout:     c.ConnectionTimeout,
+	}
+	if ratelimit {
+		r := c.RateLimitListener
+		l.MaxRecvMsgSize, l.MaxConcurrentStreams, l.MaxDecodedBytes = r.MaxRecvMsgSize, r.MaxConcurrentStreams, r.MaxDecodedBytes
+	}
+	return l
+}
+
+// validate reports every invalid field of the grpc section.
+func (c GRPCConfig) validate() []error {
+	var errs []error
+	size := func(path string, n int) {
+		if n < 1<<10 || n > 64<<20 {
+			errs = append(errs, fmt.Errorf("%s: must be between 1 KiB and 64 MiB, got %d", path, n))
+		}
+	}
+	streams := func(path string, n uint32) {
+		if n < 1 {
+			errs = append(errs, fmt.Errorf("%s: must be at least 1, got %d", path, n))
+		}
+	}
+	decoded := func(path string, n int64) {
+		if n < 1<<20 || n > 16<<30 {
+			errs = append(errs, fmt.Errorf("%s: must be between 1 MiB and 16 GiB, got %d", path, n))
+		}
+	}
+	window := func(path string, n int32) {
+		if n != 0 && n < 64<<10 {
+			errs = append(errs, fmt.Errorf("%s: must be 0 (grpc-go's dynamic windows) or at least 65536, got %d", path, n))
+		}
+	}
+	size("grpc.max_recv_msg_size", c.MaxRecvMsgSize)
+	streams("grpc.max_concurrent_streams", c.MaxConcurrentStreams)
+	decoded("grpc.max_decoded_bytes", c.MaxDecodedBytes)
+	size("grpc.ratelimit_listener.max_recv_msg_size", c.RateLimitListener.MaxRecvMsgSize)
+	streams("grpc.ratelimit_listener.max_concurrent_streams", c.RateLimitListener.MaxConcurrentStreams)
+	decoded("grpc.ratelimit_listener.max_decoded_bytes", c.RateLimitListener.MaxDecodedBytes)
+	size("grpc.max_request_bytes.check", c.MaxRequestBytes.Check)
+	size("grpc.max_request_bytes.should_rate_limit", c.MaxRequestBytes.ShouldRateLimit)
+	window("grpc.initial_window_size", c.InitialWindowSize)
+	window("grpc.initial_conn_window_size", c.InitialConnWindowSize)
+	if c.KeepaliveMinTime <= 0 {
+		errs = append(errs, fmt.Errorf("grpc.keepalive_min_time: must be positive, got %s", c.KeepaliveMinTime))
+	}
+	if c.ConnectionTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("grpc.connection_timeout: must be positive, got %s", c.ConnectionTimeout))
+	}
+	return errs
+}
+
+// TLSConfig is the tls section: TLS or mutual TLS per listener, from files
+// that are read again when they change. The zero value is plaintext.
+type TLSConfig struct {
+	// GRPC serves both gRPC listeners (listen.grpc and listen.ratelimit).
+	GRPC servertls.Config `yaml:"grpc"`
+	// HTTP serves listen.http.
+	HTTP servertls.Config `yaml:"http"`
 }
 
 // LogConfig sets the log level and format.
@@ -78,7 +219,7 @@ func DefaultConfig() Config {
 		Environment: "production",
 		Listen:      ListenConfig{GRPC: "127.0.0.1:8081", HTTP: "127.0.0.1:8080", RateLimit: "127.0.0.1:8082"},
 		Log:         LogConfig{Level: "info"},
-		GRPC:        grpcserver.DefaultLimits(),
+		GRPC:        DefaultGRPCConfig(),
 		Shutdown:    ShutdownConfig{Timeout: 8 * time.Second},
 		Redis:       ratelimitsvc.DefaultRedisConfig(),
 		Database:    pgpool.DefaultConfig(),
@@ -240,18 +381,8 @@ func (c Config) Validate() error {
 	if f := c.Log.Format; f != "" && f != "json" && f != "text" {
 		errs = append(errs, fmt.Errorf("log.format: must be json or text, got %q", f))
 	}
-	if n := c.GRPC.MaxRecvMsgSize; n < 1<<10 || n > 64<<20 {
-		errs = append(errs, fmt.Errorf("grpc.max_recv_msg_size: must be between 1 KiB and 64 MiB, got %d", n))
-	}
-	if c.GRPC.MaxConcurrentStreams < 1 {
-		errs = append(errs, fmt.Errorf("grpc.max_concurrent_streams: must be at least 1, got %d", c.GRPC.MaxConcurrentStreams))
-	}
-	if c.GRPC.KeepaliveMinTime <= 0 {
-		errs = append(errs, fmt.Errorf("grpc.keepalive_min_time: must be positive, got %s", c.GRPC.KeepaliveMinTime))
-	}
-	if c.GRPC.ConnectionTimeout <= 0 {
-		errs = append(errs, fmt.Errorf("grpc.connection_timeout: must be positive, got %s", c.GRPC.ConnectionTimeout))
-	}
+	errs = append(errs, c.GRPC.validate()...)
+	errs = append(errs, c.TLS.GRPC.Validate("tls.grpc"), c.TLS.HTTP.Validate("tls.http"))
 	if c.Shutdown.DrainDelay < 0 {
 		errs = append(errs, fmt.Errorf("shutdown.drain_delay: must not be negative, got %s", c.Shutdown.DrainDelay))
 	}

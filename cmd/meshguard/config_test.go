@@ -17,12 +17,22 @@ import (
 // error text it must produce. Each file must appear here.
 func TestBadConfigs(t *testing.T) {
 	tests := map[string][]string{
-		"bad_unknown_key.yaml":   {`line 4: unknown key "tiemout"`},
-		"bad_environment.yaml":   {`environment: must be production or development, got "staging"`},
-		"bad_listen.yaml":        {`listen.grpc: not a host:port address: "8081"`},
-		"bad_duration.yaml":      {"line 2:", "`soon`", "time.Duration"},
-		"bad_log_level.yaml":     {`log.level: must be debug, info, warn or error, got "loud"`},
-		"bad_grpc_limits.yaml":   {"grpc.max_recv_msg_size: must be between 1 KiB and 64 MiB, got 1073741824"},
+		"bad_unknown_key.yaml": {`line 4: unknown key "tiemout"`},
+		"bad_environment.yaml": {`environment: must be production or development, got "staging"`},
+		"bad_listen.yaml":      {`listen.grpc: not a host:port address: "8081"`},
+		"bad_duration.yaml":    {"line 2:", "`soon`", "time.Duration"},
+		"bad_log_level.yaml":   {`log.level: must be debug, info, warn or error, got "loud"`},
+		"bad_grpc_limits.yaml": {"grpc.max_recv_msg_size: must be between 1 KiB and 64 MiB, got 1073741824"},
+		"bad_grpc_windows.yaml": {
+			"grpc.initial_window_size: must be 0 (grpc-go's dynamic windows) or at least 65536, got 1000",
+			"grpc.initial_conn_window_size: must be 0 (grpc-go's dynamic windows) or at least 65536, got -1"},
+		"bad_grpc_listener_limits.yaml": {
+			"grpc.max_decoded_bytes: must be between 1 MiB and 16 GiB, got 1000",
+			"grpc.ratelimit_listener.max_concurrent_streams: must be at least 1, got 0",
+			"grpc.max_request_bytes.check: must be between 1 KiB and 64 MiB, got 100"},
+		"bad_tls.yaml": {
+			"tls.grpc: cert_file and key_file go together",
+			`tls.http.client_auth: must be require or verify_if_given, got "optional"`},
 		"bad_pool.yaml":          {"database.pool.min_conns", "20", "max_conns 5"},
 		"bad_failure_mode.yaml":  {`ratelimit.failure_mode: must be allow or deny, got "maybe"`},
 		"bad_cors_mode.yaml":     {`cors.mode: must be enforce or report, got "block"`},

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -64,7 +65,7 @@ func (w *logWatcher) String() string {
 
 // testConfig writes a config that keeps every file the service makes inside
 // the test's temp dir.
-func testConfig(t *testing.T, extra string) string {
+func testConfig(t testing.TB, extra string) string {
 	t.Helper()
 	dir := t.TempDir()
 	path := filepath.Join(dir, "meshguard.yaml")
@@ -161,6 +162,9 @@ func TestRunServesAndStops(t *testing.T) {
 	}
 	if code, body := get("/healthz"); code != 200 {
 		t.Errorf("/healthz = %d %q", code, body)
+	}
+	if code, body := get("/healthz/grpc"); code != 200 || body != "serving\n" {
+		t.Errorf("/healthz/grpc = %d %q", code, body)
 	}
 	code, body := get("/readyz")
 	if code != 200 {
@@ -265,5 +269,36 @@ func TestSIGTERMExitsZero(t *testing.T) {
 		t.Logf("exited 0 in %s after SIGTERM", time.Since(start).Round(time.Millisecond))
 	case <-time.After(10 * time.Second):
 		t.Fatalf("still running 10s after SIGTERM; logs:\n%s", logs)
+	}
+}
+
+// TestGRPCHealthOverHTTP: /healthz/grpc follows the gRPC health status,
+// which turns NOT_SERVING when shutdown begins, so an HTTP readiness probe
+// (the kubelet's gRPC probe speaks no TLS) takes the pod out as a gRPC one
+// would.
+func TestGRPCHealthOverHTTP(t *testing.T) {
+	cfg, err := loadConfig(testConfig(t, ""), noEnv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := build(t.Context(), cfg, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		s.closeListeners()
+		s.closeComponents(t.Context())
+	}()
+	probe := func() (int, string) {
+		rec := httptest.NewRecorder()
+		s.http.Handler.ServeHTTP(rec, httptest.NewRequest("GET", "/healthz/grpc", nil))
+		return rec.Code, rec.Body.String()
+	}
+	if code, body := probe(); code != 200 || body != "serving\n" {
+		t.Errorf("while serving: %d %q", code, body)
+	}
+	s.hs.Shutdown()
+	if code, body := probe(); code != 503 || body != "not serving\n" {
+		t.Errorf("after shutdown began: %d %q", code, body)
 	}
 }

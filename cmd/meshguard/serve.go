@@ -12,18 +12,24 @@ import (
 	"sync"
 	"time"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
+	"google.golang.org/protobuf/reflect/protoreflect"
 
 	"github.com/meshguard/meshguard/internal/gctune"
 	"github.com/meshguard/meshguard/internal/grpcserver"
+	"github.com/meshguard/meshguard/internal/servertls"
 	"github.com/meshguard/meshguard/internal/tracing"
+	"github.com/meshguard/meshguard/ratelimitsvc"
 )
 
 // app is what every component's setup function gets: the process-wide
@@ -156,29 +162,54 @@ func build(ctx context.Context, cfg Config, logw io.Writer) (_ *server, err erro
 	}
 
 	metrics := grpcserver.NewMetrics(reg)
-	traced := s.a.tracing.ServerOptions()
-	s.grpc = grpcserver.New(cfg.GRPC, metrics, traced...)
+	tlsm := servertls.NewMetrics(reg)
+	// Per-server options beyond the limits: TLS credentials, tracing.
+	extra := s.a.tracing.ServerOptions()
+	if cfg.TLS.GRPC.Enabled() {
+		src, err := servertls.New(log, tlsm, "grpc", cfg.TLS.GRPC, "h2")
+		if err != nil {
+			return nil, err
+		}
+		extra = append(extra, grpc.Creds(credentials.NewTLS(src.Config())))
+	}
+	bounds := methodBounds(cfg.GRPC)
+	s.grpc = grpcserver.New(cfg.GRPC.limits(false), metrics, extra...)
+	grpcReg := grpcserver.NewGuard("grpc", cfg.GRPC.limits(false), metrics, bounds).Wrap(s.grpc)
 	s.hs = health.NewServer()
-	healthpb.RegisterHealthServer(s.grpc, s.hs)
-	reflection.Register(s.grpc)
-	// The rate limit listener: a second server with the same options that
+	healthpb.RegisterHealthServer(grpcReg, s.hs)
+	reflection.Register(grpcReg)
+	// The rate limit listener: a second server with its own limits that
 	// serves ShouldRateLimit and health checks alone, so that rate limit
 	// calls do not share connections and stream limits with ext_authz.
+	var rlReg grpcserver.Registrar
 	if cfg.Listen.RateLimit != "" {
-		s.rl = grpcserver.New(cfg.GRPC, metrics, traced...)
-		healthpb.RegisterHealthServer(s.rl, s.hs)
+		s.rl = grpcserver.New(cfg.GRPC.limits(true), metrics, extra...)
+		rlReg = grpcserver.NewGuard("ratelimit", cfg.GRPC.limits(true), metrics, bounds).Wrap(s.rl)
+		healthpb.RegisterHealthServer(rlReg, s.hs)
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		io.WriteString(w, "ok\n")
 	})
+	// The gRPC health status over HTTP, for readiness probes that cannot
+	// reach the gRPC listeners: the kubelet's gRPC probe speaks no TLS.
+	mux.HandleFunc("GET /healthz/grpc", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		resp, err := s.hs.Check(r.Context(), &healthpb.HealthCheckRequest{})
+		if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			io.WriteString(w, "not serving\n")
+			return
+		}
+		io.WriteString(w, "serving\n")
+	})
 	var checks []readinessCheck
 	for _, c := range s.comps {
 		if c.grpc != nil {
-			c.grpc(s.grpc)
+			c.grpc(grpcReg)
 			if s.rl != nil {
-				c.grpc(only{s.rl, rlsv3.RateLimitService_ServiceDesc.ServiceName})
+				c.grpc(only{rlReg, rlsv3.RateLimitService_ServiceDesc.ServiceName})
 			}
 		}
 		if c.http != nil {
@@ -196,13 +227,22 @@ func build(ctx context.Context, cfg Config, logw io.Writer) (_ *server, err erro
 	}
 	s.hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	s.http = &http.Server{
-		Handler:           mux,
+		Handler:           servertls.WithPeer(mux),
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       30 * time.Second,
 		WriteTimeout:      5 * time.Minute, // exports stream for a while
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	if cfg.TLS.HTTP.Enabled() {
+		// Probes and Prometheus speak HTTP/1.1; browsers' CSP reports
+		// arrive through Envoy.
+		src, err := servertls.New(log, tlsm, "http", cfg.TLS.HTTP, "h2", "http/1.1")
+		if err != nil {
+			return nil, err
+		}
+		s.http.TLSConfig = src.Config()
 	}
 
 	if s.grpcLis, err = net.Listen("tcp", cfg.Listen.GRPC); err != nil {
@@ -238,7 +278,13 @@ func (s *server) run(ctx context.Context, gc gctune.Settings) error {
 		start(&serving, "rate limit server", func() error { return s.rl.Serve(s.rlLis) })
 	}
 	start(&serving, "HTTP server", func() error {
-		if err := s.http.Serve(s.httpLis); !errors.Is(err, http.ErrServerClosed) {
+		var err error
+		if s.http.TLSConfig != nil {
+			err = s.http.ServeTLS(s.httpLis, "", "") // certificates from TLSConfig
+		} else {
+			err = s.http.Serve(s.httpLis)
+		}
+		if !errors.Is(err, http.ErrServerClosed) {
 			return err
 		}
 		return nil
@@ -255,6 +301,7 @@ func (s *server) run(ctx context.Context, gc gctune.Settings) error {
 	}
 	s.log.Info("meshguard serving", "version", version, "environment", s.cfg.Environment,
 		"grpc_addr", s.grpcLis.Addr().String(), "http_addr", s.httpLis.Addr().String(), "ratelimit_addr", addrOf(s.rlLis),
+		"grpc_tls", tlsMode(s.cfg.TLS.GRPC), "http_tls", tlsMode(s.cfg.TLS.HTTP),
 		"gogc", gc.GCPercent, "gomemlimit_bytes", gc.MemoryLimit)
 
 	var runErr error
@@ -357,6 +404,27 @@ func (s *server) closeListeners() {
 	}
 }
 
+// maxCheckHeaders caps the headers of an ext_authz check (either form,
+// headers or header_map). Envoy forwards at most its max_headers_count
+// (100 by default and in envoy.yaml) plus the few it adds; a check with
+// thousands of tiny headers fits the size limits yet costs milliseconds
+// of CPU and a map entry each to decode and inspect.
+const maxCheckHeaders = 512
+
+// methodBounds bounds the requests of Envoy's two unary methods below their
+// listener's message limit: ext_authz checks, whose headers are capped, and
+// rate limit requests, whose descriptors and entries ratelimitsvc caps.
+func methodBounds(c GRPCConfig) map[string]grpcserver.MethodBounds {
+	checkCaps := map[protoreflect.FullName]int{
+		(&authv3.AttributeContext_HttpRequest{}).ProtoReflect().Descriptor().Fields().ByName("headers").FullName(): maxCheckHeaders,
+		(&corev3.HeaderMap{}).ProtoReflect().Descriptor().Fields().ByName("headers").FullName():                    maxCheckHeaders,
+	}
+	return map[string]grpcserver.MethodBounds{
+		authv3.Authorization_Check_FullMethodName:             {MaxBytes: c.MaxRequestBytes.Check, Caps: checkCaps},
+		rlsv3.RateLimitService_ShouldRateLimit_FullMethodName: {MaxBytes: c.MaxRequestBytes.ShouldRateLimit, Caps: ratelimitsvc.RequestCaps()},
+	}
+}
+
 // only registers the named service and drops the rest: the rate limit
 // listener serves the rate limit service of the component that has it.
 type only struct {
@@ -368,6 +436,19 @@ func (o only) RegisterService(desc *grpc.ServiceDesc, impl any) {
 	if desc.ServiceName == o.service {
 		o.r.RegisterService(desc, impl)
 	}
+}
+
+// tlsMode names a listener's transport security for the start-up line.
+func tlsMode(c servertls.Config) string {
+	switch {
+	case !c.Enabled():
+		return "plaintext"
+	case c.ClientCAFile == "":
+		return "tls"
+	case c.ClientAuth == "verify_if_given":
+		return "mtls_if_given"
+	}
+	return "mtls"
 }
 
 // addrOf is l's address, or "" for no listener.

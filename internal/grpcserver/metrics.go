@@ -23,6 +23,10 @@ type Metrics struct {
 	handled  *prometheus.CounterVec
 	duration *prometheus.HistogramVec
 	inflight *prometheus.GaugeVec
+	rejected *prometheus.CounterVec
+	// A Guard's decoding budget: bytes held, and requests that waited.
+	decoding    *prometheus.GaugeVec
+	decodeWaits *prometheus.CounterVec
 
 	methods atomic.Pointer[map[string]*methodMetrics]
 	mu      sync.Mutex // serialises additions to methods
@@ -55,10 +59,22 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "meshguard_grpc_server_in_flight",
 			Help: "RPCs and streams being handled now, by full method.",
 		}, []string{"method"}),
+		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshguard_grpc_server_rejected_requests_total",
+			Help: "Request messages refused before they were decoded, by listener, full method and reason (too_large, decoded_too_large, too_many, too_deep, malformed).",
+		}, []string{"listener", "method", "reason"}),
+		decoding: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "meshguard_grpc_server_decoding_bytes",
+			Help: "Estimated bytes of the requests being decoded or handled now, of the listener's max_decoded_bytes.",
+		}, []string{"listener"}),
+		decodeWaits: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshguard_grpc_server_decode_waits_total",
+			Help: "Requests that waited for the listener's decoding budget.",
+		}, []string{"listener"}),
 	}
 	empty := map[string]*methodMetrics{}
 	m.methods.Store(&empty)
-	reg.MustRegister(m.handled, m.duration, m.inflight)
+	reg.MustRegister(m.handled, m.duration, m.inflight, m.rejected, m.decoding, m.decodeWaits)
 	return m
 }
 
@@ -94,7 +110,11 @@ func (m *Metrics) method(name string) *methodMetrics {
 func (m *Metrics) done(mm *methodMetrics, start time.Time, err error) {
 	mm.inflight.Dec()
 	mm.duration.Observe(time.Since(start).Seconds())
-	code := status.Code(err)
+	m.count(mm, status.Code(err))
+}
+
+// count adds one RPC completed with code.
+func (m *Metrics) count(mm *methodMetrics, code codes.Code) {
 	if int(code) >= numCodes {
 		m.handled.WithLabelValues(mm.name, code.String()).Inc()
 		return

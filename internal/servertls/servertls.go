@@ -14,7 +14,9 @@
 // Client certificates, when a CA bundle is configured, are verified against
 // it (chain, validity period, key usage) and then their subject alternative
 // names are held against an allow-list of exact URI SANs (SPIFFE IDs such as
-// spiffe://cluster.local/ns/edge/sa/envoy) or DNS names.
+// spiffe://cluster.local/ns/edge/sa/envoy) or DNS names. Handlers find the
+// verified client's identity with Peer: in an HTTP request's context (the
+// server's handler wrapped in WithPeer) or a gRPC call's.
 //
 // Metrics (see NewMetrics):
 //
@@ -24,11 +26,13 @@
 package servertls
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"os"
 	"slices"
 	"sync"
@@ -37,6 +41,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
 )
 
 // Config is one listener's TLS settings. The zero value is plaintext.
@@ -356,4 +362,33 @@ func PeerID(cs *tls.ConnectionState) string {
 		return leaf.DNSNames[0]
 	}
 	return leaf.Subject.CommonName
+}
+
+type peerKey struct{}
+
+// WithPeer passes each request to h with the verified client certificate's
+// identity (PeerID) in its context, for Peer to return.
+func WithPeer(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if id := PeerID(r.TLS); id != "" {
+			r = r.WithContext(context.WithValue(r.Context(), peerKey{}, id))
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// Peer returns the identity (PeerID) of the verified client certificate of
+// the request or RPC ctx belongs to: an HTTP request passed through
+// WithPeer, or a gRPC call on a server with TLS credentials. It is empty
+// for a plaintext connection and for a client that sent no certificate.
+func Peer(ctx context.Context) string {
+	if id, ok := ctx.Value(peerKey{}).(string); ok {
+		return id
+	}
+	if p, ok := peer.FromContext(ctx); ok {
+		if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok {
+			return PeerID(&ti.State)
+		}
+	}
+	return ""
 }

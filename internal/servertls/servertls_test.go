@@ -7,6 +7,8 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -382,4 +384,74 @@ func TestClientCARotation(t *testing.T) {
 	waitFor(t, "the new CA bundle to admit the client", func() bool {
 		return check(dialHealth(t, srv.addr, oldCA, &client)) == nil
 	})
+}
+
+// TestPeerInContext: HTTP handlers behind WithPeer, and gRPC handlers on
+// TLS credentials, find the verified client's identity in their context.
+func TestPeerInContext(t *testing.T) {
+	ca := servertlstest.NewCA(t, "mesh-ca")
+	dir := t.TempDir()
+	cert, key := ca.Server(t, "meshguard").WriteFiles(t, dir)
+	caFile := filepath.Join(dir, "ca.pem")
+	servertlstest.WriteFile(t, caFile, ca.PEM)
+	envoy := ca.Issue(t, servertlstest.Leaf{CommonName: "envoy", URIs: []string{envoyID}, Client: true})
+	cfg := servertls.Config{CertFile: cert, KeyFile: key, ClientCAFile: caFile, ClientAuth: "verify_if_given"}
+
+	t.Run("http", func(t *testing.T) {
+		src, err := servertls.New(quietLog(), servertls.NewMetrics(prometheus.NewRegistry()), "http", cfg, "http/1.1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv := httptest.NewUnstartedServer(servertls.WithPeer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, "peer="+servertls.Peer(r.Context()))
+		})))
+		srv.TLS = src.Config()
+		srv.StartTLS()
+		defer srv.Close()
+		for _, tc := range []struct {
+			certs []tls.Certificate
+			want  string
+		}{{nil, "peer="}, {[]tls.Certificate{envoy.TLS}, "peer=" + envoyID}} {
+			hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: ca.Pool(), ServerName: "localhost", Certificates: tc.certs}}}
+			resp, err := hc.Get(srv.URL)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			hc.CloseIdleConnections()
+			if string(body) != tc.want {
+				t.Errorf("handler saw %q, want %q", body, tc.want)
+			}
+		}
+	})
+
+	t.Run("grpc", func(t *testing.T) {
+		src, err := servertls.New(quietLog(), servertls.NewMetrics(prometheus.NewRegistry()), "grpc", cfg, "h2")
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen := make(chan string, 1)
+		gs := grpc.NewServer(grpc.Creds(credentials.NewTLS(src.Config())),
+			grpc.UnaryInterceptor(func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+				seen <- servertls.Peer(ctx)
+				return h(ctx, req)
+			}))
+		healthpb.RegisterHealthServer(gs, health.NewServer())
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		go gs.Serve(l)
+		defer gs.Stop()
+		if err := check(dialHealth(t, l.Addr().String(), ca, &envoy)); err != nil {
+			t.Fatal(err)
+		}
+		if got := <-seen; got != envoyID {
+			t.Errorf("gRPC handler saw peer %q, want %q", got, envoyID)
+		}
+	})
+	if got := servertls.Peer(context.Background()); got != "" {
+		t.Errorf("Peer of a bare context = %q", got)
+	}
 }

@@ -1,8 +1,8 @@
 // Package grpcservertest serves gRPC in tests: Serve runs a server on a
-// free loopback port and dials it, and Options lets benchmarks run the
-// production server stack (grpcserver.Options and the metrics
-// interceptors) with tuning overrides, so that candidate options can be
-// compared side by side.
+// free loopback port and dials it, and NewServer and Options let benchmarks
+// run the production server stack (grpcserver.Options, the metrics
+// interceptors and a Guard) with tuning overrides, so that candidate
+// options can be compared side by side.
 package grpcservertest
 
 import (
@@ -48,49 +48,79 @@ func Executable(variant string) (bin, rest string) {
 }
 
 // Options returns the production server options with metrics registered in
-// reg, followed by the overrides in variant: "prod" (or "") for none, else a
+// reg, with the overrides in variant: "prod" (or "") for none, else a
 // comma-separated list of
 //
 //	workers=N   NumStreamWorkers(N); 0 turns workers off; Nx means N×GOMAXPROCS
-//	win=N       InitialWindowSize and InitialConnWindowSize N bytes
+//	win=N       stream and connection windows of N bytes
+//	swin=N      stream window of N bytes; 0: grpc-go's dynamic (BDP) windows
+//	cwin=N      connection window of N bytes; 0: dynamic
 //	rbuf=N      ReadBufferSize N bytes
 //	wbuf=N      WriteBufferSize N bytes
 //	procs=N     runtime.GOMAXPROCS(N) in the serving process
 //	gogc=N      debug.SetGCPercent(N) in the serving process
+//	guard=0     NewServer registers services without a Guard
 //
 // and "bin=PATH", which the benchmark strips with Executable first.
 func Options(reg prometheus.Registerer, variant string) ([]grpc.ServerOption, error) {
-	opts := append(grpcserver.Options(grpcserver.DefaultLimits()), grpcserver.NewMetrics(reg).ServerOptions()...)
-	if variant == "" || variant == "prod" {
-		return opts, nil
+	opts, _, _, err := options(reg, variant)
+	return opts, err
+}
+
+// NewServer returns a server with Options(variant) and a registrar that
+// registers services on it through a Guard with bounds, as cmd/meshguard
+// does (unless variant says guard=0).
+func NewServer(variant string, bounds map[string]grpcserver.MethodBounds) (*grpc.Server, grpc.ServiceRegistrar, error) {
+	opts, lim, guard, err := options(prometheus.NewRegistry(), variant)
+	if err != nil {
+		return nil, nil, err
 	}
-	for _, o := range strings.Split(variant, ",") {
-		k, v, _ := strings.Cut(o, "=")
-		n, err := strconv.Atoi(strings.TrimSuffix(v, "x"))
-		if err != nil {
-			return nil, fmt.Errorf("variant %q: %q: %w", variant, o, err)
-		}
-		switch k {
-		case "workers":
-			if strings.HasSuffix(v, "x") {
-				n *= runtime.GOMAXPROCS(0)
+	gs := grpc.NewServer(opts...)
+	if !guard {
+		return gs, gs, nil
+	}
+	return gs, grpcserver.NewGuard("bench", lim, grpcserver.NewMetrics(prometheus.NewRegistry()), bounds).Wrap(gs), nil
+}
+
+func options(reg prometheus.Registerer, variant string) (opts []grpc.ServerOption, lim grpcserver.Limits, guard bool, err error) {
+	lim, guard = grpcserver.DefaultLimits(), true
+	var extra []grpc.ServerOption
+	if variant != "" && variant != "prod" {
+		for _, o := range strings.Split(variant, ",") {
+			k, v, _ := strings.Cut(o, "=")
+			n, err := strconv.Atoi(strings.TrimSuffix(v, "x"))
+			if err != nil {
+				return nil, lim, false, fmt.Errorf("variant %q: %q: %w", variant, o, err)
 			}
-			opts = append(opts, grpc.NumStreamWorkers(uint32(n)))
-		case "win":
-			opts = append(opts, grpc.InitialWindowSize(int32(n)), grpc.InitialConnWindowSize(int32(n)))
-		case "rbuf":
-			opts = append(opts, grpc.ReadBufferSize(n))
-		case "wbuf":
-			opts = append(opts, grpc.WriteBufferSize(n))
-		case "procs":
-			runtime.GOMAXPROCS(n)
-		case "gogc":
-			debug.SetGCPercent(n)
-		default:
-			return nil, fmt.Errorf("variant %q: unknown option %q", variant, o)
+			switch k {
+			case "workers":
+				if strings.HasSuffix(v, "x") {
+					n *= runtime.GOMAXPROCS(0)
+				}
+				extra = append(extra, grpc.NumStreamWorkers(uint32(n)))
+			case "win":
+				lim.InitialWindowSize, lim.InitialConnWindowSize = int32(n), int32(n)
+			case "swin":
+				lim.InitialWindowSize = int32(n)
+			case "cwin":
+				lim.InitialConnWindowSize = int32(n)
+			case "rbuf":
+				extra = append(extra, grpc.ReadBufferSize(n))
+			case "wbuf":
+				extra = append(extra, grpc.WriteBufferSize(n))
+			case "procs":
+				runtime.GOMAXPROCS(n)
+			case "gogc":
+				debug.SetGCPercent(n)
+			case "guard":
+				guard = n != 0
+			default:
+				return nil, lim, false, fmt.Errorf("variant %q: unknown option %q", variant, o)
+			}
 		}
 	}
-	return opts, nil
+	opts = append(grpcserver.Options(lim), grpcserver.NewMetrics(reg).ServerOptions()...)
+	return append(opts, extra...), lim, guard, nil
 }
 
 // Serve serves gs on a free 127.0.0.1 port until the test ends and returns

@@ -12,7 +12,11 @@ func TestOptionsVariants(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for variant, extra := range map[string]int{"": 0, "workers=2x,gogc=100": 1, "win=65536": 2} {
+	bdp, _ := Options(prometheus.NewRegistry(), "swin=0,cwin=0")
+	if len(bdp) != len(base)-2 {
+		t.Errorf("Options(bdp): %d options, want the two static windows fewer than %d", len(bdp), len(base))
+	}
+	for variant, extra := range map[string]int{"": 0, "workers=2x,gogc=100": 1, "win=131072": 0, "guard=0": 0} {
 		opts, err := Options(prometheus.NewRegistry(), variant)
 		if err != nil {
 			t.Errorf("Options(%q): %v", variant, err)
