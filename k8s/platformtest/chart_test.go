@@ -632,6 +632,67 @@ func containsAddr(ps []netip.Prefix, a netip.Addr) bool {
 	return slices.ContainsFunc(ps, func(p netip.Prefix) bool { return p.Contains(a) })
 }
 
+// TestChartAccountKey: the meshguard pods get MESHGUARD_ACCOUNT_KEY, by a
+// reference that is not optional, from the Secret they read everything
+// else from: the existing one, or the one the chart creates, which holds a
+// key of at least 16 bytes (the one given, else a random one) and only the
+// other values given.
+func TestChartAccountKey(t *testing.T) {
+	check := func(t *testing.T, r *rendered, secret string) {
+		t.Helper()
+		d := r.deployment("meshguard")
+		c := d.Spec.Template.Spec.Containers[0]
+		if len(c.EnvFrom) != 1 || c.EnvFrom[0].SecretRef == nil || c.EnvFrom[0].SecretRef.Name != secret {
+			t.Errorf("meshguard envFrom %+v, want Secret %s", c.EnvFrom, secret)
+		}
+		i := slices.IndexFunc(c.Env, func(e corev1.EnvVar) bool { return e.Name == "MESHGUARD_ACCOUNT_KEY" })
+		if i < 0 {
+			t.Fatal("the meshguard container has no MESHGUARD_ACCOUNT_KEY")
+		}
+		ref := c.Env[i].ValueFrom.SecretKeyRef
+		if ref == nil || ref.Name != secret || ref.Key != "MESHGUARD_ACCOUNT_KEY" || (ref.Optional != nil && *ref.Optional) {
+			t.Errorf("MESHGUARD_ACCOUNT_KEY from %+v, want the required key MESHGUARD_ACCOUNT_KEY of Secret %s", ref, secret)
+		}
+		j := r.get("Job", "meshguard-migrate").(*batchv1.Job)
+		if ef := j.Spec.Template.Spec.Containers[0].EnvFrom; len(ef) != 1 || ef[0].SecretRef.Name != secret {
+			t.Errorf("migration Job envFrom %+v, want Secret %s", ef, secret)
+		}
+	}
+	t.Run("existing Secret", func(t *testing.T) {
+		r := mustRender(t, map[string]any{"meshguard": map[string]any{"existingSecret": "prod-secrets"}})
+		check(t, r, "prod-secrets")
+		if len(r.byKind["Secret"]) != 0 {
+			t.Errorf("the chart renders Secrets %v beside an existing one", r.byKind["Secret"])
+		}
+	})
+	t.Run("generated Secret", func(t *testing.T) {
+		r := mustRender(t, map[string]any{"meshguard": map[string]any{"existingSecret": "", "secret": map[string]any{
+			"databaseURL": "postgres://meshguard:pw@db:5432/meshguard?sslmode=require",
+		}}})
+		check(t, r, "meshguard")
+		sec, ok := r.get("Secret", "meshguard").(*corev1.Secret)
+		if !ok {
+			t.Fatal("no Secret meshguard")
+		}
+		if k := sec.Data["MESHGUARD_ACCOUNT_KEY"]; len(k) < 16 {
+			t.Errorf("generated MESHGUARD_ACCOUNT_KEY has %d bytes, want at least 16", len(k))
+		}
+		if got := string(sec.Data["DATABASE_URL"]); got != "postgres://meshguard:pw@db:5432/meshguard?sslmode=require" {
+			t.Errorf("DATABASE_URL %q", got)
+		}
+		if _, ok := sec.Data["REDIS_URL"]; ok {
+			t.Error("an empty redisURL is written into the Secret (meshguard would read REDIS_URL=\"\")")
+		}
+	})
+	t.Run("generated Secret with the key given", func(t *testing.T) {
+		const key = "an-account-key-shared-by-every-replica"
+		r := mustRender(t, map[string]any{"meshguard": map[string]any{"existingSecret": "", "secret": map[string]any{"accountKey": key}}})
+		if got := string(r.get("Secret", "meshguard").(*corev1.Secret).Data["MESHGUARD_ACCOUNT_KEY"]); got != key {
+			t.Errorf("MESHGUARD_ACCOUNT_KEY %q, want the given %q", got, key)
+		}
+	})
+}
+
 // TestChartDefaultEnvoyConfig: with default values the chart's bootstrap is
 // envoy/envoy.yaml.
 func TestChartDefaultEnvoyConfig(t *testing.T) {
@@ -712,6 +773,9 @@ func TestChartRejects(t *testing.T) {
 		{"prefix too long", map[string]any{"networkPolicy": map[string]any{"ingress": map[string]any{"podCIDRs": []any{"10.0.0.0/33"}}}}, "/networkPolicy/ingress/podCIDRs/0"},
 		{"selected pods not trusted", map[string]any{"networkPolicy": map[string]any{"ingress": map[string]any{"podCIDRs": []any{}}}}, "networkPolicy.ingress.podCIDRs is empty"},
 		{"secret name", map[string]any{"meshguard": map[string]any{"existingSecret": "Bad_Name"}}, "/meshguard/existingSecret"},
+		{"secret values beside an existing Secret", map[string]any{"meshguard": map[string]any{"secret": map[string]any{"accountKey": "0123456789abcdef"}}}, "meshguard.secret is for the Secret the chart creates"},
+		{"short account key", map[string]any{"meshguard": map[string]any{"existingSecret": "", "secret": map[string]any{"accountKey": "short"}}}, "/meshguard/secret/accountKey"},
+		{"database URL of another kind", map[string]any{"meshguard": map[string]any{"existingSecret": "", "secret": map[string]any{"databaseURL": "mysql://db/meshguard"}}}, "/meshguard/secret/databaseURL"},
 		{"Envoy open to any source", map[string]any{"networkPolicy": map[string]any{"ingress": map[string]any{"namespaceSelector": nil, "podSelector": nil}}}, "Envoy's listener would be open to any source"},
 		{"app Service without selector", map[string]any{"app": map[string]any{"service": map[string]any{"create": true}}}, "app.service.create needs app.service.selector"},
 	}

@@ -89,3 +89,17 @@ privileged: false
 capabilities:
   drop: ["ALL"]
 {{- end }}
+
+{{/* The Secret the meshguard pods read their credentials from:
+meshguard.existingSecret, or "meshguard", which the chart creates from
+meshguard.secret when existingSecret is empty. */}}
+{{- define "meshguard.secretName" -}}
+{{- if .Values.meshguard.existingSecret -}}
+{{- if ne (toJson .Values.meshguard.secret) (toJson (dict "databaseURL" "" "redisURL" "" "adminToken" "" "accountKey" "")) -}}
+{{- fail "meshguard.secret is for the Secret the chart creates; with meshguard.existingSecret set, put those values in that Secret" -}}
+{{- end -}}
+{{- .Values.meshguard.existingSecret -}}
+{{- else -}}
+meshguard
+{{- end -}}
+{{- end }}
