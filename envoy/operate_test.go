@@ -13,8 +13,8 @@ import (
 )
 
 // expectedDrainDelay is how long meshguard keeps serving after SIGTERM,
-// answering NOT_SERVING to health checks (shutdown.drain_delay, expected in
-// k8s/base/meshguard.yaml once cmd/meshguard has the key). Envoy must have
+// answering NOT_SERVING to health checks (shutdown.drain_delay in
+// k8s/base/meshguard.yaml, checked there by k8s's tests). Envoy must have
 // taken a draining pod out of rotation within it.
 const expectedDrainDelay = 10 * time.Second
 

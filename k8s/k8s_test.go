@@ -641,10 +641,10 @@ func TestWorkloadsHardened(t *testing.T) {
 	}
 }
 
-// expectedDrainDelay is how long meshguard is expected to keep serving after
-// SIGTERM while answering NOT_SERVING (shutdown.drain_delay), until the
-// config sets the key itself: envoy.yaml's health checks take a draining pod
-// out of rotation well within it (envoy's TestMeshguardClustersForRollouts).
+// expectedDrainDelay is the least time meshguard must keep serving after
+// SIGTERM while answering NOT_SERVING (shutdown.drain_delay): envoy.yaml's
+// health checks take a draining pod out of rotation well within it (envoy's
+// TestMeshguardClustersForRollouts).
 const expectedDrainDelay = 10 * time.Second
 
 // meshguardConfig is the part of the meshguard config file the manifests
@@ -717,14 +717,14 @@ func TestMeshguardDeployment(t *testing.T) {
 			}
 
 			// Shutdown fits in the grace period, after the preStop sleep and
-			// the drain delay (shutdown.drain_delay when the config sets it,
-			// else the delay envoy.yaml's health checks are tuned for).
-			drainDelay := expectedDrainDelay
-			if cfg.Shutdown.DrainDelay != "" {
-				var err error
-				if drainDelay, err = time.ParseDuration(cfg.Shutdown.DrainDelay); err != nil {
-					t.Fatalf("shutdown.drain_delay: %v", err)
-				}
+			// the drain delay, which must cover the time Envoy's health
+			// checks need to take a draining pod out of rotation.
+			drainDelay, err := time.ParseDuration(cfg.Shutdown.DrainDelay)
+			if err != nil {
+				t.Fatalf("shutdown.drain_delay %q: %v", cfg.Shutdown.DrainDelay, err)
+			}
+			if drainDelay < expectedDrainDelay {
+				t.Errorf("shutdown.drain_delay %s < %s: Envoy's health checks may still send calls when the listeners close", drainDelay, expectedDrainDelay)
 			}
 			shutdown, err := time.ParseDuration(cfg.Shutdown.Timeout)
 			if err != nil {
@@ -1160,7 +1160,8 @@ func TestMeshguardConfigSections(t *testing.T) {
 			Format string `yaml:"format"`
 		} `yaml:"log"`
 		Shutdown struct {
-			Timeout time.Duration `yaml:"timeout"`
+			DrainDelay time.Duration `yaml:"drain_delay"`
+			Timeout    time.Duration `yaml:"timeout"`
 		} `yaml:"shutdown"`
 		Redis     ratelimitsvc.RedisConfig `yaml:"redis"`
 		Database  pgpool.Config            `yaml:"database"`

@@ -20,6 +20,7 @@ import (
 	"github.com/meshguard/meshguard/internal/grpcserver"
 	"github.com/meshguard/meshguard/internal/pgpool"
 	"github.com/meshguard/meshguard/internal/secret"
+	"github.com/meshguard/meshguard/internal/tracing"
 	"github.com/meshguard/meshguard/ratelimitsvc"
 )
 
@@ -38,6 +39,7 @@ type Config struct {
 	Identity    extauthz.IdentityConfig  `yaml:"identity"`
 	CSP         extauthz.CSPConfig       `yaml:"csp"`
 	Audit       auditsink.Config         `yaml:"audit"`
+	Tracing     tracing.Config           `yaml:"tracing"`
 }
 
 // ListenConfig holds the listener addresses.
@@ -61,6 +63,13 @@ type LogConfig struct {
 
 // ShutdownConfig bounds how long a SIGTERM waits for in-flight work.
 type ShutdownConfig struct {
+	// DrainDelay is how long meshguard keeps serving after SIGTERM while
+	// its health checks answer NOT_SERVING, so that Envoy's health checks
+	// and the endpoints of the Service move calls to other replicas before
+	// any connection is closed. 0: stop at once.
+	DrainDelay time.Duration `yaml:"drain_delay"`
+	// Timeout bounds the drain that follows: in-flight RPCs, streams, HTTP
+	// requests and the audit queue.
 	Timeout time.Duration `yaml:"timeout"`
 }
 
@@ -79,6 +88,7 @@ func DefaultConfig() Config {
 		Identity:    extauthz.DefaultIdentityConfig(),
 		CSP:         extauthz.DefaultCSPConfig(),
 		Audit:       auditsink.DefaultConfig(),
+		Tracing:     tracing.DefaultConfig(),
 	}
 }
 
@@ -240,6 +250,9 @@ func (c Config) Validate() error {
 	if c.GRPC.ConnectionTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("grpc.connection_timeout: must be positive, got %s", c.GRPC.ConnectionTimeout))
 	}
+	if c.Shutdown.DrainDelay < 0 {
+		errs = append(errs, fmt.Errorf("shutdown.drain_delay: must not be negative, got %s", c.Shutdown.DrainDelay))
+	}
 	if c.Shutdown.Timeout <= 0 {
 		errs = append(errs, fmt.Errorf("shutdown.timeout: must be positive, got %s", c.Shutdown.Timeout))
 	}
@@ -249,6 +262,7 @@ func (c Config) Validate() error {
 		c.Ratelimit.Validate(),
 		c.extauthzConfig().Validate(),
 		c.Audit.Validate(),
+		c.Tracing.Validate(),
 	)
 	return errors.Join(errs...)
 }

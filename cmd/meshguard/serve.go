@@ -23,6 +23,7 @@ import (
 
 	"github.com/meshguard/meshguard/internal/gctune"
 	"github.com/meshguard/meshguard/internal/grpcserver"
+	"github.com/meshguard/meshguard/internal/tracing"
 )
 
 // app is what every component's setup function gets: the process-wide
@@ -32,6 +33,9 @@ type app struct {
 	reg *prometheus.Registry
 	cfg Config
 	db  *database // nil when no database is configured
+	// tracing is the process's tracer provider (a no-op one when tracing is
+	// off), for components that add spans of their own.
+	tracing *tracing.Tracing
 }
 
 // component is what one package contributes to a serving process.
@@ -130,7 +134,11 @@ func build(ctx context.Context, cfg Config, logw io.Writer) (_ *server, err erro
 		newBuildInfo(),
 	)
 	s := &server{log: log, cfg: cfg, a: &app{log: log, reg: reg, cfg: cfg}}
+	if s.a.tracing, err = tracing.New(ctx, cfg.Tracing, version); err != nil {
+		return nil, err
+	}
 	if s.a.db, err = openDatabase(ctx, s.a); err != nil {
+		s.a.tracing.Shutdown(ctx)
 		return nil, err
 	}
 	defer func() {
@@ -148,7 +156,8 @@ func build(ctx context.Context, cfg Config, logw io.Writer) (_ *server, err erro
 	}
 
 	metrics := grpcserver.NewMetrics(reg)
-	s.grpc = grpcserver.New(cfg.GRPC, metrics)
+	traced := s.a.tracing.ServerOptions()
+	s.grpc = grpcserver.New(cfg.GRPC, metrics, traced...)
 	s.hs = health.NewServer()
 	healthpb.RegisterHealthServer(s.grpc, s.hs)
 	reflection.Register(s.grpc)
@@ -156,7 +165,7 @@ func build(ctx context.Context, cfg Config, logw io.Writer) (_ *server, err erro
 	// serves ShouldRateLimit and health checks alone, so that rate limit
 	// calls do not share connections and stream limits with ext_authz.
 	if cfg.Listen.RateLimit != "" {
-		s.rl = grpcserver.New(cfg.GRPC, metrics)
+		s.rl = grpcserver.New(cfg.GRPC, metrics, traced...)
 		healthpb.RegisterHealthServer(s.rl, s.hs)
 	}
 	mux := http.NewServeMux()
@@ -251,7 +260,8 @@ func (s *server) run(ctx context.Context, gc gctune.Settings) error {
 	var runErr error
 	select {
 	case <-ctx.Done():
-		s.log.Info("shutting down", "timeout", s.cfg.Shutdown.Timeout)
+		s.log.Info("shutting down", "drain_delay", s.cfg.Shutdown.DrainDelay, "timeout", s.cfg.Shutdown.Timeout)
+		runErr = s.drain(errc)
 	case runErr = <-errc:
 		s.log.Error("stopping after a fatal error", "err", runErr)
 	}
@@ -264,6 +274,26 @@ func (s *server) run(ctx context.Context, gc gctune.Settings) error {
 	s.closeComponents(sctx)
 	s.log.Info("meshguard stopped")
 	return runErr
+}
+
+// drain turns the health checks NOT_SERVING and keeps serving for
+// shutdown.drain_delay, so that Envoy (its health checks of the meshguard
+// clusters) and Kubernetes (the gRPC readiness probe) take this replica out
+// before any connection closes. A listener that fails meanwhile ends it.
+func (s *server) drain(errc <-chan error) error {
+	s.hs.Shutdown()
+	if s.cfg.Shutdown.DrainDelay <= 0 {
+		return nil
+	}
+	t := time.NewTimer(s.cfg.Shutdown.DrainDelay)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case err := <-errc:
+		s.log.Error("stopping after a fatal error", "err", err)
+		return err
+	}
 }
 
 // shutdown stops accepting and drains in-flight RPCs, streams and HTTP
@@ -312,6 +342,9 @@ func (s *server) closeComponents(ctx context.Context) {
 	}
 	if s.a.db != nil {
 		s.a.db.close()
+	}
+	if err := s.a.tracing.Shutdown(ctx); err != nil {
+		s.log.Warn("flushing traces failed", "err", err)
 	}
 }
 

@@ -11,9 +11,12 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	accesslogv3 "github.com/envoyproxy/go-control-plane/envoy/data/accesslog/v3"
+	rlv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/common/ratelimit/v3"
 	alsv3 "github.com/envoyproxy/go-control-plane/envoy/service/accesslog/v3"
+	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/protobuf/types/known/timestamppb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
@@ -177,5 +180,64 @@ func streamEntries(t *testing.T, ctx context.Context, addr string, n int) {
 	// The server answers only after it has read (and accepted) every entry.
 	if _, err := stream.CloseAndRecv(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestDrainDelayKeepsServing: after the stop signal meshguard answers
+// NOT_SERVING to health checks but keeps answering calls, on connections
+// already open and on new ones, for shutdown.drain_delay, so that Envoy
+// moves away before any connection closes.
+func TestDrainDelayKeepsServing(t *testing.T) {
+	dir := t.TempDir()
+	cfgPath := filepath.Join(dir, "meshguard.yaml")
+	os.WriteFile(cfgPath, []byte(fmt.Sprintf(`
+environment: development
+listen: {grpc: "127.0.0.1:0", http: "127.0.0.1:0", ratelimit: "127.0.0.1:0"}
+log: {format: json}
+shutdown: {drain_delay: 6s, timeout: 5s}
+audit: {spool_dir: %q, sqlite_path: %q}
+`, filepath.Join(dir, "spool"), filepath.Join(dir, "audit.db"))), 0o600)
+	ctx, cancel := context.WithCancel(t.Context())
+	line, errc, logs := startRun(t, ctx, cfgPath, func(string) string { return "" })
+	addr := line["ratelimit_addr"].(string)
+	dial := func() *grpc.ClientConn {
+		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		return conn
+	}
+	decide := func(conn *grpc.ClientConn) error {
+		cctx, ccancel := context.WithTimeout(t.Context(), 5*time.Second)
+		defer ccancel()
+		_, err := rlsv3.NewRateLimitServiceClient(conn).ShouldRateLimit(cctx, &rlsv3.RateLimitRequest{
+			Domain: "api", Descriptors: []*rlv3.RateLimitDescriptor{{Entries: []*rlv3.RateLimitDescriptor_Entry{
+				{Key: "preset", Value: "relaxed"}, {Key: "client", Value: "ip:203.0.113.7"}}}}})
+		return err
+	}
+	open := dial()
+	if err := decide(open); err != nil {
+		t.Fatal(err)
+	}
+
+	cancel()
+	servertest.WaitFor(t, 5*time.Second, func() error {
+		cctx, ccancel := context.WithTimeout(t.Context(), time.Second)
+		defer ccancel()
+		r, err := healthpb.NewHealthClient(open).Check(cctx, &healthpb.HealthCheckRequest{})
+		if err == nil && r.Status != healthpb.HealthCheckResponse_NOT_SERVING {
+			err = fmt.Errorf("health: %s, want NOT_SERVING", r.Status)
+		}
+		return err
+	})
+	if err := decide(open); err != nil {
+		t.Errorf("a call on an open connection while draining: %v", err)
+	}
+	if err := decide(dial()); err != nil {
+		t.Errorf("a call on a new connection while draining: %v", err)
+	}
+	if err := waitRun(t, errc, logs); err != nil {
+		t.Fatalf("run: %v", err)
 	}
 }

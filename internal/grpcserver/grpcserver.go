@@ -97,6 +97,7 @@ const streamWorkers = 64
 // keepalive, the per-RPC tuning) and m's interceptors. cmd/meshguard builds
 // every listener's server with it, so that a method answers the same on
 // either.
-func New(cfg Limits, m *Metrics) *grpc.Server {
-	return grpc.NewServer(append(Options(cfg), m.ServerOptions()...)...)
+func New(cfg Limits, m *Metrics, extra ...grpc.ServerOption) *grpc.Server {
+	opts := append(Options(cfg), m.ServerOptions()...)
+	return grpc.NewServer(append(opts, extra...)...)
 }
