@@ -32,6 +32,7 @@ import (
 	ratelimitv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ratelimit/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/proxy_protocol/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	earlymutationv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/http/early_header_mutation/header_mutation/v3"
 	xffv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/http/original_ip_detection/xff/v3"
 	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
@@ -280,6 +281,50 @@ func TestConnectionManager(t *testing.T) {
 		}
 		if diff := cmp.Diff(want, fp.filters); diff != "" {
 			t.Errorf("HTTP filter order (-want +got):\n%s", diff)
+		}
+	})
+}
+
+// TestRequestIDs: the connection manager removes a client's x-request-id
+// (and x-client-trace-id) with an early header mutation, the only place
+// before Envoy decides whether to generate an id: without
+// use_remote_address no request is an edge request, and Envoy then keeps
+// any id a request carries. The header_mutation filter runs after that
+// decision, so removing the id there would leave the request with none.
+// TestClientRequestIDDiscarded plays a request through it.
+func TestRequestIDs(t *testing.T) {
+	forEach(t, func(t *testing.T, fp *frontProxy) {
+		h := fp.hcm
+		if g := h.GetGenerateRequestId(); g != nil && !g.GetValue() {
+			t.Error("generate_request_id is off: requests without an id would be logged without one")
+		}
+		removed := map[string]bool{}
+		for _, ext := range h.GetEarlyHeaderMutationExtensions() {
+			if ext.GetName() != "envoy.http.early_header_mutation.header_mutation" {
+				t.Errorf("early header mutation extension %q", ext.GetName())
+				continue
+			}
+			for _, m := range unpack[*earlymutationv3.HeaderMutation](t, ext.GetTypedConfig()).GetMutations() {
+				if k := m.GetRemove(); k != "" {
+					removed[strings.ToLower(k)] = true
+				}
+				if k := strings.ToLower(m.GetAppend().GetHeader().GetKey()); k == "x-request-id" || k == "x-client-trace-id" {
+					t.Errorf("an early header mutation sets %s", k)
+				}
+			}
+		}
+		for _, k := range []string{"x-request-id", "x-client-trace-id"} {
+			if !removed[k] {
+				t.Errorf("no early header mutation removes %s: Envoy keeps a client's own (no request is an edge request here)", k)
+			}
+		}
+		for _, m := range fp.mutation.GetMutations().GetRequestMutations() {
+			if strings.EqualFold(m.GetRemove(), "x-request-id") {
+				t.Error("the header_mutation filter removes x-request-id after Envoy generated it")
+			}
+		}
+		if !slices.Contains(fp.als.GetAdditionalRequestHeadersToLog(), "x-request-id") {
+			t.Error("the access log does not record x-request-id")
 		}
 	})
 }

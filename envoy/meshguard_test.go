@@ -2,6 +2,7 @@ package envoy
 
 import (
 	"bytes"
+	"crypto/rand"
 	"fmt"
 	"io"
 	"log/slog"
@@ -19,11 +20,13 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/protobuf/types/known/structpb"
 
+	mutationrulesv3 "github.com/envoyproxy/go-control-plane/envoy/config/common/mutation_rules/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	rlcommonv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/common/ratelimit/v3"
 	extauthzv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_authz/v3"
 	headermutationv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/header_mutation/v3"
+	earlymutationv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/http/early_header_mutation/header_mutation/v3"
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
 
@@ -204,6 +207,7 @@ type simResult struct {
 	route    string
 	status   int               // 0: forwarded upstream
 	upstream map[string]string // request headers the app would get
+	sent     map[string]string // request headers ext_authz sent meshguard (nil: not called)
 	respAdd  []*corev3.HeaderValueOption
 	check    *authv3.CheckResponse    // nil: ext_authz was not called
 	rls      *rlsv3.RateLimitResponse // nil: the rate limit service was not called
@@ -252,7 +256,24 @@ func (e *simEnvoy) do(t *testing.T, r simRequest) simResult {
 			xff = clientAddr
 		}
 	}
+	// The connection manager, before any filter runs (Envoy's
+	// ConnectionManagerUtility::mutateRequestHeaders): the early header
+	// mutations first, while the downstream address is still the
+	// connection's peer; then the client address (the xff extension); then
+	// the request id, which Envoy generates when the request has none (or an
+	// empty one) and replaces only on an edge request (use_remote_address,
+	// which the shipped configs leave unset; internal peers are not
+	// modelled) unless preserve_external_request_id.
+	for _, ext := range e.fp.hcm.GetEarlyHeaderMutationExtensions() {
+		applyMutations(t, h, unpack[*earlymutationv3.HeaderMutation](t, ext.GetTypedConfig()).GetMutations(), netip.MustParseAddr(peer))
+	}
 	client := e.downstream(t, peer, xff)
+	if g := e.fp.hcm.GetGenerateRequestId(); g == nil || g.GetValue() {
+		edge := e.fp.hcm.GetUseRemoteAddress().GetValue()
+		if h["x-request-id"] == "" || (edge && !e.fp.hcm.GetPreserveExternalRequestId()) {
+			h["x-request-id"] = newUUID(t)
+		}
+	}
 	rt := route(t, e.fp.vhost, r.path)
 	if rt == nil {
 		return simResult{status: 404}
@@ -264,18 +285,7 @@ func (e *simEnvoy) do(t *testing.T, r simRequest) simResult {
 	if pr := rt.GetTypedPerFilterConfig()["envoy.filters.http.header_mutation"]; pr != nil {
 		mutations = append(slices.Clone(mutations), unpack[*headermutationv3.HeaderMutationPerRoute](t, pr).GetMutations().GetRequestMutations()...)
 	}
-	for _, m := range mutations {
-		if k := m.GetRemove(); k != "" {
-			delete(h, strings.ToLower(k))
-		}
-		if a := m.GetAppend(); a != nil {
-			v := strings.ReplaceAll(a.GetHeader().GetValue(), "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%", client.String())
-			if strings.Contains(v, "%") {
-				t.Fatalf("header_mutation value %q uses a formatter this test does not know", v)
-			}
-			setHeader(h, a, v)
-		}
-	}
+	applyMutations(t, h, mutations, client)
 	if d := rt.GetDirectResponse(); d != nil {
 		res.status = int(d.GetStatus())
 		return res
@@ -347,7 +357,7 @@ func (e *simEnvoy) do(t *testing.T, r simRequest) simResult {
 		if err != nil {
 			t.Fatalf("Check: %v", err)
 		}
-		res.check = resp
+		res.check, res.sent = resp, sent
 		if codes.Code(resp.GetStatus().GetCode()) != codes.OK {
 			res.status = int(resp.GetDeniedResponse().GetStatus().GetCode())
 			if res.status == 0 {
@@ -385,6 +395,40 @@ func (e *simEnvoy) do(t *testing.T, r simRequest) simResult {
 		}
 	}
 	return res
+}
+
+// applyMutations applies header mutations to h the way Envoy's
+// header_mutation filter and early header mutation extension do: removals
+// and appends, with %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% being addr (the
+// address Envoy knows at that point).
+func applyMutations(t *testing.T, h map[string]string, ms []*mutationrulesv3.HeaderMutation, addr netip.Addr) {
+	t.Helper()
+	for _, m := range ms {
+		switch {
+		case m.GetRemove() != "":
+			delete(h, strings.ToLower(m.GetRemove()))
+		case m.GetAppend() != nil:
+			a := m.GetAppend()
+			v := strings.ReplaceAll(a.GetHeader().GetValue(), "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%", addr.String())
+			if strings.Contains(v, "%") {
+				t.Fatalf("header mutation value %q uses a formatter this test does not know", v)
+			}
+			setHeader(h, a, v)
+		default:
+			t.Fatalf("header mutation %v: this test knows remove and append only", m)
+		}
+	}
+}
+
+// newUUID is a random (version 4) UUID, as Envoy generates for x-request-id.
+func newUUID(t *testing.T) string {
+	t.Helper()
+	var b [16]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		t.Fatal(err)
+	}
+	b[6], b[8] = b[6]&0x0f|0x40, b[8]&0x3f|0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:])
 }
 
 // descriptorFor builds the descriptor Envoy sends for rl, or nil when an
@@ -757,6 +801,44 @@ func TestForgedIdentityHeaders(t *testing.T) {
 			}
 			if r := newSimEnvoy(t, unsafe, trust).do(t, forged); r.status != 0 || r.upstream["x-meshguard-role"] != "admin" {
 				t.Errorf("without the removals: status %d, role %q; the control should let the forgery through", r.status, r.upstream["x-meshguard-role"])
+			}
+		})
+	}
+}
+
+// TestClientRequestIDDiscarded: a request id a client sends never reaches
+// meshguard or the app (and so never an audit row): the early header
+// mutation removes it before Envoy decides whether to generate one, and
+// Envoy, which keeps an id on every request that is not an edge request
+// (the xff extension rules use_remote_address out), generates its own. The
+// same request against the config without the early mutation keeps the
+// client's id, so the removal is what protects.
+func TestClientRequestIDDiscarded(t *testing.T) {
+	const chosen = "00000000-0000-4000-8000-000000000001"
+	req := simRequest{method: "GET", path: "/api/users/1", headers: map[string]string{"x-request-id": chosen, "x-client-trace-id": "forced"}}
+	for _, b := range bootstraps {
+		t.Run(b.name, func(t *testing.T) {
+			r := newSimEnvoy(t, b.data, nil).do(t, req)
+			if r.status != 0 {
+				t.Fatalf("status %d, want forwarded", r.status)
+			}
+			id := r.sent["x-request-id"]
+			if id == "" || id == chosen {
+				t.Errorf("meshguard's Check got x-request-id %q, want one Envoy generated", id)
+			}
+			if r.upstream["x-request-id"] != id {
+				t.Errorf("the app gets x-request-id %q, meshguard %q: one request, one id", r.upstream["x-request-id"], id)
+			}
+			if v, ok := r.upstream["x-client-trace-id"]; ok {
+				t.Errorf("x-client-trace-id %q reaches the app", v)
+			}
+			early := []byte("              - remove: x-request-id\n")
+			if !bytes.Contains(b.data, early) {
+				t.Fatalf("%s has no %q", b.name, early)
+			}
+			unsafe := bytes.Replace(b.data, early, nil, 1)
+			if r := newSimEnvoy(t, unsafe, nil).do(t, req); r.sent["x-request-id"] != chosen {
+				t.Errorf("without the early removal meshguard got x-request-id %q; the control should keep the client's %q", r.sent["x-request-id"], chosen)
 			}
 		})
 	}

@@ -66,10 +66,16 @@ func TestMeshguardClustersForRollouts(t *testing.T) {
 				}
 			}
 		}
-		// The rate limit filter's retries go to another meshguard.
-		rp := fp.rl.GetRateLimitService().GetGrpcService().GetRetryPolicy()
-		if !usesPreviousHosts(t, rp) {
-			t.Error("the rate limit service's retry_policy must use envoy.retry_host_predicates.previous_hosts")
+		// ext_authz's and the rate limit filter's retries go to another
+		// meshguard: a retry on the draining or failing host would fail
+		// the same way.
+		for what, rp := range map[string]*corev3.RetryPolicy{
+			"ext_authz":          fp.authz.GetGrpcService().GetRetryPolicy(),
+			"rate limit service": fp.rl.GetRateLimitService().GetGrpcService().GetRetryPolicy(),
+		} {
+			if !usesPreviousHosts(t, rp) {
+				t.Errorf("the %s's retry_policy must use envoy.retry_host_predicates.previous_hosts", what)
+			}
 		}
 	})
 }

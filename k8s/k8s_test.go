@@ -789,6 +789,10 @@ func TestMeshguardDeployment(t *testing.T) {
 			if dir == "overlays/development" && secretByPrefix(o, "meshguard-secrets") == nil {
 				t.Error("development overlay should generate meshguard-secrets")
 			}
+			// The login account key, by name from the same Secret and
+			// required: replicas with keys of their own would each count an
+			// account's attempts apart.
+			checkAccountKey(t, c, o)
 
 			// Service: headless, selects the pods, names existing ports.
 			s := o.services["meshguard"]
@@ -847,6 +851,41 @@ func TestMeshguardDeployment(t *testing.T) {
 				t.Error("migration pods must not carry the meshguard pod label (the Service and PDB would select them)")
 			}
 		})
+	}
+}
+
+// checkAccountKey: the container gets MESHGUARD_ACCOUNT_KEY from the
+// Secret its envFrom names, by a reference that is not optional, and a
+// Secret the build generates holds a key of at least 16 bytes.
+func checkAccountKey(t *testing.T, c *corev1.Container, o *objects) {
+	t.Helper()
+	var from string
+	for _, e := range c.EnvFrom {
+		if e.SecretRef != nil {
+			from = e.SecretRef.Name
+		}
+	}
+	i := slices.IndexFunc(c.Env, func(e corev1.EnvVar) bool { return e.Name == "MESHGUARD_ACCOUNT_KEY" })
+	if i < 0 {
+		t.Error("no MESHGUARD_ACCOUNT_KEY: every replica would hash login accounts with a key of its own")
+		return
+	}
+	ref := c.Env[i].ValueFrom
+	if ref == nil || ref.SecretKeyRef == nil || ref.SecretKeyRef.Name != from || ref.SecretKeyRef.Key != "MESHGUARD_ACCOUNT_KEY" {
+		t.Errorf("MESHGUARD_ACCOUNT_KEY from %+v, want key MESHGUARD_ACCOUNT_KEY of Secret %s (the envFrom one)", ref, from)
+		return
+	}
+	if o := ref.SecretKeyRef.Optional; o != nil && *o {
+		t.Error("MESHGUARD_ACCOUNT_KEY is optional: a Secret without it would start replicas with keys of their own")
+	}
+	if sec := o.secrets[from]; sec != nil {
+		v, ok := sec.Data["MESHGUARD_ACCOUNT_KEY"]
+		if !ok {
+			v, ok = []byte(sec.StringData["MESHGUARD_ACCOUNT_KEY"]), sec.StringData["MESHGUARD_ACCOUNT_KEY"] != ""
+		}
+		if !ok || len(v) < 16 {
+			t.Errorf("Secret %s: MESHGUARD_ACCOUNT_KEY %d bytes, want at least 16", from, len(v))
+		}
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -38,6 +39,7 @@ import (
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 	jwtauthnv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/jwt_authn/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	xffv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/http/original_ip_detection/xff/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 
 	"github.com/meshguard/meshguard/envoy"
@@ -472,6 +474,225 @@ func TestChartValues(t *testing.T) {
 	}
 }
 
+// TestChartTrustedRangesAgree: the sources the Envoy NetworkPolicy admits
+// to the listener and the ranges Envoy trusts to supply X-Forwarded-For
+// (xff_trusted_cidrs) come from the same values: envoy.trustedCIDRs are
+// both ipBlocks and trusted; the ingress controller's pods, admitted by
+// selector, are trusted through networkPolicy.ingress.podCIDRs; nothing else
+// is either. A client address outside them is never trusted.
+func TestChartTrustedRangesAgree(t *testing.T) {
+	sel := map[string]any{"kubernetes.io/metadata.name": "traefik"}
+	tests := []struct {
+		name     string
+		vals     map[string]any
+		selected bool
+		blocks   []string // envoy.trustedCIDRs
+		pods     []string // networkPolicy.ingress.podCIDRs
+	}{
+		{name: "defaults", selected: true, pods: []string{"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"}},
+		{
+			name: "load balancer ranges beside the ingress controller",
+			vals: map[string]any{
+				"envoy":         map[string]any{"trustedCIDRs": []any{"198.51.100.0/24", "2001:db8:1::/48"}},
+				"networkPolicy": map[string]any{"ingress": map[string]any{"podCIDRs": []any{"10.244.0.0/16", "fd00:10:244::/56"}}},
+			},
+			selected: true, blocks: []string{"198.51.100.0/24", "2001:db8:1::/48"}, pods: []string{"10.244.0.0/16", "fd00:10:244::/56"},
+		},
+		{
+			name: "load balancer ranges only",
+			vals: map[string]any{
+				"envoy":         map[string]any{"trustedCIDRs": []any{"198.51.100.0/24"}},
+				"networkPolicy": map[string]any{"ingress": map[string]any{"namespaceSelector": nil, "podSelector": nil}},
+			},
+			blocks: []string{"198.51.100.0/24"},
+		},
+		{
+			name:     "a namespace selector alone",
+			vals:     map[string]any{"networkPolicy": map[string]any{"ingress": map[string]any{"namespaceSelector": sel, "podSelector": nil, "podCIDRs": []any{"10.42.0.0/16"}}}},
+			selected: true, pods: []string{"10.42.0.0/16"},
+		},
+	}
+	for i, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			r := mustRender(t, tc.vals)
+			b, err := envoy.ParseBootstrap([]byte(r.get("ConfigMap", "envoy-config").(*corev1.ConfigMap).Data["envoy.yaml"]))
+			if err != nil {
+				t.Fatalf("rendered Envoy bootstrap: %v", err)
+			}
+			xff := xffTrusted(t, b)
+			np := r.get("NetworkPolicy", "envoy").(*networkingv1.NetworkPolicy)
+			var blocks []netip.Prefix
+			selected := false
+			for _, rule := range np.Spec.Ingress {
+				if !slices.ContainsFunc(rule.Ports, func(p networkingv1.NetworkPolicyPort) bool { return p.Port != nil && p.Port.String() == "http" }) {
+					continue
+				}
+				for _, peer := range rule.From {
+					switch {
+					case peer.IPBlock != nil:
+						if len(peer.IPBlock.Except) > 0 {
+							t.Errorf("ipBlock %v has exceptions the trusted ranges do not", peer.IPBlock)
+						}
+						blocks = append(blocks, mustPrefix(t, peer.IPBlock.CIDR))
+					case peer.PodSelector != nil || peer.NamespaceSelector != nil:
+						selected = true
+					default:
+						t.Errorf("the listener admits %+v: any source", peer)
+					}
+				}
+			}
+			if selected != tc.selected {
+				t.Errorf("NetworkPolicy admits selected pods: %v, want %v", selected, tc.selected)
+			}
+			want := prefixes(t, tc.blocks)
+			if !slices.Equal(sortedPrefixes(blocks), sortedPrefixes(want)) {
+				t.Errorf("NetworkPolicy ipBlocks %v, want envoy.trustedCIDRs %v", blocks, want)
+			}
+			// Every admitted source is trusted, and the trusted ranges are
+			// exactly the admitted ones: the ipBlocks, and the pod ranges
+			// only when pods are admitted by selector.
+			wantXff := append(want, prefixes(t, tc.pods)...)
+			if !slices.Equal(sortedPrefixes(xff), sortedPrefixes(wantXff)) {
+				t.Errorf("xff_trusted_cidrs %v, want %v", xff, wantXff)
+			}
+			for _, a := range []string{"203.0.113.9", "2001:db8:ffff::1", "8.8.8.8"} {
+				if containsAddr(xff, netip.MustParseAddr(a)) {
+					t.Errorf("%s may supply X-Forwarded-For", a)
+				}
+			}
+			if !tc.selected && containsAddr(xff, netip.MustParseAddr("10.1.2.3")) {
+				t.Error("with no pods admitted, a pod address may still supply X-Forwarded-For")
+			}
+			if i == 1 && !testing.Short() {
+				f := filepath.Join(t.TempDir(), "envoy.yaml")
+				if err := os.WriteFile(f, []byte(r.get("ConfigMap", "envoy-config").(*corev1.ConfigMap).Data["envoy.yaml"]), 0o600); err != nil {
+					t.Fatal(err)
+				}
+				if out, err := runCompat(t, f); err != nil {
+					t.Errorf("the rendered bootstrap does not load on the oldest supported Envoy: %v\n%s", err, out)
+				}
+			}
+		})
+	}
+}
+
+// xffTrusted is the xff extension's xff_trusted_cidrs in b's listener.
+func xffTrusted(t *testing.T, b *bootstrapv3.Bootstrap) []netip.Prefix {
+	t.Helper()
+	var hcm hcmv3.HttpConnectionManager
+	if err := b.GetStaticResources().GetListeners()[0].GetFilterChains()[0].GetFilters()[0].GetTypedConfig().UnmarshalTo(&hcm); err != nil {
+		t.Fatal(err)
+	}
+	exts := hcm.GetOriginalIpDetectionExtensions()
+	if len(exts) != 1 {
+		t.Fatalf("%d original IP detection extensions, want the xff one", len(exts))
+	}
+	var x xffv3.XffConfig
+	if err := exts[0].GetTypedConfig().UnmarshalTo(&x); err != nil {
+		t.Fatal(err)
+	}
+	var out []netip.Prefix
+	for _, c := range x.GetXffTrustedCidrs().GetCidrs() {
+		out = append(out, mustPrefix(t, fmt.Sprintf("%s/%d", c.GetAddressPrefix(), c.GetPrefixLen().GetValue())))
+	}
+	if len(out) == 0 {
+		// Envoy then trusts X-Forwarded-For from any peer (one hop).
+		t.Fatal("xff_trusted_cidrs is empty")
+	}
+	return out
+}
+
+func mustPrefix(t *testing.T, s string) netip.Prefix {
+	t.Helper()
+	p, err := netip.ParsePrefix(s)
+	if err != nil {
+		t.Fatalf("%q: %v", s, err)
+	}
+	return p
+}
+
+func prefixes(t *testing.T, ss []string) []netip.Prefix {
+	var out []netip.Prefix
+	for _, s := range ss {
+		out = append(out, mustPrefix(t, s))
+	}
+	return out
+}
+
+func sortedPrefixes(ps []netip.Prefix) []string {
+	out := make([]string, 0, len(ps))
+	for _, p := range ps {
+		out = append(out, p.String())
+	}
+	sort.Strings(out)
+	return out
+}
+
+func containsAddr(ps []netip.Prefix, a netip.Addr) bool {
+	return slices.ContainsFunc(ps, func(p netip.Prefix) bool { return p.Contains(a) })
+}
+
+// TestChartAccountKey: the meshguard pods get MESHGUARD_ACCOUNT_KEY, by a
+// reference that is not optional, from the Secret they read everything
+// else from: the existing one, or the one the chart creates, which holds a
+// key of at least 16 bytes (the one given, else a random one) and only the
+// other values given.
+func TestChartAccountKey(t *testing.T) {
+	check := func(t *testing.T, r *rendered, secret string) {
+		t.Helper()
+		d := r.deployment("meshguard")
+		c := d.Spec.Template.Spec.Containers[0]
+		if len(c.EnvFrom) != 1 || c.EnvFrom[0].SecretRef == nil || c.EnvFrom[0].SecretRef.Name != secret {
+			t.Errorf("meshguard envFrom %+v, want Secret %s", c.EnvFrom, secret)
+		}
+		i := slices.IndexFunc(c.Env, func(e corev1.EnvVar) bool { return e.Name == "MESHGUARD_ACCOUNT_KEY" })
+		if i < 0 {
+			t.Fatal("the meshguard container has no MESHGUARD_ACCOUNT_KEY")
+		}
+		ref := c.Env[i].ValueFrom.SecretKeyRef
+		if ref == nil || ref.Name != secret || ref.Key != "MESHGUARD_ACCOUNT_KEY" || (ref.Optional != nil && *ref.Optional) {
+			t.Errorf("MESHGUARD_ACCOUNT_KEY from %+v, want the required key MESHGUARD_ACCOUNT_KEY of Secret %s", ref, secret)
+		}
+		j := r.get("Job", "meshguard-migrate").(*batchv1.Job)
+		if ef := j.Spec.Template.Spec.Containers[0].EnvFrom; len(ef) != 1 || ef[0].SecretRef.Name != secret {
+			t.Errorf("migration Job envFrom %+v, want Secret %s", ef, secret)
+		}
+	}
+	t.Run("existing Secret", func(t *testing.T) {
+		r := mustRender(t, map[string]any{"meshguard": map[string]any{"existingSecret": "prod-secrets"}})
+		check(t, r, "prod-secrets")
+		if len(r.byKind["Secret"]) != 0 {
+			t.Errorf("the chart renders Secrets %v beside an existing one", r.byKind["Secret"])
+		}
+	})
+	t.Run("generated Secret", func(t *testing.T) {
+		r := mustRender(t, map[string]any{"meshguard": map[string]any{"existingSecret": "", "secret": map[string]any{
+			"databaseURL": "postgres://meshguard:pw@db:5432/meshguard?sslmode=require",
+		}}})
+		check(t, r, "meshguard")
+		sec, ok := r.get("Secret", "meshguard").(*corev1.Secret)
+		if !ok {
+			t.Fatal("no Secret meshguard")
+		}
+		if k := sec.Data["MESHGUARD_ACCOUNT_KEY"]; len(k) < 16 {
+			t.Errorf("generated MESHGUARD_ACCOUNT_KEY has %d bytes, want at least 16", len(k))
+		}
+		if got := string(sec.Data["DATABASE_URL"]); got != "postgres://meshguard:pw@db:5432/meshguard?sslmode=require" {
+			t.Errorf("DATABASE_URL %q", got)
+		}
+		if _, ok := sec.Data["REDIS_URL"]; ok {
+			t.Error("an empty redisURL is written into the Secret (meshguard would read REDIS_URL=\"\")")
+		}
+	})
+	t.Run("generated Secret with the key given", func(t *testing.T) {
+		const key = "an-account-key-shared-by-every-replica"
+		r := mustRender(t, map[string]any{"meshguard": map[string]any{"existingSecret": "", "secret": map[string]any{"accountKey": key}}})
+		if got := string(r.get("Secret", "meshguard").(*corev1.Secret).Data["MESHGUARD_ACCOUNT_KEY"]); got != key {
+			t.Errorf("MESHGUARD_ACCOUNT_KEY %q, want the given %q", got, key)
+		}
+	})
+}
+
 // TestChartDefaultEnvoyConfig: with default values the chart's bootstrap is
 // envoy/envoy.yaml.
 func TestChartDefaultEnvoyConfig(t *testing.T) {
@@ -548,7 +769,13 @@ func TestChartRejects(t *testing.T) {
 		{"replica bounds", map[string]any{"envoy": map[string]any{"autoscaling": map[string]any{"minReplicas": 0}}}, "/envoy/autoscaling/minReplicas"},
 		{"JWKS over plain HTTP", map[string]any{"envoy": map[string]any{"idp": map[string]any{"jwksURI": "http://idp.example.com/jwks"}}}, "/envoy/idp/jwksURI"},
 		{"not a CIDR", map[string]any{"envoy": map[string]any{"trustedCIDRs": []any{"10.0.0.1"}}}, "/envoy/trustedCIDRs/0"},
+		{"not an address", map[string]any{"envoy": map[string]any{"trustedCIDRs": []any{"10.0.0.300/8"}}}, "/envoy/trustedCIDRs/0"},
+		{"prefix too long", map[string]any{"networkPolicy": map[string]any{"ingress": map[string]any{"podCIDRs": []any{"10.0.0.0/33"}}}}, "/networkPolicy/ingress/podCIDRs/0"},
+		{"selected pods not trusted", map[string]any{"networkPolicy": map[string]any{"ingress": map[string]any{"podCIDRs": []any{}}}}, "networkPolicy.ingress.podCIDRs is empty"},
 		{"secret name", map[string]any{"meshguard": map[string]any{"existingSecret": "Bad_Name"}}, "/meshguard/existingSecret"},
+		{"secret values beside an existing Secret", map[string]any{"meshguard": map[string]any{"secret": map[string]any{"accountKey": "0123456789abcdef"}}}, "meshguard.secret is for the Secret the chart creates"},
+		{"short account key", map[string]any{"meshguard": map[string]any{"existingSecret": "", "secret": map[string]any{"accountKey": "short"}}}, "/meshguard/secret/accountKey"},
+		{"database URL of another kind", map[string]any{"meshguard": map[string]any{"existingSecret": "", "secret": map[string]any{"databaseURL": "mysql://db/meshguard"}}}, "/meshguard/secret/databaseURL"},
 		{"Envoy open to any source", map[string]any{"networkPolicy": map[string]any{"ingress": map[string]any{"namespaceSelector": nil, "podSelector": nil}}}, "Envoy's listener would be open to any source"},
 		{"app Service without selector", map[string]any{"app": map[string]any{"service": map[string]any{"create": true}}}, "app.service.create needs app.service.selector"},
 	}

@@ -23,10 +23,50 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- end }}
 
-{{/* Envoy's bootstrap: envoy/envoy.yaml with the identity provider and the
-app taken from the values. */}}
+{{/* Who may reach Envoy's listener and supply X-Forwarded-For, as JSON:
+"selectors" (the ingress controller's pods, or null), "ipBlocks" (the load
+balancers outside the cluster, envoy.trustedCIDRs) and "xff", the ranges
+Envoy trusts to supply X-Forwarded-For (xff_trusted_cidrs): the ipBlocks,
+plus the pod network the selected pods take their addresses from
+(networkPolicy.ingress.podCIDRs) when there are selectors. The
+NetworkPolicy admits the selected pods and the ipBlocks, nothing else, and
+Envoy trusts those sources and nothing else: both come from here. */}}
+{{- define "meshguard.envoyIngress" -}}
+{{- $in := .Values.networkPolicy.ingress -}}
+{{- $sel := dict -}}
+{{- with get $in "namespaceSelector" }}{{ $_ := set $sel "namespaceSelector" . }}{{ end -}}
+{{- with get $in "podSelector" }}{{ $_ := set $sel "podSelector" . }}{{ end -}}
+{{- $blocks := .Values.envoy.trustedCIDRs | default list -}}
+{{- if and (not $sel) (not $blocks) -}}
+{{- fail "networkPolicy.ingress selectors and envoy.trustedCIDRs are all empty: Envoy's listener would be open to any source, which could then choose its own X-Forwarded-For" -}}
+{{- end -}}
+{{- $xff := $blocks -}}
+{{- if $sel -}}
+{{- $pods := get $in "podCIDRs" | default list -}}
+{{- if not $pods -}}
+{{- fail "networkPolicy.ingress selects the ingress controller's pods but networkPolicy.ingress.podCIDRs is empty: Envoy would not trust their X-Forwarded-For, and every client would share the ingress controller's address" -}}
+{{- end -}}
+{{- $xff = concat $xff $pods | uniq -}}
+{{- end -}}
+{{- dict "selectors" (empty $sel | ternary nil $sel) "ipBlocks" $blocks "xff" $xff | toJson -}}
+{{- end }}
+
+{{/* Envoy's bootstrap: envoy/envoy.yaml with the identity provider, the
+trusted X-Forwarded-For ranges and the app taken from the values. */}}
 {{- define "meshguard.envoyConfig" -}}
 {{- $c := .Files.Get "files/envoy.yaml" -}}
+{{- $xffOld := "                cidrs:\n                - {address_prefix: 10.0.0.0, prefix_len: 8}\n                - {address_prefix: 172.16.0.0, prefix_len: 12}\n                - {address_prefix: 192.168.0.0, prefix_len: 16}\n                - {address_prefix: \"fc00::\", prefix_len: 7}\n" -}}
+{{- if not (contains $xffOld $c) -}}
+{{- fail "files/envoy.yaml has no xff_trusted_cidrs list the chart knows: update meshguard.envoyConfig in templates/_helpers.tpl" -}}
+{{- end -}}
+{{- $xffNew := "                cidrs:\n" -}}
+{{- range (include "meshguard.envoyIngress" . | fromJson).xff -}}
+{{- $p := splitList "/" . -}}
+{{- $a := index $p 0 -}}
+{{- if contains ":" $a }}{{ $a = quote $a }}{{ end -}}
+{{- $xffNew = printf "%s                - {address_prefix: %s, prefix_len: %s}\n" $xffNew $a (index $p 1) -}}
+{{- end -}}
+{{- $c = replace $xffOld $xffNew $c -}}
 {{- $idp := .Values.envoy.idp -}}
 {{- $c = replace "https://idp.example.com/.well-known/jwks.json" $idp.jwksURI $c -}}
 {{- if ne $idp.issuer "https://idp.example.com/" }}
@@ -48,4 +88,18 @@ runAsNonRoot: true
 privileged: false
 capabilities:
   drop: ["ALL"]
+{{- end }}
+
+{{/* The Secret the meshguard pods read their credentials from:
+meshguard.existingSecret, or "meshguard", which the chart creates from
+meshguard.secret when existingSecret is empty. */}}
+{{- define "meshguard.secretName" -}}
+{{- if .Values.meshguard.existingSecret -}}
+{{- if ne (toJson .Values.meshguard.secret) (toJson (dict "databaseURL" "" "redisURL" "" "adminToken" "" "accountKey" "")) -}}
+{{- fail "meshguard.secret is for the Secret the chart creates; with meshguard.existingSecret set, put those values in that Secret" -}}
+{{- end -}}
+{{- .Values.meshguard.existingSecret -}}
+{{- else -}}
+meshguard
+{{- end -}}
 {{- end }}
