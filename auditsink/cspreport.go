@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"mime"
 	"net/http"
 	"net/netip"
 	"strconv"
@@ -280,8 +279,8 @@ func (s *Server) serveCSPReport(w http.ResponseWriter, r *http.Request) {
 		cspError(w, http.StatusMethodNotAllowed, "method not allowed")
 		return
 	}
-	mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
-	if err != nil || (mt != cspMediaLegacy && mt != cspMediaReporter) {
+	mt := cspMediaType(r.Header.Get("Content-Type"))
+	if mt == "" {
 		s.m.cspMediaType.Inc()
 		cspError(w, http.StatusUnsupportedMediaType, "content type must be application/csp-report or application/reports+json")
 		return
@@ -376,6 +375,20 @@ func (s *Server) cspClient(r *http.Request) netip.Addr {
 	}
 	a, _ := clientaddr.ParseHostPort(r.RemoteAddr)
 	return a
+}
+
+// cspMediaType is the report format a Content-Type names, or "". Only the
+// type matters (browsers add at most a charset), so no parameter is parsed
+// or allocated.
+func cspMediaType(ct string) string {
+	t, _, _ := strings.Cut(ct, ";")
+	switch t = strings.TrimSpace(t); {
+	case strings.EqualFold(t, cspMediaLegacy):
+		return cspMediaLegacy
+	case strings.EqualFold(t, cspMediaReporter):
+		return cspMediaReporter
+	}
+	return ""
 }
 
 func cspTooMany(w http.ResponseWriter, wait time.Duration, msg string) {
