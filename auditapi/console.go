@@ -399,6 +399,10 @@ func (s *statusWriter) Unwrap() http.ResponseWriter { return s.ResponseWriter }
 
 func (c *Console) serveStatic(w http.ResponseWriter, r *http.Request) {
 	c.headers(w)
+	if strings.HasSuffix(r.URL.Path, "/") { // files only, no listings
+		c.fail(w, r, nil, http.StatusNotFound, "Not found", "There is no console page at this address.")
+		return
+	}
 	c.static.ServeHTTP(w, r)
 }
 

@@ -12,6 +12,8 @@ import (
 	"net/http/cookiejar"
 	"net/http/httptest"
 	"net/url"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -317,6 +319,7 @@ func TestConsoleBadInput(t *testing.T) {
 		{"event id not a number", "GET", "/console/events/abc", nil, 400, "an event id is a positive integer"},
 		{"no such event", "GET", "/console/events/99999999", nil, 404, "there is no event with id 99999999"},
 		{"no such page", "GET", "/console/nowhere", nil, 404, "There is no console page"},
+		{"static listing", "GET", "/console/static/", nil, 404, "There is no console page"},
 		{"export without CSRF", "POST", "/console/export", url.Values{"format": {"csv"}}, 403, "CSRF token"},
 		{"export wrong CSRF", "POST", "/console/export", url.Values{"format": {"csv"}, "csrf": {csrf + "x"}}, 403, "CSRF token"},
 		{"export bad format", "POST", "/console/export", url.Values{"format": {"xlsx"}, "csrf": {csrf}}, 400, "format: must be csv or jsonl"},
@@ -562,3 +565,68 @@ func itoa(n int64) string { return strconvItoa(n) }
 func strconvItoa(n int64) string { return strconv.FormatInt(n, 10) }
 
 func hexOf(b []byte) string { return hex.EncodeToString(b) }
+
+// TestConsoleSecureCookies: on a TLS listener the cookies are Secure and
+// __Host- prefixed and responses carry HSTS; sign-in works end to end.
+func TestConsoleSecureCookies(t *testing.T) {
+	store := apiOpenSQLite(t)
+	sink := newStoreSink(t, store)
+	api, mux := newTestAPI(t, tokenConfig(), store, sink)
+	con, err := api.NewConsole(store, ConsoleOptions{Secure: true, Keys: testKeys, WitnessDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	con.Register(mux)
+	srv := httptest.NewTLSServer(mux)
+	t.Cleanup(srv.Close)
+	e := &consoleEnv{t: t, api: api, console: con, sink: sink, srv: srv}
+	e.client = srv.Client()
+	e.client.Jar, _ = cookiejar.New(nil)
+	e.client.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
+	r := e.signIn(e.client, apiTestToken)
+	if r.code != http.StatusSeeOther {
+		t.Fatalf("sign-in over TLS: %d %s", r.code, r.body)
+	}
+	var sc string
+	for _, c := range r.hdr.Values("Set-Cookie") {
+		if strings.HasPrefix(c, "__Host-meshguard_console=") {
+			sc = c
+		}
+	}
+	for _, want := range []string{"Secure", "HttpOnly", "SameSite=Strict", "Path=/"} {
+		if !strings.Contains(sc, want) {
+			t.Errorf("session cookie %q lacks %s", sc, want)
+		}
+	}
+	page := e.do(e.client, "GET", "/console/events", nil)
+	if page.code != http.StatusOK || !strings.HasPrefix(page.hdr.Get("Strict-Transport-Security"), "max-age=") {
+		t.Fatalf("events over TLS: %d, HSTS %q", page.code, page.hdr.Get("Strict-Transport-Security"))
+	}
+}
+
+// TestConsoleTokenRotationEndsSessions: a session opened with the file's
+// token ends once the file holds another token.
+func TestConsoleTokenRotationEndsSessions(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(path, []byte(apiTestToken+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := DefaultConfig()
+	cfg.AdminTokenFile = path
+	e := newConsoleEnv(t, cfg, ConsoleOptions{}, nil)
+	now := time.Now()
+	e.api.now = func() time.Time { return now }
+	e.signedIn()
+	if err := os.WriteFile(path, []byte("a-brand-new-token-0123456789abcdef\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// A different size: the authorizer sees the change at its next check.
+	now = now.Add(2 * tokenFileCheckInterval)
+	r := e.do(e.client, "GET", "/console/events", nil)
+	if r.code != http.StatusUnauthorized || !strings.Contains(r.body, "no longer accepted (it was rotated)") {
+		t.Fatalf("after rotation: %d %s", r.code, r.body)
+	}
+	if e.console.sessions.len() != 0 {
+		t.Fatal("the rotated-away session is still stored")
+	}
+}
