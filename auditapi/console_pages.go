@@ -306,9 +306,9 @@ func (c *Console) serveEvent(w http.ResponseWriter, r *http.Request, s *session)
 	p := &eventPage{R: recs[0], Metadata: prettyJSON(recs[0].Metadata), Old: prettyJSON(recs[0].OldValues), New: prettyJSON(recs[0].NewValues)}
 	if c.opts.Keys.HasPrivate() {
 		if err := c.opts.Keys.CheckRow(&recs[0]); err != nil {
-			p.MAC = err.Error()
+			p.MAC = "The row does not check out on its own: " + err.Error()
 		} else {
-			p.MAC, p.MACOK = "the row's MAC verifies with key "+recs[0].KeyID+": its content is as written", true
+			p.MAC, p.MACOK = "The row's MAC verifies with key "+recs[0].KeyID+": its content is as written", true
 		}
 	}
 	c.render(w, r, http.StatusOK, "event", view{Title: fmt.Sprintf("Event %d", id), CSRF: s.csrf, User: s.p.user, Nav: "events", Page: p})
