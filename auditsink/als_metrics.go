@@ -19,14 +19,20 @@ type ingestMetrics struct {
 	enqueueErrors prometheus.Counter
 	enqueueLost   prometheus.Counter
 	csp           *prometheus.CounterVec // outcome
+	cspDropped    *prometheus.CounterVec // reason: rate_limited|trail_capped
 
 	// Pre-resolved children for the per-entry path.
-	receivedHTTP, receivedTCP                          prometheus.Counter
-	droppedRule, droppedUnmatched, droppedIntermediate prometheus.Counter
+	receivedHTTP, receivedTCP                                                 prometheus.Counter
+	droppedRule, droppedUnmatched, droppedIntermediate                        prometheus.Counter
+	cspStored, cspIgnored, cspTooLarge, cspMalformed, cspMediaType, cspMethod prometheus.Counter
+	cspRateLimited, cspTrailCapped, cspSinkError                              prometheus.Counter
+	cspDroppedClient, cspDroppedTrail                                         prometheus.Counter
 }
 
-// Outcomes of a CSP report request.
-var cspOutcomes = []string{"stored", "too_large", "malformed", "unsupported_media_type", "rate_limited", "sink_error", "ignored"}
+// Outcomes of a CSP report request; stored and ignored count reports, the
+// others requests.
+var cspOutcomes = []string{"stored", "ignored", "too_large", "malformed", "unsupported_media_type", "method_not_allowed",
+	"rate_limited", "trail_capped", "sink_error"}
 
 func newIngestMetrics(reg prometheus.Registerer) (*ingestMetrics, error) {
 	m := &ingestMetrics{
@@ -64,10 +70,14 @@ func newIngestMetrics(reg prometheus.Registerer) (*ingestMetrics, error) {
 		}),
 		csp: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "meshguard_auditsink_csp_reports_total",
-			Help: "CSP report requests by outcome; stored counts reports, the others requests.",
+			Help: "CSP report requests by outcome; stored and ignored (Reporting API reports of other types) count reports, the others requests.",
 		}, []string{"outcome"}),
+		cspDropped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshguard_auditsink_csp_reports_dropped_total",
+			Help: "Well-formed CSP violation reports refused with 429: rate_limited (the client's budget), trail_capped (audit.csp_reports.max_rows_per_second).",
+		}, []string{"reason"}),
 	}
-	for _, c := range []prometheus.Collector{m.received, m.kept, m.dropped, m.ruleMatches, m.streamsOpen, m.malformed, m.enqueueErrors, m.enqueueLost, m.csp} {
+	for _, c := range []prometheus.Collector{m.received, m.kept, m.dropped, m.ruleMatches, m.streamsOpen, m.malformed, m.enqueueErrors, m.enqueueLost, m.csp, m.cspDropped} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("registering auditsink ingest metrics: %w", err)
 		}
@@ -82,5 +92,28 @@ func newIngestMetrics(reg prometheus.Registerer) (*ingestMetrics, error) {
 	for _, o := range cspOutcomes {
 		m.csp.WithLabelValues(o)
 	}
+	c := m.csp.WithLabelValues
+	m.cspStored, m.cspIgnored, m.cspTooLarge, m.cspMalformed = c("stored"), c("ignored"), c("too_large"), c("malformed")
+	m.cspMediaType, m.cspMethod = c("unsupported_media_type"), c("method_not_allowed")
+	m.cspRateLimited, m.cspTrailCapped, m.cspSinkError = c("rate_limited"), c("trail_capped"), c("sink_error")
+	m.cspDroppedClient, m.cspDroppedTrail = m.cspDropped.WithLabelValues("rate_limited"), m.cspDropped.WithLabelValues("trail_capped")
 	return m, nil
+}
+
+// registerCSPTable exports the per-client table's size and evictions.
+func registerCSPTable(reg prometheus.Registerer, t *clientTable) error {
+	held := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "meshguard_auditsink_csp_clients",
+		Help: "Clients the CSP report limiter holds a budget for (at most audit.csp_reports.max_clients).",
+	}, func() float64 { n, _ := t.stats(); return float64(n) })
+	evicted := prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name: "meshguard_auditsink_csp_clients_evicted_total",
+		Help: "Clients the CSP report limiter forgot to make room (least recently seen first); steady growth means more clients than max_clients.",
+	}, func() float64 { _, n := t.stats(); return float64(n) })
+	for _, c := range []prometheus.Collector{held, evicted} {
+		if err := reg.Register(c); err != nil {
+			return fmt.Errorf("registering auditsink CSP metrics: %w", err)
+		}
+	}
+	return nil
 }

@@ -27,7 +27,10 @@
 //	meshguard_auditsink_malformed_messages_total{reason}  no_identifier | empty_batch
 //	meshguard_auditsink_enqueue_errors_total
 //	meshguard_auditsink_enqueue_failed_records_total
-//	meshguard_auditsink_csp_reports_total{outcome}        stored | too_large | malformed | unsupported_media_type | rate_limited | sink_error | ignored
+//	meshguard_auditsink_csp_reports_total{outcome}        stored | ignored | too_large | malformed | unsupported_media_type | method_not_allowed | rate_limited | trail_capped | sink_error
+//	meshguard_auditsink_csp_reports_dropped_total{reason} rate_limited | trail_capped (reports)
+//	meshguard_auditsink_csp_clients
+//	meshguard_auditsink_csp_clients_evicted_total
 //
 // The trail's writer and the admin API keep their meshguard_auditsink_*
 // metric names (packages audittrail and auditapi list them), so dashboards
@@ -75,8 +78,12 @@ type Server struct {
 	sink   recordSink
 	m      *ingestMetrics
 	ingest mapper
-	csp    *cspLimiter
 	now    func() time.Time
+
+	// CSP report budgets (audit.csp_reports).
+	cspCfg     CSPReportsConfig
+	cspClients *clientTable
+	cspTrail   *globalBucket
 
 	// lastSinkLog and lastProtoLog throttle the enqueue-error and
 	// protocol-error log lines (unix nanos of the last line).
@@ -98,6 +105,11 @@ func New(log *slog.Logger, reg prometheus.Registerer, cfg Config, sink recordSin
 		validateHeaderNames("audit.response_headers", cfg.ResponseHeaders)); err != nil {
 		return nil, err
 	}
+	csp := cfg.CSPReports
+	csp.ClientIPHeader = strings.ToLower(csp.ClientIPHeader)
+	if err := csp.Validate(); err != nil {
+		return nil, err
+	}
 	m, err := newIngestMetrics(reg)
 	if err != nil {
 		return nil, err
@@ -110,7 +122,12 @@ func New(log *slog.Logger, reg prometheus.Registerer, cfg Config, sink recordSin
 	}
 	s := &Server{log: log, cfg: cfg, sink: sink, m: m, now: time.Now}
 	s.ingest = mapper{rules: rules, reqHeaders: lower(cfg.RequestHeaders), respHeaders: lower(cfg.ResponseHeaders), now: s.clock}
-	s.csp = newCSPLimiter(cspRate, cspBurst)
+	s.cspCfg = csp
+	s.cspClients = newClientTable(csp.MaxClients, csp.PerClientRate, csp.PerClientBurst)
+	s.cspTrail = newGlobalBucket(csp.MaxRowsPerSecond, csp.MaxRowsBurst)
+	if err := registerCSPTable(reg, s.cspClients); err != nil {
+		return nil, err
+	}
 	return s, nil
 }
 

@@ -6,25 +6,23 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"mime"
-	"net"
 	"net/http"
+	"net/netip"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/meshguard/meshguard/audittrail"
+	"github.com/meshguard/meshguard/internal/clientaddr"
 )
 
-// CSP report limits. A browser sends one small report per violation; the
-// endpoint is public, so size and rate are bounded (rate for the whole
-// process, since behind Envoy the peer address is Envoy's).
+// CSP report bounds. A browser sends one small report per violation; the
+// endpoint is public, so sizes are bounded here and rates by
+// CSPReportsConfig.
 const (
 	maxCSPBody       = 64 << 10
 	maxCSPReports    = 100 // per request (reports+json batches)
-	cspRate          = 50  // requests per second, sustained
-	cspBurst         = 200
 	maxCSPPolicyLen  = 1024
 	maxCSPDirective  = 64
 	cspMediaLegacy   = "application/csp-report"
@@ -176,7 +174,7 @@ func (r *cspReport) directive() string {
 // record turns a report into a CSP_VIOLATION row. Path and Origin are the
 // violating document's; URLs lose credentials, fragments and query
 // secrets; every field is bounded.
-func (r *cspReport) record(now time.Time, req *http.Request) audittrail.Record {
+func (r *cspReport) record(now time.Time, req *http.Request, ip string) audittrail.Record {
 	origin, path := splitURL(redactURL(r.DocumentURI))
 	ua := r.UserAgent
 	if ua == "" {
@@ -192,7 +190,7 @@ func (r *cspReport) record(now time.Time, req *http.Request) audittrail.Record {
 		Severity:   sev,
 		EntityType: "csp_directive",
 		EntityID:   clean(truncate(r.directive(), maxCSPDirective)),
-		IPAddress:  remoteIP(req.RemoteAddr),
+		IPAddress:  ip,
 		UserAgent:  clean(truncate(ua, maxUserAgentLen)),
 		Method:     http.MethodPost,
 		Path:       clean(truncate(path, maxPathLen)),
@@ -258,85 +256,144 @@ func splitURL(u string) (origin, path string) {
 	return scheme + "://" + rest[:i], path
 }
 
-func remoteIP(addr string) string {
-	host, _, err := net.SplitHostPort(addr)
-	if err != nil {
-		host = addr
-	}
-	if ip := net.ParseIP(host); ip != nil {
-		return ip.String()
-	}
-	return ""
-}
-
 // CSPReportHandler returns the handler for POST /v1/csp-reports. It
 // answers 204 once the reports are enqueued, 405 for other methods, 415
 // for other media types, 413 over 64 KiB, 400 for malformed reports, 429
-// when the endpoint is flooded and 503 when the writer refuses the rows.
-// Error bodies are JSON {"error": "..."}.
+// with Retry-After when the client's or the trail's report budget is spent
+// (audit.csp_reports), and 503 when the writer refuses the rows. Budgets
+// are spent only by well-formed reports. Error bodies are JSON
+// {"error": "..."}.
 func (s *Server) CSPReportHandler() http.Handler {
 	return http.HandlerFunc(s.serveCSPReport)
 }
 
+// cspBodies recycles request body buffers: one read, parsed and released
+// per request.
+var cspBodies = sync.Pool{New: func() any { b := make([]byte, maxCSPBody+1); return &b }}
+
 func (s *Server) serveCSPReport(w http.ResponseWriter, r *http.Request) {
+	// Cheap validation first: nothing malformed spends a budget.
 	if r.Method != http.MethodPost {
+		s.m.cspMethod.Inc()
 		w.Header().Set("Allow", http.MethodPost)
 		cspError(w, http.StatusMethodNotAllowed, "method not allowed")
 		return
 	}
-	if !s.csp.allow(s.now()) {
-		s.m.csp.WithLabelValues("rate_limited").Inc()
-		w.Header().Set("Retry-After", "1")
-		cspError(w, http.StatusTooManyRequests, "too many CSP reports")
-		return
-	}
-	mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
-	if err != nil || (mt != cspMediaLegacy && mt != cspMediaReporter) {
-		s.m.csp.WithLabelValues("unsupported_media_type").Inc()
+	mt := cspMediaType(r.Header.Get("Content-Type"))
+	if mt == "" {
+		s.m.cspMediaType.Inc()
 		cspError(w, http.StatusUnsupportedMediaType, "content type must be application/csp-report or application/reports+json")
 		return
 	}
 	if r.ContentLength > maxCSPBody {
-		s.m.csp.WithLabelValues("too_large").Inc()
+		s.m.cspTooLarge.Inc()
 		cspError(w, http.StatusRequestEntityTooLarge, "report body over 64 KiB")
 		return
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxCSPBody))
-	if err != nil {
+	bp := cspBodies.Get().(*[]byte)
+	defer cspBodies.Put(bp)
+	n, err := io.ReadFull(http.MaxBytesReader(w, r.Body, maxCSPBody), *bp)
+	switch {
+	case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
+	case err == nil: // cannot happen: the reader stops one byte short
+		err = &http.MaxBytesError{Limit: maxCSPBody}
+		fallthrough
+	default:
 		var tooLarge *http.MaxBytesError
 		if errors.As(err, &tooLarge) {
-			s.m.csp.WithLabelValues("too_large").Inc()
+			s.m.cspTooLarge.Inc()
 			cspError(w, http.StatusRequestEntityTooLarge, "report body over 64 KiB")
 			return
 		}
-		s.m.csp.WithLabelValues("malformed").Inc()
+		s.m.cspMalformed.Inc()
 		cspError(w, http.StatusBadRequest, "reading report body failed")
 		return
 	}
-	reps, ignored, err := parseCSPReports(mt, body)
+	reps, ignored, err := parseCSPReports(mt, (*bp)[:n])
 	if err != nil {
-		s.m.csp.WithLabelValues("malformed").Inc()
+		s.m.cspMalformed.Inc()
 		cspError(w, http.StatusBadRequest, err.Error())
 		return
 	}
 	if ignored > 0 {
-		s.m.csp.WithLabelValues("ignored").Add(float64(ignored))
+		s.m.cspIgnored.Add(float64(ignored))
 	}
-	if len(reps) > 0 {
-		now := s.now()
-		recs := make([]audittrail.Record, len(reps))
-		for i := range reps {
-			recs[i] = reps[i].record(now, r)
-		}
-		if err := s.sink.Enqueue(r.Context(), recs); err != nil {
-			s.m.csp.WithLabelValues("sink_error").Inc()
-			s.sinkFailed(len(recs), err)
-			cspError(w, http.StatusServiceUnavailable, "audit trail unavailable")
-			return
-		}
-		s.m.csp.WithLabelValues("stored").Add(float64(len(reps)))
+	if len(reps) == 0 {
+		w.WriteHeader(http.StatusNoContent)
+		return
 	}
+
+	// Then the budgets, in reports: the client's, then the trail's.
+	addr := s.cspClient(r)
+	key := keyOf(clientaddr.Prefix(addr, s.cspCfg.IPv6Prefix))
+	now := s.now()
+	if ok, wait := s.cspClients.take(key, now.UnixNano(), len(reps)); !ok {
+		s.m.cspRateLimited.Inc()
+		s.m.cspDroppedClient.Add(float64(len(reps)))
+		cspTooMany(w, wait, "too many CSP reports from this client")
+		return
+	}
+	if ok, wait := s.cspTrail.take(now.UnixNano(), len(reps)); !ok {
+		s.cspClients.refund(key, len(reps))
+		s.m.cspTrailCapped.Inc()
+		s.m.cspDroppedTrail.Add(float64(len(reps)))
+		cspTooMany(w, wait, "too many CSP reports")
+		return
+	}
+	var ip string
+	if addr.IsValid() {
+		ip = addr.String()
+	}
+	recs := make([]audittrail.Record, len(reps))
+	for i := range reps {
+		recs[i] = reps[i].record(now, r, ip)
+	}
+	if err := s.sink.Enqueue(r.Context(), recs); err != nil {
+		// Not stored: the budgets were not used.
+		s.cspClients.refund(key, len(reps))
+		s.cspTrail.refund(len(reps))
+		s.m.cspSinkError.Inc()
+		s.sinkFailed(len(recs), err)
+		cspError(w, http.StatusServiceUnavailable, "audit trail unavailable")
+		return
+	}
+	s.m.cspStored.Add(float64(len(reps)))
 	w.WriteHeader(http.StatusNoContent)
+}
+
+// cspClient is the client's address: the one Envoy derived, from the
+// configured header when it holds exactly one address, else the
+// connection's peer (a direct caller, not via Envoy). The zero Addr when
+// neither parses.
+func (s *Server) cspClient(r *http.Request) netip.Addr {
+	if h := s.cspCfg.ClientIPHeader; h != "" {
+		if vs := r.Header.Values(h); len(vs) == 1 {
+			if a, ok := clientaddr.Parse(vs[0]); ok {
+				return a
+			}
+		}
+	}
+	a, _ := clientaddr.ParseHostPort(r.RemoteAddr)
+	return a
+}
+
+// cspMediaType is the report format a Content-Type names, or "". Only the
+// type matters (browsers add at most a charset), so no parameter is parsed
+// or allocated.
+func cspMediaType(ct string) string {
+	t, _, _ := strings.Cut(ct, ";")
+	switch t = strings.TrimSpace(t); {
+	case strings.EqualFold(t, cspMediaLegacy):
+		return cspMediaLegacy
+	case strings.EqualFold(t, cspMediaReporter):
+		return cspMediaReporter
+	}
+	return ""
+}
+
+func cspTooMany(w http.ResponseWriter, wait time.Duration, msg string) {
+	w.Header().Set("Retry-After", strconv.FormatInt(retryAfter(wait), 10))
+	cspError(w, http.StatusTooManyRequests, msg)
 }
 
 func cspError(w http.ResponseWriter, code int, msg string) {
@@ -345,34 +402,4 @@ func cspError(w http.ResponseWriter, code int, msg string) {
 	w.WriteHeader(code)
 	b := appendJSONString([]byte(`{"error":`), msg)
 	w.Write(append(b, '}', '\n'))
-}
-
-// cspLimiter is a token bucket over the whole endpoint. Safe for
-// concurrent use.
-type cspLimiter struct {
-	mu     sync.Mutex
-	rate   float64 // tokens per second
-	burst  float64
-	tokens float64
-	last   time.Time
-}
-
-func newCSPLimiter(rate, burst float64) *cspLimiter {
-	return &cspLimiter{rate: rate, burst: burst, tokens: burst}
-}
-
-func (l *cspLimiter) allow(now time.Time) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if !l.last.IsZero() {
-		if d := now.Sub(l.last).Seconds(); d > 0 {
-			l.tokens = min(l.burst, l.tokens+d*l.rate)
-		}
-	}
-	l.last = now
-	if l.tokens < 1 {
-		return false
-	}
-	l.tokens--
-	return true
 }

@@ -711,9 +711,13 @@ func testEnvoyAndMeshguardAgree(t *testing.T, e *simEnvoy) {
 	t.Run("CSP reports do not spend the page quota", func(t *testing.T) {
 		for range 3 {
 			r := e.do(t, simRequest{method: "POST", path: "/v1/csp-reports", xff: "203.0.113.80",
-				headers: map[string]string{"content-type": "application/csp-report"}})
+				headers: map[string]string{"content-type": "application/csp-report", "x-meshguard-client-ip": "192.0.2.1"}})
 			if r.status != 0 || r.rls.GetStatuses()[0].GetCurrentLimit().GetRequestsPerUnit() == 300 {
 				t.Fatalf("report: status %d, limit %v; want forwarded under the csp_report preset", r.status, r.rls.GetStatuses())
+			}
+			// meshguard's CSP report budgets key the client by this header.
+			if got := r.upstream["x-meshguard-client-ip"]; got != "203.0.113.80" {
+				t.Errorf("x-meshguard-client-ip reaching meshguard's HTTP listener = %q, want Envoy's derived 203.0.113.80 (not the forged copy)", got)
 			}
 		}
 		r := e.do(t, simRequest{method: "GET", path: "/", xff: "203.0.113.80"})

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/meshguard/meshguard/internal/clientaddr"
 	"github.com/meshguard/meshguard/internal/secret"
 )
 
@@ -199,7 +200,7 @@ const (
 
 // ShippedClientIPHeader is the header envoy/envoy.yaml's header_mutation
 // sets to the address Envoy derived for the client, with overwrite.
-const ShippedClientIPHeader = "x-meshguard-client-ip"
+const ShippedClientIPHeader = clientaddr.ShippedHeader
 
 // UpstreamHeaders are the request headers meshguard sets (or removes) on
 // every request it allows; Envoy must strip client copies of them before
@@ -212,7 +213,7 @@ const (
 	maxRoleLen    = 64
 	maxRoles      = 16
 	maxTenantLen  = 253
-	minIPv6Prefix = 32
+	minIPv6Prefix = clientaddr.MinIPv6Prefix
 	minAccountKey = 16
 )
 

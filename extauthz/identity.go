@@ -7,6 +7,8 @@ import (
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"google.golang.org/protobuf/types/known/structpb"
+
+	"github.com/meshguard/meshguard/internal/clientaddr"
 )
 
 // jwtMissing is jwt_verify's Status::JwtMissed, the code jwt_authn records
@@ -14,10 +16,6 @@ import (
 // (its authenticator reports every outcome there, a missing token too).
 // Any other code is a token that was present and failed.
 const jwtMissing = 1
-
-// maxAddrText bounds an address as Envoy writes it: 45 bytes of IPv6 text
-// plus a zone.
-const maxAddrText = 64
 
 // identify sets user and role (from jwt_authn metadata, else the operator's
 // trusted headers), whether a presented token failed, and the two keys the
@@ -66,20 +64,20 @@ func (s *Server) identify(attrs *authv3.AttributeContext, r *request, e *eval) {
 	// sets the header), else the connection peer.
 	addr, ok := netip.Addr{}, false
 	if r.nClientIP == 1 {
-		addr, ok = parseAddr(r.clientIP)
+		addr, ok = clientaddr.Parse(r.clientIP)
 	}
 	if !ok {
-		addr, _ = parseAddr(attrs.GetSource().GetAddress().GetSocketAddress().GetAddress())
+		addr, _ = clientaddr.Parse(attrs.GetSource().GetAddress().GetSocketAddress().GetAddress())
 	}
 	// Both keys in one allocation, as the client key alone used to be.
-	var buf [len("user:") + maxUserLen + len("ip:") + maxAddrText]byte
+	var buf [len("user:") + maxUserLen + len("ip:") + clientaddr.MaxText]byte
 	b := buf[:0]
 	if e.user != "" {
 		b = append(b, "user:"...)
 		b = append(b, e.user...)
 	}
 	n := len(b)
-	b = appendAddrKey(b, addr, s.p.ipv6Prefix)
+	b = clientaddr.AppendKey(b, addr, s.p.ipv6Prefix)
 	keys := string(b)
 	e.ip = keys[n:]
 	if e.user != "" {
@@ -99,41 +97,6 @@ func tokenFailed(v *structpb.Value) bool {
 	}
 	code, ok := f.GetFields()["code"].GetKind().(*structpb.Value_NumberValue)
 	return !ok || (code.NumberValue != jwtMissing && code.NumberValue != 0)
-}
-
-// parseAddr parses an address as Envoy writes it, without a port. A zone is
-// dropped (it names the receiving host's interface, not the client) and an
-// IPv4-mapped IPv6 address is unmapped, so one client has one key whichever
-// way a dual-stack listener or a load balancer spelled it.
-func parseAddr(s string) (netip.Addr, bool) {
-	if len(s) == 0 || len(s) > maxAddrText {
-		return netip.Addr{}, false
-	}
-	a, err := netip.ParseAddr(s)
-	if err != nil {
-		return netip.Addr{}, false
-	}
-	return a.WithZone("").Unmap(), true
-}
-
-// appendAddrKey appends the address key of a to b: ip:<IPv4 address>,
-// ip:<IPv6 prefix>/<bits> (the address itself at 128), or ip:unknown for no
-// address. Every address in one IPv6 prefix shares a key, because one
-// subscriber usually holds a whole /64.
-func appendAddrKey(b []byte, a netip.Addr, ipv6Prefix int) []byte {
-	b = append(b, "ip:"...)
-	switch {
-	case !a.IsValid():
-		return append(b, "unknown"...)
-	case a.Is6() && ipv6Prefix < 128:
-		p, err := a.Prefix(ipv6Prefix)
-		if err != nil { // ipv6Prefix is validated to 32..128
-			return append(b, "unknown"...)
-		}
-		return p.AppendTo(b)
-	default:
-		return a.AppendTo(b)
-	}
 }
 
 // roleFromClaim takes a string role or a list of string roles.

@@ -130,7 +130,11 @@ func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 		store.Close()
 		return nil, err
 	}
-	srv, err := auditsink.New(log, a.reg, cfg.Ingest, writer)
+	ingest := cfg.Ingest
+	// A client is one client to ext_authz and to the CSP report limits.
+	ingest.CSPReports.ClientIPHeader = a.cfg.Identity.ClientIPHeader
+	ingest.CSPReports.IPv6Prefix = a.cfg.Identity.IPv6Prefix
+	srv, err := auditsink.New(log, a.reg, ingest, writer)
 	if err != nil {
 		return fail(err)
 	}

@@ -33,6 +33,10 @@ func TestBadConfigs(t *testing.T) {
 		"bad_tls.yaml": {
 			"tls.grpc: cert_file and key_file go together",
 			`tls.http.client_auth: must be require or verify_if_given, got "optional"`},
+		"bad_csp_reports.yaml": {
+			"audit.csp_reports.per_client_rate: 500 is above max_rows_per_second (100): one client could fill the trail's share alone",
+			"audit.csp_reports.per_client_burst: must be at least 100 (the reports one request may carry) and at most 1000000, got 10",
+			"audit.csp_reports.max_clients: must be between 16 and 1048576, got 0"},
 		"bad_pool.yaml":          {"database.pool.min_conns", "20", "max_conns 5"},
 		"bad_failure_mode.yaml":  {`ratelimit.failure_mode: must be allow or deny, got "maybe"`},
 		"bad_cors_mode.yaml":     {`cors.mode: must be enforce or report, got "block"`},
