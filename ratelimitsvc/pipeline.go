@@ -33,8 +33,8 @@ import (
 type pipeline struct {
 	client  redisClient
 	timeout time.Duration
-	tracer  trace.Tracer // nil: batches are not traced
-	mode    string       // the store's mode, for spans
+	tracer  trace.Tracer    // nil: batches are not traced
+	mode    string          // the store's mode, for spans
 	ctx     context.Context // cancelled by close
 	cancel  context.CancelFunc
 	wake    chan struct{} // capacity 1: the queue has calls and no batch is running
@@ -81,8 +81,8 @@ type pcall struct {
 	deadline time.Time
 	trace    trace.SpanContext // the caller's span, when the store traces
 	err      error             // written by the pipeline before it moves state to callDone
-	state    atomic.Int32  // callWaiting, then callDone (answered) or callAbandoned (caller left)
-	done     chan struct{} // capacity 1: sent on when answered
+	state    atomic.Int32      // callWaiting, then callDone (answered) or callAbandoned (caller left)
+	done     chan struct{}     // capacity 1: sent on when answered
 }
 
 const (
