@@ -5,7 +5,6 @@ import (
 	"encoding/base64"
 	"fmt"
 	"log/slog"
-	"net"
 	"strings"
 	"testing"
 
@@ -18,10 +17,11 @@ import (
 	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/testing/protocmp"
 	"google.golang.org/protobuf/types/known/structpb"
+
+	"github.com/meshguard/meshguard/internal/grpcserver/grpcservertest"
 )
 
 // outcome is a CheckResponse in a form a table can spell out. Header
@@ -634,20 +634,9 @@ func TestBadRoutePolicyLogSampled(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	gs := grpc.NewServer()
 	srv.Register(gs)
-	go gs.Serve(lis)
-	t.Cleanup(gs.Stop)
-	cc, err := grpc.NewClient("passthrough:///"+lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cc.Close() })
-	client := authv3.NewAuthorizationClient(cc)
+	client := authv3.NewAuthorizationClient(grpcservertest.Serve(t, gs))
 	for range 3 {
 		resp, err := client.Check(t.Context(), envoyReq{host: "api.example.net", ext: map[string]string{"require_role": "admin", "csp": "maybe"}}.build(t, formHeaders))
 		if err != nil {
