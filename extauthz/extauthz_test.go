@@ -13,6 +13,7 @@ import (
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"github.com/google/go-cmp/cmp"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	dto "github.com/prometheus/client_model/go"
 	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
@@ -534,7 +535,7 @@ func TestNonceUnique(t *testing.T) {
 		}
 		seen[nonce] = true
 	}
-	if got := counterValue(t, srv.m.nonces); got != n {
+	if got := testutil.ToFloat64(srv.m.nonces); got != n {
 		t.Errorf("meshguard_extauthz_csp_nonces_total = %v, want %d", got, n)
 	}
 }
@@ -585,15 +586,6 @@ func TestMetrics(t *testing.T) {
 	if err := srv.m.duration.Write(&h); err != nil || h.GetHistogram().GetSampleCount() != uint64(len(reqs)) {
 		t.Errorf("check duration samples = %d (%v), want %d", h.GetHistogram().GetSampleCount(), err, len(reqs))
 	}
-}
-
-func counterValue(t *testing.T, c prometheus.Counter) float64 {
-	t.Helper()
-	var m dto.Metric
-	if err := c.Write(&m); err != nil {
-		t.Fatal(err)
-	}
-	return m.GetCounter().GetValue()
 }
 
 // TestConcurrentChecks runs answers that share precomputed header options
