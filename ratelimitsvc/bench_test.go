@@ -83,9 +83,10 @@ func newBenchRedis(url string, opts ...StoreOption) (*RedisStore, error) {
 // benchTracing reads a "trace=MODE" option off the front of variant:
 // "off" (no option: a no-op provider, as cmd/meshguard passes when tracing
 // is off), "server" (otelgrpc's server span for every call, no store
-// spans) or "all" (server spans and the store's Redis spans). Traced modes
-// sample every call and hand spans to a batch processor whose exporter
-// discards them: meshguard's cost of making spans, not of sending them.
+// spans), "all" (server spans and the store's Redis spans) or "unsampled"
+// (as "all", but no call is sampled). Traced modes hand spans to a batch
+// processor whose exporter discards them: meshguard's cost of making spans,
+// not of sending them.
 func benchTracing(variant string) (rest string, store []StoreOption, server []grpc.ServerOption, err error) {
 	off := []StoreOption{WithTracerProvider(noop.NewTracerProvider())}
 	spec, ok := strings.CutPrefix(variant, "trace=")
@@ -96,7 +97,13 @@ func benchTracing(variant string) (rest string, store []StoreOption, server []gr
 	if mode == "off" {
 		return rest, off, nil, nil
 	}
-	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(discardExporter{}), sdktrace.WithSampler(sdktrace.AlwaysSample()))
+	sampler := sdktrace.AlwaysSample()
+	if mode == "unsampled" {
+		// Tracing on, this call not sampled: what most calls cost when
+		// Envoy samples 1%.
+		sampler, mode = sdktrace.NeverSample(), "all"
+	}
+	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(discardExporter{}), sdktrace.WithSampler(sampler))
 	server = []grpc.ServerOption{grpc.StatsHandler(otelgrpc.NewServerHandler(
 		otelgrpc.WithTracerProvider(tp), otelgrpc.WithPropagators(propagation.TraceContext{})))}
 	switch mode {
@@ -105,7 +112,7 @@ func benchTracing(variant string) (rest string, store []StoreOption, server []gr
 	case "all":
 		return rest, []StoreOption{WithTracerProvider(tp)}, server, nil
 	}
-	return "", nil, nil, fmt.Errorf("variant %q: trace must be off, server or all", variant)
+	return "", nil, nil, fmt.Errorf("variant %q: trace must be off, server, all or unsampled", variant)
 }
 
 type discardExporter struct{}
@@ -489,7 +496,7 @@ func BenchmarkShouldRateLimit(b *testing.B) {
 
 // BenchmarkShouldRateLimitVariants compares gRPC server tuning variants
 // (space-separated in MESHGUARD_BENCH_GRPC_VARIANTS, see
-// grpcservertest.Options; "trace=off|server|all" first in a variant for
+// grpcservertest.Options; "trace=off|server|all|unsampled" first in a variant for
 // tracing, see benchTracing, then "store=direct" for decisions through
 // go-redis, one round trip each, instead of the pipeline; skipped
 // when unset) on BenchmarkShouldRateLimit's
