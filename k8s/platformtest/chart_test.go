@@ -653,14 +653,11 @@ func TestChartAccountKey(t *testing.T) {
 		if ref == nil || ref.Name != secret || ref.Key != "MESHGUARD_ACCOUNT_KEY" || (ref.Optional != nil && *ref.Optional) {
 			t.Errorf("MESHGUARD_ACCOUNT_KEY from %+v, want the required key MESHGUARD_ACCOUNT_KEY of Secret %s", ref, secret)
 		}
-		j := r.get("Job", "meshguard-migrate").(*batchv1.Job)
-		if ef := j.Spec.Template.Spec.Containers[0].EnvFrom; len(ef) != 1 || ef[0].SecretRef.Name != secret {
-			t.Errorf("migration Job envFrom %+v, want Secret %s", ef, secret)
-		}
 	}
 	t.Run("existing Secret", func(t *testing.T) {
 		r := mustRender(t, map[string]any{"meshguard": map[string]any{"existingSecret": "prod-secrets"}})
 		check(t, r, "prod-secrets")
+		checkMigrateSecret(t, r, "meshguard-migrate-secrets")
 		if len(r.byKind["Secret"]) != 0 {
 			t.Errorf("the chart renders Secrets %v beside an existing one", r.byKind["Secret"])
 		}
@@ -670,6 +667,7 @@ func TestChartAccountKey(t *testing.T) {
 			"databaseURL": "postgres://meshguard:pw@db:5432/meshguard?sslmode=require",
 		}}})
 		check(t, r, "meshguard")
+		checkMigrateSecret(t, r, "meshguard-migrate")
 		sec, ok := r.get("Secret", "meshguard").(*corev1.Secret)
 		if !ok {
 			t.Fatal("no Secret meshguard")
@@ -691,6 +689,65 @@ func TestChartAccountKey(t *testing.T) {
 			t.Errorf("MESHGUARD_ACCOUNT_KEY %q, want the given %q", got, key)
 		}
 	})
+}
+
+// checkMigrateSecret: the migration Job reads the schema owner's login from
+// a Secret of its own, never the Deployment's (whose login may only INSERT
+// and SELECT the audit trail).
+func checkMigrateSecret(t *testing.T, r *rendered, secret string) {
+	t.Helper()
+	j := r.get("Job", "meshguard-migrate").(*batchv1.Job)
+	if ef := j.Spec.Template.Spec.Containers[0].EnvFrom; len(ef) != 1 || ef[0].SecretRef == nil || ef[0].SecretRef.Name != secret {
+		t.Errorf("migration Job envFrom %+v, want Secret %s", ef, secret)
+	}
+	d := r.deployment("meshguard")
+	for _, ef := range d.Spec.Template.Spec.Containers[0].EnvFrom {
+		if ef.SecretRef != nil && ef.SecretRef.Name == secret {
+			t.Errorf("the meshguard Deployment reads the migration Secret %s", secret)
+		}
+	}
+}
+
+// TestChartMigrateAndAuditSecrets: the Secrets the chart creates keep the
+// schema owner's login for the migration Job (a hook Secret deleted once the
+// Job succeeded) and pass the audit signing key to the pods.
+func TestChartMigrateAndAuditSecrets(t *testing.T) {
+	const (
+		writer = "postgres://meshguard_serve:pw@db:5432/meshguard?sslmode=require"
+		owner  = "postgres://meshguard_owner:pw@db:5432/meshguard?sslmode=require"
+		key    = "PRIVATE+KEY+prod-audit+0a1b2c3d+AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA="
+	)
+	r := mustRender(t, map[string]any{"meshguard": map[string]any{"existingSecret": "", "secret": map[string]any{
+		"databaseURL": writer, "migrateDatabaseURL": owner, "auditKey": key,
+	}}})
+	sec := r.get("Secret", "meshguard").(*corev1.Secret)
+	if got := string(sec.Data["DATABASE_URL"]); got != writer {
+		t.Errorf("meshguard DATABASE_URL %q, want the writer's %q", got, writer)
+	}
+	if got := string(sec.Data["MESHGUARD_AUDIT_KEY"]); got != key {
+		t.Errorf("MESHGUARD_AUDIT_KEY %q, want %q", got, key)
+	}
+	mig, ok := r.get("Secret", "meshguard-migrate").(*corev1.Secret)
+	if !ok {
+		t.Fatal("no Secret meshguard-migrate")
+	}
+	if got := string(mig.Data["DATABASE_URL"]); got != owner {
+		t.Errorf("meshguard-migrate DATABASE_URL %q, want the owner's %q", got, owner)
+	}
+	if len(mig.Data) != 1 {
+		t.Errorf("meshguard-migrate holds %v, want DATABASE_URL only", keys(mig.Data))
+	}
+	if hook := mig.Annotations["helm.sh/hook"]; hook != "post-install,pre-upgrade" {
+		t.Errorf("meshguard-migrate hook %q: it must exist when the pre-upgrade Job runs", hook)
+	}
+	if del := mig.Annotations["helm.sh/hook-delete-policy"]; !strings.Contains(del, "hook-succeeded") {
+		t.Errorf("meshguard-migrate delete policy %q: the owner's password would stay in the cluster", del)
+	}
+
+	r = mustRender(t, map[string]any{"meshguard": map[string]any{"existingSecret": "", "migrate": false}})
+	if _, ok := r.byKind["Secret"]["meshguard-migrate"]; ok {
+		t.Error("Secret meshguard-migrate rendered with migrate=false")
+	}
 }
 
 // TestChartDefaultEnvoyConfig: with default values the chart's bootstrap is
@@ -774,6 +831,8 @@ func TestChartRejects(t *testing.T) {
 		{"selected pods not trusted", map[string]any{"networkPolicy": map[string]any{"ingress": map[string]any{"podCIDRs": []any{}}}}, "networkPolicy.ingress.podCIDRs is empty"},
 		{"secret name", map[string]any{"meshguard": map[string]any{"existingSecret": "Bad_Name"}}, "/meshguard/existingSecret"},
 		{"secret values beside an existing Secret", map[string]any{"meshguard": map[string]any{"secret": map[string]any{"accountKey": "0123456789abcdef"}}}, "meshguard.secret is for the Secret the chart creates"},
+		{"existing Secret without a migration Secret", map[string]any{"meshguard": map[string]any{"existingMigrateSecret": ""}}, "meshguard.existingMigrateSecret is empty"},
+		{"audit key not in note format", map[string]any{"meshguard": map[string]any{"existingSecret": "", "secret": map[string]any{"auditKey": "0123456789abcdef"}}}, "/meshguard/secret/auditKey"},
 		{"short account key", map[string]any{"meshguard": map[string]any{"existingSecret": "", "secret": map[string]any{"accountKey": "short"}}}, "/meshguard/secret/accountKey"},
 		{"database URL of another kind", map[string]any{"meshguard": map[string]any{"existingSecret": "", "secret": map[string]any{"databaseURL": "mysql://db/meshguard"}}}, "/meshguard/secret/databaseURL"},
 		{"Envoy open to any source", map[string]any{"networkPolicy": map[string]any{"ingress": map[string]any{"namespaceSelector": nil, "podSelector": nil}}}, "Envoy's listener would be open to any source"},

@@ -95,11 +95,24 @@ meshguard.existingSecret, or "meshguard", which the chart creates from
 meshguard.secret when existingSecret is empty. */}}
 {{- define "meshguard.secretName" -}}
 {{- if .Values.meshguard.existingSecret -}}
-{{- if ne (toJson .Values.meshguard.secret) (toJson (dict "databaseURL" "" "redisURL" "" "adminToken" "" "accountKey" "")) -}}
+{{- if ne (toJson .Values.meshguard.secret) (toJson (dict "databaseURL" "" "redisURL" "" "adminToken" "" "accountKey" "" "auditKey" "" "migrateDatabaseURL" "")) -}}
 {{- fail "meshguard.secret is for the Secret the chart creates; with meshguard.existingSecret set, put those values in that Secret" -}}
 {{- end -}}
 {{- .Values.meshguard.existingSecret -}}
 {{- else -}}
 meshguard
+{{- end -}}
+{{- end }}
+
+{{/* The migration Job's Secret: the schema owner's DATABASE_URL, apart from
+the Deployment's, whose login may only INSERT and SELECT the audit trail. */}}
+{{- define "meshguard.migrateSecretName" -}}
+{{- if .Values.meshguard.existingSecret -}}
+{{- if not .Values.meshguard.existingMigrateSecret -}}
+{{- fail "meshguard.existingMigrateSecret is empty: with meshguard.existingSecret set, the migration Job needs a Secret of its own with the schema owner's DATABASE_URL (or set meshguard.migrate=false)" -}}
+{{- end -}}
+{{- .Values.meshguard.existingMigrateSecret -}}
+{{- else -}}
+meshguard-migrate
 {{- end -}}
 {{- end }}
