@@ -33,10 +33,10 @@ func writerConfig(t testing.TB) Config {
 
 // startWriter builds a Writer and runs it until the test ends (or the
 // returned stop is called, which closes it with a deadline).
-func startWriter(t testing.TB, cfg Config, store BatchStore) (*Writer, *prometheus.Registry, func(ctx context.Context)) {
+func startWriter(t testing.TB, cfg Config, store BatchStore, opts ...WriterOption) (*Writer, *prometheus.Registry, func(ctx context.Context)) {
 	t.Helper()
 	reg := prometheus.NewRegistry()
-	w, err := NewWriter(discardLog, reg, cfg, store, testKeyring)
+	w, err := NewWriter(discardLog, reg, cfg, store, testKeyring, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
