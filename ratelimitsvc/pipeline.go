@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
-	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/trace"
 )
 
@@ -215,27 +214,37 @@ func (p *pipeline) runBatch(batch []*pcall) {
 	p.exec(ctx, live)
 	cancel()
 	p.inflight.Store(0)
+	if span != nil {
+		// Ended before the callers are answered, so that it ends within
+		// the decision that is its parent.
+		endBatchSpan(span, live)
+	}
 	closed := p.ctx.Err() != nil
-	failed := 0
-	var firstErr error
 	for _, c := range live {
 		err := c.cmd.Err()
 		if err != nil && closed {
 			err = errPipelineClosed
 		}
-		if err != nil {
-			if failed++; firstErr == nil {
-				firstErr = err
-			}
-		}
 		answer(c, err)
 	}
-	if span != nil {
-		if failed > 0 {
-			span.SetAttributes(attribute.Int("meshguard.redis.failed_commands", failed))
+}
+
+// endBatchSpan ends a batch's span with the number of its calls that
+// failed and the class of the first failure.
+func endBatchSpan(span trace.Span, live []*pcall) {
+	failed := 0
+	var first error
+	for _, c := range live {
+		if err := c.cmd.Err(); err != nil {
+			if failed++; first == nil {
+				first = err
+			}
 		}
-		endSpan(span, firstErr)
 	}
+	if failed > 0 {
+		span.SetAttributes(attrFailedKey.Int(failed))
+	}
+	endSpan(span, first)
 }
 
 // traceBatch starts the span of one round trip when sampled decisions ride

@@ -42,6 +42,7 @@ var (
 	attrModeKey       = attribute.Key("meshguard.redis.mode")
 	attrErrorTypeKey  = attribute.Key("error.type")
 	attrTracedCallKey = attribute.Key("meshguard.redis.traced_decisions")
+	attrFailedKey     = attribute.Key("meshguard.redis.failed_commands")
 )
 
 // endSpan ends a round trip's span with its outcome: an error names its

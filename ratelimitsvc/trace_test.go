@@ -137,6 +137,18 @@ func TestTraceBatch(t *testing.T) {
 	if l := s.Links(); len(l) != 1 || l[0].SpanContext.SpanID() != b.SpanID() || l[0].SpanContext.TraceID() != b.TraceID() {
 		t.Errorf("links %v, want decision B's span", l)
 	}
+
+	// A failed round trip: the batch's span says so.
+	srv.Kill()
+	res := make([]counterRes, 1)
+	if _, err := rs.evaluate(trace.ContextWithSpanContext(t.Context(), a), time.Now().UnixMilli(), []counterReq{testCounter("x", 10, 1)}, res); err == nil {
+		t.Fatal("decision with Redis down succeeded")
+	}
+	spans = rec.Ended()
+	if s := spans[len(spans)-1]; len(spans) != 2 || s.Status().Code != codes.Error ||
+		attrs(s)["meshguard.redis.failed_commands"].AsInt64() != 1 || attrs(s)["error.type"].AsString() == "" {
+		t.Errorf("%d spans; failed batch: status %v attributes %v", len(spans), s.Status(), attrs(s))
+	}
 }
 
 // TestTraceOff: no provider or a no-op one leaves the store without a
