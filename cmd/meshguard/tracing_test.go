@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -69,19 +68,7 @@ audit:
 
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
-	logs := newLogWatcher()
-	errc := make(chan error, 1)
-	go func() {
-		errc <- run(ctx, []string{"meshguard", "serve", "--config", cfgPath}, noEnv, io.Discard, logs)
-	}()
-	var line map[string]any
-	select {
-	case line = <-logs.ready:
-	case err := <-errc:
-		t.Fatalf("run returned before serving: %v\nlogs:\n%s", err, logs)
-	case <-time.After(60 * time.Second):
-		t.Fatalf("not serving after 60s; logs:\n%s", logs)
-	}
+	line, errc, logs := startRun(t, ctx, cfgPath, noEnv)
 	conn := grpcservertest.Dial(t, line["grpc_addr"].(string))
 	rlConn := grpcservertest.Dial(t, line["ratelimit_addr"].(string))
 
@@ -186,13 +173,8 @@ audit:
 	}
 
 	cancel()
-	select {
-	case err := <-errc:
-		if err != nil {
-			t.Fatalf("run returned %v; logs:\n%s", err, logs)
-		}
-	case <-time.After(20 * time.Second):
-		t.Fatal("run did not return within 20s of cancel")
+	if err := waitRun(t, errc, logs); err != nil {
+		t.Fatalf("run returned %v", err)
 	}
 }
 
