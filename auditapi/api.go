@@ -236,7 +236,7 @@ func (a *API) serveLogs(w http.ResponseWriter, r *http.Request, p principal) (in
 }
 
 func (a *API) serveEntity(w http.ResponseWriter, r *http.Request, p principal) (int, error) {
-	q, err := parseQuery(r, "from", "to", "action", "severity", "user_id", "status", "tenant", "limit", "cursor")
+	q, err := parseQuery(r, "from", "to", "action", "severity", "user_id", "ip_address", "status", "tenant", "limit", "cursor")
 	if err != nil {
 		return 0, err
 	}
@@ -252,7 +252,7 @@ func (a *API) serveEntity(w http.ResponseWriter, r *http.Request, p principal) (
 }
 
 func (a *API) serveUserActivity(w http.ResponseWriter, r *http.Request, p principal) (int, error) {
-	q, err := parseQuery(r, "from", "to", "action", "severity", "entity_type", "entity_id", "status", "tenant", "limit", "cursor")
+	q, err := parseQuery(r, "from", "to", "action", "severity", "entity_type", "entity_id", "ip_address", "status", "tenant", "limit", "cursor")
 	if err != nil {
 		return 0, err
 	}
@@ -399,16 +399,22 @@ type apiQuery struct {
 	format string
 }
 
-var listParams = []string{"from", "to", "action", "severity", "user_id", "entity_type", "entity_id", "status", "tenant", "limit", "cursor"}
+var listParams = []string{"from", "to", "action", "severity", "user_id", "entity_type", "entity_id", "ip_address", "status", "tenant", "limit", "cursor"}
 
 // parseQuery validates r's query string: only the allowed parameters, each
 // at most once (action may repeat), each well-formed.
 func parseQuery(r *http.Request, allowed ...string) (apiQuery, error) {
+	return parseRawQuery(r.URL.RawQuery, allowed...)
+}
+
+// parseRawQuery is parseQuery of a raw query string (the console parses
+// its forms with it too).
+func parseRawQuery(raw string, allowed ...string) (apiQuery, error) {
 	q := apiQuery{limit: apiDefaultLimit}
-	if len(r.URL.RawQuery) > apiMaxRawQuery {
+	if len(raw) > apiMaxRawQuery {
 		return q, &apiError{status: http.StatusRequestURITooLong, msg: fmt.Sprintf("query string longer than %d bytes", apiMaxRawQuery)}
 	}
-	vals, err := url.ParseQuery(r.URL.RawQuery)
+	vals, err := url.ParseQuery(raw)
 	if err != nil {
 		return q, badParam("", "malformed query string: %v", err)
 	}
@@ -476,6 +482,12 @@ func parseQuery(r *http.Request, allowed ...string) (apiQuery, error) {
 			} else {
 				f.EntityID = v
 			}
+		case "ip_address":
+			ip, err := netip.ParseAddr(v)
+			if err != nil || ip.Zone() != "" {
+				return q, badParam(k, "must be an IPv4 or IPv6 address, got %q", clip(v))
+			}
+			f.IPAddress = ip.String() // as stored: the canonical form
 		case "tenant":
 			if err := checkText(k, v, apiMaxTenantLen); err != nil {
 				return q, err
@@ -541,13 +553,16 @@ func filterDoc(f audittrail.Filter) map[string]any {
 		m["action"] = f.Actions
 	}
 	for k, v := range map[string]string{"severity": f.Severity, "user_id": f.UserID, "entity_type": f.EntityType,
-		"entity_id": f.EntityID, "tenant": f.Tenant} {
+		"entity_id": f.EntityID, "tenant": f.Tenant, "ip_address": f.IPAddress} {
 		if v != "" {
 			m[k] = v
 		}
 	}
 	if f.Status != 0 {
 		m["status"] = f.Status
+	}
+	if f.ID != 0 {
+		m["id"] = f.ID
 	}
 	return m
 }

@@ -122,7 +122,13 @@ func (z *authorizer) tokenPrincipal(tok string) (principal, bool) {
 	if len(tok) > maxTokenLen {
 		return principal{}, false
 	}
-	got := sha256.Sum256([]byte(tok))
+	return z.hashPrincipal(sha256.Sum256([]byte(tok)))
+}
+
+// hashPrincipal is tokenPrincipal of a token's SHA-256. The console keeps
+// the hash of the token that opened a session and asks again on every
+// request, so a rotated token ends its sessions.
+func (z *authorizer) hashPrincipal(got [sha256.Size]byte) (principal, bool) {
 	env, file := 0, 0
 	if z.envToken != nil {
 		env = subtle.ConstantTimeCompare(got[:], z.envToken[:])

@@ -167,11 +167,13 @@ func csvSafe(s string) string {
 	return s
 }
 
+var exportParams = []string{"format", "from", "to", "action", "severity", "user_id", "entity_type", "entity_id", "ip_address", "status", "tenant"}
+
 // serveExport answers GET /v1/audit/export?format=csv|jsonl&from=&to= (and
 // the list filters), streamed. The EXPORT record is enqueued before the
 // first row is read.
 func (a *API) serveExport(w http.ResponseWriter, r *http.Request, p principal) (int, error) {
-	q, err := parseQuery(r, "format", "from", "to", "action", "severity", "user_id", "entity_type", "entity_id", "status", "tenant")
+	q, err := parseQuery(r, exportParams...)
 	if err != nil {
 		return 0, err
 	}
@@ -183,6 +185,15 @@ func (a *API) serveExport(w http.ResponseWriter, r *http.Request, p principal) (
 	case q.filter.To.IsZero():
 		return 0, badParam("to", "required: the end of the range (exclusive), RFC 3339")
 	}
+	meta := accessMeta{Endpoint: "export", Auth: p.via, Token: p.token, Filter: filterDoc(q.filter), Format: q.format}
+	return a.streamExport(w, r, p, q, meta)
+}
+
+// streamExport records the export, then streams it (the API's and the
+// console's). An error before the first byte is returned for the caller to
+// answer; after it, the stream is cut so the client sees a truncated
+// transfer, never a complete-looking file.
+func (a *API) streamExport(w http.ResponseWriter, r *http.Request, p principal, q apiQuery, meta accessMeta) (int, error) {
 	select {
 	case a.exports <- struct{}{}:
 		defer func() { <-a.exports }()
@@ -190,7 +201,6 @@ func (a *API) serveExport(w http.ResponseWriter, r *http.Request, p principal) (
 		w.Header().Set("Retry-After", "30")
 		return 0, &apiError{status: http.StatusTooManyRequests, msg: fmt.Sprintf("%d exports already running; try again later", apiMaxExports)}
 	}
-	meta := accessMeta{Endpoint: "export", Auth: p.via, Token: p.token, Filter: filterDoc(q.filter), Format: q.format}
 	if err := a.record(r, p, apiActionExport, apiExportSeverity, meta); err != nil {
 		return 0, err
 	}
@@ -209,7 +219,7 @@ func (a *API) serveExport(w http.ResponseWriter, r *http.Request, p principal) (
 		if !errors.Is(err, context.Canceled) {
 			a.log.Error("audit export aborted", "format", q.format, "rows", rows, "err", err)
 		}
-		a.m.requests.WithLabelValues("export", "aborted").Inc()
+		a.m.requests.WithLabelValues(meta.Endpoint, "aborted").Inc()
 		panic(http.ErrAbortHandler)
 	}
 	if !lw.started { // cannot happen: a CSV header or nothing for JSONL

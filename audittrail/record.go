@@ -56,6 +56,8 @@ type Filter struct {
 	EntityID   string
 	Status     int
 	Tenant     string
+	IPAddress  string // exact match, as stored
+	ID         int64  // one row by its id (0: any)
 }
 
 // Cursor is a keyset pagination position: rows strictly after it in

@@ -26,6 +26,22 @@ type VerifyOptions struct {
 	Keys *Keyring
 	// Witness is the latest signed checkpoint of each chain (ReadWitness).
 	Witness []Checkpoint
+	// MaxRows stops the walk with a *TooManyRowsError once it has read
+	// more rows than this (0: no limit), so an interactive caller can
+	// refuse a range too large to verify at once instead of running for
+	// hours. The CLI sets none.
+	MaxRows int64
+}
+
+// TooManyRowsError: the chains of the range hold more rows than
+// VerifyOptions.MaxRows; nothing was concluded about them.
+type TooManyRowsError struct {
+	Max    int64
+	Chains int // chains in the range
+}
+
+func (e *TooManyRowsError) Error() string {
+	return fmt.Sprintf("the %d chains of this range hold more than %d rows, too many to verify at once; narrow the range or run `meshguard audit verify`", e.Chains, e.Max)
 }
 
 // VerifyReport is the outcome of Verify. OK is false when the trail does
@@ -78,6 +94,25 @@ func WitnessBreak(err error) *ChainBreak {
 		return nil
 	}
 	return &ChainBreak{ChainID: we.ChainID, Seq: we.Seq, Reason: fmt.Sprintf("witness file %s: %v", we.File, we.Err)}
+}
+
+// VerifyWitnessed is what `meshguard audit verify` and the console's
+// "verify now" run: it reads the witness in dir with opts.Keys' verifiers
+// and verifies reader against it. A witness file that does not parse or
+// verify is a break naming its chain, not an error.
+func VerifyWitnessed(ctx context.Context, reader recordReader, dir string, opts VerifyOptions) (VerifyReport, error) {
+	if opts.Keys == nil {
+		return VerifyReport{}, errors.New("verifying the audit trail: no keys")
+	}
+	witness, err := ReadWitness(dir, opts.Keys.Verifiers())
+	if b := WitnessBreak(err); b != nil {
+		return VerifyReport{Break: b}, nil
+	}
+	if err != nil {
+		return VerifyReport{}, err
+	}
+	opts.Witness = witness
+	return Verify(ctx, reader, opts)
 }
 
 // Verify checks the trail in reader (one of the stores) against opts.Keys
@@ -166,12 +201,19 @@ func Verify(ctx context.Context, reader recordReader, opts VerifyOptions) (Verif
 		errStop := errors.New("stop")
 		err := cr.scanChain(ctx, id, 0, 1<<62, func(r *Record) error {
 			rep.Rows++
+			if opts.MaxRows > 0 && rep.Rows > opts.MaxRows {
+				return &TooManyRowsError{Max: opts.MaxRows, Chains: len(chains)}
+			}
 			if !w.row(r) {
 				return errStop
 			}
 			return nil
 		})
 		buf = w.buf
+		var tooMany *TooManyRowsError
+		if errors.As(err, &tooMany) {
+			return VerifyReport{}, tooMany
+		}
 		if err != nil && !errors.Is(err, errStop) {
 			return rep, err
 		}

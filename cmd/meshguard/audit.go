@@ -299,17 +299,9 @@ func runAuditVerify(ctx context.Context, args []string, getenv func(string) stri
 	if dir == "" {
 		dir = cfg.WitnessDirectory()
 	}
-	var rep audittrail.VerifyReport
-	witness, err := audittrail.ReadWitness(dir, keys.Verifiers())
-	if b := audittrail.WitnessBreak(err); b != nil {
-		rep.Break = b
-	} else if err != nil {
+	rep, err := audittrail.VerifyWitnessed(ctx, env.store, dir, audittrail.VerifyOptions{From: from.t, To: to.t, Keys: keys})
+	if err != nil {
 		return fmt.Errorf("audit verify: %w", err)
-	} else {
-		rep, err = audittrail.Verify(ctx, env.store, audittrail.VerifyOptions{From: from.t, To: to.t, Keys: keys, Witness: witness})
-		if err != nil {
-			return fmt.Errorf("audit verify: %w", err)
-		}
 	}
 	if *asJSON {
 		enc := json.NewEncoder(stdout)

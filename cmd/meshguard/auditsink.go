@@ -38,6 +38,7 @@ func (c auditConfig) Validate() error {
 type auditStore interface {
 	List(ctx context.Context, f audittrail.Filter, cur audittrail.Cursor, limit int) ([]audittrail.Record, audittrail.Cursor, error)
 	Scan(ctx context.Context, f audittrail.Filter, fn func(*audittrail.Record) error) error
+	HourlyCounts(ctx context.Context, f audittrail.Filter, by string) ([]audittrail.HourCount, error)
 	Migrate(ctx context.Context) error
 	Prune(ctx context.Context, now time.Time, keys *audittrail.Keyring) ([]string, error)
 	RunRetention(ctx context.Context, keys *audittrail.Keyring) error
@@ -84,7 +85,7 @@ var (
 
 // setupAuditsink builds the audit trail: the store (migrated at start), the
 // writer that batches into it, the AccessLogService, POST /v1/csp-reports
-// and the admin API under /v1/audit.
+// the admin API under /v1/audit and the audit console under /console/.
 func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 	log := a.log.With("component", "auditsink")
 	cfg := a.cfg.Audit
@@ -137,6 +138,13 @@ func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 	if err != nil {
 		return fail(err)
 	}
+	// The console is the admin API's web front end: same token, same
+	// recording; off (503) while the API is.
+	console, err := api.NewConsole(store, auditapi.ConsoleOptions{Secure: a.cfg.TLS.HTTP.Enabled(), Keys: keys,
+		WitnessDir: cfg.WitnessDirectory(), CSPReportURI: "/v1/csp-reports"})
+	if err != nil {
+		return fail(err)
+	}
 	csp := srv.CSPReportHandler()
 	checkpoints := audittrail.CheckpointsHandler(log, cfg.WitnessDirectory(), keys)
 	return &component{
@@ -146,6 +154,7 @@ func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 			mux.Handle("POST /v1/csp-reports", csp)
 			mux.Handle("GET /v1/audit/checkpoints", checkpoints)
 			api.Register(mux)
+			console.Register(mux)
 		},
 		checks: []readinessCheck{
 			// Reported, never takes the replica out: a database outage is
