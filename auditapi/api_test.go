@@ -24,8 +24,10 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/meshguard/meshguard/internal/metrictest"
 	"github.com/meshguard/meshguard/internal/pgtest"
 	"github.com/meshguard/meshguard/internal/secret"
+	"github.com/meshguard/meshguard/internal/servertest"
 
 	"github.com/meshguard/meshguard/audittrail"
 )
@@ -747,17 +749,12 @@ func TestAPIStoreDown(t *testing.T) {
 	}
 	// Back up: the same API answers again, no restart needed.
 	srv.Restart(t)
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		rec := get(t, mux, "/v1/audit/logs", bearer...)
-		if rec.Code == 200 {
-			break
+	servertest.WaitFor(t, 15*time.Second, func() error {
+		if rec := get(t, mux, "/v1/audit/logs", bearer...); rec.Code != 200 {
+			return fmt.Errorf("after PostgreSQL restarted: %d %s", rec.Code, rec.Body)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("after PostgreSQL restarted: %d %s", rec.Code, rec.Body)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return nil
+	})
 }
 
 // FuzzParseQuery: whatever the query string, parsing answers (no panic),
@@ -842,26 +839,8 @@ func TestAPIMetrics(t *testing.T) {
 // (-1 when absent).
 func counterValue(t *testing.T, reg *prometheus.Registry, name string, labels map[string]string) float64 {
 	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-	series:
-		for _, m := range mf.GetMetric() {
-			if len(m.GetLabel()) != len(labels) {
-				continue
-			}
-			for _, lp := range m.GetLabel() {
-				if labels[lp.GetName()] != lp.GetValue() {
-					continue series
-				}
-			}
-			return m.GetCounter().GetValue()
-		}
+	if v, ok := metrictest.Value(t, reg, name, labels); ok {
+		return v
 	}
 	return -1
 }

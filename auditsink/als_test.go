@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -17,10 +16,9 @@ import (
 	alsv3 "github.com/envoyproxy/go-control-plane/envoy/service/accesslog/v3"
 	"github.com/google/go-cmp/cmp"
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/structpb"
@@ -28,6 +26,8 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/meshguard/meshguard/audittrail"
+	"github.com/meshguard/meshguard/internal/grpcserver/grpcservertest"
+	"github.com/meshguard/meshguard/internal/servertest"
 )
 
 // testNow is the fixed clock of these tests.
@@ -82,21 +82,9 @@ func newTestServer(t testing.TB, cfg Config, sink recordSink) (*Server, *prometh
 // connect.
 func startALS(t testing.TB, s *Server, opts ...grpc.ServerOption) alsv3.AccessLogServiceClient {
 	t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	gs := grpc.NewServer(opts...)
 	s.Register(gs)
-	done := make(chan struct{})
-	go func() { defer close(done); gs.Serve(lis) }()
-	t.Cleanup(func() { gs.Stop(); <-done })
-	cc, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cc.Close() })
-	return alsv3.NewAccessLogServiceClient(cc)
+	return alsv3.NewAccessLogServiceClient(grpcservertest.Serve(t, gs))
 }
 
 func identifier(node, logName string) *alsv3.StreamAccessLogsMessage_Identifier {
@@ -272,7 +260,7 @@ func TestStreamAccessLogsEndToEnd(t *testing.T) {
 			actions[r.Action] = true
 		}
 	}
-	if n := seriesCount(t, reg, "meshguard_auditsink_entries_kept_total"); n != len(actions) {
+	if n, err := testutil.GatherAndCount(reg, "meshguard_auditsink_entries_kept_total"); err != nil || n != len(actions) {
 		t.Errorf("kept series = %d, want %d (one per configured action)", n, len(actions))
 	}
 }
@@ -437,7 +425,7 @@ func TestStreamAccessLogsSinkErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The server reads messages in order; wait until the first is refused.
-	waitFor(t, func() bool { return metricValue(s.m.enqueueErrors) == 1 })
+	servertest.WaitUntil(t, 5*time.Second, "the enqueue error to be counted", func() bool { return metricValue(s.m.enqueueErrors) == 1 })
 	sink.setErr(nil)
 	if err := stream.Send(httpBatch(nil, e("c"))); err != nil {
 		t.Fatal(err)
@@ -528,44 +516,10 @@ func TestNewRejectsBadConfig(t *testing.T) {
 	}
 }
 
-func waitFor(t *testing.T, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatal("condition not met within 5s")
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
-
 func utf8Valid(s string) bool { return strings.ToValidUTF8(s, "\uFFFD") == s }
 
 // metricValue reads a counter or gauge.
-func metricValue(m prometheus.Metric) float64 {
-	var pb dto.Metric
-	if err := m.Write(&pb); err != nil {
-		panic(err)
-	}
-	if c := pb.GetCounter(); c != nil {
-		return c.GetValue()
-	}
-	return pb.GetGauge().GetValue()
-}
-
-func seriesCount(t *testing.T, reg *prometheus.Registry, name string) int {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() == name {
-			return len(mf.GetMetric())
-		}
-	}
-	return 0
-}
+func metricValue(c prometheus.Collector) float64 { return testutil.ToFloat64(c) }
 
 // TestStreamAccessLogsLargeMessage: an Envoy with a large
 // buffer_size_bytes sends thousands of entries at once; they reach the

@@ -42,18 +42,3 @@ func storeMetric(t testing.TB, c prometheus.Collector) float64 {
 	}
 	return sum
 }
-
-// storeGathered reports whether reg exposes a metric family called name.
-func storeGathered(t testing.TB, reg prometheus.Gatherer, name string) bool {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() == name {
-			return true
-		}
-	}
-	return false
-}

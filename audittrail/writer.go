@@ -11,6 +11,8 @@ import (
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Writer is the durable ingest path (recordSink): a bounded in-memory queue
@@ -31,6 +33,8 @@ type Writer struct {
 	spool *spool
 	m     *writerMetrics
 	now   func() time.Time
+	// tracer makes a span per batch write; nil: not traced.
+	tracer trace.Tracer
 
 	qmu    sync.Mutex
 	q      []Record
@@ -66,7 +70,7 @@ var (
 // NewWriter opens the spool in cfg.SpoolDir (replaying what a previous run
 // left there once Run starts) and the witness in cfg.WitnessDir, and returns
 // a Writer over store whose chain keys.Current MACs and signs.
-func NewWriter(log *slog.Logger, reg prometheus.Registerer, cfg Config, store BatchStore, keys *Keyring) (*Writer, error) {
+func NewWriter(log *slog.Logger, reg prometheus.Registerer, cfg Config, store BatchStore, keys *Keyring, opts ...WriterOption) (*Writer, error) {
 	if err := cfg.validateStore(); err != nil {
 		return nil, err
 	}
@@ -83,6 +87,9 @@ func NewWriter(log *slog.Logger, reg prometheus.Registerer, cfg Config, store Ba
 		space: make(chan struct{}), notify: make(chan struct{}, 1),
 		spoolFreed: make(chan struct{}), replayKick: make(chan struct{}, 1),
 		chain: newChain(id, keys.Current), stop: make(chan struct{}), loopDone: make(chan struct{}),
+	}
+	for _, o := range opts {
+		o(w)
 	}
 	if w.pub, err = newPublisher(log, cfg.WitnessDirectory(), keys, func() time.Time { return w.now() }); err != nil {
 		sp.close()
@@ -341,9 +348,17 @@ func (w *Writer) persist(ctx context.Context, lb linkedBatch, direct bool) {
 func (w *Writer) write(ctx context.Context, batch []Record, path string) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), w.cfg.WriteTimeout)
 	defer cancel()
+	var span trace.Span
+	if w.tracer != nil {
+		ctx, span = w.tracer.Start(ctx, "audit batch write", trace.WithSpanKind(trace.SpanKindClient),
+			trace.WithAttributes(attribute.Int("meshguard.audit.records", len(batch)), attribute.String("meshguard.audit.path", path)))
+	}
 	start := time.Now()
 	dup, err := w.store.writeBatch(ctx, batch)
 	w.m.batchSeconds.Observe(time.Since(start).Seconds())
+	if span != nil {
+		endWriteSpan(span, dup, err)
+	}
 	if err != nil {
 		w.m.writeErrors.Inc()
 		msg := err.Error()

@@ -12,8 +12,10 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/meshguard/meshguard/internal/pgtest"
+	"github.com/meshguard/meshguard/internal/servertest"
 )
 
 // writerConfig is a quick config for tests: small batches, short timeouts.
@@ -31,10 +33,10 @@ func writerConfig(t testing.TB) Config {
 
 // startWriter builds a Writer and runs it until the test ends (or the
 // returned stop is called, which closes it with a deadline).
-func startWriter(t testing.TB, cfg Config, store BatchStore) (*Writer, *prometheus.Registry, func(ctx context.Context)) {
+func startWriter(t testing.TB, cfg Config, store BatchStore, opts ...WriterOption) (*Writer, *prometheus.Registry, func(ctx context.Context)) {
 	t.Helper()
 	reg := prometheus.NewRegistry()
-	w, err := NewWriter(discardLog, reg, cfg, store, testKeyring)
+	w, err := NewWriter(discardLog, reg, cfg, store, testKeyring, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -141,24 +143,6 @@ func checkVerifies(t testing.TB, s recordReader, witnessDir ...string) VerifyRep
 	return rep
 }
 
-// storeWaitUntil polls cond (the writer works in the background) up to 30s.
-func storeWaitUntil(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	storeWaitUntilFor(t, what, 30*time.Second, cond)
-}
-
-// storeWaitUntilFor polls cond up to d.
-func storeWaitUntilFor(t testing.TB, what string, d time.Duration, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 // spooledIDs returns the request ids held in the spool segments of dir.
 func spooledIDs(t testing.TB, dir string) map[string]int {
 	t.Helper()
@@ -216,7 +200,7 @@ func TestWriterExactlyOnce(t *testing.T) {
 			rcfg := cfg
 			rcfg.WriteTimeout = DefaultConfig().WriteTimeout
 			w2, _, stop2 := startWriter(t, rcfg, s)
-			storeWaitUntilFor(t, "the spool to drain", 5*time.Minute, func() bool { _, n := w2.spool.size(); return n == 0 })
+			servertest.WaitUntil(t, 5*time.Minute, "the spool to drain", func() bool { _, n := w2.spool.size(); return n == 0 })
 			stop2(context.Background())
 		}
 		checkExactlyOnce(t, s, want)
@@ -224,7 +208,7 @@ func TestWriterExactlyOnce(t *testing.T) {
 		if rep.Rows != 40000 || rep.Heads[0].Seq != 40000 || rep.Witnessed != rep.Chains {
 			t.Errorf("Verify report = %+v, want 40000 rows in the first chain, every chain witnessed", rep)
 		}
-		if !storeGathered(t, reg, "meshguard_auditsink_spool_segments") {
+		if n, err := testutil.GatherAndCount(reg, "meshguard_auditsink_spool_segments"); err != nil || n == 0 {
 			t.Error("meshguard_auditsink_spool_segments not exported")
 		}
 	})
@@ -246,13 +230,13 @@ func TestWriterPostgresKilled(t *testing.T) {
 			killOnce.Do(srv.Kill)
 		case i >= 4000:
 			restartOnce.Do(func() {
-				storeWaitUntil(t, "batches in the spool", func() bool { _, n := w.spool.size(); return n > 0 })
+				servertest.WaitUntil(t, 30*time.Second, "batches in the spool", func() bool { _, n := w.spool.size(); return n > 0 })
 				srv.Restart(t)
 			})
 		}
 		time.Sleep(200 * time.Microsecond)
 	})
-	storeWaitUntil(t, "the spool to drain", func() bool { _, n := w.spool.size(); return n == 0 })
+	servertest.WaitUntil(t, 30*time.Second, "the spool to drain", func() bool { _, n := w.spool.size(); return n == 0 })
 	stop(context.Background())
 	if storeMetric(t, w.m.spooled) == 0 || storeMetric(t, w.m.stored.WithLabelValues("replay")) == 0 {
 		t.Fatalf("expected the outage to spool and replay: spooled=%v replayed=%v",
@@ -289,7 +273,7 @@ func TestWriterCloseMidStream(t *testing.T) {
 		for id := range produce(t, w2, 2, 2000, "b", nil) {
 			want[id] = true
 		}
-		storeWaitUntil(t, "the spool to drain", func() bool { _, n := w2.spool.size(); return n == 0 })
+		servertest.WaitUntil(t, 30*time.Second, "the spool to drain", func() bool { _, n := w2.spool.size(); return n == 0 })
 		stop2(context.Background())
 		checkExactlyOnce(t, s, want)
 		if rep := checkVerifies(t, s, cfg.WitnessDir); rep.Chains != 2 || rep.Witnessed != 2 {
@@ -317,7 +301,7 @@ func TestWriterReplayDuplicate(t *testing.T) {
 		}
 		sp.close()
 		w, _, stop := startWriter(t, cfg, s)
-		storeWaitUntil(t, "the spool to drain", func() bool { _, n := w.spool.size(); return n == 0 })
+		servertest.WaitUntil(t, 30*time.Second, "the spool to drain", func() bool { _, n := w.spool.size(); return n == 0 })
 		stop(context.Background())
 		if got := storeMetric(t, w.m.duplicates); got != 1 {
 			t.Errorf("duplicates = %v, want 1", got)
@@ -384,14 +368,14 @@ func TestWriterSpoolFull(t *testing.T) {
 					t.Error("dropped records not counted")
 				}
 			}
-			storeWaitUntil(t, "the spool to report full", func() bool { return w.Status().SpoolFull })
+			servertest.WaitUntil(t, 30*time.Second, "the spool to report full", func() bool { return w.Status().SpoolFull })
 			if err := w.Ready(); err == nil {
 				t.Error("Ready() = nil with a full spool")
 			}
 
 			srv.Restart(t)
 			restarted = true
-			storeWaitUntil(t, "the spool to drain", func() bool { _, n := w.spool.size(); return n == 0 && w.queueLen() == 0 })
+			servertest.WaitUntil(t, 30*time.Second, "the spool to drain", func() bool { _, n := w.spool.size(); return n == 0 && w.queueLen() == 0 })
 			if err := w.Ready(); err != nil {
 				t.Errorf("Ready() after recovery = %v", err)
 			}
@@ -425,7 +409,7 @@ func TestSpoolCorruptSegment(t *testing.T) {
 	corruptFile(t, sp.path(seg.seq))
 
 	w, _, stop := startWriter(t, cfg, s)
-	storeWaitUntil(t, "the spool to drain", func() bool { _, n := w.spool.size(); return n == 0 })
+	servertest.WaitUntil(t, 30*time.Second, "the spool to drain", func() bool { _, n := w.spool.size(); return n == 0 })
 	stop(context.Background())
 	if got := storeMetric(t, w.m.corrupt); got != 1 {
 		t.Errorf("corrupt segments = %v, want 1", got)
@@ -478,13 +462,13 @@ func TestWriterRejectedSegment(t *testing.T) {
 		if err := w.Enqueue(t.Context(), recs); err != nil {
 			t.Fatal(err)
 		}
-		storeWaitUntil(t, "the batch to leave the queue", func() bool { return w.queueLen() == 0 })
+		servertest.WaitUntil(t, 30*time.Second, "the batch to leave the queue", func() bool { return w.queueLen() == 0 })
 	}
 	send("good1", false)
-	storeWaitUntil(t, "the first batch", func() bool { return storeMetric(t, w.m.stored) == 100 })
+	servertest.WaitUntil(t, 30*time.Second, "the first batch", func() bool { return storeMetric(t, w.m.stored) == 100 })
 	send("evil", true)
 	send("good2", false)
-	storeWaitUntil(t, "the batch behind the refused one", func() bool { return storeMetric(t, w.m.stored) == 200 })
+	servertest.WaitUntil(t, 30*time.Second, "the batch behind the refused one", func() bool { return storeMetric(t, w.m.stored) == 200 })
 	stop(context.Background())
 	if got := storeMetric(t, w.m.rejected); got != 1 {
 		t.Errorf("rejected segments = %v, want 1", got)
@@ -511,5 +495,5 @@ func TestWriterNoGoroutineLeak(t *testing.T) {
 	w, _, stop := startWriter(t, cfg, s)
 	produce(t, w, 2, 2000, "leak", nil)
 	stop(context.Background())
-	storeWaitUntil(t, "the writer's goroutines to end", func() bool { return runtime.NumGoroutine() <= before })
+	servertest.WaitUntil(t, 30*time.Second, "the writer's goroutines to end", func() bool { return runtime.NumGoroutine() <= before })
 }

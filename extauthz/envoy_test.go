@@ -3,7 +3,6 @@ package extauthz
 import (
 	"io"
 	"log/slog"
-	"net"
 	"strings"
 	"testing"
 	"time"
@@ -12,9 +11,10 @@ import (
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/types/known/structpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/meshguard/meshguard/internal/grpcserver/grpcservertest"
 )
 
 // This file builds CheckRequests the way Envoy's ext_authz filter does
@@ -127,20 +127,9 @@ func (r envoyReq) build(tb testing.TB, form string) *authv3.CheckRequest {
 // the way Envoy's gRPC client reaches meshguard.
 func startGRPC(tb testing.TB, srv authv3.AuthorizationServer) authv3.AuthorizationClient {
 	tb.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatal(err)
-	}
 	gs := grpc.NewServer()
 	authv3.RegisterAuthorizationServer(gs, srv)
-	go gs.Serve(lis)
-	tb.Cleanup(gs.Stop)
-	cc, err := grpc.NewClient("passthrough:///"+lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() { cc.Close() })
-	return authv3.NewAuthorizationClient(cc)
+	return authv3.NewAuthorizationClient(grpcservertest.Serve(tb, gs))
 }
 
 // newTestServer builds a Server over cfg with a fresh registry.

@@ -5,7 +5,6 @@ import (
 	"encoding/base64"
 	"fmt"
 	"log/slog"
-	"net"
 	"strings"
 	"testing"
 
@@ -14,14 +13,16 @@ import (
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"github.com/google/go-cmp/cmp"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	dto "github.com/prometheus/client_model/go"
 	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/testing/protocmp"
 	"google.golang.org/protobuf/types/known/structpb"
+
+	"github.com/meshguard/meshguard/internal/grpcserver/grpcservertest"
 )
 
 // outcome is a CheckResponse in a form a table can spell out. Header
@@ -534,7 +535,7 @@ func TestNonceUnique(t *testing.T) {
 		}
 		seen[nonce] = true
 	}
-	if got := counterValue(t, srv.m.nonces); got != n {
+	if got := testutil.ToFloat64(srv.m.nonces); got != n {
 		t.Errorf("meshguard_extauthz_csp_nonces_total = %v, want %d", got, n)
 	}
 }
@@ -587,15 +588,6 @@ func TestMetrics(t *testing.T) {
 	}
 }
 
-func counterValue(t *testing.T, c prometheus.Counter) float64 {
-	t.Helper()
-	var m dto.Metric
-	if err := c.Write(&m); err != nil {
-		t.Fatal(err)
-	}
-	return m.GetCounter().GetValue()
-}
-
 // TestConcurrentChecks runs answers that share precomputed header options
 // through concurrent marshalling (run with -race).
 func TestConcurrentChecks(t *testing.T) {
@@ -634,20 +626,9 @@ func TestBadRoutePolicyLogSampled(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	gs := grpc.NewServer()
 	srv.Register(gs)
-	go gs.Serve(lis)
-	t.Cleanup(gs.Stop)
-	cc, err := grpc.NewClient("passthrough:///"+lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cc.Close() })
-	client := authv3.NewAuthorizationClient(cc)
+	client := authv3.NewAuthorizationClient(grpcservertest.Serve(t, gs))
 	for range 3 {
 		resp, err := client.Check(t.Context(), envoyReq{host: "api.example.net", ext: map[string]string{"require_role": "admin", "csp": "maybe"}}.build(t, formHeaders))
 		if err != nil {

@@ -8,6 +8,8 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc/codes"
+
+	"github.com/meshguard/meshguard/internal/metrictest"
 )
 
 // upstreamHeader is the value an allowed answer sets for header k upstream;
@@ -177,25 +179,8 @@ func TestTokenInvalid(t *testing.T) {
 // decisionCount reads meshguard_extauthz_decisions_total{decision,reason}.
 func decisionCount(t *testing.T, reg *prometheus.Registry, decision, reason string) float64 {
 	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != "meshguard_extauthz_decisions_total" {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			l := map[string]string{}
-			for _, lp := range m.GetLabel() {
-				l[lp.GetName()] = lp.GetValue()
-			}
-			if l["decision"] == decision && l["reason"] == reason {
-				return m.GetCounter().GetValue()
-			}
-		}
-	}
-	return 0
+	v, _ := metrictest.Value(t, reg, "meshguard_extauthz_decisions_total", map[string]string{"decision": decision, "reason": reason})
+	return v
 }
 
 // TestWarnings: every configuration that leans on Envoy, or gives up a

@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meshguard/meshguard/internal/pgtest"
+	"github.com/meshguard/meshguard/internal/servertest"
 )
 
 // tenantEnv is a tenant store on a real PostgreSQL database, wired into a
@@ -105,22 +106,9 @@ func (e *tenantEnv) status(t *testing.T, tenant, origin string) int {
 	return 0
 }
 
-// eventually polls cond for up to 10s; the watcher reacts in milliseconds,
-// the margin is for a loaded machine.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting until %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 func waitListening(t *testing.T, s *TenantStore) {
 	t.Helper()
-	eventually(t, "the watcher listens", func() bool { _, st := s.Status(); return st.Listening })
+	servertest.WaitUntil(t, 10*time.Second, "the watcher listens", func() bool { _, st := s.Status(); return st.Listening })
 }
 
 // TestTenantOriginsLive: rows inserted and deleted in PostgreSQL take effect
@@ -150,26 +138,26 @@ func TestTenantOriginsLive(t *testing.T) {
 		t.Fatalf("before insert: %d, want 403", got)
 	}
 	e.exec(t, `INSERT INTO tenant_origins (tenant, origin) VALUES ($1, $2)`, "tenant9", origin)
-	eventually(t, "the inserted origin is allowed", func() bool { return e.status(t, "tenant9", origin) == 200 })
+	servertest.WaitUntil(t, 10*time.Second, "the inserted origin is allowed", func() bool { return e.status(t, "tenant9", origin) == 200 })
 	if got := e.status(t, "tenant8", origin); got != 403 {
 		t.Errorf("other tenant: %d, want 403", got)
 	}
 
 	// Patterns work from the table too; bad rows are skipped, not fatal.
 	e.exec(t, `INSERT INTO tenant_origins (tenant, origin) VALUES ('tenant9', 'https://*.tenant9.example'), ('tenant9', 'https://bad.example/'), ('tenant9', '*')`)
-	eventually(t, "the pattern is allowed", func() bool { return e.status(t, "tenant9", "https://a.tenant9.example") == 200 })
+	servertest.WaitUntil(t, 10*time.Second, "the pattern is allowed", func() bool { return e.status(t, "tenant9", "https://a.tenant9.example") == 200 })
 	if _, st := e.store.Status(); st.Invalid != 2 || st.Origins != 2 || st.Tenants != 1 {
 		t.Errorf("status %+v, want 2 origins, 2 invalid rows, 1 tenant", st)
 	}
 
 	e.exec(t, `DELETE FROM tenant_origins WHERE origin = $1`, origin)
-	eventually(t, "the deleted origin is refused", func() bool { return e.status(t, "tenant9", origin) == 403 })
+	servertest.WaitUntil(t, 10*time.Second, "the deleted origin is refused", func() bool { return e.status(t, "tenant9", origin) == 403 })
 
 	// Crash: the last good copy keeps answering.
 	e.exec(t, `INSERT INTO tenant_origins (tenant, origin) VALUES ('tenant7', 'https://seven.test')`)
-	eventually(t, "tenant7 is allowed", func() bool { return e.status(t, "tenant7", "https://seven.test") == 200 })
+	servertest.WaitUntil(t, 10*time.Second, "tenant7 is allowed", func() bool { return e.status(t, "tenant7", "https://seven.test") == 200 })
 	e.pg.Kill()
-	eventually(t, "the store notices the outage", func() bool { ok, _ := e.store.Status(); return !ok })
+	servertest.WaitUntil(t, 10*time.Second, "the store notices the outage", func() bool { ok, _ := e.store.Status(); return !ok })
 	if got := e.status(t, "tenant7", "https://seven.test"); got != 200 {
 		t.Fatalf("during the outage: %d, want 200 from the last good copy", got)
 	}
@@ -181,7 +169,7 @@ func TestTenantOriginsLive(t *testing.T) {
 	e.pg.Restart(t)
 	waitListening(t, e.store)
 	e.exec(t, `INSERT INTO tenant_origins (tenant, origin) VALUES ('tenant7', 'https://seven-b.test')`)
-	eventually(t, "a row inserted after recovery is allowed", func() bool { return e.status(t, "tenant7", "https://seven-b.test") == 200 })
+	servertest.WaitUntil(t, 10*time.Second, "a row inserted after recovery is allowed", func() bool { return e.status(t, "tenant7", "https://seven-b.test") == 200 })
 	if ok, st := e.store.Status(); !ok || st.LastError != "" {
 		t.Errorf("status after recovery %+v, want healthy", st)
 	}
@@ -193,10 +181,10 @@ func TestTenantOriginsLive(t *testing.T) {
 func TestTenantOriginsPoll(t *testing.T) {
 	e := newTenantEnv(t, 200*time.Millisecond, false)
 	e.run(t)
-	eventually(t, "the first reload", func() bool { ok, _ := e.store.Status(); return ok })
+	servertest.WaitUntil(t, 10*time.Second, "the first reload", func() bool { ok, _ := e.store.Status(); return ok })
 	e.exec(t, `INSERT INTO tenant_origins (tenant, origin) VALUES ('shop.example.net', 'https://partner.example.org')`)
 	req := envoyReq{host: "shop.example.net", headers: hdr("origin", "https://partner.example.org")}
-	eventually(t, "the host's tenant origin is allowed", func() bool {
+	servertest.WaitUntil(t, 10*time.Second, "the host's tenant origin is allowed", func() bool {
 		resp, err := e.client.Check(t.Context(), req.build(t, formHeaders))
 		if err != nil {
 			t.Fatal(err)

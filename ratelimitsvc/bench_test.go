@@ -21,6 +21,10 @@ import (
 
 	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
+	"go.opentelemetry.io/otel/propagation"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/trace/noop"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
@@ -69,12 +73,52 @@ func benchConfig() Config {
 	return cfg
 }
 
-func newBenchRedis(url string) (*RedisStore, error) {
+func newBenchRedis(url string, opts ...StoreOption) (*RedisStore, error) {
 	rc := DefaultRedisConfig()
 	rc.URL = secret.URL(url)
 	rc.Timeout = time.Second
-	return NewRedisStore(discardLogger(), prometheus.NewRegistry(), rc)
+	return NewRedisStore(discardLogger(), prometheus.NewRegistry(), rc, opts...)
 }
+
+// benchTracing reads a "trace=MODE" option off the front of variant:
+// "off" (no option: a no-op provider, as cmd/meshguard passes when tracing
+// is off), "server" (otelgrpc's server span for every call, no store
+// spans), "all" (server spans and the store's Redis spans) or "unsampled"
+// (as "all", but no call is sampled). Traced modes hand spans to a batch
+// processor whose exporter discards them: meshguard's cost of making spans,
+// not of sending them.
+func benchTracing(variant string) (rest string, store []StoreOption, server []grpc.ServerOption, err error) {
+	off := []StoreOption{WithTracerProvider(noop.NewTracerProvider())}
+	spec, ok := strings.CutPrefix(variant, "trace=")
+	if !ok {
+		return variant, off, nil, nil
+	}
+	mode, rest, _ := strings.Cut(spec, ",")
+	if mode == "off" {
+		return rest, off, nil, nil
+	}
+	sampler := sdktrace.AlwaysSample()
+	if mode == "unsampled" {
+		// Tracing on, this call not sampled: what most calls cost when
+		// Envoy samples 1%.
+		sampler, mode = sdktrace.NeverSample(), "all"
+	}
+	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(discardExporter{}), sdktrace.WithSampler(sampler))
+	server = []grpc.ServerOption{grpc.StatsHandler(otelgrpc.NewServerHandler(
+		otelgrpc.WithTracerProvider(tp), otelgrpc.WithPropagators(propagation.TraceContext{})))}
+	switch mode {
+	case "server":
+		return rest, nil, server, nil
+	case "all":
+		return rest, []StoreOption{WithTracerProvider(tp)}, server, nil
+	}
+	return "", nil, nil, fmt.Errorf("variant %q: trace must be off, server, all or unsampled", variant)
+}
+
+type discardExporter struct{}
+
+func (discardExporter) ExportSpans(context.Context, []sdktrace.ReadOnlySpan) error { return nil }
+func (discardExporter) Shutdown(context.Context) error                             { return nil }
 
 // benchNoop is passed as the Redis URL to serve the no-op baseline instead.
 const benchNoop = "noop"
@@ -96,13 +140,16 @@ func (noopRLS) ShouldRateLimit(_ context.Context, req *rlsv3.RateLimitRequest) (
 // benchServe serves on 127.0.0.1:0, prints the address, and stops when
 // stdin closes. url benchNoop serves noopRLS.
 func benchServe(url string) error {
+	variant, storeOpts, serverOpts, err := benchTracing(os.Getenv(benchVariantEnv))
+	if err != nil {
+		return err
+	}
 	var register func(grpc.ServiceRegistrar)
 	var rs *RedisStore
 	if url == benchNoop {
 		register = func(r grpc.ServiceRegistrar) { rlsv3.RegisterRateLimitServiceServer(r, noopRLS{}) }
 	} else {
-		var err error
-		if rs, err = newBenchRedis(url); err != nil {
+		if rs, err = newBenchRedis(url, storeOpts...); err != nil {
 			return err
 		}
 		srv, err := New(discardLogger(), prometheus.NewRegistry(), benchConfig(), rs)
@@ -116,7 +163,6 @@ func benchServe(url string) error {
 		return err
 	}
 	gctune.Apply(os.Getenv) // as meshguard serve does
-	variant := os.Getenv(benchVariantEnv)
 	if v, ok := strings.CutPrefix(variant, "store=direct"); ok {
 		// Decisions through go-redis, one round trip each, instead of the
 		// pipeline, to compare the two on one load.
@@ -128,7 +174,7 @@ func benchServe(url string) error {
 	}
 	// grpc-go's server as cmd/meshguard's listeners run it: its options and
 	// interceptors, and the tuning variant that follows.
-	gs, reg, err := grpcservertest.NewServer(variant, benchBounds)
+	gs, reg, err := grpcservertest.NewServer(variant, benchBounds, serverOpts...)
 	if err != nil {
 		return err
 	}
@@ -450,8 +496,9 @@ func BenchmarkShouldRateLimit(b *testing.B) {
 
 // BenchmarkShouldRateLimitVariants compares gRPC server tuning variants
 // (space-separated in MESHGUARD_BENCH_GRPC_VARIANTS, see
-// grpcservertest.Options, and "store=direct" first in a variant for
-// decisions through go-redis, one round trip each, instead of the pipeline; skipped
+// grpcservertest.Options; "trace=off|server|all|unsampled" first in a variant for
+// tracing, see benchTracing, then "store=direct" for decisions through
+// go-redis, one round trip each, instead of the pipeline; skipped
 // when unset) on BenchmarkShouldRateLimit's
 // load, each variant in its own server process against one redis-server per
 // case, interleaved A B A B … over -rounds so machine noise hits all alike.

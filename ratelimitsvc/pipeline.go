@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // pipeline sends the script calls of concurrent decisions to Redis
@@ -31,6 +32,8 @@ import (
 type pipeline struct {
 	client  redisClient
 	timeout time.Duration
+	tracer  trace.Tracer    // nil: batches are not traced
+	mode    string          // the store's mode, for spans
 	ctx     context.Context // cancelled by close
 	cancel  context.CancelFunc
 	wake    chan struct{} // capacity 1: the queue has calls and no batch is running
@@ -56,9 +59,9 @@ var (
 	errCallTimeout    = errors.New("redis call timed out before it was sent")
 )
 
-func newPipeline(client redisClient, timeout time.Duration) *pipeline {
+func newPipeline(client redisClient, timeout time.Duration, tracer trace.Tracer, mode string) *pipeline {
 	ctx, cancel := context.WithCancel(context.Background())
-	p := &pipeline{client: client, timeout: timeout, ctx: ctx, cancel: cancel,
+	p := &pipeline{client: client, timeout: timeout, tracer: tracer, mode: mode, ctx: ctx, cancel: cancel,
 		wake: make(chan struct{}, 1), stopped: make(chan struct{})}
 	go p.run()
 	return p
@@ -75,9 +78,10 @@ type pcall struct {
 	cmd      *redis.IntSliceCmd
 	buf      []byte
 	deadline time.Time
-	err      error         // written by the pipeline before it moves state to callDone
-	state    atomic.Int32  // callWaiting, then callDone (answered) or callAbandoned (caller left)
-	done     chan struct{} // capacity 1: sent on when answered
+	trace    trace.SpanContext // the caller's span, when the store traces
+	err      error             // written by the pipeline before it moves state to callDone
+	state    atomic.Int32      // callWaiting, then callDone (answered) or callAbandoned (caller left)
+	done     chan struct{}     // capacity 1: sent on when answered
 }
 
 const (
@@ -93,7 +97,7 @@ var callPool = sync.Pool{New: func() any {
 func getCall() *pcall { return callPool.Get().(*pcall) }
 
 func putCall(c *pcall) {
-	c.cmd, c.err = nil, nil
+	c.cmd, c.err, c.trace = nil, nil, trace.SpanContext{}
 	callPool.Put(c)
 }
 
@@ -202,8 +206,19 @@ func (p *pipeline) runBatch(batch []*pcall) {
 		return
 	}
 	p.inflight.Store(int64(len(live)))
-	p.exec(deadline, live)
+	ctx, cancel := context.WithDeadline(p.ctx, deadline)
+	var span trace.Span
+	if p.tracer != nil {
+		ctx, span = p.traceBatch(ctx, live)
+	}
+	p.exec(ctx, live)
+	cancel()
 	p.inflight.Store(0)
+	if span != nil {
+		// Ended before the callers are answered, so that it ends within
+		// the decision that is its parent.
+		endBatchSpan(span, live)
+	}
 	closed := p.ctx.Err() != nil
 	for _, c := range live {
 		err := c.cmd.Err()
@@ -214,12 +229,55 @@ func (p *pipeline) runBatch(batch []*pcall) {
 	}
 }
 
-// exec runs the calls' commands in one pipeline until deadline. Calls whose
-// script Redis does not have (NOSCRIPT: its cache was flushed) run again
-// with EVAL, which loads it.
-func (p *pipeline) exec(deadline time.Time, calls []*pcall) {
-	ctx, cancel := context.WithDeadline(p.ctx, deadline)
-	defer cancel()
+// endBatchSpan ends a batch's span with the number of its calls that
+// failed and the class of the first failure.
+func endBatchSpan(span trace.Span, live []*pcall) {
+	failed := 0
+	var first error
+	for _, c := range live {
+		if err := c.cmd.Err(); err != nil {
+			if failed++; first == nil {
+				first = err
+			}
+		}
+	}
+	if failed > 0 {
+		span.SetAttributes(attrFailedKey.Int(failed))
+	}
+	endSpan(span, first)
+}
+
+// traceBatch starts the span of one round trip when sampled decisions ride
+// in it. A batch carries decisions of many traces: its span is the child of
+// the oldest sampled decision's span and links the others, so every traced
+// decision leads to the round trip that answered it, at the cost of one
+// span per batch and a link per traced decision, none per untraced one.
+// The span is nil when no decision in the batch is sampled.
+func (p *pipeline) traceBatch(ctx context.Context, live []*pcall) (context.Context, trace.Span) {
+	var parent trace.SpanContext
+	var links []trace.Link
+	for _, c := range live {
+		switch {
+		case !c.trace.IsSampled():
+		case !parent.IsValid():
+			parent = c.trace
+		default:
+			links = append(links, trace.Link{SpanContext: c.trace})
+		}
+	}
+	if !parent.IsValid() {
+		return ctx, nil
+	}
+	return p.tracer.Start(trace.ContextWithSpanContext(ctx, parent), "BATCH EVALSHA",
+		trace.WithSpanKind(trace.SpanKindClient), trace.WithLinks(links...),
+		trace.WithAttributes(attrRedis, attrEvalSHA, attrModeKey.String(p.mode),
+			attrBatchSizeKey.Int(len(live)), attrTracedCallKey.Int(len(links)+1)))
+}
+
+// exec runs the calls' commands in one pipeline until ctx's deadline. Calls
+// whose script Redis does not have (NOSCRIPT: its cache was flushed) run
+// again with EVAL, which loads it.
+func (p *pipeline) exec(ctx context.Context, calls []*pcall) {
 	p.batches.Add(1)
 	p.commands.Add(uint64(len(calls)))
 	pipe := p.client.Pipeline()

@@ -365,10 +365,14 @@ func TestPipelineCallersGivingUp(t *testing.T) {
 	// Each caller's counter starts in its own range of values, so a reply
 	// meant for another caller cannot pass for its own. Set once, before
 	// any fault: a set-up increment that timed out may still have landed.
+	// Seeded through a store with a generous timeout (same Redis and key
+	// prefix): the first call dials and loads the script, which can take
+	// longer than the 100 ms under test on a busy machine.
+	seed := newTestRedis(t, RedisConfig{URL: secret.URL(srv.URL()), Timeout: 10 * time.Second, Autopipeline: true})
 	counters := make([]counterReq, callers)
 	for g := range counters {
 		c := testCounter("giving-up-"+strconv.Itoa(g), 1<<50, int64(g+1)*span)
-		if _, _, err := decide(t, rs, c); err != nil {
+		if _, _, err := decide(t, seed, c); err != nil {
 			t.Fatalf("seeding counter %d: %v", g, err)
 		}
 		c.hits = 1

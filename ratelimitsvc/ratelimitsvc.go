@@ -84,6 +84,7 @@ type Server struct {
 	reloadMu  sync.Mutex
 	reloadErr error
 	loadedFP  [32]byte     // config_dir as New loaded it
+	looks     atomic.Int64 // Run's looks at config_dir, for tests to wait on
 	lastLog   atomic.Int64 // unix nanos of the last store-failure log line
 }
 

@@ -14,6 +14,7 @@ import (
 
 	"github.com/meshguard/meshguard/internal/redistest"
 	"github.com/meshguard/meshguard/internal/secret"
+	"github.com/meshguard/meshguard/internal/servertest"
 )
 
 func skipShort(t *testing.T) {
@@ -188,20 +189,13 @@ func TestStoreFaults(t *testing.T) {
 					}
 
 					f.heal(t, srv)
-					deadline := time.Now().Add(10 * time.Second)
-					for {
+					servertest.WaitUntil(t, 10*time.Second, "enforcement to resume", func() bool {
 						resp, err := h.client.ShouldRateLimit(t.Context(), req)
 						if err != nil {
 							t.Fatal(err)
 						}
-						if resp.Statuses[0].DurationUntilReset != nil { // a counted answer
-							break
-						}
-						if time.Now().After(deadline) {
-							t.Fatal("enforcement did not resume within 10s")
-						}
-						time.Sleep(20 * time.Millisecond)
-					}
+						return resp.Statuses[0].DurationUntilReset != nil // a counted answer
+					})
 					// Enforced again: the limit of 3 is reached.
 					var last rlsv3.RateLimitResponse_Code
 					for range 4 {
@@ -257,22 +251,22 @@ func TestClusterNodeHung(t *testing.T) {
 		t.Errorf("with one of three masters hung: %d counted, %d denied by failure_mode; want some of each", counted, failed)
 	}
 	cl.Nodes[1].Resume()
-	deadline := time.Now().Add(10 * time.Second)
-	for _, req := range clients {
-		for {
+	recovered := make([]bool, len(clients))
+	servertest.WaitUntil(t, 10*time.Second, "every client's counter to recover", func() bool {
+		all := true
+		for i, req := range clients {
+			if recovered[i] {
+				continue
+			}
 			resp, err := h.client.ShouldRateLimit(t.Context(), req)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if resp.Statuses[0].DurationUntilReset != nil {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatal("not recovered within 10s")
-			}
-			time.Sleep(20 * time.Millisecond)
+			recovered[i] = resp.Statuses[0].DurationUntilReset != nil
+			all = all && recovered[i]
 		}
-	}
+		return all
+	})
 }
 
 // TestRedisPoolReporting: /readyz details and the pool metrics show the

@@ -40,6 +40,7 @@ func (s *Server) Run(ctx context.Context) error {
 			s.reload()
 			applied = fp
 		}
+		s.looks.Add(1)
 	}
 }
 

@@ -12,6 +12,8 @@ import (
 	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/meshguard/meshguard/internal/servertest"
 )
 
 // TestConfigDirReload: an edited file is applied after it settles; a bad
@@ -49,13 +51,7 @@ func TestConfigDirReload(t *testing.T) {
 	}
 	waitFor := func(what string, cond func() bool) {
 		t.Helper()
-		deadline := time.Now().Add(5 * time.Second)
-		for !cond() {
-			if time.Now().After(deadline) {
-				t.Fatalf("timed out waiting for %s", what)
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
+		servertest.WaitUntil(t, 5*time.Second, what, cond)
 	}
 	if got := limitOf(); got != 100 {
 		t.Fatalf("initial limit %d", got)
@@ -72,7 +68,9 @@ func TestConfigDirReload(t *testing.T) {
 	if got := limitOf(); got != 7 {
 		t.Errorf("limit after a bad file = %d, want the old 7", got)
 	}
-	time.Sleep(3 * cfg.ReloadInterval) // the same bad file is counted once
+	// The same bad file is counted once, however often Run looks at it.
+	looked := h.srv.looks.Load()
+	waitFor("three more looks at config_dir", func() bool { return h.srv.looks.Load() >= looked+3 })
 	if n := testutil.ToFloat64(h.srv.m.reloads.WithLabelValues("error")); n != 1 {
 		t.Errorf("reload errors = %v, want 1", n)
 	}
@@ -160,11 +158,5 @@ func TestConfigMapLayout(t *testing.T) {
 	if err := os.Rename(filepath.Join(dir, "..data_tmp"), filepath.Join(dir, "..data")); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for limitOf() != 22 {
-		if time.Now().After(deadline) {
-			t.Fatal("the ConfigMap swap was not picked up")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	servertest.WaitUntil(t, 5*time.Second, "the ConfigMap swap to be picked up", func() bool { return limitOf() == 22 })
 }

@@ -15,6 +15,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // evaluateScript runs one request's counters that live in one slot. KEYS are
@@ -120,12 +121,16 @@ type RedisStore struct {
 	addrs   []string
 	timeout time.Duration
 	prefix  string
+	tracer  trace.Tracer // nil: not traced (see WithTracerProvider)
 }
 
 // NewRedisStore connects lazily to the configured Redis and registers the
 // pool metrics on reg. cfg must be valid and Enabled.
-func NewRedisStore(log *slog.Logger, reg prometheus.Registerer, cfg RedisConfig) (*RedisStore, error) {
+func NewRedisStore(log *slog.Logger, reg prometheus.Registerer, cfg RedisConfig, opts ...StoreOption) (*RedisStore, error) {
 	s := &RedisStore{log: log, timeout: cfg.Timeout, prefix: cfg.KeyPrefix}
+	for _, o := range opts {
+		o(s)
+	}
 	pool := cfg.PoolSize
 	if pool == 0 {
 		pool = 10 * runtime.GOMAXPROCS(0)
@@ -174,7 +179,7 @@ func NewRedisStore(log *slog.Logger, reg prometheus.Registerer, cfg RedisConfig)
 		s.client, s.mode, s.addrs = redis.NewFailoverClient(opt), "sentinel", cfg.Sentinel.Addrs
 	}
 	if cfg.Autopipeline {
-		s.pipe = newPipeline(s.client, cfg.Timeout)
+		s.pipe = newPipeline(s.client, cfg.Timeout, s.tracer, s.mode)
 	}
 	if reg != nil {
 		var err error
@@ -387,6 +392,10 @@ func (s *RedisStore) evaluate(ctx context.Context, nowMs int64, reqs []counterRe
 	}
 	c := getCall()
 	s.buildCall(c, reqs, nowMs)
+	if s.tracer != nil {
+		// The batch that carries c makes the span (see pipeline.traceBatch).
+		c.trace = trace.SpanContextFromContext(ctx)
+	}
 	owned, err := s.pipe.do(ctx, c)
 	if !owned {
 		return false, err
@@ -418,7 +427,13 @@ func oneSlot(reqs []counterReq) bool {
 
 // evaluateDirect evaluates through go-redis, one round trip (per slot in
 // Cluster mode), within the store's timeout.
-func (s *RedisStore) evaluateDirect(ctx context.Context, nowMs int64, reqs []counterReq, res []counterRes) (bool, error) {
+func (s *RedisStore) evaluateDirect(ctx context.Context, nowMs int64, reqs []counterReq, res []counterRes) (admitted bool, err error) {
+	if s.tracer != nil && trace.SpanContextFromContext(ctx).IsSampled() {
+		var span trace.Span
+		ctx, span = s.tracer.Start(ctx, "EVALSHA", trace.WithSpanKind(trace.SpanKindClient),
+			trace.WithAttributes(attrRedis, attrEvalSHA, attrModeKey.String(s.mode), attrCountersKey.Int(len(reqs))))
+		defer func() { endSpan(span, err) }()
+	}
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	sc := scratchPool.Get()

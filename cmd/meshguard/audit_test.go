@@ -22,6 +22,7 @@ import (
 
 	"github.com/meshguard/meshguard/audittrail"
 	"github.com/meshguard/meshguard/internal/pgtest"
+	"github.com/meshguard/meshguard/internal/servertest"
 )
 
 // auditFixture is a config file over a SQLite trail in a temp dir.
@@ -439,20 +440,16 @@ func TestServeAuditAPIWiring(t *testing.T) {
 	if code, _ := get(""); code != http.StatusUnauthorized {
 		t.Fatalf("without a token: %d", code)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	servertest.WaitFor(t, 10*time.Second, func() error {
 		code, body := get("Bearer " + token)
 		if code != http.StatusOK {
 			t.Fatalf("with the token: %d %s", code, body)
 		}
-		if strings.Contains(body, `"CSP_VIOLATION"`) {
-			break
+		if !strings.Contains(body, `"CSP_VIOLATION"`) {
+			return fmt.Errorf("the CSP report never reached the trail: %s", body)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the CSP report never reached the trail: %s", body)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		return nil
+	})
 }
 
 // TestServeAuditStartsWithPostgresDown: serve's audit component starts
@@ -532,18 +529,14 @@ func TestServeAuditStartsWithPostgresDown(t *testing.T) {
 	}
 
 	srv.Restart(t)
-	deadline := time.Now().Add(20 * time.Second)
-	for {
+	servertest.WaitFor(t, 20*time.Second, func() error {
 		var n int
 		err := db.pool.Pool().QueryRow(t.Context(), "SELECT count(*) FROM audit_logs WHERE action = 'CSP_VIOLATION'").Scan(&n)
 		if err == nil && n == 1 && check("audit").Healthy {
-			break
+			return nil
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("after PostgreSQL came back: rows=%d err=%v audit=%+v", n, err, check("audit"))
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return fmt.Errorf("after PostgreSQL came back: rows=%d err=%v audit=%+v", n, err, check("audit"))
+	})
 }
 
 // TestServeAuditGeneratedKey: with no key configured serve generates one in

@@ -65,12 +65,12 @@ func openAuditStore(ctx context.Context, log *slog.Logger, cfg audittrail.Config
 
 // newAuditWriter builds the batch writer over store, which must be one of
 // the two stores (the writer needs their unexported batch method).
-func newAuditWriter(log *slog.Logger, reg prometheus.Registerer, cfg audittrail.Config, store auditStore, keys *audittrail.Keyring) (*audittrail.Writer, error) {
+func newAuditWriter(log *slog.Logger, reg prometheus.Registerer, cfg audittrail.Config, store auditStore, keys *audittrail.Keyring, opts ...audittrail.WriterOption) (*audittrail.Writer, error) {
 	switch s := store.(type) {
 	case *audittrail.PGStore:
-		return audittrail.NewWriter(log, reg, cfg, s, keys)
+		return audittrail.NewWriter(log, reg, cfg, s, keys, opts...)
 	case *audittrail.SQLiteStore:
-		return audittrail.NewWriter(log, reg, cfg, s, keys)
+		return audittrail.NewWriter(log, reg, cfg, s, keys, opts...)
 	}
 	return nil, fmt.Errorf("audit store %T has no writer", store)
 }
@@ -120,7 +120,7 @@ func setupAuditsink(ctx context.Context, a *app) (*component, error) {
 		log.Info("audit signing key loaded", "key_id", keys.Current.ID(), "public_key", keys.Current.VerifierKey())
 	}
 	privileges := checkWriterPrivileges(ctx, log, store)
-	writer, err := newAuditWriter(log, a.reg, cfg.Config, store, keys)
+	writer, err := newAuditWriter(log, a.reg, cfg.Config, store, keys, audittrail.WithTracerProvider(a.tracerProvider()))
 	if err != nil {
 		store.Close()
 		return nil, fmt.Errorf("starting the audit writer: %w", err)

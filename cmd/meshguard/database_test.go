@@ -17,6 +17,7 @@ import (
 	"github.com/meshguard/meshguard/audittrail"
 	"github.com/meshguard/meshguard/internal/pgtest"
 	"github.com/meshguard/meshguard/internal/secret"
+	"github.com/meshguard/meshguard/internal/servertest"
 )
 
 // readyzDoc is /readyz as a client sees it.
@@ -110,17 +111,16 @@ func TestReadyzDatabase(t *testing.T) {
 // connection may take a while on a loaded machine).
 func waitReady(t *testing.T, h http.Handler) (int, readyzDoc, string) {
 	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		code, doc, body := getReadyz(t, h)
-		if code == http.StatusOK {
-			return code, doc, body
+	var code int
+	var doc readyzDoc
+	var body string
+	servertest.WaitFor(t, 15*time.Second, func() error {
+		if code, doc, body = getReadyz(t, h); code != http.StatusOK {
+			return fmt.Errorf("not ready: %d %s", code, body)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("not ready within 15s: %d %s", code, body)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return nil
+	})
+	return code, doc, body
 }
 
 // TestReadyzRedactsPasswords: neither the database check nor any other

@@ -29,7 +29,7 @@ func setupRatelimit(ctx context.Context, a *app) (*component, error) {
 	var err error
 	if a.cfg.Redis.Enabled() {
 		redis.SetLogger(redisLogger{log.With("client", "go-redis")}) // go-redis has only a global logger
-		rs, err := ratelimitsvc.NewRedisStore(log, a.reg, a.cfg.Redis)
+		rs, err := ratelimitsvc.NewRedisStore(log, a.reg, a.cfg.Redis, ratelimitsvc.WithTracerProvider(a.tracerProvider()))
 		if err != nil {
 			return nil, fmt.Errorf("ratelimit: %w", err)
 		}

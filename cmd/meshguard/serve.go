@@ -18,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
@@ -43,6 +44,18 @@ type app struct {
 	// off), for components that add spans of their own.
 	tracing *tracing.Tracing
 }
+
+// tracerProvider is what components make their spans with: nil (no
+// tracing) in tests that build an app without one.
+func (a *app) tracerProvider() trace.TracerProvider {
+	if a.tracing == nil {
+		return nil
+	}
+	return a.tracing.TracerProvider()
+}
+
+// tracingOptions tune the exporter; tests shorten its batch timeout.
+var tracingOptions []tracing.Option
 
 // component is what one package contributes to a serving process.
 type component struct {
@@ -140,7 +153,7 @@ func build(ctx context.Context, cfg Config, logw io.Writer) (_ *server, err erro
 		newBuildInfo(),
 	)
 	s := &server{log: log, cfg: cfg, a: &app{log: log, reg: reg, cfg: cfg}}
-	if s.a.tracing, err = tracing.New(ctx, cfg.Tracing, version); err != nil {
+	if s.a.tracing, err = tracing.New(ctx, cfg.Tracing, version, tracingOptions...); err != nil {
 		return nil, err
 	}
 	if s.a.db, err = openDatabase(ctx, s.a); err != nil {

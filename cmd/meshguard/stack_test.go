@@ -80,19 +80,7 @@ audit:
 
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
-	logs := newLogWatcher()
-	errc := make(chan error, 1)
-	go func() {
-		errc <- run(ctx, []string{"meshguard", "serve", "--config", cfgPath}, func(k string) string { return env[k] }, io.Discard, logs)
-	}()
-	var line map[string]any
-	select {
-	case line = <-logs.ready:
-	case err := <-errc:
-		t.Fatalf("run returned before serving: %v\nlogs:\n%s", err, logs)
-	case <-time.After(60 * time.Second):
-		t.Fatalf("not serving after 60s; logs:\n%s", logs)
-	}
+	line, errc, logs := startRun(t, ctx, cfgPath, func(k string) string { return env[k] })
 	httpBase := "http://" + line["http_addr"].(string)
 	conn, err := grpc.NewClient(line["grpc_addr"].(string), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
@@ -245,13 +233,8 @@ audit:
 	}
 
 	cancel()
-	select {
-	case err := <-errc:
-		if err != nil {
-			t.Fatalf("run returned %v; logs:\n%s", err, logs)
-		}
-	case <-time.After(20 * time.Second):
-		t.Fatal("run did not return within 20s of cancel")
+	if err := waitRun(t, errc, logs); err != nil {
+		t.Fatalf("run returned %v", err)
 	}
 }
 

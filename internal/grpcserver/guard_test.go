@@ -18,6 +18,8 @@ import (
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/structpb"
+
+	"github.com/meshguard/meshguard/internal/servertest"
 )
 
 const (
@@ -205,13 +207,9 @@ func TestGuardDecodingBudget(t *testing.T) {
 	waitsBefore := testutil.ToFloat64(m.decodeWaits.WithLabelValues("test"))
 	second := make(chan error, 1)
 	go func() { second <- invokeRaw(ctx, cc, holdMethod, big) }()
-	deadline := time.Now().Add(30 * time.Second)
-	for testutil.ToFloat64(m.decodeWaits.WithLabelValues("test")) <= waitsBefore {
-		if time.Now().After(deadline) {
-			t.Fatal("the second request never waited for the budget")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	servertest.WaitUntil(t, 30*time.Second, "the second request to wait for the budget", func() bool {
+		return testutil.ToFloat64(m.decodeWaits.WithLabelValues("test")) > waitsBefore
+	})
 	select {
 	case <-h.entered:
 		t.Fatal("the second request was decoded while the first held the budget")

@@ -19,9 +19,12 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/meshguard/meshguard/internal/metrictest"
 	"github.com/meshguard/meshguard/internal/pgtest"
 	"github.com/meshguard/meshguard/internal/secret"
+	"github.com/meshguard/meshguard/internal/servertest"
 )
 
 // pg is one server shared by the tests that do not stop it.
@@ -228,13 +231,13 @@ func TestOpenWhileDown(t *testing.T) {
 	if h.Err == nil || !strings.Contains(h.Err.Error(), "pinging database") {
 		t.Fatalf("Health with the database down: %+v", h)
 	}
-	waitFor(t, func() bool { return strings.Contains(logs.String(), "database unreachable after start-up attempts") })
+	servertest.WaitUntil(t, 15*time.Second, "the start-up loop to give up", func() bool { return strings.Contains(logs.String(), "database unreachable after start-up attempts") })
 	if n := strings.Count(logs.String(), `"database unreachable; retrying"`); n != cfg.Startup.Attempts-1 {
 		t.Errorf("%d retry lines, want %d:\n%s", n, cfg.Startup.Attempts-1, logs.String())
 	}
 
 	srv.Restart(t)
-	waitFor(t, func() bool { return p.Health(t.Context()).Err == nil })
+	servertest.WaitUntil(t, 15*time.Second, "the pool to reach the database", func() bool { return p.Health(t.Context()).Err == nil })
 }
 
 // TestOpenDoesNotWaitForAHungServer: a server that accepts TCP and never
@@ -309,7 +312,7 @@ func TestHealthKillAndRestart(t *testing.T) {
 		t.Fatal("Health is fine with the server killed")
 	}
 	srv.Restart(t)
-	waitFor(t, func() bool { return p.Health(t.Context()).Err == nil })
+	servertest.WaitUntil(t, 15*time.Second, "the pool to reach the database", func() bool { return p.Health(t.Context()).Err == nil })
 	if _, err := p.Pool().Exec(t.Context(), "SELECT 1"); err != nil {
 		t.Errorf("query after restart: %v", err)
 	}
@@ -535,7 +538,7 @@ func TestStatementLabelCap(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if n := seriesCount(t, reg, "meshguard_db_query_duration_seconds"); n != maxStatementLabels+1 {
+	if n, err := testutil.GatherAndCount(reg, "meshguard_db_query_duration_seconds"); err != nil || n != maxStatementLabels+1 {
 		t.Errorf("%d label values, want %d plus other", n, maxStatementLabels)
 	}
 	if n := histogramCount(t, reg, "meshguard_db_query_duration_seconds", map[string]string{"statement": "other"}); n != 10 {
@@ -559,7 +562,7 @@ func TestPasswordRedaction(t *testing.T) {
 	cfg.Startup.Attempts = 2
 	var logs syncBuffer
 	p, _ := open(t, cfg, &logs)
-	waitFor(t, func() bool { return strings.Contains(logs.String(), "after start-up attempts") })
+	servertest.WaitUntil(t, 15*time.Second, "the start-up loop to give up", func() bool { return strings.Contains(logs.String(), "after start-up attempts") })
 	h := p.Health(t.Context())
 	if h.Err == nil || !strings.Contains(h.Err.Error(), "password authentication failed") {
 		t.Fatalf("Health with a wrong password: %+v", h)
@@ -612,7 +615,7 @@ func requirePassword(t *testing.T, srv *pgtest.Server, role, pw string) {
 			t.Fatal(err)
 		}
 	}
-	waitFor(t, func() bool {
+	servertest.WaitUntil(t, 15*time.Second, "the login to be refused", func() bool {
 		c, err := pgx.Connect(ctx, fmt.Sprintf("postgres://%s:nope@127.0.0.1:%d/postgres?sslmode=disable", role, srv.Port()))
 		if err == nil {
 			c.Close(ctx)
@@ -644,88 +647,19 @@ func TestMetricsRegistration(t *testing.T) {
 	p.Close()
 }
 
-// waitFor polls cond every 20ms for up to 15s.
-func waitFor(t *testing.T, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatal("condition not met within 15s")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// gauge returns the value of a gauge or counter with exactly these labels.
+// gauge returns the value of a gauge or counter with exactly these labels
+// (0 when absent).
 func gauge(t *testing.T, reg *prometheus.Registry, name string, labels map[string]string) float64 {
 	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			if !labelsMatch(m.GetLabel(), labels) {
-				continue
-			}
-			if g := m.GetGauge(); g != nil {
-				return g.GetValue()
-			}
-			return m.GetCounter().GetValue()
-		}
-	}
-	return 0
+	v, _ := metrictest.Value(t, reg, name, labels)
+	return v
 }
 
-func seriesCount(t *testing.T, reg *prometheus.Registry, name string) int {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() == name {
-			return len(mf.GetMetric())
-		}
-	}
-	return 0
-}
-
+// histogramCount returns the observations of a histogram series (0 when absent).
 func histogramCount(t *testing.T, reg *prometheus.Registry, name string, labels map[string]string) uint64 {
 	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			if labelsMatch(m.GetLabel(), labels) {
-				return m.GetHistogram().GetSampleCount()
-			}
-		}
-	}
-	return 0
-}
-
-func labelsMatch[L interface {
-	GetName() string
-	GetValue() string
-}](got []L, want map[string]string) bool {
-	if len(got) != len(want) {
-		return false
-	}
-	for _, l := range got {
-		if want[l.GetName()] != l.GetValue() {
-			return false
-		}
-	}
-	return true
+	n, _ := metrictest.SampleCount(t, reg, name, labels)
+	return n
 }
 
 // TestCloseLeavesNoGoroutines: Close stops the start-up loop (even one still
@@ -748,5 +682,5 @@ func TestCloseLeavesNoGoroutines(t *testing.T) {
 			t.Errorf("Close took %v", d)
 		}
 	}
-	waitFor(t, func() bool { return runtime.NumGoroutine() <= before })
+	servertest.WaitUntil(t, 15*time.Second, "Close's goroutines to end", func() bool { return runtime.NumGoroutine() <= before })
 }

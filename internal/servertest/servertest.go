@@ -181,3 +181,15 @@ func WaitFor(tb testing.TB, timeout time.Duration, cond func() error) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// WaitUntil is WaitFor for a condition that is true or not: the test fails
+// with "timed out waiting for <what>" if cond has not held within timeout.
+func WaitUntil(tb testing.TB, timeout time.Duration, what string, cond func() bool) {
+	tb.Helper()
+	WaitFor(tb, timeout, func() error {
+		if cond() {
+			return nil
+		}
+		return fmt.Errorf("timed out waiting for %s", what)
+	})
+}

@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/meshguard/meshguard/internal/servertest"
 	"github.com/meshguard/meshguard/internal/servertls"
 	"github.com/meshguard/meshguard/internal/servertls/servertlstest"
 )
@@ -279,18 +280,6 @@ func peerSerial(t *testing.T, addr string, ca *servertlstest.CA) string {
 	return c.ConnectionState().PeerCertificates[0].SerialNumber.String()
 }
 
-// waitFor polls cond until it holds or 30 s pass.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 func TestRotationWhileCallsInFlight(t *testing.T) {
 	ca := servertlstest.NewCA(t, "mesh-ca")
 	srv := startServer(t, ca, servertls.Config{})
@@ -320,15 +309,15 @@ func TestRotationWhileCallsInFlight(t *testing.T) {
 			}
 		}()
 	}
-	waitFor(t, "calls before the rotation", func() bool { return calls.Load() > 20 })
+	servertest.WaitUntil(t, 30*time.Second, "calls before the rotation", func() bool { return calls.Load() > 20 })
 
 	next := ca.Server(t, "meshguard")
 	next.WriteFiles(t, srv.dir)
-	waitFor(t, "a new connection to get the new certificate", func() bool {
+	servertest.WaitUntil(t, 30*time.Second, "a new connection to get the new certificate", func() bool {
 		return peerSerial(t, srv.addr, ca) == next.Cert.SerialNumber.String()
 	})
 	before := calls.Load()
-	waitFor(t, "calls after the rotation", func() bool { return calls.Load() > before+20 })
+	servertest.WaitUntil(t, 30*time.Second, "calls after the rotation", func() bool { return calls.Load() > before+20 })
 	close(stop)
 	wg.Wait()
 	if n := failures.Load(); n > 0 {
@@ -381,7 +370,7 @@ func TestClientCARotation(t *testing.T) {
 		t.Fatal("a client of the new CA connected before the bundle had it")
 	}
 	servertlstest.WriteFile(t, filepath.Join(srv.dir, "clients-ca.pem"), append(append([]byte{}, oldCA.PEM...), newCA.PEM...))
-	waitFor(t, "the new CA bundle to admit the client", func() bool {
+	servertest.WaitUntil(t, 30*time.Second, "the new CA bundle to admit the client", func() bool {
 		return check(dialHealth(t, srv.addr, oldCA, &client)) == nil
 	})
 }

@@ -80,20 +80,42 @@ type Tracing struct {
 	provider trace.TracerProvider
 }
 
+// Option changes how New exports; the defaults suit production.
+type Option func(*options)
+
+type options struct {
+	batchTimeout time.Duration
+}
+
+// WithBatchTimeout sends a batch of spans at the latest d after its first
+// span ended (the SDK's default is 5 s). Tests use a short one to see spans
+// while the process runs.
+func WithBatchTimeout(d time.Duration) Option {
+	return func(o *options) { o.batchTimeout = d }
+}
+
 // New starts exporting to cfg's collector, or returns tracing that is off.
 // The exporter connects lazily: a collector that is down costs dropped
 // spans, never a failed start or a blocked call.
-func New(ctx context.Context, cfg Config, version string) (*Tracing, error) {
+func New(ctx context.Context, cfg Config, version string, opts ...Option) (*Tracing, error) {
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
 	if !cfg.Enabled() {
 		return &Tracing{provider: noop.NewTracerProvider()}, nil
 	}
-	opts := []otlptracegrpc.Option{otlptracegrpc.WithEndpoint(cfg.OTLPEndpoint), otlptracegrpc.WithTimeout(5 * time.Second)}
+	eopts := []otlptracegrpc.Option{otlptracegrpc.WithEndpoint(cfg.OTLPEndpoint), otlptracegrpc.WithTimeout(5 * time.Second)}
 	if cfg.OTLPInsecure {
-		opts = append(opts, otlptracegrpc.WithInsecure())
+		eopts = append(eopts, otlptracegrpc.WithInsecure())
 	}
-	exp, err := otlptracegrpc.New(ctx, opts...)
+	exp, err := otlptracegrpc.New(ctx, eopts...)
 	if err != nil {
 		return nil, fmt.Errorf("tracing: OTLP exporter for %s: %w", cfg.OTLPEndpoint, err)
+	}
+	var bopts []sdktrace.BatchSpanProcessorOption
+	if o.batchTimeout > 0 {
+		bopts = append(bopts, sdktrace.WithBatchTimeout(o.batchTimeout))
 	}
 	res := resource.NewSchemaless(
 		attribute.String("service.name", cfg.ServiceName),
@@ -102,7 +124,7 @@ func New(ctx context.Context, cfg Config, version string) (*Tracing, error) {
 	tp := sdktrace.NewTracerProvider(
 		sdktrace.WithResource(res),
 		// Bounded queue; a full one drops spans rather than blocking a call.
-		sdktrace.WithBatcher(exp),
+		sdktrace.WithBatcher(exp, bopts...),
 		sdktrace.WithSampler(sdktrace.ParentBased(sdktrace.TraceIDRatioBased(cfg.SampleRatio))),
 	)
 	return &Tracing{sdk: tp, provider: tp}, nil

@@ -3,65 +3,21 @@ package tracing_test
 import (
 	"context"
 	"encoding/hex"
-	"net"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
-	coltracepb "go.opentelemetry.io/proto/otlp/collector/trace/v1"
 	tracepb "go.opentelemetry.io/proto/otlp/trace/v1"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 
+	"github.com/meshguard/meshguard/internal/grpcserver/grpcservertest"
 	"github.com/meshguard/meshguard/internal/tracing"
+	"github.com/meshguard/meshguard/internal/tracing/tracingtest"
 )
-
-// collector is an OTLP/gRPC trace collector that keeps what it is sent.
-type collector struct {
-	coltracepb.UnimplementedTraceServiceServer
-	mu       sync.Mutex
-	spans    []*tracepb.Span
-	services []string
-}
-
-func (c *collector) Export(_ context.Context, req *coltracepb.ExportTraceServiceRequest) (*coltracepb.ExportTraceServiceResponse, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for _, rs := range req.ResourceSpans {
-		for _, a := range rs.GetResource().GetAttributes() {
-			if a.Key == "service.name" {
-				c.services = append(c.services, a.GetValue().GetStringValue())
-			}
-		}
-		for _, ss := range rs.ScopeSpans {
-			c.spans = append(c.spans, ss.Spans...)
-		}
-	}
-	return &coltracepb.ExportTraceServiceResponse{}, nil
-}
-
-func serve(t *testing.T, opts []grpc.ServerOption, register func(*grpc.Server)) *grpc.ClientConn {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	gs := grpc.NewServer(opts...)
-	register(gs)
-	go gs.Serve(l)
-	t.Cleanup(gs.Stop)
-	cc, err := grpc.NewClient(l.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cc.Close() })
-	return cc
-}
 
 // rls answers OK and makes a child span, as the store call does.
 type rls struct {
@@ -81,18 +37,17 @@ const (
 )
 
 func TestJoinsEnvoysTrace(t *testing.T) {
-	col := &collector{}
-	colConn := serve(t, nil, func(s *grpc.Server) { coltracepb.RegisterTraceServiceServer(s, col) })
+	col := tracingtest.Start(t)
 	tr, err := tracing.New(t.Context(), tracing.Config{
-		OTLPEndpoint: colConn.Target(), OTLPInsecure: true, SampleRatio: 0, ServiceName: "meshguard",
+		OTLPEndpoint: col.Addr, OTLPInsecure: true, SampleRatio: 0, ServiceName: "meshguard",
 	}, "test")
 	if err != nil {
 		t.Fatal(err)
 	}
-	cc := serve(t, tr.ServerOptions(), func(s *grpc.Server) {
-		rlsv3.RegisterRateLimitServiceServer(s, rls{tr: tr})
-		healthpb.RegisterHealthServer(s, health.NewServer())
-	})
+	gs := grpc.NewServer(tr.ServerOptions()...)
+	rlsv3.RegisterRateLimitServiceServer(gs, rls{tr: tr})
+	healthpb.RegisterHealthServer(gs, health.NewServer())
+	cc := grpcservertest.Serve(t, gs)
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 	defer cancel()
 	traced := metadata.AppendToOutgoingContext(ctx, "traceparent", "00-"+traceID+"-"+parentID+"-01")
@@ -112,17 +67,12 @@ func TestJoinsEnvoysTrace(t *testing.T) {
 		t.Fatalf("Shutdown (flushes to the collector): %v", err)
 	}
 
-	col.mu.Lock()
-	defer col.mu.Unlock()
-	if len(col.spans) != 2 {
-		var names []string
-		for _, s := range col.spans {
-			names = append(names, s.Name)
-		}
-		t.Fatalf("collector got %d spans %v, want the server span and its child", len(col.spans), names)
+	spans := col.Spans()
+	if len(spans) != 2 {
+		t.Fatalf("collector got %d spans, want the server span and its child:\n%s", len(spans), tracingtest.Describe(spans))
 	}
 	var server, child *tracepb.Span
-	for _, s := range col.spans {
+	for _, s := range spans {
 		if s.Kind == tracepb.Span_SPAN_KIND_SERVER {
 			server = s
 		} else {
@@ -130,7 +80,7 @@ func TestJoinsEnvoysTrace(t *testing.T) {
 		}
 	}
 	if server == nil || child == nil {
-		t.Fatalf("spans %v: want one server span and one internal span", col.spans)
+		t.Fatalf("want one server span and one internal span:\n%s", tracingtest.Describe(spans))
 	}
 	if got := hex.EncodeToString(server.TraceId); got != traceID {
 		t.Errorf("server span trace id %s, want Envoy's %s", got, traceID)
@@ -144,7 +94,7 @@ func TestJoinsEnvoysTrace(t *testing.T) {
 	if hex.EncodeToString(child.ParentSpanId) != hex.EncodeToString(server.SpanId) {
 		t.Errorf("the handler's span is not the server span's child")
 	}
-	for _, s := range col.services {
+	for _, s := range col.Services() {
 		if s != "meshguard" {
 			t.Errorf("service.name %q, want meshguard", s)
 		}

@@ -67,15 +67,16 @@ func Options(reg prometheus.Registerer, variant string) ([]grpc.ServerOption, er
 	return opts, err
 }
 
-// NewServer returns a server with Options(variant) and a registrar that
-// registers services on it through a Guard with bounds, as cmd/meshguard
-// does (unless variant says guard=0).
-func NewServer(variant string, bounds map[string]grpcserver.MethodBounds) (*grpc.Server, grpc.ServiceRegistrar, error) {
+// NewServer returns a server with Options(variant) and extra (e.g. a
+// tracing stats handler) and a registrar that registers services on it
+// through a Guard with bounds, as cmd/meshguard does (unless variant says
+// guard=0).
+func NewServer(variant string, bounds map[string]grpcserver.MethodBounds, extra ...grpc.ServerOption) (*grpc.Server, grpc.ServiceRegistrar, error) {
 	opts, lim, guard, err := options(prometheus.NewRegistry(), variant)
 	if err != nil {
 		return nil, nil, err
 	}
-	gs := grpc.NewServer(opts...)
+	gs := grpc.NewServer(append(opts, extra...)...)
 	if !guard {
 		return gs, gs, nil
 	}
