@@ -286,7 +286,8 @@ func TestConnectionManager(t *testing.T) {
 }
 
 // TestRequestIDs: the connection manager removes a client's x-request-id
-// (and x-client-trace-id) with an early header mutation, the only place
+// (and x-client-trace-id, traceparent, tracestate: a client would choose
+// whether it is traced) with an early header mutation, the only place
 // before Envoy decides whether to generate an id: without
 // use_remote_address no request is an edge request, and Envoy then keeps
 // any id a request carries. The header_mutation filter runs after that
@@ -313,9 +314,9 @@ func TestRequestIDs(t *testing.T) {
 				}
 			}
 		}
-		for _, k := range []string{"x-request-id", "x-client-trace-id"} {
+		for _, k := range []string{"x-request-id", "x-client-trace-id", "traceparent", "tracestate"} {
 			if !removed[k] {
-				t.Errorf("no early header mutation removes %s: Envoy keeps a client's own (no request is an edge request here)", k)
+				t.Errorf("no early header mutation removes %s: Envoy keeps a client's own (no request is an edge request here, and the tracer follows a client's trace context)", k)
 			}
 		}
 		for _, m := range fp.mutation.GetMutations().GetRequestMutations() {

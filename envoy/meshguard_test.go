@@ -819,7 +819,10 @@ func TestForgedIdentityHeaders(t *testing.T) {
 // client's id, so the removal is what protects.
 func TestClientRequestIDDiscarded(t *testing.T) {
 	const chosen = "00000000-0000-4000-8000-000000000001"
-	req := simRequest{method: "GET", path: "/api/users/1", headers: map[string]string{"x-request-id": chosen, "x-client-trace-id": "forced"}}
+	req := simRequest{method: "GET", path: "/api/users/1", headers: map[string]string{
+		"x-request-id": chosen, "x-client-trace-id": "forced",
+		"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "vendor=forced",
+	}}
 	for _, b := range bootstraps {
 		t.Run(b.name, func(t *testing.T) {
 			r := newSimEnvoy(t, b.data, nil).do(t, req)
@@ -833,8 +836,15 @@ func TestClientRequestIDDiscarded(t *testing.T) {
 			if r.upstream["x-request-id"] != id {
 				t.Errorf("the app gets x-request-id %q, meshguard %q: one request, one id", r.upstream["x-request-id"], id)
 			}
-			if v, ok := r.upstream["x-client-trace-id"]; ok {
-				t.Errorf("x-client-trace-id %q reaches the app", v)
+			// Envoy's tracer sets traceparent and tracestate of its own;
+			// the client's values must not be the ones that travel on.
+			for _, k := range []string{"x-client-trace-id", "traceparent", "tracestate"} {
+				if v := r.upstream[k]; v != "" && v == req.headers[k] {
+					t.Errorf("the client's %s %q reaches the app", k, v)
+				}
+				if v := r.sent[k]; v != "" && v == req.headers[k] {
+					t.Errorf("the client's %s %q reaches meshguard", k, v)
+				}
 			}
 			early := []byte("              - remove: x-request-id\n")
 			if !bytes.Contains(b.data, early) {
