@@ -30,10 +30,7 @@ import (
 // SET ... PX (the count read plus the hits, carried over when a request
 // names a counter twice) instead of GET, GET, INCRBY and PEXPIRE per
 // counter: the script runs atomically, so nothing changes the count in
-// between. Interleaved (BenchmarkShouldRateLimitVariants, 10 rounds):
-// redis-server CPU per two-descriptor decision 32.1 → 29.2 µs, and
-// meshguard's 41.9 → 39.0 µs (per-round ratios' median 0.94x; 1.07x
-// throughput), one descriptor unchanged (0.99x); an earlier run gave 0.95x.
+// between, and Redis does less work per counter (README, Performance).
 const evaluateScript = `
 local n = #KEYS / 2
 local out = {}
