@@ -27,6 +27,7 @@ import (
 	"go.opentelemetry.io/otel/trace/noop"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
 
 	"github.com/meshguard/meshguard/internal/gctune"
 	"github.com/meshguard/meshguard/internal/grpcserver"
@@ -34,6 +35,7 @@ import (
 	"github.com/meshguard/meshguard/internal/redistest"
 	"github.com/meshguard/meshguard/internal/secret"
 	"github.com/meshguard/meshguard/internal/servertest"
+	"github.com/meshguard/meshguard/internal/tracing"
 )
 
 // benchServeEnv makes the test binary a bare meshguard RLS (see TestMain):
@@ -82,11 +84,15 @@ func newBenchRedis(url string, opts ...StoreOption) (*RedisStore, error) {
 
 // benchTracing reads a "trace=MODE" option off the front of variant:
 // "off" (no option: a no-op provider, as cmd/meshguard passes when tracing
-// is off), "server" (otelgrpc's server span for every call, no store
-// spans), "all" (server spans and the store's Redis spans) or "unsampled"
-// (as "all", but no call is sampled). Traced modes hand spans to a batch
-// processor whose exporter discards them: meshguard's cost of making spans,
-// not of sending them.
+// is off), "server" (the server span of tracing.ServerHandler for every
+// call, no store spans), "all" (server spans and the store's Redis spans),
+// "unsampled" (as "all", with calls whose traceparent says Envoy did not
+// sample them, which tracing.ServerHandler passes by) or
+// "unsampled-otelgrpc" (the same calls through otelgrpc's handler alone,
+// which makes a non-recording span for each). Traced modes hand spans to a
+// batch processor whose exporter discards them: meshguard's cost of making
+// spans, not of sending them. The load sends each trace= variant a
+// traceparent (benchTraceparent), as Envoy's tracing HCM does every call.
 func benchTracing(variant string) (rest string, store []StoreOption, server []grpc.ServerOption, err error) {
 	off := []StoreOption{WithTracerProvider(noop.NewTracerProvider())}
 	spec, ok := strings.CutPrefix(variant, "trace=")
@@ -97,22 +103,36 @@ func benchTracing(variant string) (rest string, store []StoreOption, server []gr
 	if mode == "off" {
 		return rest, off, nil, nil
 	}
-	sampler := sdktrace.AlwaysSample()
-	if mode == "unsampled" {
-		// Tracing on, this call not sampled: what most calls cost when
-		// Envoy samples 1%.
-		sampler, mode = sdktrace.NeverSample(), "all"
-	}
-	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(discardExporter{}), sdktrace.WithSampler(sampler))
-	server = []grpc.ServerOption{grpc.StatsHandler(otelgrpc.NewServerHandler(
-		otelgrpc.WithTracerProvider(tp), otelgrpc.WithPropagators(propagation.TraceContext{})))}
+	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(discardExporter{}),
+		sdktrace.WithSampler(sdktrace.ParentBased(sdktrace.AlwaysSample())))
+	server = []grpc.ServerOption{grpc.StatsHandler(tracing.ServerHandler(tp))}
 	switch mode {
 	case "server":
 		return rest, nil, server, nil
-	case "all":
+	case "all", "unsampled":
+		return rest, []StoreOption{WithTracerProvider(tp)}, server, nil
+	case "unsampled-otelgrpc":
+		server = []grpc.ServerOption{grpc.StatsHandler(otelgrpc.NewServerHandler(
+			otelgrpc.WithTracerProvider(tp), otelgrpc.WithPropagators(propagation.TraceContext{})))}
 		return rest, []StoreOption{WithTracerProvider(tp)}, server, nil
 	}
-	return "", nil, nil, fmt.Errorf("variant %q: trace must be off, server, all or unsampled", variant)
+	return "", nil, nil, fmt.Errorf("variant %q: trace must be off, server, all, unsampled or unsampled-otelgrpc", variant)
+}
+
+// benchTraceparent is what the load sends a variant: for "trace=MODE", a
+// traceparent whose sampled flag is set for server and all and clear
+// otherwise (off included, so that off and unsampled read the same
+// header); none for other variants.
+func benchTraceparent(variant string) string {
+	spec, ok := strings.CutPrefix(variant, "trace=")
+	if !ok {
+		return ""
+	}
+	flags := "00"
+	if mode, _, _ := strings.Cut(spec, ","); mode == "server" || mode == "all" {
+		flags = "01"
+	}
+	return "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-" + flags
 }
 
 type discardExporter struct{}
@@ -316,7 +336,13 @@ func startBenchServer(b *testing.B, url, variant string) (rlsv3.RateLimitService
 	if err != nil {
 		b.Fatalf("bench server: %v", err)
 	}
-	conn, err := grpc.NewClient(strings.TrimSpace(addr), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	dopts := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+	if tp := benchTraceparent(variant); tp != "" {
+		dopts = append(dopts, grpc.WithUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+			return invoker(metadata.AppendToOutgoingContext(ctx, "traceparent", tp), method, req, reply, cc, opts...)
+		}))
+	}
+	conn, err := grpc.NewClient(strings.TrimSpace(addr), dopts...)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -496,7 +522,7 @@ func BenchmarkShouldRateLimit(b *testing.B) {
 
 // BenchmarkShouldRateLimitVariants compares gRPC server tuning variants
 // (space-separated in MESHGUARD_BENCH_GRPC_VARIANTS, see
-// grpcservertest.Options; "trace=off|server|all|unsampled" first in a variant for
+// grpcservertest.Options; "trace=off|server|all|unsampled|unsampled-otelgrpc" first in a variant for
 // tracing, see benchTracing, then "store=direct" for decisions through
 // go-redis, one round trip each, instead of the pipeline; skipped
 // when unset) on BenchmarkShouldRateLimit's

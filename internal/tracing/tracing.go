@@ -30,6 +30,8 @@ import (
 	"go.opentelemetry.io/otel/trace/noop"
 	"google.golang.org/grpc"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/stats"
 )
 
 // Config is the `tracing:` section.
@@ -140,14 +142,91 @@ func (t *Tracing) ServerOptions() []grpc.ServerOption {
 	if t.sdk == nil {
 		return nil
 	}
-	return []grpc.ServerOption{grpc.StatsHandler(otelgrpc.NewServerHandler(
-		otelgrpc.WithTracerProvider(t.sdk),
+	return []grpc.ServerOption{grpc.StatsHandler(ServerHandler(t.sdk))}
+}
+
+// ServerHandler is the stats handler ServerOptions installs: otelgrpc's
+// server spans, except for calls whose W3C traceparent says the caller
+// did not sample them. Those skip otelgrpc altogether: with Envoy
+// sampling 1%, that is nearly every call, and otelgrpc's per-call work
+// (context, attributes, a non-recording span, its metrics) costs a
+// decision several microseconds for a span nobody keeps. Their context
+// then carries no span, so the packages, which make spans only under a
+// sampled parent, make none either.
+func ServerHandler(tp trace.TracerProvider) stats.Handler {
+	return skipUnsampled{next: otelgrpc.NewServerHandler(
+		otelgrpc.WithTracerProvider(tp),
 		otelgrpc.WithPropagators(propagation.TraceContext{}),
 		otelgrpc.WithFilter(filters.None(
 			filters.ServiceName(healthpb.Health_ServiceDesc.ServiceName),
 			filters.ServicePrefix("grpc.reflection."),
 		)),
-	))}
+	)}
+}
+
+type skipUnsampled struct{ next stats.Handler }
+
+type skippedKey struct{}
+
+func (h skipUnsampled) TagRPC(ctx context.Context, info *stats.RPCTagInfo) context.Context {
+	if callerDidNotSample(ctx) {
+		return context.WithValue(ctx, skippedKey{}, true)
+	}
+	return h.next.TagRPC(ctx, info)
+}
+
+func (h skipUnsampled) HandleRPC(ctx context.Context, s stats.RPCStats) {
+	if ctx.Value(skippedKey{}) != nil {
+		return
+	}
+	h.next.HandleRPC(ctx, s)
+}
+
+func (h skipUnsampled) TagConn(ctx context.Context, info *stats.ConnTagInfo) context.Context {
+	return h.next.TagConn(ctx, info)
+}
+
+func (h skipUnsampled) HandleConn(ctx context.Context, s stats.ConnStats) {
+	h.next.HandleConn(ctx, s)
+}
+
+// callerDidNotSample reports whether the call carries exactly one
+// well-formed version-00 traceparent (W3C Trace Context:
+// 00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>) whose sampled
+// flag is clear. Anything else, no traceparent included, goes to otelgrpc,
+// which samples it or rejects it by its own rules.
+func callerDidNotSample(ctx context.Context) bool {
+	vs := metadata.ValueFromIncomingContext(ctx, "traceparent")
+	if len(vs) != 1 {
+		return false
+	}
+	v := vs[0]
+	if len(v) != 55 || v[:3] != "00-" || v[35] != '-' || v[52] != '-' {
+		return false
+	}
+	if !lowerHex(v[3:35]) || !lowerHex(v[36:52]) || !lowerHex(v[53:55]) {
+		return false
+	}
+	if v[3:35] == "00000000000000000000000000000000" || v[36:52] == "0000000000000000" {
+		return false // invalid ids: not a caller's decision
+	}
+	return fromHex(v[54])&1 == 0 // the sampled bit is the flags' lowest
+}
+
+func lowerHex(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+func fromHex(c byte) byte {
+	if c <= '9' {
+		return c - '0'
+	}
+	return c - 'a' + 10
 }
 
 // Shutdown exports what is buffered, within ctx's deadline.

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
+	"go.opentelemetry.io/otel/trace"
 	tracepb "go.opentelemetry.io/proto/otlp/trace/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
@@ -98,6 +99,69 @@ func TestJoinsEnvoysTrace(t *testing.T) {
 		if s != "meshguard" {
 			t.Errorf("service.name %q, want meshguard", s)
 		}
+	}
+}
+
+// spanSeen records whether each call's context held a span context.
+type spanSeen struct {
+	rlsv3.UnimplementedRateLimitServiceServer
+	seen chan trace.SpanContext
+}
+
+func (s spanSeen) ShouldRateLimit(ctx context.Context, _ *rlsv3.RateLimitRequest) (*rlsv3.RateLimitResponse, error) {
+	s.seen <- trace.SpanContextFromContext(ctx)
+	return &rlsv3.RateLimitResponse{OverallCode: rlsv3.RateLimitResponse_OK}, nil
+}
+
+// TestCallerUnsampledSkipsSpans: a call whose traceparent says Envoy did
+// not sample it gets no server span and no span context at all (otelgrpc
+// is skipped), even with every new trace sampled; a sampled one, or one
+// whose traceparent is not a well-formed version-00 header, goes through
+// otelgrpc as before.
+func TestCallerUnsampledSkipsSpans(t *testing.T) {
+	col := tracingtest.Start(t)
+	tr, err := tracing.New(t.Context(), tracing.Config{
+		OTLPEndpoint: col.Addr, OTLPInsecure: true, SampleRatio: 1, ServiceName: "meshguard",
+	}, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := spanSeen{seen: make(chan trace.SpanContext, 1)}
+	gs := grpc.NewServer(tr.ServerOptions()...)
+	rlsv3.RegisterRateLimitServiceServer(gs, srv)
+	client := rlsv3.NewRateLimitServiceClient(grpcservertest.Serve(t, gs))
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	for _, tc := range []struct {
+		traceparent string
+		wantSpan    bool
+	}{
+		{"00-" + traceID + "-" + parentID + "-00", false},
+		{"00-" + traceID + "-" + parentID + "-02", false}, // other flags, sampled clear
+		{"00-" + traceID + "-" + parentID + "-01", true},
+		{"00-" + traceID + "-" + parentID + "-03", true},
+		{"", true}, // no traceparent: sampled at the ratio (1)
+		{"00-" + strings.ToUpper(traceID) + "-" + parentID + "-00", true}, // not lower hex: otelgrpc's call
+		{"00-00000000000000000000000000000000-" + parentID + "-00", true}, // invalid trace id
+		{"01-" + traceID + "-" + parentID + "-00", true},                  // another version
+		{"00-" + traceID + "-" + parentID + "-00-extra", true},            // not version 00's length
+	} {
+		call := ctx
+		if tc.traceparent != "" {
+			call = metadata.AppendToOutgoingContext(ctx, "traceparent", tc.traceparent)
+		}
+		if _, err := client.ShouldRateLimit(call, &rlsv3.RateLimitRequest{Domain: "api"}); err != nil {
+			t.Fatal(err)
+		}
+		if sc := <-srv.seen; sc.IsValid() != tc.wantSpan {
+			t.Errorf("traceparent %q: handler's span context %v (valid %v), want a span: %v", tc.traceparent, sc, sc.IsValid(), tc.wantSpan)
+		}
+	}
+	if err := tr.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if spans := col.Spans(); len(spans) != 6 {
+		t.Errorf("collector got %d spans, want one for each of the 6 calls not refused by their caller:\n%s", len(spans), tracingtest.Describe(spans))
 	}
 }
 
