@@ -105,6 +105,9 @@ func TestConsoleInBrowser(t *testing.T) {
 		chromedp.ExecPath(chromium), chromedp.Headless, chromedp.NoSandbox, chromedp.DisableGPU, chromedp.NoFirstRun,
 		chromedp.NoDefaultBrowserCheck, chromedp.Flag("disable-quic", true), chromedp.Flag("disable-background-networking", true),
 		chromedp.Flag("disable-component-update", true), chromedp.Flag("disable-sync", true),
+		// CI containers often mount a 64 MiB /dev/shm, too small for
+		// Chromium's shared memory: use the temporary directory instead.
+		chromedp.Flag("disable-dev-shm-usage", true),
 		chromedp.UserDataDir(t.TempDir()), chromedp.WindowSize(1280, 800))
 	defer cancelAlloc()
 	bctx, cancelBrowser := chromedp.NewContext(actx)
