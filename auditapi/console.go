@@ -442,7 +442,7 @@ func (c *Console) serveSignin(w http.ResponseWriter, r *http.Request) {
 	const endpoint = "console_signin"
 	count := func(code int) { c.api.m.requests.WithLabelValues(endpoint, strconv.Itoa(code)).Inc() }
 	now := c.api.now()
-	if !c.signins.allow(remoteIP(r.RemoteAddr), now) {
+	if !c.signins.allow(r.RemoteAddr, now) {
 		w.Header().Set("Retry-After", strconv.Itoa(int(signinPerIPEvery/time.Second)))
 		c.fail(w, r, nil, http.StatusTooManyRequests, "Too many sign-in attempts",
 			"Too many sign-in attempts from this address or in total. Wait a few seconds and try again.")

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"html"
 	"io"
 	"net/http"
@@ -628,5 +629,42 @@ func TestConsoleTokenRotationEndsSessions(t *testing.T) {
 	}
 	if e.console.sessions.len() != 0 {
 		t.Fatal("the rotated-away session is still stored")
+	}
+}
+
+// TestSigninLimiterPerClient: the per-client budget is per IPv4 address
+// and per IPv6 /64, so rotating addresses inside one /64 (or spelling an
+// IPv4 peer IPv4-mapped) does not buy more attempts, while another client
+// keeps its own.
+func TestSigninLimiterPerClient(t *testing.T) {
+	now := time.Now()
+	for _, tc := range []struct {
+		name        string
+		peer, other func(i int) string // the flooding client's i-th peer; a different client
+	}{
+		{"IPv6 /64", func(i int) string { return fmt.Sprintf("[2001:db8:1:2::%x]:4000", i+1) },
+			func(int) string { return "[2001:db8:1:3::1]:4000" }},
+		{"IPv4", func(i int) string {
+			if i%2 == 0 {
+				return "192.0.2.1:4000"
+			}
+			return "[::ffff:192.0.2.1]:4001"
+		}, func(int) string { return "192.0.2.2:4000" }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			l := newSigninLimiter()
+			allowed := 0
+			for i := range signinPerIPBurst + 10 {
+				if l.allow(tc.peer(i), now) {
+					allowed++
+				}
+			}
+			if allowed != signinPerIPBurst {
+				t.Fatalf("one client changing addresses got %d attempts at once, want %d", allowed, signinPerIPBurst)
+			}
+			if !l.allow(tc.other(0), now) {
+				t.Fatal("another client was refused")
+			}
+		})
 	}
 }
