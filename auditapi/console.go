@@ -295,7 +295,6 @@ func (c *Console) session(w http.ResponseWriter, r *http.Request, endpoint strin
 			return s, true
 		}
 		c.sessions.remove(ck.Value)
-		st = sessionUnknown
 		c.clearCookie(w)
 		c.fail(w, r, nil, http.StatusUnauthorized, "Session ended",
 			"The admin token this session was opened with is no longer accepted (it was rotated), so the session ended. Sign in with the current token.")
@@ -387,8 +386,6 @@ type statusWriter struct {
 	http.ResponseWriter
 	status int
 }
-
-func (s *statusWriter) Status() int { return s.status }
 
 func (s *statusWriter) WriteHeader(code int) {
 	s.status = code

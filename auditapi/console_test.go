@@ -561,9 +561,7 @@ func TestSessionStoreBounded(t *testing.T) {
 	}
 }
 
-func itoa(n int64) string { return strconvItoa(n) }
-
-func strconvItoa(n int64) string { return strconv.FormatInt(n, 10) }
+func itoa(n int64) string { return strconv.FormatInt(n, 10) }
 
 func hexOf(b []byte) string { return hex.EncodeToString(b) }
 
