@@ -666,3 +666,40 @@ func TestSigninLimiterPerClient(t *testing.T) {
 		})
 	}
 }
+
+// TestConsoleUserCountsWindow: the user page's action counts say which
+// window they cover: the filter's range (from its start, hour-aligned),
+// the last 24 hours when it has none, the last 7 days of a longer one.
+func TestConsoleUserCountsWindow(t *testing.T) {
+	e := newConsoleEnv(t, tokenConfig(), ConsoleOptions{}, nil)
+	e.signedIn()
+	now := time.Now().UTC()
+	e.api.now = func() time.Time { return now }
+	end := now.Truncate(time.Hour).Add(time.Hour)
+	datetime := func(t time.Time) string { return `datetime="` + t.Format(time.RFC3339Nano) + `"` }
+	heading := regexp.MustCompile(`<h2 id="summary-title">(.*?)</h2>`)
+	for _, tc := range []struct {
+		name, query string
+		from        time.Time
+		clamped     bool
+	}{
+		{"no range", "", end.Add(-24 * time.Hour), false},
+		{"from the seed's start", "?from=" + e.start.Format("2006-01-02T15:04:05"), e.start.Truncate(time.Hour), false},
+		{"longer than 7 days", "?from=" + now.Add(-30*24*time.Hour).Format("2006-01-02T15:04:05"), end.Add(-consoleChartMaxRange), true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := e.do(e.client, "GET", "/console/users/u1"+tc.query, nil)
+			m := heading.FindStringSubmatch(r.body)
+			if r.code != http.StatusOK || m == nil {
+				t.Fatalf("user page: %d\n%s", r.code, r.body)
+			}
+			h := m[1]
+			if !strings.Contains(h, datetime(tc.from)) || !strings.Contains(h, datetime(end)) || strings.Contains(h, "last 7 days") != tc.clamped {
+				t.Fatalf("counts heading %q, want the window %s to %s (clamped %v)", h, tc.from, end, tc.clamped)
+			}
+			if !strings.Contains(r.body, "<th scope=\"row\">CREATE</th>") {
+				t.Fatalf("no counts for u1's actions:\n%s", r.body)
+			}
+		})
+	}
+}
