@@ -32,6 +32,7 @@ import (
 
 	"github.com/meshguard/meshguard/extauthz"
 	"github.com/meshguard/meshguard/internal/grpcserver"
+	"github.com/meshguard/meshguard/internal/metrictest"
 	"github.com/meshguard/meshguard/ratelimitsvc"
 )
 
@@ -169,24 +170,7 @@ func (e *simEnvoy) dial(t *testing.T, what, cluster string) *grpc.ClientConn {
 // whose metrics reg holds has completed.
 func handled(t *testing.T, reg *prometheus.Registry, method string) float64 {
 	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var n float64
-	for _, mf := range mfs {
-		if mf.GetName() != "meshguard_grpc_server_handled_total" {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == "method" && l.GetValue() == method {
-					n += m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return n
+	return metrictest.Sum(t, reg, "meshguard_grpc_server_handled_total", map[string]string{"method": method})
 }
 
 type simRequest struct {

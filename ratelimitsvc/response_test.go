@@ -1,7 +1,6 @@
 package ratelimitsvc
 
 import (
-	"github.com/prometheus/client_golang/prometheus/testutil"
 	"strings"
 	"testing"
 	"time"
@@ -10,11 +9,14 @@ import (
 	rlv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/common/ratelimit/v3"
 	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
 	"github.com/google/go-cmp/cmp"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"google.golang.org/grpc/codes"
 	grpcstatus "google.golang.org/grpc/status"
 	"google.golang.org/protobuf/testing/protocmp"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/meshguard/meshguard/internal/metrictest"
 )
 
 // TestOverLimitResponse checks a whole OVER_LIMIT answer: status with the
@@ -161,23 +163,7 @@ func TestInvalidRequests(t *testing.T) {
 		t.Errorf("invalid requests metric = %v, want %d", n, handled)
 	}
 	// The caps' refusals are counted where they happen, in the Guard.
-	mfs, err := h.reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var tooMany float64
-	for _, mf := range mfs {
-		if mf.GetName() != "meshguard_grpc_server_rejected_requests_total" {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == "reason" && l.GetValue() == "too_many" {
-					tooMany += m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
+	tooMany := metrictest.Sum(t, h.reg, "meshguard_grpc_server_rejected_requests_total", map[string]string{"reason": "too_many"})
 	if tooMany != float64(len(cases)-handled) {
 		t.Errorf("requests refused for too many elements = %v, want %d", tooMany, len(cases)-handled)
 	}

@@ -1,6 +1,6 @@
-// Package metrictest reads one series from a Prometheus registry in tests,
-// by family name and exact label set: what prometheus/testutil offers for
-// a collector in hand (ToFloat64) but not for a registry.
+// Package metrictest reads series from a Prometheus registry in tests, by
+// family name and labels: what prometheus/testutil offers for a collector
+// in hand (ToFloat64) but not for a registry.
 package metrictest
 
 import (
@@ -39,6 +39,41 @@ func SampleCount(tb testing.TB, g prometheus.Gatherer, name string, labels map[s
 		return m.Histogram.GetSampleCount(), true
 	}
 	return m.GetSummary().GetSampleCount(), true
+}
+
+// Sum adds up the counter, gauge or untyped series of family name in g
+// whose labels include every pair in labels (others may be there too).
+func Sum(tb testing.TB, g prometheus.Gatherer, name string, labels map[string]string) float64 {
+	tb.Helper()
+	mfs, err := g.Gather()
+	if err != nil {
+		tb.Fatalf("gathering metrics: %v", err)
+	}
+	var total float64
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if includes(m.GetLabel(), labels) {
+				total += m.GetCounter().GetValue() + m.GetGauge().GetValue() + m.GetUntyped().GetValue()
+			}
+		}
+	}
+	return total
+}
+
+func includes(got []*dto.LabelPair, want map[string]string) bool {
+	n := 0
+	for _, l := range got {
+		if v, ok := want[l.GetName()]; ok {
+			if v != l.GetValue() {
+				return false
+			}
+			n++
+		}
+	}
+	return n == len(want)
 }
 
 func find(tb testing.TB, g prometheus.Gatherer, name string, labels map[string]string) *dto.Metric {

@@ -41,3 +41,27 @@ func TestValueAndSampleCount(t *testing.T) {
 		t.Errorf("SampleCount of an absent series = %d, %v", n, ok)
 	}
 }
+
+func TestSum(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	c := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "c_total", Help: "h"}, []string{"a", "b"})
+	reg.MustRegister(c)
+	c.WithLabelValues("x", "y").Add(3)
+	c.WithLabelValues("x", "z").Add(5)
+	c.WithLabelValues("w", "y").Add(7)
+	for _, tc := range []struct {
+		labels map[string]string
+		want   float64
+	}{
+		{nil, 15},
+		{map[string]string{"a": "x"}, 8},
+		{map[string]string{"b": "y"}, 10},
+		{map[string]string{"a": "x", "b": "z"}, 5},
+		{map[string]string{"a": "v"}, 0},
+		{map[string]string{"c": ""}, 0}, // a label the series do not have
+	} {
+		if got := Sum(t, reg, "c_total", tc.labels); got != tc.want {
+			t.Errorf("Sum(c_total%v) = %v, want %v", tc.labels, got, tc.want)
+		}
+	}
+}

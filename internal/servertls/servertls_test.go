@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/meshguard/meshguard/internal/metrictest"
 	"github.com/meshguard/meshguard/internal/servertest"
 	"github.com/meshguard/meshguard/internal/servertls"
 	"github.com/meshguard/meshguard/internal/servertls/servertlstest"
@@ -177,43 +178,13 @@ func TestMutualTLS(t *testing.T) {
 			}
 		})
 	}
-	if got := sum(t, srv.reg, "meshguard_tls_client_rejections_total", "reason", "san_not_allowed"); got != 1 {
+	if got := metrictest.Sum(t, srv.reg, "meshguard_tls_client_rejections_total", map[string]string{"reason": "san_not_allowed"}); got != 1 {
 		t.Errorf("rejections for SANs = %v, want 1 (the stranger)", got)
 	}
 	// A client that does not trust meshguard's CA refuses it too.
 	if err := check(dialHealth(t, srv.addr, wrongCA, &envoy)); err == nil {
 		t.Error("a client with another CA's roots connected")
 	}
-}
-
-// sum adds up the samples of the counter name whose labels include the
-// given name/value pairs.
-func sum(t *testing.T, reg *prometheus.Registry, name string, labels ...string) float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var total float64
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-	metric:
-		for _, m := range mf.GetMetric() {
-			for i := 0; i+1 < len(labels); i += 2 {
-				found := false
-				for _, lp := range m.GetLabel() {
-					found = found || (lp.GetName() == labels[i] && lp.GetValue() == labels[i+1])
-				}
-				if !found {
-					continue metric
-				}
-			}
-			total += m.GetCounter().GetValue()
-		}
-	}
-	return total
 }
 
 func TestVerifyIfGivenNamesThePeer(t *testing.T) {
@@ -326,7 +297,7 @@ func TestRotationWhileCallsInFlight(t *testing.T) {
 	if got := srv.src.Leaf().SerialNumber.String(); got == first {
 		t.Fatal("Leaf still reports the first certificate")
 	}
-	if got := sum(t, srv.reg, "meshguard_tls_reloads_total", "result", "success"); got != 1 {
+	if got := metrictest.Sum(t, srv.reg, "meshguard_tls_reloads_total", map[string]string{"result": "success"}); got != 1 {
 		t.Errorf("reloads = %v, want 1", got)
 	}
 }
@@ -355,7 +326,7 @@ func TestBrokenRotationKeepsThePreviousCertificate(t *testing.T) {
 	if err := check(dialHealth(t, srv.addr, ca, nil)); err != nil {
 		t.Fatalf("a call after the broken rotations failed: %v", err)
 	}
-	got := sum(t, srv.reg, "meshguard_tls_reloads_total", "result", "error")
+	got := metrictest.Sum(t, srv.reg, "meshguard_tls_reloads_total", map[string]string{"result": "error"})
 	if got != 2 {
 		t.Errorf("failed reloads = %v, want 2", got)
 	}
