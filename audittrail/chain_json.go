@@ -33,7 +33,10 @@ func canonicalJSON(raw []byte) ([]byte, error) {
 
 const maxJSONDepth = 64
 
-var errBadJSON = errors.New("canonical JSON: invalid JSON")
+var (
+	errBadJSON = errors.New("canonical JSON: invalid JSON")
+	errTooDeep = fmt.Errorf("canonical JSON: nested deeper than %d", maxJSONDepth)
+)
 
 type canonicalizer struct {
 	in  []byte
@@ -60,7 +63,7 @@ func (c *canonicalizer) space() {
 
 func (c *canonicalizer) value(depth int) error {
 	if depth > maxJSONDepth {
-		return fmt.Errorf("canonical JSON: nested deeper than %d", maxJSONDepth)
+		return errTooDeep
 	}
 	if c.pos >= len(c.in) {
 		return errBadJSON

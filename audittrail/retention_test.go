@@ -109,3 +109,58 @@ func TestPruneCutoff(t *testing.T) {
 		})
 	}
 }
+
+// TestPruneRefusesWhatItCannotVouchFor: the pruner signs retention
+// checkpoints only for rows whose MACs it checked, so a row an insider
+// edited (or one MAC'd with a key it does not hold) stops the prune: nothing
+// is dropped, no checkpoint is recorded, and verify still shows the edit.
+func TestPruneRefusesWhatItCannotVouchFor(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Retention = 60 * 24 * time.Hour
+	now := time.Date(2026, 11, 15, 12, 0, 0, 0, time.UTC)
+	freshStores(t, cfg, func(t *testing.T, mk func(t *testing.T) (testStore, execer)) {
+		s, exec := mk(t)
+		c := newChain("refuse", testKey)
+		mustWrite(t, s, c, genRecords(100, time.Date(2026, 7, 10, 0, 0, 0, 0, time.UTC), "old"))
+		mustWrite(t, s, c, genRecords(100, time.Date(2026, 10, 10, 0, 0, 0, 0, time.UTC), "kept"))
+		checkVerifies(t, s)
+		unchanged := func(t *testing.T) {
+			t.Helper()
+			n := 0
+			if err := s.Scan(t.Context(), Filter{}, func(*Record) error { n++; return nil }); err != nil {
+				t.Fatal(err)
+			}
+			notes, err := s.retentionNotes(t.Context())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n != 200 || len(notes) != 0 {
+				t.Fatalf("after a refused prune: %d rows, %d retention checkpoints; want 200 and none", n, len(notes))
+			}
+		}
+
+		// A key that is not the rows': nothing it could vouch for.
+		other, err := LoadKeyring(KeySource{Key: func() string { k, _, _ := GenerateKey("other"); return k }()}, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if dropped, err := s.Prune(t.Context(), now, other); err == nil || !strings.Contains(err.Error(), "which is not configured") || len(dropped) != 0 {
+			t.Fatalf("Prune with another key = %v, %v; want a refusal naming the key", dropped, err)
+		}
+		unchanged(t)
+
+		// An edited old row.
+		exec(t, "UPDATE audit_logs SET status = 500 WHERE chain_id = ? AND seq = 50", "refuse")
+		if dropped, err := s.Prune(t.Context(), now, testKeyring); err == nil || !strings.Contains(err.Error(), "MAC does not verify") || len(dropped) != 0 {
+			t.Fatalf("Prune over an edited row = %v, %v; want a refusal", dropped, err)
+		}
+		unchanged(t)
+		rep, err := Verify(t.Context(), s, VerifyOptions{Keys: testKeyring})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rep.OK || rep.Break.Seq != 50 || !strings.Contains(rep.Break.Reason, "MAC does not verify") {
+			t.Fatalf("Verify after a refused prune = %+v, want the edit at seq 50", rep.Break)
+		}
+	})
+}

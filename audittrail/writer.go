@@ -107,7 +107,11 @@ func NewWriter(log *slog.Logger, reg prometheus.Registerer, cfg Config, store Ba
 }
 
 // ChainID is the id of the chain this writer appends to.
-func (w *Writer) ChainID() string { return w.chain.id }
+func (w *Writer) ChainID() string {
+	w.wmu.Lock() // link replaces the chain when it is full
+	defer w.wmu.Unlock()
+	return w.chain.id
+}
 
 // Enqueue implements recordSink. It copies recs into the queue and returns
 // at once. When the queue is full it waits for space (policy block, until
@@ -519,7 +523,7 @@ func (w *Writer) Head() ChainHead {
 	if h := w.head.Load(); h != nil {
 		return *h
 	}
-	return ChainHead{ChainID: w.chain.id}
+	return ChainHead{ChainID: w.ChainID()}
 }
 
 // Close stops accepting records, stops Run, and drains the queue: batches

@@ -497,3 +497,35 @@ func TestWriterNoGoroutineLeak(t *testing.T) {
 	stop(context.Background())
 	servertest.WaitUntil(t, 30*time.Second, "the writer's goroutines to end", func() bool { return runtime.NumGoroutine() <= before })
 }
+
+// TestWriterChainFull: a batch that would take the chain past maxChainSeq
+// (the seq bits of row ids) begins a new chain at seq 1 instead, so row ids
+// stay unique; the new chain is stored, witnessed and verifies.
+func TestWriterChainFull(t *testing.T) {
+	s := openSQLite(t, Config{})
+	cfg := writerConfig(t)
+	cfg.BatchSize = 100
+	w, _, stop := startWriter(t, cfg, s)
+	full := w.ChainID()
+	w.wmu.Lock()
+	w.chain.seq = maxChainSeq - 50 // as if 2^32-51 rows had gone before
+	w.wmu.Unlock()
+	recs := genRecords(100, time.Now().Add(-time.Minute), "full")
+	want := map[string]bool{}
+	for _, r := range recs {
+		want[r.RequestID] = true
+	}
+	if err := w.Enqueue(t.Context(), recs); err != nil {
+		t.Fatal(err)
+	}
+	servertest.WaitUntil(t, 30*time.Second, "the batch to be durable", func() bool { return w.Head().Seq == 100 })
+	stop(context.Background())
+	if h := w.Head(); h.ChainID == full {
+		t.Fatalf("head %+v is still on the full chain %q", h, full)
+	}
+	checkExactlyOnce(t, s, want)
+	rep := checkVerifies(t, s, cfg.WitnessDir)
+	if rep.Chains != 1 || rep.Witnessed != 1 || rep.Heads[0].ChainID == full || rep.Heads[0].Seq != 100 {
+		t.Fatalf("Verify report = %+v, want one witnessed chain of 100 rows, not %q", rep, full)
+	}
+}

@@ -215,6 +215,12 @@ func TestCLIAuditBadArguments(t *testing.T) {
 		{[]string{"audit", "verify", "--config", filepath.Join(f.dir, "missing.yaml")}, "reading config"},
 		{[]string{"audit", "prune", "--config", f.config, "--force"}, "flag provided but not defined: -force"},
 		{[]string{"migrate", "--config", f.config, "now"}, `unexpected argument "now"`},
+		// No key configured and none generated in the spool dir (only serve generates one).
+		{[]string{"audit", "verify", "--config", f.config}, "no key: configure audit.key_file or MESHGUARD_AUDIT_KEY"},
+		{[]string{"audit", "prune", "--config", f.config}, "no signing key to sign retention checkpoints with"},
+		{[]string{"audit", "export", "--config", f.config}, "recording the export: no signing key"},
+		{[]string{"audit", "keygen"}, "--out FILE is required"},
+		{[]string{"audit", "keygen", "--out", filepath.Join(f.dir, "extra.key"), "extra"}, `unexpected argument "extra"`},
 	}
 	for i, tc := range cases {
 		t.Run(fmt.Sprintf("%d_%s", i, strings.Join(tc.args[:min(2, len(tc.args))], "_")), func(t *testing.T) {
@@ -227,8 +233,10 @@ func TestCLIAuditBadArguments(t *testing.T) {
 			}
 		})
 	}
-	if _, err := os.Stat(filepath.Join(f.dir, "export.csv")); err == nil {
-		t.Fatal("a rejected export wrote a file")
+	for _, name := range []string{"export.csv", "extra.key"} {
+		if _, err := os.Stat(filepath.Join(f.dir, name)); err == nil {
+			t.Fatalf("a rejected command wrote %s", name)
+		}
 	}
 }
 
