@@ -128,14 +128,30 @@ func parseCSPReports(mediaType string, body []byte) (reps []cspReport, ignored i
 		}
 		return []cspReport{rep}, 0, nil
 	case cspMediaReporter:
-		var list []reportingAPIReport
-		if err := json.Unmarshal(body, &list); err != nil {
-			return nil, 0, fmt.Errorf("decoding reports+json: %w", err)
+		// One report at a time, so the bound is checked before the reports
+		// are: 64 KiB of "{}," is 21,845 of them, which decoding the whole
+		// array first would allocate (megabytes) before refusing it.
+		dec := json.NewDecoder(bytes.NewReader(body))
+		malformed := func(err error) error {
+			if err == io.EOF { // the body ended inside the array
+				err = io.ErrUnexpectedEOF
+			}
+			return fmt.Errorf("decoding reports+json: %w", err)
 		}
-		if len(list) > maxCSPReports {
-			return nil, 0, fmt.Errorf("decoding reports+json: more than %d reports", maxCSPReports)
+		if t, err := dec.Token(); err != nil {
+			return nil, 0, malformed(err)
+		} else if t != json.Delim('[') {
+			return nil, 0, errors.New("decoding reports+json: not a JSON array")
 		}
-		for i, r := range list {
+		var r reportingAPIReport
+		for i := 0; dec.More(); i++ {
+			if i == maxCSPReports {
+				return nil, 0, fmt.Errorf("decoding reports+json: more than %d reports", maxCSPReports)
+			}
+			r = reportingAPIReport{}
+			if err := dec.Decode(&r); err != nil {
+				return nil, 0, malformed(err)
+			}
 			if r.Type != "csp-violation" {
 				ignored++
 				continue
@@ -155,6 +171,12 @@ func parseCSPReports(mediaType string, body []byte) (reps []cspReport, ignored i
 				return nil, 0, fmt.Errorf("decoding reports+json: report %d has no effectiveDirective", i)
 			}
 			reps = append(reps, rep)
+		}
+		if _, err := dec.Token(); err != nil { // the closing ']', or why not
+			return nil, 0, malformed(err)
+		}
+		if _, err := dec.Token(); err != io.EOF {
+			return nil, 0, errors.New("decoding reports+json: data after the array")
 		}
 		if len(reps) == 0 && ignored == 0 {
 			return nil, 0, errNoReport

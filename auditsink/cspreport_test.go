@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -229,4 +230,28 @@ func FuzzParseCSPReports(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestCSPReportCountBoundedFirst: a Reporting API body of 64 KiB of tiny
+// elements is refused at the 101st, without decoding (and allocating) the
+// thousands behind it: what one refusal costs stays below what the body
+// itself takes.
+func TestCSPReportCountBoundedFirst(t *testing.T) {
+	for _, el := range []string{`{}`, `null`, `{"type":"x","body":{}}`} {
+		n := (maxCSPBody - 2) / (len(el) + 1)
+		body := []byte("[" + strings.Repeat(el+",", n-1) + el + "]")
+		if _, _, err := parseCSPReports(cspMediaReporter, body); err == nil || !strings.Contains(err.Error(), "more than 100 reports") {
+			t.Fatalf("%d × %s: %v, want more than 100 reports", n, el, err)
+		}
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		const runs = 10
+		for range runs {
+			parseCSPReports(cspMediaReporter, body)
+		}
+		runtime.ReadMemStats(&after)
+		if per := (after.TotalAlloc - before.TotalAlloc) / runs; per > maxCSPBody {
+			t.Errorf("%d × %s: %d bytes allocated per refusal, want under %d", n, el, per, maxCSPBody)
+		}
+	}
 }
