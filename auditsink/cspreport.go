@@ -389,7 +389,7 @@ func (s *Server) serveCSPReport(w http.ResponseWriter, r *http.Request) {
 // neither parses.
 func (s *Server) cspClient(r *http.Request) netip.Addr {
 	if h := s.cspCfg.ClientIPHeader; h != "" {
-		if vs := r.Header.Values(h); len(vs) == 1 {
+		if vs := r.Header[h]; len(vs) == 1 {
 			if a, ok := clientaddr.Parse(vs[0]); ok {
 				return a
 			}
