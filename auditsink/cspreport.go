@@ -197,7 +197,8 @@ func (r *cspReport) directive() string {
 // violating document's; URLs lose credentials, fragments and query
 // secrets; every field is bounded.
 func (r *cspReport) record(now time.Time, req *http.Request, ip string) audittrail.Record {
-	origin, path := splitURL(redactURL(r.DocumentURI))
+	doc := redactURL(r.DocumentURI)
+	origin, path := splitURL(doc)
 	ua := r.UserAgent
 	if ua == "" {
 		ua = req.UserAgent()
@@ -221,7 +222,7 @@ func (r *cspReport) record(now time.Time, req *http.Request, ip string) audittra
 	}
 	m := make([]byte, 0, 512)
 	m = append(m, '{')
-	m = appendField(m, "document_uri", truncate(redactURL(r.DocumentURI), maxPathLen))
+	m = appendField(m, "document_uri", truncate(doc, maxPathLen))
 	m = appendField(m, "referrer", truncate(redactURL(r.Referrer), maxPathLen))
 	m = appendField(m, "blocked_uri", truncate(redactURL(r.BlockedURI), maxPathLen))
 	m = appendField(m, "violated_directive", truncate(r.ViolatedDirective, maxShortLen))
