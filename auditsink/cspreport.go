@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"net/netip"
 	"strconv"
@@ -47,6 +48,9 @@ type cspReport struct {
 }
 
 // flexInt accepts a JSON number or a numeric string (browsers differ).
+// NaN, infinities and values beyond int64 are refused: Go's conversion of
+// those is implementation-defined, and the row would hold a number no
+// browser sent.
 type flexInt int64
 
 func (f *flexInt) UnmarshalJSON(b []byte) error {
@@ -56,7 +60,7 @@ func (f *flexInt) UnmarshalJSON(b []byte) error {
 		return nil
 	}
 	n, err := strconv.ParseFloat(string(b), 64)
-	if err != nil {
+	if err != nil || math.IsNaN(n) || n < math.MinInt64 || n >= math.MaxInt64 {
 		return fmt.Errorf("not a number: %.20q", b)
 	}
 	*f = flexInt(n)
