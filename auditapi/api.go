@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/netip"
 	"net/url"
@@ -22,6 +21,7 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/meshguard/meshguard/audittrail"
+	"github.com/meshguard/meshguard/internal/clientaddr"
 )
 
 // The admin API: GET /v1/audit/... queries and exports the audit trail.
@@ -487,7 +487,7 @@ func parseRawQuery(raw string, allowed ...string) (apiQuery, error) {
 			if err != nil || ip.Zone() != "" {
 				return q, badParam(k, "must be an IPv4 or IPv6 address, got %q", clip(v))
 			}
-			f.IPAddress = ip.String() // as stored: the canonical form
+			f.IPAddress = ip.Unmap().String() // as ingest stores it: canonical, IPv4-mapped unmapped
 		case "tenant":
 			if err := checkText(k, v, apiMaxTenantLen); err != nil {
 				return q, err
@@ -698,14 +698,11 @@ func isActionName(s string) bool {
 	return true
 }
 
-// remoteIP is the address of a peer's host:port, "" when it is not an IP.
+// remoteIP is the address of a peer's host:port as ingest stores client
+// addresses (no zone, IPv4-mapped unmapped), "" when it is not an IP.
 func remoteIP(addr string) string {
-	host, _, err := net.SplitHostPort(addr)
-	if err != nil {
-		host = addr
-	}
-	if ip, err := netip.ParseAddr(host); err == nil {
-		return ip.String()
+	if a, ok := clientaddr.ParseHostPort(addr); ok {
+		return a.String()
 	}
 	return ""
 }

@@ -476,6 +476,10 @@ func testAPIFilters(t *testing.T, store apiStore) {
 		{"entity filter", "/v1/audit/logs?entity_type=user&entity_id=3", func(r audittrail.Record) bool { return r.EntityType == "user" && r.EntityID == "3" }},
 		{"status", "/v1/audit/logs?status=429&limit=7", func(r audittrail.Record) bool { return r.Status == 429 }},
 		{"tenant", "/v1/audit/logs?tenant=acme", func(r audittrail.Record) bool { return r.Tenant == "acme" }},
+		{"ip address", "/v1/audit/logs?ip_address=192.0.2.7&limit=50", func(r audittrail.Record) bool { return r.IPAddress == "192.0.2.7" }},
+		// Ingest stores an IPv4-mapped client unmapped; the filter finds it
+		// however it is spelled.
+		{"ip address IPv4-mapped", "/v1/audit/logs?ip_address=::ffff:192.0.2.7&limit=50", func(r audittrail.Record) bool { return r.IPAddress == "192.0.2.7" }},
 		{"combined", "/v1/audit/logs?tenant=acme&action=CREATE&status=403&from=" + at(10).Format(time.RFC3339) + "&limit=3",
 			func(r audittrail.Record) bool {
 				return r.Tenant == "acme" && r.Action == "CREATE" && r.Status == 403 && !r.CreatedAt.Before(at(10))
@@ -887,5 +891,25 @@ func TestAPIAuthFailuresRecordedRateLimited(t *testing.T) {
 	}
 	if err := json.Unmarshal(got[authFailBurst].Metadata, &meta); err != nil || meta.NotRecords != flood-authFailBurst || meta.Reason != "invalid_token" {
 		t.Fatalf("first row after the flood: %s, want failures_not_recorded_before %d", got[authFailBurst].Metadata, flood-authFailBurst)
+	}
+}
+
+// TestRemoteIP: the API's own rows name the peer as ingest names clients
+// (no port, no zone, IPv4-mapped unmapped), so one filter finds both.
+func TestRemoteIP(t *testing.T) {
+	for in, want := range map[string]string{
+		"192.0.2.1:443":           "192.0.2.1",
+		"[::ffff:192.0.2.1]:443":  "192.0.2.1",
+		"[fe80::1%eth0]:8080":     "fe80::1",
+		"[2001:db8::1]:1":         "2001:db8::1",
+		"2001:db8::2":             "2001:db8::2",
+		"@":                       "",
+		"":                        "",
+		"not-an-address:80":       "",
+		strings.Repeat("1", 5000): "",
+	} {
+		if got := remoteIP(in); got != want {
+			t.Errorf("remoteIP(%.40q) = %q, want %q", in, got, want)
+		}
 	}
 }

@@ -295,7 +295,6 @@ func (c *Console) session(w http.ResponseWriter, r *http.Request, endpoint strin
 			return s, true
 		}
 		c.sessions.remove(ck.Value)
-		st = sessionUnknown
 		c.clearCookie(w)
 		c.fail(w, r, nil, http.StatusUnauthorized, "Session ended",
 			"The admin token this session was opened with is no longer accepted (it was rotated), so the session ended. Sign in with the current token.")
@@ -388,8 +387,6 @@ type statusWriter struct {
 	status int
 }
 
-func (s *statusWriter) Status() int { return s.status }
-
 func (s *statusWriter) WriteHeader(code int) {
 	s.status = code
 	s.ResponseWriter.WriteHeader(code)
@@ -442,7 +439,7 @@ func (c *Console) serveSignin(w http.ResponseWriter, r *http.Request) {
 	const endpoint = "console_signin"
 	count := func(code int) { c.api.m.requests.WithLabelValues(endpoint, strconv.Itoa(code)).Inc() }
 	now := c.api.now()
-	if !c.signins.allow(remoteIP(r.RemoteAddr), now) {
+	if !c.signins.allow(r.RemoteAddr, now) {
 		w.Header().Set("Retry-After", strconv.Itoa(int(signinPerIPEvery/time.Second)))
 		c.fail(w, r, nil, http.StatusTooManyRequests, "Too many sign-in attempts",
 			"Too many sign-in attempts from this address or in total. Wait a few seconds and try again.")

@@ -2,6 +2,7 @@ package auditapi
 
 import (
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/meshguard/meshguard/audittrail"
@@ -101,7 +102,7 @@ func severityChart(counts []audittrail.HourCount, from, to time.Time, clamped bo
 				h = 1
 			}
 			y -= h
-			ch.Bars = append(ch.Bars, chartBar{X: x, Y: y, W: barW - gap, H: h, Class: "sev-" + lower(consoleSeverities[j]),
+			ch.Bars = append(ch.Bars, chartBar{X: x, Y: y, W: barW - gap, H: h, Class: "sev-" + strings.ToLower(consoleSeverities[j]),
 				Title: at + ": " + strconv.FormatInt(n, 10) + " " + consoleSeverities[j]})
 		}
 	}
@@ -116,14 +117,4 @@ func severityChart(counts []audittrail.HourCount, from, to time.Time, clamped bo
 		ch.Ticks = append(ch.Ticks, chartTick{X: chartLeft + i*plotW/hours, Label: label})
 	}
 	return ch
-}
-
-func lower(s string) string {
-	b := []byte(s)
-	for i, c := range b {
-		if c >= 'A' && c <= 'Z' {
-			b[i] = c + 'a' - 'A'
-		}
-	}
-	return string(b)
 }

@@ -80,6 +80,8 @@ type consoleList struct {
 	Permalink  string
 	Chart      *chart
 	Counts     []actionCount // per action over the chart's window (user page)
+	From, To   time.Time     // the window Counts cover
+	Clamped    bool          // the window is the last consoleChartMaxRange of the filter's range
 	Hourly     *hourTable    // security page
 	ExportForm url.Values    // hidden fields of the export form
 	Severities []string
@@ -181,7 +183,7 @@ func (c *Console) list(w http.ResponseWriter, r *http.Request, s *session, endpo
 		if page == "security" {
 			l.Hourly = newHourTable(counts, securityActions, from, to, clamped)
 		} else {
-			l.Counts = totalsByGroup(counts)
+			l.Counts, l.From, l.To, l.Clamped = totalsByGroup(counts), from, to, clamped
 		}
 	}
 	c.render(w, r, http.StatusOK, page, view{Title: l.Heading, CSRF: s.csrf, User: s.p.user, Nav: page, Page: l})

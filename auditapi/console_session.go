@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"golang.org/x/time/rate"
+
+	"github.com/meshguard/meshguard/internal/clientaddr"
 )
 
 // Console sessions live in memory on the server: the cookie carries only a
@@ -140,38 +142,44 @@ func (s *sessionStore) len() int {
 	return len(s.m)
 }
 
-// Sign-in attempts are rate-limited per client address and overall, so
-// the token cannot be guessed quickly from one address or from many.
+// Sign-in attempts are rate-limited per client and overall, so the token
+// cannot be guessed quickly from one address or from many, and one client
+// cannot spend the overall budget alone. A client is what clientaddr makes
+// of the peer: an IPv4 address or an IPv6 /64 (one subscriber's whole
+// prefix; per-address keys would give it 2^64 budgets).
 const (
 	signinPerIPEvery = 3 * time.Second
 	signinPerIPBurst = 5
 	signinGlobalRate = 2 // per second
 	signinGlobalMax  = 20
-	signinMaxIPs     = 4096 // tracked addresses; the table is reset when full
+	signinMaxIPs     = 4096 // tracked clients; the table is reset when full
+	signinIPv6Prefix = 64
 )
 
 type signinLimiter struct {
 	mu     sync.Mutex
 	global *rate.Limiter
-	perIP  map[netip.Addr]*rate.Limiter
+	perIP  map[netip.Prefix]*rate.Limiter
 }
 
 func newSigninLimiter() *signinLimiter {
-	return &signinLimiter{global: rate.NewLimiter(signinGlobalRate, signinGlobalMax), perIP: map[netip.Addr]*rate.Limiter{}}
+	return &signinLimiter{global: rate.NewLimiter(signinGlobalRate, signinGlobalMax), perIP: map[netip.Prefix]*rate.Limiter{}}
 }
 
-// allow reports whether one more attempt from ip may be checked now.
-func (l *signinLimiter) allow(ip string, now time.Time) bool {
-	addr, _ := netip.ParseAddr(ip) // the zero Addr pools every unparsable peer
+// allow reports whether one more attempt from the peer remoteAddr
+// (host:port) may be checked now.
+func (l *signinLimiter) allow(remoteAddr string, now time.Time) bool {
+	addr, _ := clientaddr.ParseHostPort(remoteAddr)
+	client := clientaddr.Prefix(addr, signinIPv6Prefix) // the zero Prefix pools every unparsable peer
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	lim, ok := l.perIP[addr]
+	lim, ok := l.perIP[client]
 	if !ok {
 		if len(l.perIP) >= signinMaxIPs {
 			clear(l.perIP)
 		}
 		lim = rate.NewLimiter(rate.Every(signinPerIPEvery), signinPerIPBurst)
-		l.perIP[addr] = lim
+		l.perIP[client] = lim
 	}
 	return lim.AllowN(now, 1) && l.global.AllowN(now, 1)
 }

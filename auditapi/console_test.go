@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"html"
 	"io"
 	"net/http"
@@ -560,9 +561,7 @@ func TestSessionStoreBounded(t *testing.T) {
 	}
 }
 
-func itoa(n int64) string { return strconvItoa(n) }
-
-func strconvItoa(n int64) string { return strconv.FormatInt(n, 10) }
+func itoa(n int64) string { return strconv.FormatInt(n, 10) }
 
 func hexOf(b []byte) string { return hex.EncodeToString(b) }
 
@@ -628,5 +627,79 @@ func TestConsoleTokenRotationEndsSessions(t *testing.T) {
 	}
 	if e.console.sessions.len() != 0 {
 		t.Fatal("the rotated-away session is still stored")
+	}
+}
+
+// TestSigninLimiterPerClient: the per-client budget is per IPv4 address
+// and per IPv6 /64, so rotating addresses inside one /64 (or spelling an
+// IPv4 peer IPv4-mapped) does not buy more attempts, while another client
+// keeps its own.
+func TestSigninLimiterPerClient(t *testing.T) {
+	now := time.Now()
+	for _, tc := range []struct {
+		name        string
+		peer, other func(i int) string // the flooding client's i-th peer; a different client
+	}{
+		{"IPv6 /64", func(i int) string { return fmt.Sprintf("[2001:db8:1:2::%x]:4000", i+1) },
+			func(int) string { return "[2001:db8:1:3::1]:4000" }},
+		{"IPv4", func(i int) string {
+			if i%2 == 0 {
+				return "192.0.2.1:4000"
+			}
+			return "[::ffff:192.0.2.1]:4001"
+		}, func(int) string { return "192.0.2.2:4000" }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			l := newSigninLimiter()
+			allowed := 0
+			for i := range signinPerIPBurst + 10 {
+				if l.allow(tc.peer(i), now) {
+					allowed++
+				}
+			}
+			if allowed != signinPerIPBurst {
+				t.Fatalf("one client changing addresses got %d attempts at once, want %d", allowed, signinPerIPBurst)
+			}
+			if !l.allow(tc.other(0), now) {
+				t.Fatal("another client was refused")
+			}
+		})
+	}
+}
+
+// TestConsoleUserCountsWindow: the user page's action counts say which
+// window they cover: the filter's range (from its start, hour-aligned),
+// the last 24 hours when it has none, the last 7 days of a longer one.
+func TestConsoleUserCountsWindow(t *testing.T) {
+	e := newConsoleEnv(t, tokenConfig(), ConsoleOptions{}, nil)
+	e.signedIn()
+	now := time.Now().UTC()
+	e.api.now = func() time.Time { return now }
+	end := now.Truncate(time.Hour).Add(time.Hour)
+	datetime := func(t time.Time) string { return `datetime="` + t.Format(time.RFC3339Nano) + `"` }
+	heading := regexp.MustCompile(`<h2 id="summary-title">(.*?)</h2>`)
+	for _, tc := range []struct {
+		name, query string
+		from        time.Time
+		clamped     bool
+	}{
+		{"no range", "", end.Add(-24 * time.Hour), false},
+		{"from the seed's start", "?from=" + e.start.Format("2006-01-02T15:04:05"), e.start.Truncate(time.Hour), false},
+		{"longer than 7 days", "?from=" + now.Add(-30*24*time.Hour).Format("2006-01-02T15:04:05"), end.Add(-consoleChartMaxRange), true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := e.do(e.client, "GET", "/console/users/u1"+tc.query, nil)
+			m := heading.FindStringSubmatch(r.body)
+			if r.code != http.StatusOK || m == nil {
+				t.Fatalf("user page: %d\n%s", r.code, r.body)
+			}
+			h := m[1]
+			if !strings.Contains(h, datetime(tc.from)) || !strings.Contains(h, datetime(end)) || strings.Contains(h, "last 7 days") != tc.clamped {
+				t.Fatalf("counts heading %q, want the window %s to %s (clamped %v)", h, tc.from, end, tc.clamped)
+			}
+			if !strings.Contains(r.body, "<th scope=\"row\">CREATE</th>") {
+				t.Fatalf("no counts for u1's actions:\n%s", r.body)
+			}
+		})
 	}
 }

@@ -361,20 +361,16 @@ func TestConsoleInBrowser(t *testing.T) {
 	// and reported to /v1/csp-reports, so zero above means zero.
 	navigate("sign-in page", chromedp.Navigate(base+"/console/signin"))
 	do("violate the CSP", chromedp.Evaluate[chromedp.Void](`document.body.appendChild(Object.assign(document.createElement("img"), {src: "http://127.0.0.1:9/x.png"}))`))
-	deadline := time.Now().Add(20 * time.Second)
-	for {
+	servertest.WaitFor(t, 20*time.Second, func() error {
 		mu.Lock()
 		n := len(cspViolations)
 		mu.Unlock()
 		var reported int
 		must("count CSP reports", pool.QueryRow(t.Context(), `SELECT count(*) FROM audit_logs WHERE action = 'CSP_VIOLATION'`).Scan(&reported))
-		if n == 1 && reported == 1 {
-			break
+		if n != 1 || reported != 1 {
+			return fmt.Errorf("a deliberate CSP violation: %d seen in the console, %d reported to /v1/csp-reports; want 1 and 1", n, reported)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("a deliberate CSP violation: %d seen in the console, %d reported to /v1/csp-reports; want 1 and 1", n, reported)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return nil
+	})
 	t.Logf("screenshots in %s", shots)
 }
