@@ -29,11 +29,6 @@ type ingestMetrics struct {
 	cspDroppedClient, cspDroppedTrail                                         prometheus.Counter
 }
 
-// Outcomes of a CSP report request; stored and ignored count reports, the
-// others requests.
-var cspOutcomes = []string{"stored", "ignored", "too_large", "malformed", "unsupported_media_type", "method_not_allowed",
-	"rate_limited", "trail_capped", "sink_error"}
-
 func newIngestMetrics(reg prometheus.Registerer) (*ingestMetrics, error) {
 	m := &ingestMetrics{
 		received: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -89,9 +84,8 @@ func newIngestMetrics(reg prometheus.Registerer) (*ingestMetrics, error) {
 	m.droppedIntermediate = m.dropped.WithLabelValues("intermediate")
 	m.malformed.WithLabelValues("no_identifier")
 	m.malformed.WithLabelValues("empty_batch")
-	for _, o := range cspOutcomes {
-		m.csp.WithLabelValues(o)
-	}
+	// Every CSP outcome, resolved (and so exported at 0) up front; stored
+	// and ignored count reports, the others requests.
 	c := m.csp.WithLabelValues
 	m.cspStored, m.cspIgnored, m.cspTooLarge, m.cspMalformed = c("stored"), c("ignored"), c("too_large"), c("malformed")
 	m.cspMediaType, m.cspMethod = c("unsupported_media_type"), c("method_not_allowed")

@@ -49,6 +49,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -106,7 +107,9 @@ func New(log *slog.Logger, reg prometheus.Registerer, cfg Config, sink recordSin
 		return nil, err
 	}
 	csp := cfg.CSPReports
-	csp.ClientIPHeader = strings.ToLower(csp.ClientIPHeader)
+	// Canonical once here, so each report reads r.Header[name] directly
+	// (Header.Values would canonicalize, and allocate, per request).
+	csp.ClientIPHeader = http.CanonicalHeaderKey(csp.ClientIPHeader)
 	if err := csp.Validate(); err != nil {
 		return nil, err
 	}

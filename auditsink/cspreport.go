@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"net/netip"
 	"strconv"
@@ -47,6 +48,9 @@ type cspReport struct {
 }
 
 // flexInt accepts a JSON number or a numeric string (browsers differ).
+// NaN, infinities and values beyond int64 are refused: Go's conversion of
+// those is implementation-defined, and the row would hold a number no
+// browser sent.
 type flexInt int64
 
 func (f *flexInt) UnmarshalJSON(b []byte) error {
@@ -56,7 +60,7 @@ func (f *flexInt) UnmarshalJSON(b []byte) error {
 		return nil
 	}
 	n, err := strconv.ParseFloat(string(b), 64)
-	if err != nil {
+	if err != nil || math.IsNaN(n) || n < math.MinInt64 || n >= math.MaxInt64 {
 		return fmt.Errorf("not a number: %.20q", b)
 	}
 	*f = flexInt(n)
@@ -128,14 +132,30 @@ func parseCSPReports(mediaType string, body []byte) (reps []cspReport, ignored i
 		}
 		return []cspReport{rep}, 0, nil
 	case cspMediaReporter:
-		var list []reportingAPIReport
-		if err := json.Unmarshal(body, &list); err != nil {
-			return nil, 0, fmt.Errorf("decoding reports+json: %w", err)
+		// One report at a time, so the bound is checked before the reports
+		// are: 64 KiB of "{}," is 21,845 of them, which decoding the whole
+		// array first would allocate (megabytes) before refusing it.
+		dec := json.NewDecoder(bytes.NewReader(body))
+		malformed := func(err error) error {
+			if err == io.EOF { // the body ended inside the array
+				err = io.ErrUnexpectedEOF
+			}
+			return fmt.Errorf("decoding reports+json: %w", err)
 		}
-		if len(list) > maxCSPReports {
-			return nil, 0, fmt.Errorf("decoding reports+json: more than %d reports", maxCSPReports)
+		if t, err := dec.Token(); err != nil {
+			return nil, 0, malformed(err)
+		} else if t != json.Delim('[') {
+			return nil, 0, errors.New("decoding reports+json: not a JSON array")
 		}
-		for i, r := range list {
+		var r reportingAPIReport
+		for i := 0; dec.More(); i++ {
+			if i == maxCSPReports {
+				return nil, 0, fmt.Errorf("decoding reports+json: more than %d reports", maxCSPReports)
+			}
+			r = reportingAPIReport{}
+			if err := dec.Decode(&r); err != nil {
+				return nil, 0, malformed(err)
+			}
 			if r.Type != "csp-violation" {
 				ignored++
 				continue
@@ -156,6 +176,12 @@ func parseCSPReports(mediaType string, body []byte) (reps []cspReport, ignored i
 			}
 			reps = append(reps, rep)
 		}
+		if _, err := dec.Token(); err != nil { // the closing ']', or why not
+			return nil, 0, malformed(err)
+		}
+		if _, err := dec.Token(); err != io.EOF {
+			return nil, 0, errors.New("decoding reports+json: data after the array")
+		}
 		if len(reps) == 0 && ignored == 0 {
 			return nil, 0, errNoReport
 		}
@@ -175,7 +201,8 @@ func (r *cspReport) directive() string {
 // violating document's; URLs lose credentials, fragments and query
 // secrets; every field is bounded.
 func (r *cspReport) record(now time.Time, req *http.Request, ip string) audittrail.Record {
-	origin, path := splitURL(redactURL(r.DocumentURI))
+	doc := redactURL(r.DocumentURI)
+	origin, path := splitURL(doc)
 	ua := r.UserAgent
 	if ua == "" {
 		ua = req.UserAgent()
@@ -199,7 +226,7 @@ func (r *cspReport) record(now time.Time, req *http.Request, ip string) audittra
 	}
 	m := make([]byte, 0, 512)
 	m = append(m, '{')
-	m = appendField(m, "document_uri", truncate(redactURL(r.DocumentURI), maxPathLen))
+	m = appendField(m, "document_uri", truncate(doc, maxPathLen))
 	m = appendField(m, "referrer", truncate(redactURL(r.Referrer), maxPathLen))
 	m = appendField(m, "blocked_uri", truncate(redactURL(r.BlockedURI), maxPathLen))
 	m = appendField(m, "violated_directive", truncate(r.ViolatedDirective, maxShortLen))
@@ -367,7 +394,7 @@ func (s *Server) serveCSPReport(w http.ResponseWriter, r *http.Request) {
 // neither parses.
 func (s *Server) cspClient(r *http.Request) netip.Addr {
 	if h := s.cspCfg.ClientIPHeader; h != "" {
-		if vs := r.Header.Values(h); len(vs) == 1 {
+		if vs := r.Header[h]; len(vs) == 1 {
 			if a, ok := clientaddr.Parse(vs[0]); ok {
 				return a
 			}

@@ -237,6 +237,7 @@ func TestCSPReportClientAddress(t *testing.T) {
 		{"not an address", clientaddr.ShippedHeader, []string{"203.0.113.1:80"}, "192.0.2.200"},
 		{"no header configured", "", []string{"203.0.113.77"}, "192.0.2.200"},
 		{"another header", "X-Real-Client", []string{"203.0.113.78"}, "203.0.113.78"},
+		{"configured in lower case", "x-real-client", []string{"203.0.113.79"}, "203.0.113.79"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := DefaultConfig()

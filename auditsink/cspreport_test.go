@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -76,6 +77,9 @@ func TestCSPReportHandler(t *testing.T) {
 		{name: "wrong shape", ctype: "application/csp-report", body: `{"other":{}}`, status: 400, wantErr: `no \"csp-report\" object`, outcome: "malformed"},
 		{name: "no directive", ctype: "application/csp-report", body: `{"csp-report":{"document-uri":"https://a"}}`, status: 400, wantErr: "no violated-directive", outcome: "malformed"},
 		{name: "bad number", ctype: "application/csp-report", body: `{"csp-report":{"effective-directive":"img-src","line-number":"x"}}`, status: 400, wantErr: "not a number", outcome: "malformed"},
+		{name: "NaN", ctype: "application/csp-report", body: `{"csp-report":{"effective-directive":"img-src","line-number":"NaN"}}`, status: 400, wantErr: "not a number", outcome: "malformed"},
+		{name: "beyond int64", ctype: "application/reports+json", body: `[{"type":"csp-violation","age":1e19,"body":{"effectiveDirective":"img-src"}}]`, status: 400, wantErr: "not a number", outcome: "malformed"},
+		{name: "infinity", ctype: "application/reports+json", body: `[{"type":"csp-violation","body":{"effectiveDirective":"img-src","lineNumber":"-Inf"}}]`, status: 400, wantErr: "not a number", outcome: "malformed"},
 		{name: "empty list", ctype: "application/reports+json", body: `[]`, status: 400, wantErr: "no CSP violation", outcome: "malformed"},
 		{name: "csp report without body", ctype: "application/reports+json", body: `[{"type":"csp-violation"}]`, status: 400, wantErr: "report 0 has no body", outcome: "malformed"},
 		{name: "too many reports", ctype: "application/reports+json", body: "[" + strings.Repeat(`{"type":"x"},`, maxCSPReports) + `{"type":"x"}]`, status: 400, wantErr: "more than 100 reports", outcome: "malformed"},
@@ -229,4 +233,28 @@ func FuzzParseCSPReports(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestCSPReportCountBoundedFirst: a Reporting API body of 64 KiB of tiny
+// elements is refused at the 101st, without decoding (and allocating) the
+// thousands behind it: what one refusal costs stays below what the body
+// itself takes.
+func TestCSPReportCountBoundedFirst(t *testing.T) {
+	for _, el := range []string{`{}`, `null`, `{"type":"x","body":{}}`} {
+		n := (maxCSPBody - 2) / (len(el) + 1)
+		body := []byte("[" + strings.Repeat(el+",", n-1) + el + "]")
+		if _, _, err := parseCSPReports(cspMediaReporter, body); err == nil || !strings.Contains(err.Error(), "more than 100 reports") {
+			t.Fatalf("%d × %s: %v, want more than 100 reports", n, el, err)
+		}
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		const runs = 10
+		for range runs {
+			parseCSPReports(cspMediaReporter, body)
+		}
+		runtime.ReadMemStats(&after)
+		if per := (after.TotalAlloc - before.TotalAlloc) / runs; per > maxCSPBody {
+			t.Errorf("%d × %s: %d bytes allocated per refusal, want under %d", n, el, per, maxCSPBody)
+		}
+	}
 }

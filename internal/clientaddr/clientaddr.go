@@ -2,8 +2,8 @@
 // connection's peer) into the unit meshguard limits by: one IPv4 address,
 // or one IPv6 prefix, since one subscriber usually holds a whole /64 and
 // per-address keys would give one client 2^64 quotas. ext_authz's rate
-// limit keys and the CSP report limiter both use it, so a client is the
-// same client to both.
+// limit keys, the CSP report limiter and the console's sign-in limiter all
+// use it, so a client is the same client to each.
 package clientaddr
 
 import (
