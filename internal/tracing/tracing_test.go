@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/metadata"
 
 	"github.com/meshguard/meshguard/internal/grpcserver/grpcservertest"
+	"github.com/meshguard/meshguard/internal/servertest"
 	"github.com/meshguard/meshguard/internal/tracing"
 	"github.com/meshguard/meshguard/internal/tracing/tracingtest"
 )
@@ -41,7 +42,7 @@ func TestJoinsEnvoysTrace(t *testing.T) {
 	col := tracingtest.Start(t)
 	tr, err := tracing.New(t.Context(), tracing.Config{
 		OTLPEndpoint: col.Addr, OTLPInsecure: true, SampleRatio: 0, ServiceName: "meshguard",
-	}, "test")
+	}, "test", tracing.WithBatchTimeout(10*time.Millisecond))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -64,6 +65,9 @@ func TestJoinsEnvoysTrace(t *testing.T) {
 	if _, err := healthpb.NewHealthClient(cc).Check(traced, &healthpb.HealthCheckRequest{}); err != nil {
 		t.Fatal(err)
 	}
+	// The server span ends after the reply is sent; wait for it and its
+	// child, then flush whatever else there is.
+	servertest.WaitUntil(t, 10*time.Second, "the server span and its child exported", func() bool { return len(col.Spans()) >= 2 })
 	if err := tr.Shutdown(ctx); err != nil {
 		t.Fatalf("Shutdown (flushes to the collector): %v", err)
 	}
@@ -122,7 +126,7 @@ func TestCallerUnsampledSkipsSpans(t *testing.T) {
 	col := tracingtest.Start(t)
 	tr, err := tracing.New(t.Context(), tracing.Config{
 		OTLPEndpoint: col.Addr, OTLPInsecure: true, SampleRatio: 1, ServiceName: "meshguard",
-	}, "test")
+	}, "test", tracing.WithBatchTimeout(10*time.Millisecond))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -157,6 +161,9 @@ func TestCallerUnsampledSkipsSpans(t *testing.T) {
 			t.Errorf("traceparent %q: handler's span context %v (valid %v), want a span: %v", tc.traceparent, sc, sc.IsValid(), tc.wantSpan)
 		}
 	}
+	// A server span ends after its reply is on the way: wait for all six
+	// to be exported, then check that no more come with the flush.
+	servertest.WaitUntil(t, 10*time.Second, "six server spans exported", func() bool { return len(col.Spans()) >= 6 })
 	if err := tr.Shutdown(ctx); err != nil {
 		t.Fatal(err)
 	}
