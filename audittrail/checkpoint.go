@@ -373,30 +373,67 @@ func (p *publisher) status() (written int64, lastErr string) {
 // checkpoint of every chain in the witness directory, and the public keys
 // that verify them, as JSON. Checkpoints carry no audit content (chain ids,
 // sizes, roots, times), so the endpoint needs no token, like /metrics.
+// Reading the witness checks one signature a chain, and every writer start
+// adds a chain: the answer is made at most once per checkpointsCacheFor and
+// shared, so callers without a token cannot make it cost more than that.
 func CheckpointsHandler(log *slog.Logger, dir string, keys *Keyring) http.Handler {
+	return checkpointsHandler(log, dir, keys, time.Now)
+}
+
+// checkpointsCacheFor is how long one reading of the witness is served; far
+// below audit.checkpoint_interval, so a collector misses nothing.
+const checkpointsCacheFor = time.Second
+
+func checkpointsHandler(log *slog.Logger, dir string, keys *Keyring, now func() time.Time) http.Handler {
 	verifiers := keys.Verifiers()
 	var vkeys []string
 	for _, k := range keys.private {
 		vkeys = append(vkeys, k.vkey)
 	}
 	slices.Sort(vkeys)
+	var (
+		mu     sync.Mutex
+		made   time.Time
+		status int
+		body   []byte
+	)
+	answer := func() (int, []byte) {
+		mu.Lock()
+		defer mu.Unlock()
+		if t := now(); body == nil || t.Sub(made) >= checkpointsCacheFor || t.Before(made) {
+			status, body = readCheckpointsAnswer(log, dir, verifiers, vkeys)
+			made = t
+		}
+		return status, body
+	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		code, b := answer()
 		w.Header().Set("Cache-Control", "no-store")
 		w.Header().Set("X-Content-Type-Options", "nosniff")
 		w.Header().Set("Content-Type", "application/json")
-		cps, err := ReadWitness(dir, verifiers)
-		if err != nil {
-			log.Error("serving audit checkpoints: the witness cannot be read", "err", err)
-			w.WriteHeader(http.StatusInternalServerError)
-			json.NewEncoder(w).Encode(map[string]string{"error": "the witness cannot be read; see the log"})
-			return
-		}
-		if cps == nil {
-			cps = []Checkpoint{}
-		}
-		json.NewEncoder(w).Encode(struct {
-			VerifierKeys []string     `json:"verifier_keys"`
-			Checkpoints  []Checkpoint `json:"checkpoints"`
-		}{vkeys, cps})
+		w.WriteHeader(code)
+		w.Write(b)
 	})
+}
+
+// readCheckpointsAnswer reads the witness once and encodes the answer.
+func readCheckpointsAnswer(log *slog.Logger, dir string, verifiers note.Verifiers, vkeys []string) (int, []byte) {
+	cps, err := ReadWitness(dir, verifiers)
+	if err != nil {
+		log.Error("serving audit checkpoints: the witness cannot be read", "err", err)
+		b, _ := json.Marshal(map[string]string{"error": "the witness cannot be read; see the log"})
+		return http.StatusInternalServerError, append(b, '\n')
+	}
+	if cps == nil {
+		cps = []Checkpoint{}
+	}
+	b, err := json.Marshal(struct {
+		VerifierKeys []string     `json:"verifier_keys"`
+		Checkpoints  []Checkpoint `json:"checkpoints"`
+	}{vkeys, cps})
+	if err != nil {
+		log.Error("serving audit checkpoints", "err", err)
+		return http.StatusInternalServerError, []byte(`{"error":"encoding the checkpoints failed"}` + "\n")
+	}
+	return http.StatusOK, append(b, '\n')
 }

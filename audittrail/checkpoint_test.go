@@ -190,6 +190,56 @@ func TestCheckpointsHandler(t *testing.T) {
 	}
 }
 
+// TestCheckpointsHandlerReadsOncePerSecond: callers within
+// checkpointsCacheFor share one reading of the witness (one signature check
+// a chain), so callers without a token cannot make the endpoint cost more;
+// after it, a new checkpoint is served.
+func TestCheckpointsHandlerReadsOncePerSecond(t *testing.T) {
+	dir := t.TempDir()
+	clock := time.Date(2026, 12, 4, 5, 0, 0, 0, time.UTC)
+	p, err := newPublisher(discardLog, dir, testKeyring, func() time.Time { return clock })
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.update(ChainHead{ChainID: "c/1", Seq: 3, Root: make([]byte, 32)})
+	if err := p.publish(); err != nil {
+		t.Fatal(err)
+	}
+	h := checkpointsHandler(discardLog, dir, testKeyring, func() time.Time { return clock })
+	chains := func() int {
+		t.Helper()
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/v1/audit/checkpoints", nil))
+		var body struct{ Checkpoints []Checkpoint }
+		if rec.Code != 200 || json.Unmarshal(rec.Body.Bytes(), &body) != nil {
+			t.Fatalf("%d %s", rec.Code, rec.Body)
+		}
+		return len(body.Checkpoints)
+	}
+	if n := chains(); n != 1 {
+		t.Fatalf("%d chains, want 1", n)
+	}
+	p.update(ChainHead{ChainID: "c/2", Seq: 1, Root: make([]byte, 32)})
+	if err := p.publish(); err != nil {
+		t.Fatal(err)
+	}
+	clock = clock.Add(checkpointsCacheFor - time.Millisecond)
+	if n := chains(); n != 1 {
+		t.Errorf("within %v: %d chains, want the shared reading's 1", checkpointsCacheFor, n)
+	}
+	clock = clock.Add(time.Millisecond)
+	if n := chains(); n != 2 {
+		t.Errorf("after %v: %d chains, want the new reading's 2", checkpointsCacheFor, n)
+	}
+	os.RemoveAll(dir) // a witness that cannot be read: 500, once the reading is stale
+	clock = clock.Add(checkpointsCacheFor)
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/v1/audit/checkpoints", nil))
+	if rec.Code != http.StatusInternalServerError || !strings.Contains(rec.Body.String(), "cannot be read") {
+		t.Errorf("unreadable witness: %d %s", rec.Code, rec.Body)
+	}
+}
+
 // TestLoadKeyringGenerates: with no key configured serve generates one
 // (0600) in the spool dir and finds the same one next time; a verifier
 // (generate false) does not make one.
